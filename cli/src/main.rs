@@ -1,0 +1,5 @@
+//! `kiln`: the command line.
+
+fn main() {
+    println!("kiln {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,1 @@
+//! Whole-system tests of Kiln; the tests live in `tests/`, helpers for them here.

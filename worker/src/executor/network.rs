@@ -1,0 +1,1 @@
+//! Container network setup: host namespace or a fresh one with only loopback.

@@ -1,0 +1,1 @@
+//! Invoking runc/crun: bundle, create/start/wait, kill on cancel, output capture.

@@ -1,0 +1,1 @@
+//! The `docker` exporter: a tarball `docker load` accepts.

@@ -1,0 +1,1 @@
+//! The `local` exporter: the result filesystem copied into a directory.

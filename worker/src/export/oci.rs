@@ -1,0 +1,1 @@
+//! The `oci` exporter: an OCI image layout tarball.

@@ -1,0 +1,1 @@
+//! The `tar` exporter: the result filesystem as one tar stream.

@@ -1,0 +1,1 @@
+//! Typed Dockerfile instructions and variable expansion.

@@ -1,0 +1,1 @@
+//! Dockerfile text → logical lines (directives, comments, continuations, heredocs).

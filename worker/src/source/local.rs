@@ -1,0 +1,1 @@
+//! Local sources: a directory of the client (daemonless: on this host), filtered by include/exclude patterns, hashed by content.
