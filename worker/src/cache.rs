@@ -1,6 +1,26 @@
 //! The cache: immutable results (refs: stacks of layer dirs), their records in a
-//! crash-safe metadata store keyed by cache key, and the only place that creates
-//! snapshot directories. May use `snapshot` and `content`.
+//! crash-safe metadata store keyed by cache key ([`metadata`]), and the only place that
+//! creates snapshot directories ([`refs`]). May use `snapshot` and `content`.
+//!
+//! A layer directory is built under `snapshots/tmp-<id>`, flushed (syncfs) and renamed to
+//! `snapshots/<id>` before its record is committed; a result record is written only after
+//! all its layers are. On open, directories without a record and records without a
+//! directory are removed, so after a crash the store serves only complete records.
+
+pub mod metadata;
+pub mod refs;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+pub use metadata::{BlobRecord, LayerRecord, Metadata, ResultRecord};
+pub use refs::{Layer, NewLayer, Ref};
+
+use crate::export::LayerBlob;
+use crate::solver::{BoxError, ResultCache};
 
 /// What can go wrong in the cache.
 #[derive(Debug, thiserror::Error)]
@@ -9,7 +29,7 @@ pub enum Error {
     #[error("cache metadata {path}: {message}")]
     Store {
         /// The store's file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What failed.
         message: String,
     },
@@ -19,7 +39,7 @@ pub enum Error {
         /// What was being done.
         op: &'static str,
         /// On which path.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// The OS error.
         #[source]
         source: std::io::Error,
@@ -28,3 +48,201 @@ pub enum Error {
 
 /// Crate-local result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+pub(crate) fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The cache of one worker root.
+#[derive(Debug)]
+pub struct Cache {
+    snapshots: PathBuf,
+    md: Metadata,
+}
+
+// === impl Cache ===
+
+impl Cache {
+    /// Opens the cache under `root` (`root/snapshots`, `root/metadata.redb`), removing
+    /// whatever a crash left incomplete.
+    pub fn open(root: &Path) -> Result<Arc<Cache>> {
+        let snapshots = root.join("snapshots");
+        std::fs::create_dir_all(&snapshots).map_err(io("create", &snapshots))?;
+        let md = Metadata::open(&root.join("metadata.redb"))?;
+        let cache = Cache { snapshots, md };
+        cache.recover()?;
+        Ok(Arc::new(cache))
+    }
+
+    fn recover(&self) -> Result<()> {
+        let recorded: HashSet<u64> = self.md.layer_ids()?.into_iter().collect();
+        let mut present = HashSet::new();
+        let entries = std::fs::read_dir(&self.snapshots).map_err(io("read", &self.snapshots))?;
+        for entry in entries {
+            let entry = entry.map_err(io("read", &self.snapshots))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            match name.parse::<u64>() {
+                Ok(id) if recorded.contains(&id) => {
+                    present.insert(id);
+                }
+                _ => {
+                    tracing::warn!(dir = %entry.path().display(), "removing incomplete snapshot");
+                    refs::remove_tree(&entry.path());
+                }
+            }
+        }
+        let missing: Vec<u64> = recorded.difference(&present).copied().collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                count = missing.len(),
+                "dropping layer records without directories"
+            );
+            self.md.remove_layers(&missing)?;
+        }
+        let dropped = self.md.drop_dangling_results(&present)?;
+        if dropped > 0 {
+            tracing::warn!(count = dropped, "dropped results with missing layers");
+        }
+        Ok(())
+    }
+
+    /// The metadata store.
+    pub fn metadata(&self) -> &Metadata {
+        &self.md
+    }
+
+    /// Starts a new layer directory (empty `fs/` and `work/` under a temporary name).
+    pub fn new_layer(&self) -> Result<NewLayer> {
+        let id = self.md.allocate_ids(1)?;
+        NewLayer::create(&self.snapshots, id)
+    }
+
+    /// Commits new layers: flushes them to disk, moves them into place and records them.
+    pub fn commit_layers(&self, layers: Vec<(NewLayer, Vec<LayerBlob>)>) -> Result<Vec<Layer>> {
+        if layers.is_empty() {
+            return Ok(Vec::new());
+        }
+        refs::sync_fs(&self.snapshots)?;
+        let mut records = Vec::with_capacity(layers.len());
+        let mut out = Vec::with_capacity(layers.len());
+        for (nl, blobs) in layers {
+            let layer = nl.finish(&self.snapshots)?;
+            records.push((
+                layer.id,
+                LayerRecord {
+                    blobs: blobs.iter().map(BlobRecord::from).collect(),
+                    created: unix_now(),
+                },
+            ));
+            out.push(layer);
+        }
+        refs::sync_dir(&self.snapshots)?;
+        self.md.add_layers(&records)?;
+        Ok(out)
+    }
+
+    /// A committed layer by id, if its record and directory exist.
+    pub fn layer(&self, id: u64) -> Result<Option<Layer>> {
+        if self.md.layer(id)?.is_none() {
+            return Ok(None);
+        }
+        let dir = self.snapshots.join(id.to_string());
+        Ok(dir.is_dir().then(|| Layer::new(id, dir)))
+    }
+
+    /// The layer unpacked from a pulled blob, if any.
+    pub fn layer_for_blob(&self, digest: &str) -> Result<Option<Layer>> {
+        match self.md.layer_for_blob(digest)? {
+            Some(id) => self.layer(id),
+            None => Ok(None),
+        }
+    }
+
+    /// Blobs known for a layer.
+    pub fn blobs(&self, layer: &Layer) -> Result<Vec<LayerBlob>> {
+        Ok(self
+            .md
+            .layer(layer.id)?
+            .map(|r| r.blobs.iter().map(LayerBlob::from).collect())
+            .unwrap_or_default())
+    }
+
+    /// Remembers blobs an export made so the next export reuses them.
+    pub fn record_blobs(&self, blobs: &[(u64, LayerBlob)]) -> Result<()> {
+        let recs: Vec<(u64, BlobRecord)> = blobs
+            .iter()
+            .map(|(id, b)| (*id, BlobRecord::from(b)))
+            .collect();
+        self.md.add_blobs(&recs)
+    }
+
+    /// The ref stored under a key.
+    pub fn get(&self, key: &str) -> Result<Option<Ref>> {
+        let Some(rec) = self.md.result(key)? else {
+            return Ok(None);
+        };
+        let mut layers = Vec::with_capacity(rec.layers.len());
+        for id in rec.layers {
+            match self.layer(id)? {
+                Some(l) => layers.push(l),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(Ref::new(layers)))
+    }
+
+    /// Stores refs under keys in one transaction.
+    pub fn put(&self, entries: &[(String, Ref)]) -> Result<()> {
+        let recs: Vec<(String, ResultRecord)> = entries
+            .iter()
+            .map(|(k, r)| {
+                (
+                    k.clone(),
+                    ResultRecord {
+                        layers: r.layers().iter().map(|l| l.id).collect(),
+                        created: 0,
+                    },
+                )
+            })
+            .collect();
+        self.md.put_results(&recs)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl ResultCache<Ref> for Cache {
+    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<Ref>>, BoxError> {
+        let mut refs = Vec::with_capacity(outputs);
+        for i in 0..outputs {
+            match self.get(&format!("{key}:{i}"))? {
+                Some(r) => refs.push(r),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(refs))
+    }
+
+    async fn save(&self, key: &str, outputs: &[Ref]) -> Result<(), BoxError> {
+        let entries: Vec<(String, Ref)> = outputs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("{key}:{i}"), r.clone()))
+            .collect();
+        self.put(&entries)?;
+        Ok(())
+    }
+}

@@ -1,19 +1,730 @@
-//! The solver: a build graph of vertices, scheduled with bounded parallelism,
-//! deduplicated across concurrent builds by cache key, each result keyed by content.
-//! Generic over the [`Op`] trait; it never names a concrete op. May use `progress`.
+//! The solver: runs a build graph of vertices with bounded parallelism, keys every result
+//! by content, loads what the cache has, and deduplicates identical work across
+//! concurrent builds by cache key. Generic over the [`Op`] trait and the [`ResultCache`]
+//! it loads from and saves to; it never names a concrete op. May use `progress`.
+//!
+//! Each vertex has two lazily computed, shared values: its cache key (from its op and its
+//! inputs' keys, plus input contents where the op asks for them) and its outputs. A vertex
+//! whose key is in the cache is loaded without resolving its inputs at all, so a rebuild of
+//! an unchanged project touches only the keys.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::progress::{Progress, VertexState};
+
+/// A boxed error from an op or a cache.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// What can go wrong solving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A vertex failed.
-    #[error("{name}: {message}")]
+    #[error("{name}: {source}")]
     Vertex {
         /// Display name of the vertex.
         name: String,
         /// What failed.
-        message: String,
+        #[source]
+        source: BoxError,
     },
+    /// A vertex failed in a build that shared it (deduplicated work).
+    #[error("{0}")]
+    Shared(Arc<Error>),
+    /// The graph is malformed (bad edge).
+    #[error("invalid graph: {0}")]
+    Graph(String),
+    /// The build was cancelled.
+    #[error("build cancelled")]
+    Cancelled,
 }
 
 /// Crate-local result alias.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Context an op runs in.
+#[derive(Debug, Clone)]
+pub struct VertexCtx {
+    /// The vertex digest.
+    pub digest: String,
+    /// Its display name.
+    pub name: String,
+    /// Where its logs and statuses go.
+    pub progress: Progress,
+    /// Cancelled when the build is.
+    pub cancel: CancellationToken,
+}
+
+/// One operation of the graph.
+#[async_trait]
+pub trait Op: Send + Sync + 'static {
+    /// The result type (a cache ref).
+    type Output: Clone + Send + Sync + 'static;
+
+    /// How many outputs the op produces.
+    fn outputs(&self) -> usize {
+        1
+    }
+
+    /// The inputs whose contents the cache key depends on (the sources of file copies);
+    /// they are resolved before the key is known. Other inputs count by key only.
+    fn content_inputs(&self) -> Vec<usize> {
+        Vec::new()
+    }
+
+    /// The op's part of its cache key: a digest of what its result depends on besides its
+    /// inputs' keys (the op definition; the contents of a local directory; the contents
+    /// it will read from the inputs named by [`Op::content_inputs`], which are `Some` in
+    /// `inputs`).
+    async fn cache_key(
+        &self,
+        ctx: &VertexCtx,
+        inputs: &[Option<Self::Output>],
+    ) -> Result<String, BoxError>;
+
+    /// Runs the op on resolved inputs.
+    async fn exec(
+        &self,
+        ctx: &VertexCtx,
+        inputs: &[Self::Output],
+    ) -> Result<Vec<Self::Output>, BoxError>;
+}
+
+/// Where results are kept by cache key.
+#[async_trait]
+pub trait ResultCache<R>: Send + Sync + 'static {
+    /// The outputs stored under `key`, if all of them are there.
+    async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<R>>, BoxError>;
+    /// Stores outputs under `key`.
+    async fn save(&self, key: &str, outputs: &[R]) -> Result<(), BoxError>;
+}
+
+/// An edge: output `output` of vertex number `vertex`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Edge {
+    /// Index into [`Graph::vertices`].
+    pub vertex: usize,
+    /// Output index.
+    pub output: usize,
+}
+
+/// A vertex of a graph to solve.
+pub struct Vertex<O> {
+    /// Digest (the LLB op digest).
+    pub digest: String,
+    /// Display name.
+    pub name: String,
+    /// The op.
+    pub op: Arc<O>,
+    /// Its inputs, in op order.
+    pub inputs: Vec<Edge>,
+    /// Skip the cache lookup (`--no-cache`).
+    pub ignore_cache: bool,
+}
+
+/// A graph to solve: vertices with inputs before users, and the result edge.
+pub struct Graph<O> {
+    /// Vertices; inputs refer to earlier indexes.
+    pub vertices: Vec<Vertex<O>>,
+    /// The result.
+    pub result: Edge,
+}
+
+/// A solved result.
+#[derive(Debug, Clone)]
+pub struct Solved<R> {
+    /// The result's cache key.
+    pub key: String,
+    /// The result.
+    pub output: R,
+}
+
+type SharedKey = Shared<BoxFuture<'static, Result<String, Arc<Error>>>>;
+type SharedOutputs<R> = Shared<BoxFuture<'static, Result<Vec<R>, Arc<Error>>>>;
+
+/// The solver; one per engine, shared by all its builds.
+pub struct Solver<O: Op> {
+    cache: Arc<dyn ResultCache<O::Output>>,
+    limit: Arc<Semaphore>,
+    inflight: Mutex<HashMap<String, SharedOutputs<O::Output>>>,
+}
+
+// === impl Solver ===
+
+impl<O: Op> Solver<O> {
+    /// A solver running at most `max_parallelism` ops at once.
+    pub fn new(cache: Arc<dyn ResultCache<O::Output>>, max_parallelism: usize) -> Arc<Self> {
+        Arc::new(Solver {
+            cache,
+            limit: Arc::new(Semaphore::new(max_parallelism.max(1))),
+            inflight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Solves `graph`, reporting vertex progress to `progress`.
+    pub async fn solve(
+        self: &Arc<Self>,
+        graph: Graph<O>,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<Solved<O::Output>> {
+        for (i, v) in graph.vertices.iter().enumerate() {
+            for e in &v.inputs {
+                if e.vertex >= i {
+                    return Err(Error::Graph(format!(
+                        "vertex {} uses vertex {} that is not defined before it",
+                        v.digest, e.vertex
+                    )));
+                }
+                let outputs = graph.vertices[e.vertex].op.outputs();
+                if e.output >= outputs {
+                    return Err(Error::Graph(format!(
+                        "vertex {} uses output {} of {} which has {} outputs",
+                        v.digest, e.output, graph.vertices[e.vertex].digest, outputs
+                    )));
+                }
+            }
+        }
+        if graph.result.vertex >= graph.vertices.len() {
+            return Err(Error::Graph("result vertex out of range".to_string()));
+        }
+        let build = Arc::new(Build {
+            solver: self.clone(),
+            states: graph
+                .vertices
+                .iter()
+                .map(|v| {
+                    Mutex::new(VertexState {
+                        digest: v.digest.clone(),
+                        inputs: v
+                            .inputs
+                            .iter()
+                            .map(|e| graph.vertices[e.vertex].digest.clone())
+                            .collect(),
+                        name: v.name.clone(),
+                        started: None,
+                        completed: None,
+                        cached: false,
+                        error: None,
+                    })
+                })
+                .collect(),
+            keys: (0..graph.vertices.len())
+                .map(|_| Mutex::new(None))
+                .collect(),
+            outputs: (0..graph.vertices.len())
+                .map(|_| Mutex::new(None))
+                .collect(),
+            graph,
+            progress,
+            cancel: cancel.clone(),
+        });
+        for s in &build.states {
+            if let Ok(s) = s.lock() {
+                build.progress.vertex(&s);
+            }
+        }
+        let result = build.graph.result;
+        let fut = async {
+            let key = build.key(result.vertex).await.map_err(unshare)?;
+            let outs = build.outputs(result.vertex).await.map_err(unshare)?;
+            let output = outs
+                .get(result.output)
+                .cloned()
+                .ok_or_else(|| Error::Graph("result output out of range".to_string()))?;
+            Ok::<_, Error>(Solved {
+                key: format!("{key}:{}", result.output),
+                output,
+            })
+        };
+        let res = tokio::select! {
+            r = fut => r,
+            _ = cancel.cancelled() => Err(Error::Cancelled),
+        };
+        build.finish(res.is_ok());
+        res
+    }
+}
+
+fn unshare(e: Arc<Error>) -> Error {
+    match Arc::try_unwrap(e) {
+        Ok(e) => e,
+        Err(e) => Error::Shared(e),
+    }
+}
+
+/// The state of one build.
+struct Build<O: Op> {
+    solver: Arc<Solver<O>>,
+    graph: Graph<O>,
+    states: Vec<Mutex<VertexState>>,
+    keys: Vec<Mutex<Option<SharedKey>>>,
+    outputs: Vec<Mutex<Option<SharedOutputs<O::Output>>>>,
+    progress: Progress,
+    cancel: CancellationToken,
+}
+
+// === impl Build ===
+
+impl<O: Op> Build<O> {
+    fn ctx(&self, i: usize) -> VertexCtx {
+        let v = &self.graph.vertices[i];
+        VertexCtx {
+            digest: v.digest.clone(),
+            name: v.name.clone(),
+            progress: self.progress.clone(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
+    fn update(&self, i: usize, f: impl FnOnce(&mut VertexState)) {
+        if let Ok(mut s) = self.states[i].lock() {
+            f(&mut s);
+            self.progress.vertex(&s);
+        }
+    }
+
+    /// Marks every vertex that never completed: cached on success (its result was not
+    /// needed because a dependent came from the cache), cancelled otherwise.
+    fn finish(&self, ok: bool) {
+        let now = SystemTime::now();
+        for i in 0..self.states.len() {
+            let pending = self.states[i]
+                .lock()
+                .map(|s| s.completed.is_none())
+                .unwrap_or(false);
+            if !pending {
+                continue;
+            }
+            self.update(i, |s| {
+                if ok {
+                    s.cached = true;
+                    s.started.get_or_insert(now);
+                    s.completed = Some(now);
+                } else if s.started.is_some() {
+                    s.completed = Some(now);
+                    s.error = Some("context canceled".to_string());
+                }
+            });
+        }
+    }
+
+    fn key(self: &Arc<Self>, i: usize) -> SharedKey {
+        let Ok(mut slot) = self.keys[i].lock() else {
+            return futures::future::ready(Err(Arc::new(Error::Graph("poisoned".into()))))
+                .boxed()
+                .shared();
+        };
+        if let Some(f) = slot.as_ref() {
+            return f.clone();
+        }
+        let this = self.clone();
+        let fut = async move { this.compute_key(i).await.map_err(Arc::new) }
+            .boxed()
+            .shared();
+        *slot = Some(fut.clone());
+        fut
+    }
+
+    async fn compute_key(self: Arc<Self>, i: usize) -> Result<String> {
+        let v = &self.graph.vertices[i];
+        let input_keys = futures::future::try_join_all(v.inputs.iter().map(|e| {
+            let k = self.key(e.vertex);
+            async move { k.await.map(|k| format!("{k}:{}", e.output)) }
+        }))
+        .await
+        .map_err(unshare)?;
+        let wanted = v.op.content_inputs();
+        let inputs = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
+            let f = wanted.contains(&n).then(|| self.outputs(e.vertex));
+            let idx = e.output;
+            async move {
+                match f {
+                    None => Ok(None),
+                    Some(f) => {
+                        let outs = f.await.map_err(unshare)?;
+                        Ok(outs.get(idx).cloned())
+                    }
+                }
+            }
+        }))
+        .await?;
+        let ctx = self.ctx(i);
+        let own =
+            v.op.cache_key(&ctx, &inputs)
+                .await
+                .map_err(|source| Error::Vertex {
+                    name: v.name.clone(),
+                    source,
+                })?;
+        let mut h = Sha256::new();
+        h.update(own.as_bytes());
+        for k in &input_keys {
+            h.update(b"\0");
+            h.update(k.as_bytes());
+        }
+        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    }
+
+    async fn input_outputs(self: &Arc<Self>, i: usize) -> Result<Vec<O::Output>> {
+        let v = &self.graph.vertices[i];
+        futures::future::try_join_all(v.inputs.iter().map(|e| {
+            let f = self.outputs(e.vertex);
+            let idx = e.output;
+            async move {
+                let outs = f.await.map_err(unshare)?;
+                outs.get(idx)
+                    .cloned()
+                    .ok_or_else(|| Error::Graph(format!("missing output {idx}")))
+            }
+        }))
+        .await
+    }
+
+    fn outputs(self: &Arc<Self>, i: usize) -> SharedOutputs<O::Output> {
+        let Ok(mut slot) = self.outputs[i].lock() else {
+            return futures::future::ready(Err(Arc::new(Error::Graph("poisoned".into()))))
+                .boxed()
+                .shared();
+        };
+        if let Some(f) = slot.as_ref() {
+            return f.clone();
+        }
+        let this = self.clone();
+        let fut = async move { this.compute_outputs(i).await.map_err(Arc::new) }
+            .boxed()
+            .shared();
+        *slot = Some(fut.clone());
+        fut
+    }
+
+    async fn compute_outputs(self: Arc<Self>, i: usize) -> Result<Vec<O::Output>> {
+        let key = self.key(i).await.map_err(unshare)?;
+        let v = &self.graph.vertices[i];
+        let n = v.op.outputs();
+        if !v.ignore_cache {
+            let hit = self
+                .solver
+                .cache
+                .load(&key, n)
+                .await
+                .map_err(|source| Error::Vertex {
+                    name: v.name.clone(),
+                    source,
+                })?;
+            if let Some(outs) = hit {
+                let now = SystemTime::now();
+                self.update(i, |s| {
+                    s.started = Some(now);
+                    s.completed = Some(now);
+                    s.cached = true;
+                });
+                return Ok(outs);
+            }
+        }
+        // Identical work in another build (same key) is shared, not repeated.
+        let (fut, owner) = {
+            let mut inflight = self
+                .solver
+                .inflight
+                .lock()
+                .map_err(|_| Error::Graph("poisoned".into()))?;
+            match inflight.get(&key) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let this = self.clone();
+                    let k = key.clone();
+                    let fut = async move { this.execute(i, &k).await.map_err(Arc::new) }
+                        .boxed()
+                        .shared();
+                    inflight.insert(key.clone(), fut.clone());
+                    (fut, true)
+                }
+            }
+        };
+        if owner {
+            let res = fut.await;
+            if let Ok(mut inflight) = self.solver.inflight.lock() {
+                inflight.remove(&key);
+            }
+            return res.map_err(unshare);
+        }
+        let now = SystemTime::now();
+        self.update(i, |s| s.started = Some(now));
+        let res = fut.await;
+        let done = SystemTime::now();
+        self.update(i, |s| {
+            s.completed = Some(done);
+            if let Err(e) = &res {
+                s.error = Some(e.to_string());
+            }
+        });
+        res.map_err(unshare)
+    }
+
+    async fn execute(self: Arc<Self>, i: usize, key: &str) -> Result<Vec<O::Output>> {
+        let inputs = self.input_outputs(i).await?;
+        let v = &self.graph.vertices[i];
+        let _permit = self
+            .solver
+            .limit
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Cancelled)?;
+        let started = SystemTime::now();
+        self.update(i, |s| {
+            s.started = Some(started);
+            s.cached = false;
+        });
+        let ctx = self.ctx(i);
+        tracing::debug!(vertex = %v.digest, name = %v.name, "exec");
+        let res = v.op.exec(&ctx, &inputs).await;
+        let res = match res {
+            Ok(outs) if outs.len() == v.op.outputs() => {
+                self.solver
+                    .cache
+                    .save(key, &outs)
+                    .await
+                    .map_err(|source| Error::Vertex {
+                        name: v.name.clone(),
+                        source,
+                    })?;
+                Ok(outs)
+            }
+            Ok(outs) => Err(Error::Vertex {
+                name: v.name.clone(),
+                source: format!(
+                    "op returned {} outputs, expected {}",
+                    outs.len(),
+                    v.op.outputs()
+                )
+                .into(),
+            }),
+            Err(source) => Err(Error::Vertex {
+                name: v.name.clone(),
+                source,
+            }),
+        };
+        let done = SystemTime::now();
+        self.update(i, |s| {
+            s.completed = Some(done);
+            if let Err(e) = &res {
+                s.error = Some(error_chain(e));
+            }
+        });
+        res
+    }
+}
+
+/// An error and its sources joined with `: `.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Concatenates its name onto its inputs' strings; counts executions.
+    struct Cat {
+        name: String,
+        runs: Arc<AtomicUsize>,
+        barrier: Option<Arc<tokio::sync::Barrier>>,
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl Op for Cat {
+        type Output = String;
+        async fn cache_key(
+            &self,
+            _ctx: &VertexCtx,
+            _inputs: &[Option<String>],
+        ) -> Result<String, BoxError> {
+            Ok(self.name.clone())
+        }
+        async fn exec(&self, _ctx: &VertexCtx, inputs: &[String]) -> Result<Vec<String>, BoxError> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            if let Some(b) = &self.barrier {
+                // Both independent vertices must be running at once to pass this.
+                tokio::time::timeout(std::time::Duration::from_secs(10), b.wait()).await?;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if self.fail {
+                return Err("exit code: 3".into());
+            }
+            Ok(vec![format!("{}({})", self.name, inputs.join(","))])
+        }
+    }
+
+    #[derive(Default)]
+    struct MemCache(Mutex<HashMap<String, Vec<String>>>);
+
+    #[async_trait]
+    impl ResultCache<String> for MemCache {
+        async fn load(&self, key: &str, _n: usize) -> Result<Option<Vec<String>>, BoxError> {
+            Ok(self.0.lock().map_err(|e| e.to_string())?.get(key).cloned())
+        }
+        async fn save(&self, key: &str, outputs: &[String]) -> Result<(), BoxError> {
+            self.0
+                .lock()
+                .map_err(|e| e.to_string())?
+                .insert(key.to_string(), outputs.to_vec());
+            Ok(())
+        }
+    }
+
+    fn diamond(runs: &Arc<AtomicUsize>, leaf: &str, barrier: bool) -> Graph<Cat> {
+        let b = barrier.then(|| Arc::new(tokio::sync::Barrier::new(2)));
+        let op = |name: &str, barrier: Option<Arc<tokio::sync::Barrier>>| {
+            Arc::new(Cat {
+                name: name.to_string(),
+                runs: runs.clone(),
+                barrier,
+                fail: false,
+            })
+        };
+        let v = |d: &str, o: Arc<Cat>, inputs: Vec<usize>| Vertex {
+            digest: d.to_string(),
+            name: d.to_string(),
+            op: o,
+            inputs: inputs
+                .into_iter()
+                .map(|vertex| Edge { vertex, output: 0 })
+                .collect(),
+            ignore_cache: false,
+        };
+        Graph {
+            vertices: vec![
+                v("root", op(leaf, None), vec![]),
+                v("a", op("a", b.clone()), vec![0]),
+                v("b", op("b", b), vec![0]),
+                v("top", op("top", None), vec![1, 2]),
+            ],
+            result: Edge {
+                vertex: 3,
+                output: 0,
+            },
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn independent_vertices_overlap_and_rebuild_is_cached() -> anyhow::Result<()> {
+        let cache = Arc::new(MemCache::default());
+        let solver = Solver::new(cache, 4);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (progress, mut rx) = Progress::channel();
+        let out = solver
+            .solve(
+                diamond(&runs, "r", true),
+                progress,
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(out.output, "top(a(r()),b(r()))");
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+
+        // Unchanged rebuild: nothing runs, every vertex reports cached.
+        let (progress, _rx2) = Progress::channel();
+        let again = solver
+            .solve(
+                diamond(&runs, "r", false),
+                progress,
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(again.output, out.output);
+        assert_eq!(again.key, out.key);
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+
+        // A changed leaf re-runs everything above it.
+        let (progress, _rx3) = Progress::channel();
+        let changed = solver
+            .solve(
+                diamond(&runs, "r2", false),
+                progress,
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(changed.output, "top(a(r2()),b(r2()))");
+        assert_eq!(runs.load(Ordering::SeqCst), 8);
+        rx.close();
+        let mut completed = 0;
+        while let Ok(ev) = rx.try_recv() {
+            if let crate::progress::Event::Vertex(s) = ev {
+                if s.completed.is_some() {
+                    assert!(!s.cached, "first build executed {}", s.digest);
+                    completed += 1;
+                }
+            }
+        }
+        assert_eq!(completed, 4);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_builds_share_identical_vertices() -> anyhow::Result<()> {
+        let solver = Solver::new(Arc::new(MemCache::default()), 4);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (p1, _r1) = Progress::channel();
+        let (p2, _r2) = Progress::channel();
+        let (a, b) = tokio::join!(
+            solver.solve(diamond(&runs, "r", false), p1, CancellationToken::new()),
+            solver.solve(diamond(&runs, "r", false), p2, CancellationToken::new()),
+        );
+        assert_eq!(a?.output, b?.output);
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn failure_names_the_vertex() -> anyhow::Result<()> {
+        let solver = Solver::new(Arc::new(MemCache::default()), 1);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let graph = Graph {
+            vertices: vec![Vertex {
+                digest: "d".into(),
+                name: "RUN false".into(),
+                op: Arc::new(Cat {
+                    name: "x".into(),
+                    runs: runs.clone(),
+                    barrier: None,
+                    fail: true,
+                }),
+                inputs: vec![],
+                ignore_cache: false,
+            }],
+            result: Edge {
+                vertex: 0,
+                output: 0,
+            },
+        };
+        let err = solver
+            .solve(graph, Progress::discard(), CancellationToken::new())
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("expected failure"))?;
+        assert_eq!(err.to_string(), "RUN false: exit code: 3");
+        Ok(())
+    }
+}
