@@ -1,6 +1,561 @@
-//! The engine's front: [`Engine`] opens a worker root and runs builds (frontend → solver →
-//! exporters). The daemonless CLI and the daemon's Control service both call it.
+//! The engine's front: [`Engine`] opens a worker root and runs builds: frontend (Dockerfile
+//! → LLB) → solver → exporters. The daemonless CLI and (later) the daemon's Control service
+//! both call it. May use solver, export, progress and session-level inputs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Cache, Ref};
+use crate::content::ContentStore;
+use crate::executor::{Executor, Runtime};
+use crate::export::{self, image::ImageOpts, ExportLayer};
+use crate::frontend::{self, BuildOpts, ResolvedImageMeta};
+use crate::image::{ImageConfigFile, Platform};
+use crate::llb::{self, pb};
+use crate::ops::{self, BuildCtx, LlbOp, Worker};
+use crate::progress::{Progress, Step};
+use crate::snapshot::{self, Snapshotter};
+use crate::solver::{self, Solver};
+use crate::source::image::{ImageResolver, RegistryConfig};
+use crate::{Error, Result};
+
+/// How an engine is set up.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// State directory (`/var/lib/kiln`).
+    pub root: PathBuf,
+    /// OCI runtime.
+    pub runtime: Runtime,
+    /// Most vertices executing at once.
+    pub max_parallelism: usize,
+    /// Registry access.
+    pub registry: RegistryConfig,
+    /// Force a snapshotter kind instead of detecting.
+    pub snapshotter: Option<snapshot::Kind>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            root: PathBuf::from("/var/lib/kiln"),
+            runtime: Runtime::Runc,
+            max_parallelism: std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4),
+            registry: RegistryConfig::default(),
+            snapshotter: None,
+        }
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub enum Frontend {
+    /// `dockerfile.v0`.
+    Dockerfile {
+        /// Frontend options.
+        opts: BuildOpts,
+        /// The local holding the Dockerfile (`dockerfile`).
+        dockerfile_local: String,
+    },
+    /// A raw LLB definition, with the image config to export it with.
+    Llb(pb::Definition),
+}
+
+/// One output.
+#[derive(Debug, Clone)]
+pub struct ExportRequest {
+    /// `image`, `oci`, `docker`, `local`, `tar`.
+    pub typ: String,
+    /// Exporter attributes (`name`, `push`, `compression`, …).
+    pub attrs: BTreeMap<String, String>,
+    /// File or directory to write (`dest=`).
+    pub dest: Option<PathBuf>,
+}
+
+/// One build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// What to build.
+    pub frontend: Frontend,
+    /// Local directories by name.
+    pub locals: HashMap<String, PathBuf>,
+    /// Outputs.
+    pub exports: Vec<ExportRequest>,
+    /// Secrets by id.
+    pub secrets: HashMap<String, Vec<u8>>,
+}
+
+/// What a build returns (BuildKit's `ExporterResponse`).
+#[derive(Debug, Clone, Default)]
+pub struct BuildResponse {
+    /// `containerimage.digest`, `containerimage.config.digest`, `containerimage.descriptor`
+    /// (base64 JSON), `image.name`.
+    pub exporter_response: BTreeMap<String, String>,
+}
 
 /// The build engine over one worker root.
-#[derive(Debug)]
-pub struct Engine {}
+pub struct Engine {
+    worker: Arc<Worker>,
+    solver: Arc<Solver<LlbOp>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("root", &self.worker.root)
+            .finish()
+    }
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| {
+        Error::Cache(crate::cache::Error::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+// === impl Engine ===
+
+impl Engine {
+    /// Opens (creating) the state under `config.root`.
+    pub fn open(config: EngineConfig) -> Result<Engine> {
+        let root = &config.root;
+        std::fs::create_dir_all(root).map_err(io_err("create", root))?;
+        let content = Arc::new(ContentStore::open(&root.join("content"))?);
+        let cache = Cache::open(root)?;
+        let mounts = root.join("mounts");
+        // Mount scratch dirs of a previous run are stale: nothing is mounted there now.
+        let _ = std::fs::remove_dir_all(&mounts);
+        std::fs::create_dir_all(&mounts).map_err(io_err("create", &mounts))?;
+        let snapshotter = match config.snapshotter {
+            Some(kind) => Snapshotter::with_kind(kind),
+            None => Snapshotter::detect(&mounts),
+        };
+        let executor = Executor::new(config.runtime, root.join("executor"))?;
+        let images = ImageResolver::new(config.registry.clone(), content.clone());
+        let worker = Arc::new(Worker {
+            root: root.clone(),
+            cache: cache.clone(),
+            content,
+            snapshotter,
+            executor,
+            images,
+            cache_mount_locks: Default::default(),
+        });
+        let solver = Solver::new(cache, config.max_parallelism);
+        Ok(Engine { worker, solver })
+    }
+
+    /// The shared worker state.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.worker
+    }
+
+    /// Runs one build.
+    pub async fn build(
+        &self,
+        req: BuildRequest,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<BuildResponse> {
+        let (definition, config) = match &req.frontend {
+            Frontend::Llb(def) => {
+                let mut cfg = ImageConfigFile::default();
+                let p = Platform::host();
+                cfg.os = p.os;
+                cfg.architecture = p.architecture;
+                (def.clone(), cfg)
+            }
+            Frontend::Dockerfile {
+                opts,
+                dockerfile_local,
+            } => {
+                self.dockerfile(&req, opts, dockerfile_local, &progress)
+                    .await?
+            }
+        };
+        let graph = llb::decode(&definition)?;
+        let build = Arc::new(BuildCtx {
+            worker: self.worker.clone(),
+            locals: req.locals.clone(),
+            secrets: req.secrets.clone(),
+        });
+        let mut vertices = Vec::with_capacity(graph.vertices.len());
+        for v in &graph.vertices {
+            let op = ops::resolve_op(&v.op, &build).map_err(|e| {
+                Error::Solver(solver::Error::Vertex {
+                    name: vertex_name(v),
+                    source: Box::new(e),
+                })
+            })?;
+            vertices.push(solver::Vertex {
+                digest: v.digest.clone(),
+                name: vertex_name(v),
+                op: Arc::new(op),
+                inputs: v
+                    .op
+                    .inputs
+                    .iter()
+                    .map(|i| solver::Edge {
+                        vertex: graph
+                            .by_digest
+                            .get(&i.digest)
+                            .copied()
+                            .unwrap_or(usize::MAX),
+                        output: i.index as usize,
+                    })
+                    .collect(),
+                ignore_cache: v.metadata.ignore_cache,
+            });
+        }
+        let result_vertex = graph
+            .by_digest
+            .get(&graph.result.digest)
+            .copied()
+            .ok_or_else(|| llb::Error::Invalid("result op not found".into()))?;
+        let solved = self
+            .solver
+            .solve(
+                solver::Graph {
+                    vertices,
+                    result: solver::Edge {
+                        vertex: result_vertex,
+                        output: graph.result.index as usize,
+                    },
+                },
+                progress.clone(),
+                cancel,
+            )
+            .await?;
+        let mut response = BuildResponse::default();
+        for (i, exp) in req.exports.iter().enumerate() {
+            self.export(i, exp, &solved.output, &config, &progress, &mut response)
+                .await?;
+        }
+        Ok(response)
+    }
+
+    async fn dockerfile(
+        &self,
+        req: &BuildRequest,
+        opts: &BuildOpts,
+        dockerfile_local: &str,
+        progress: &Progress,
+    ) -> Result<(pb::Definition, ImageConfigFile)> {
+        let mut opts = opts.clone();
+        if opts.filename.is_empty() {
+            opts.filename = "Dockerfile".to_string();
+        }
+        let step = Step::start(
+            progress,
+            "load-dockerfile",
+            &format!("[internal] load build definition from {}", opts.filename),
+        );
+        let dir = req
+            .locals
+            .get(dockerfile_local)
+            .ok_or_else(|| ops::Error::LocalNotFound(dockerfile_local.to_string()))?;
+        let path = snapshot::resolve_in_root(dir, &opts.filename, true)?;
+        let src = match std::fs::read_to_string(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                step.finish(Some(e.to_string()));
+                return Err(frontend::Error::General {
+                    file: opts.filename.clone(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                }
+                .into());
+            }
+        };
+        step.finish(None);
+        if opts.dockerignore.is_none() {
+            if let Some(ctx) = req.locals.get(&opts.context_name) {
+                // `<Dockerfile>.dockerignore` beside the Dockerfile wins over the context's.
+                let specific = path.with_file_name(format!(
+                    "{}.dockerignore",
+                    path.file_name()
+                        .map(|f| f.to_string_lossy())
+                        .unwrap_or_default()
+                ));
+                let ignore = std::fs::read_to_string(&specific)
+                    .or_else(|_| std::fs::read_to_string(ctx.join(".dockerignore")));
+                opts.dockerignore = ignore.ok();
+            }
+        }
+        let needed = frontend::dockerfile::required_images(&src, &opts)?;
+        let resolved = futures::future::try_join_all(needed.into_iter().map(|r| {
+            let images = self.worker.images.clone();
+            let progress = progress.clone();
+            async move {
+                let step = Step::start(
+                    &progress,
+                    &format!("load-metadata-{}-{}", r.reference, r.platform),
+                    &format!("[internal] load metadata for {}", r.reference),
+                );
+                match images.resolve(&r.reference, &r.platform).await {
+                    Ok(img) => {
+                        step.finish(None);
+                        Ok((
+                            r,
+                            ResolvedImageMeta {
+                                canonical: img.canonical,
+                                digest: img.digest,
+                                config: img.config,
+                            },
+                        ))
+                    }
+                    Err(e) => {
+                        step.finish(Some(e.to_string()));
+                        Err(Error::Source(e))
+                    }
+                }
+            }
+        }))
+        .await?;
+        let images = resolved.into_iter().collect();
+        let converted = frontend::dockerfile::convert(&src, &opts, &images)?;
+        for w in &converted.warnings {
+            progress.warn(None, w.clone());
+        }
+        Ok((converted.definition, converted.config))
+    }
+
+    async fn export(
+        &self,
+        index: usize,
+        exp: &ExportRequest,
+        result: &Ref,
+        config: &ImageConfigFile,
+        progress: &Progress,
+        response: &mut BuildResponse,
+    ) -> Result<()> {
+        let dest = || {
+            exp.dest
+                .clone()
+                .or_else(|| exp.attrs.get("dest").map(PathBuf::from))
+                .ok_or_else(|| export::Error::Attr {
+                    exporter: exp.typ.clone(),
+                    message: "dest is required".into(),
+                })
+        };
+        match exp.typ.as_str() {
+            "image" | "oci" | "docker" => {
+                let opts = ImageOpts::from_attrs(&exp.attrs)?;
+                let step = Step::start(
+                    progress,
+                    &format!("export-{index}"),
+                    &format!(
+                        "exporting to {}",
+                        if exp.typ == "image" {
+                            "image".to_string()
+                        } else {
+                            format!("{} image format", exp.typ)
+                        }
+                    ),
+                );
+                let res = self
+                    .export_image(exp, &opts, result, config, &step, response, dest)
+                    .await;
+                step.finish(res.as_ref().err().map(|e| solver::error_chain(e)));
+                res
+            }
+            "local" | "tar" => {
+                let dest = dest()?;
+                let step = Step::start(
+                    progress,
+                    &format!("export-{index}"),
+                    &format!("exporting to {}", dest.display()),
+                );
+                let worker = self.worker.clone();
+                let result = result.clone();
+                let typ = exp.typ.clone();
+                let res = tokio::task::spawn_blocking(move || -> Result<()> {
+                    let tmp = tempfile::Builder::new()
+                        .prefix("export-")
+                        .tempdir_in(worker.root.join("mounts"))
+                        .map_err(io_err("create", &worker.root))?;
+                    let target = tmp.path().join("v");
+                    std::fs::create_dir(&target).map_err(io_err("create", &target))?;
+                    let view = worker
+                        .snapshotter
+                        .mount_readonly(&result.layer_dirs(), &target)?;
+                    let r = if typ == "local" {
+                        export::local::export_local(view.path(), &dest)
+                    } else if dest == Path::new("-") {
+                        export::tar::export_tar(view.path(), &mut std::io::stdout().lock())
+                    } else {
+                        std::fs::File::create(&dest)
+                            .map_err(|source| export::Error::Io {
+                                path: dest.clone(),
+                                source,
+                            })
+                            .and_then(|mut f| export::tar::export_tar(view.path(), &mut f))
+                    };
+                    view.commit()?;
+                    Ok(r?)
+                })
+                .await
+                .map_err(|e| export::Error::Attr {
+                    exporter: exp.typ.clone(),
+                    message: e.to_string(),
+                })?;
+                step.finish(res.as_ref().err().map(|e| solver::error_chain(e)));
+                res
+            }
+            other => Err(export::Error::Attr {
+                exporter: other.to_string(),
+                message: "unknown exporter type (known: image, oci, docker, local, tar)".into(),
+            }
+            .into()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn export_image(
+        &self,
+        exp: &ExportRequest,
+        opts: &ImageOpts,
+        result: &Ref,
+        config: &ImageConfigFile,
+        step: &Step,
+        response: &mut BuildResponse,
+        dest: impl FnOnce() -> Result<PathBuf, export::Error>,
+    ) -> Result<()> {
+        let worker = self.worker.clone();
+        let mut layers = Vec::new();
+        for l in result.layers() {
+            layers.push(ExportLayer {
+                dir: l.fs(),
+                blobs: worker.cache.blobs(l)?,
+            });
+        }
+        let ids: Vec<u64> = result.layers().iter().map(|l| l.id).collect();
+        let (content, cfg, o) = (worker.content.clone(), config.clone(), opts.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            export::image::build_image(&content, &layers, &cfg, &o)
+        })
+        .await
+        .map_err(|e| export::Error::Attr {
+            exporter: exp.typ.clone(),
+            message: e.to_string(),
+        })??;
+        let new_blobs: Vec<(u64, export::LayerBlob)> = ids
+            .iter()
+            .zip(&built.layers)
+            .filter_map(|(id, b)| b.clone().map(|b| (*id, b)))
+            .collect();
+        worker.cache.record_blobs(&new_blobs)?;
+        let desc = export::image::descriptor(&built);
+        response.exporter_response.insert(
+            "containerimage.digest".into(),
+            built.manifest_digest.clone(),
+        );
+        response.exporter_response.insert(
+            "containerimage.config.digest".into(),
+            built.config_digest.clone(),
+        );
+        response.exporter_response.insert(
+            "containerimage.descriptor".into(),
+            base64::engine::general_purpose::STANDARD.encode(desc.to_string()),
+        );
+        if !opts.names.is_empty() {
+            response
+                .exporter_response
+                .insert("image.name".into(), opts.names.join(","));
+        }
+        match exp.typ.as_str() {
+            "image" => {
+                if opts.push {
+                    for name in &opts.names {
+                        let id = format!("pushing {name}");
+                        let report =
+                            |done: u64, total: u64| step.status(&id, &id, done, total, false);
+                        export::image::push(&worker.images, &worker.content, &built, name, &report)
+                            .await?;
+                        step.status(&id, &id, 0, 0, true);
+                    }
+                }
+            }
+            typ => {
+                let dest = dest()?;
+                let content = worker.content.clone();
+                let names = opts.names.clone();
+                let typ = typ.to_string();
+                tokio::task::spawn_blocking(move || -> Result<(), export::Error> {
+                    let mut out: Box<dyn std::io::Write> = if dest == Path::new("-") {
+                        Box::new(std::io::stdout().lock())
+                    } else {
+                        Box::new(std::io::BufWriter::new(
+                            std::fs::File::create(&dest).map_err(|source| export::Error::Io {
+                                path: dest.clone(),
+                                source,
+                            })?,
+                        ))
+                    };
+                    if typ == "oci" {
+                        export::oci::write_oci_tar(&content, &built, &names, &mut out)?;
+                    } else {
+                        export::docker::write_docker_tar(&content, &built, &names, &mut out)?;
+                    }
+                    out.flush().map_err(|source| export::Error::Io {
+                        path: dest.clone(),
+                        source,
+                    })
+                })
+                .await
+                .map_err(|e| export::Error::Attr {
+                    exporter: typ_name(exp),
+                    message: e.to_string(),
+                })??;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn typ_name(exp: &ExportRequest) -> String {
+    exp.typ.clone()
+}
+
+/// The display name of a vertex: `llb.customname`, else derived from the op.
+pub fn vertex_name(v: &llb::Vertex) -> String {
+    if let Some(n) = v.metadata.description.get("llb.customname") {
+        return n.clone();
+    }
+    match &v.op.op {
+        Some(pb::op::Op::Source(s)) => s.identifier.clone(),
+        Some(pb::op::Op::Exec(e)) => e
+            .meta
+            .as_ref()
+            .map(|m| m.args.join(" "))
+            .unwrap_or_default(),
+        Some(pb::op::Op::File(f)) => {
+            let names: Vec<&str> = f
+                .actions
+                .iter()
+                .map(|a| match &a.action {
+                    Some(pb::file_action::Action::Copy(_)) => "copy",
+                    Some(pb::file_action::Action::Mkfile(_)) => "mkfile",
+                    Some(pb::file_action::Action::Mkdir(_)) => "mkdir",
+                    Some(pb::file_action::Action::Rm(_)) => "rm",
+                    Some(pb::file_action::Action::Symlink(_)) => "symlink",
+                    None => "?",
+                })
+                .collect();
+            names.join(", ")
+        }
+        Some(pb::op::Op::Merge(_)) => "merge".into(),
+        Some(pb::op::Op::Diff(_)) => "diff".into(),
+        Some(pb::op::Op::Build(_)) => "build".into(),
+        Some(pb::op::Op::Passthrough(p)) => format!("passthrough {}", p.id),
+        None => String::new(),
+    }
+}

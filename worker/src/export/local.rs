@@ -1,1 +1,6 @@
-//! The `local` exporter: the result filesystem copied into a directory.
+//! The `local` exporter. PLACEHOLDER.
+use super::{Error, Result};
+/// Export.
+pub fn export_local(_v: &std::path::Path, _d: &std::path::Path) -> Result<()> {
+    Err(Error::NotImplemented("local"))
+}

@@ -1,4 +1,294 @@
 //! Local sources: a directory of the client (daemonless: on this host), filtered by
-//! include/exclude patterns ([`patterns`]), hashed by content.
+//! exclude patterns ([`patterns`]), hashed by content (paths, types, permission bits,
+//! link targets and file contents; never times or owners) and copied into a layer.
+//! Symlinks are copied as links, never followed, so nothing outside the directory is read.
 
 pub mod patterns;
+
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use super::{Error, Result};
+use patterns::PatternMatcher;
+
+/// The kind of a scanned entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+    /// A symlink with its target.
+    Symlink(PathBuf),
+}
+
+/// One path of a local directory, relative to its root.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// Path relative to the root, `/`-separated, no leading `/`.
+    pub rel: String,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Mode bits (permissions, setuid/setgid/sticky).
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time (seconds, nanoseconds); kept on copy, never hashed.
+    pub mtime: (i64, i64),
+    /// Size of a file.
+    pub size: u64,
+}
+
+/// A scanned local directory.
+#[derive(Debug, Clone)]
+pub struct Scan {
+    /// The local's name (`context`).
+    pub name: String,
+    /// Its root.
+    pub root: PathBuf,
+    /// Entries in path order (parents first).
+    pub entries: Vec<Entry>,
+}
+
+fn local_err(name: &str, path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::Local {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        message: message.to_string(),
+    }
+}
+
+/// Lists `root`, leaving out what `excludes` matches (a directory that matches is
+/// skipped whole unless an exception pattern could re-include something in it).
+pub fn scan(name: &str, root: &Path, excludes: &[String]) -> Result<Scan> {
+    let meta = std::fs::metadata(root).map_err(|e| local_err(name, root, e))?;
+    if !meta.is_dir() {
+        return Err(local_err(name, root, "not a directory"));
+    }
+    let matcher = PatternMatcher::new(excludes).map_err(|e| local_err(name, root, e))?;
+    let has_exceptions = excludes.iter().any(|p| p.trim_start().starts_with('!'));
+    let mut entries = Vec::new();
+    let mut walker = walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+        .min_depth(1)
+        .into_iter();
+    while let Some(item) = walker.next() {
+        let item = item.map_err(|e| local_err(name, root, e))?;
+        let rel = match item.path().strip_prefix(root) {
+            Ok(r) => r.to_string_lossy().to_string(),
+            Err(_) => continue,
+        };
+        let ft = item.file_type();
+        if !excludes.is_empty() && matcher.matches(&rel) {
+            if ft.is_dir() && !has_exceptions {
+                walker.skip_current_dir();
+            }
+            continue;
+        }
+        let md = item
+            .path()
+            .symlink_metadata()
+            .map_err(|e| local_err(name, item.path(), e))?;
+        let kind = if ft.is_dir() {
+            EntryKind::Dir
+        } else if ft.is_symlink() {
+            let target =
+                std::fs::read_link(item.path()).map_err(|e| local_err(name, item.path(), e))?;
+            EntryKind::Symlink(target)
+        } else if ft.is_file() {
+            EntryKind::File
+        } else {
+            // Sockets, fifos and devices are not build context.
+            continue;
+        };
+        entries.push(Entry {
+            rel,
+            kind,
+            mode: md.permissions().mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            size: md.len(),
+        });
+    }
+    if has_exceptions {
+        // Drop directories left empty only because everything in them was excluded
+        // is not needed: Docker keeps such directories too.
+    }
+    Ok(Scan {
+        name: name.to_string(),
+        root: root.to_path_buf(),
+        entries,
+    })
+}
+
+impl Scan {
+    /// The content digest of the scanned tree.
+    pub fn digest(&self) -> Result<String> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let chunk = self.entries.len().div_ceil(threads).max(1);
+        let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .entries
+                .chunks(chunk)
+                .map(|c| s.spawn(move || self.hash_chunk(c)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(local_err(&self.name, &self.root, "hash panicked")))
+                })
+                .collect()
+        });
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update(p?);
+        }
+        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    }
+
+    fn hash_chunk(&self, entries: &[Entry]) -> Result<Vec<u8>> {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        for e in entries {
+            h.update(e.rel.as_bytes());
+            h.update([0]);
+            h.update(format!("{:o}", e.mode).as_bytes());
+            match &e.kind {
+                EntryKind::Dir => h.update(b"\0d\0"),
+                EntryKind::Symlink(t) => {
+                    h.update(b"\0l\0");
+                    h.update(t.as_os_str().as_encoded_bytes());
+                }
+                EntryKind::File => {
+                    h.update(b"\0f\0");
+                    let p = self.root.join(&e.rel);
+                    let mut f =
+                        std::fs::File::open(&p).map_err(|er| local_err(&self.name, &p, er))?;
+                    let mut fh = Sha256::new();
+                    loop {
+                        let n = f
+                            .read(&mut buf)
+                            .map_err(|er| local_err(&self.name, &p, er))?;
+                        if n == 0 {
+                            break;
+                        }
+                        fh.update(&buf[..n]);
+                    }
+                    h.update(fh.finalize());
+                }
+            }
+            h.update([0xff]);
+        }
+        Ok(h.finalize().to_vec())
+    }
+
+    /// Copies the scanned tree into the empty directory `dest`, keeping modes, owners and
+    /// modification times.
+    pub fn copy_into(&self, dest: &Path) -> Result<()> {
+        let mut dirs = Vec::new();
+        for e in &self.entries {
+            let src = self.root.join(&e.rel);
+            let dst = dest.join(&e.rel);
+            let err = |er: std::io::Error| local_err(&self.name, &src, er);
+            match &e.kind {
+                EntryKind::Dir => {
+                    std::fs::create_dir(&dst).map_err(err)?;
+                    dirs.push(e);
+                }
+                EntryKind::File => {
+                    std::fs::copy(&src, &dst).map_err(err)?;
+                }
+                EntryKind::Symlink(t) => {
+                    std::os::unix::fs::symlink(t, &dst).map_err(err)?;
+                }
+            }
+            if !matches!(e.kind, EntryKind::Symlink(_)) {
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(e.mode))
+                    .map_err(err)?;
+            }
+            std::os::unix::fs::lchown(&dst, Some(e.uid), Some(e.gid)).map_err(err)?;
+            if !matches!(e.kind, EntryKind::Dir) {
+                set_mtime(&dst, e.mtime).map_err(err)?;
+            }
+        }
+        // Directory times last: writing into a directory changes its mtime.
+        for e in dirs.iter().rev() {
+            let dst = dest.join(&e.rel);
+            set_mtime(&dst, e.mtime).map_err(|er| local_err(&self.name, &dst, er))?;
+        }
+        Ok(())
+    }
+}
+
+fn set_mtime(p: &Path, (sec, nsec): (i64, i64)) -> std::io::Result<()> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let ts = TimeSpec::new(sec, nsec);
+    utimensat(
+        nix::fcntl::AT_FDCWD,
+        p,
+        &ts,
+        &ts,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_follows_content_not_times() -> anyhow::Result<()> {
+        let d = tempfile::tempdir()?;
+        std::fs::create_dir(d.path().join("sub"))?;
+        std::fs::write(d.path().join("sub/a.txt"), "one")?;
+        std::fs::write(d.path().join("b.txt"), "two")?;
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("link"))?;
+        let first = scan("context", d.path(), &[])?.digest()?;
+        set_mtime(&d.path().join("b.txt"), (1000, 0))?;
+        assert_eq!(scan("context", d.path(), &[])?.digest()?, first);
+        std::fs::write(d.path().join("b.txt"), "TWO")?;
+        assert_ne!(scan("context", d.path(), &[])?.digest()?, first);
+        Ok(())
+    }
+
+    #[test]
+    fn excluded_paths_are_left_out_and_links_not_followed() -> anyhow::Result<()> {
+        let d = tempfile::tempdir()?;
+        std::fs::create_dir(d.path().join("node_modules"))?;
+        std::fs::write(d.path().join("node_modules/x"), "x")?;
+        std::fs::write(d.path().join("keep"), "k")?;
+        std::os::unix::fs::symlink("/etc/passwd", d.path().join("link"))?;
+        let s = scan("context", d.path(), &["node_modules".to_string()])?;
+        let rels: Vec<&str> = s.entries.iter().map(|e| e.rel.as_str()).collect();
+        assert_eq!(rels, vec!["keep", "link"]);
+        let out = tempfile::tempdir()?;
+        s.copy_into(out.path())?;
+        assert_eq!(
+            std::fs::read_link(out.path().join("link"))?,
+            Path::new("/etc/passwd")
+        );
+        assert_eq!(std::fs::read_to_string(out.path().join("keep"))?, "k");
+        Ok(())
+    }
+
+    #[test]
+    fn missing_dir_is_a_clear_error() {
+        let err = scan("context", Path::new("/nonexistent/kiln"), &[]).err();
+        assert!(err
+            .map(|e| e.to_string().contains("local context (/nonexistent/kiln)"))
+            .unwrap_or(false));
+    }
+}
