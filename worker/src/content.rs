@@ -269,13 +269,11 @@ impl BlobWriter {
         let Some(buf) = self.file.take() else {
             return Err(Error::NotImplemented("finish of a finished writer"));
         };
-        let file = buf
-            .into_inner()
-            .map_err(|e| Error::Io {
-                op: "flush",
-                path: self.tmp.clone(),
-                source: e.into_error(),
-            })?;
+        let file = buf.into_inner().map_err(|e| Error::Io {
+            op: "flush",
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
         if let Some(e) = expected {
             if e != digest {
                 return Err(Error::Mismatch {
@@ -360,7 +358,10 @@ mod tests {
             "sha256:../../../../etc/passwd0000000000000000000000000000000000000",
             &format!("sha256:{}", "A".repeat(64)),
         ] {
-            assert!(matches!(cs.path(bad), Err(Error::InvalidDigest(_))), "{bad}");
+            assert!(
+                matches!(cs.path(bad), Err(Error::InvalidDigest(_))),
+                "{bad}"
+            );
         }
         assert!(cs.path(&format!("sha256:{}", "a".repeat(64))).is_ok());
     }
