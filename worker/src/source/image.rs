@@ -1,14 +1,39 @@
 //! Image sources: resolving a reference to a manifest (platform chosen from an index)
 //! and config, and fetching layer blobs into the content store, with docker
 //! `config.json` credentials, token auth, and plain HTTP for localhost and registries
-//! marked insecure. Built on `oci-client`.
+//! marked insecure. Built on `oci-client`. Pushing blobs and manifests (for the image
+//! exporter) lives here too, so all registry traffic goes through one client setup.
 
+use std::collections::HashMap;
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Once};
+
+use futures::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
 
 use super::{Error, Result};
 use crate::content::ContentStore;
 use crate::image::{ImageConfigFile, Platform};
+
+/// OCI image manifest media type.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index media type.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker schema2 manifest media type.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker manifest list media type.
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+const ACCEPT: &[&str] = &[
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+];
 
 /// How to reach registries.
 #[derive(Debug, Clone, Default)]
@@ -18,6 +43,94 @@ pub struct RegistryConfig {
     /// A docker `config.json`; `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`
     /// when `None`.
     pub docker_config: Option<PathBuf>,
+}
+
+impl RegistryConfig {
+    /// True when `host` (`host[:port]`) is spoken to over plain HTTP.
+    pub fn is_insecure(&self, host: &str) -> bool {
+        host.starts_with("localhost")
+            || host.starts_with("127.0.0.1")
+            || host.starts_with("[::1]")
+            || self.insecure.iter().any(|h| h == host)
+    }
+
+    fn config_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.docker_config {
+            return Some(p.clone());
+        }
+        if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
+            return Some(PathBuf::from(dir).join("config.json"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+    }
+
+    /// Credentials for `host` from the docker config, anonymous when there are none.
+    pub fn auth_for(&self, host: &str) -> RegistryAuth {
+        let Some(path) = self.config_path() else {
+            return RegistryAuth::Anonymous;
+        };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return RegistryAuth::Anonymous;
+        };
+        match auth_from_docker_config(&bytes, host) {
+            Ok(auth) => auth,
+            Err(message) => {
+                tracing::warn!(path = %path.display(), %message, "ignoring docker config");
+                RegistryAuth::Anonymous
+            }
+        }
+    }
+}
+
+/// Normalizes a docker config `auths` key or a registry host to a bare host.
+fn normalize_host(key: &str) -> String {
+    let k = key
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let k = k.split('/').next().unwrap_or(k);
+    match k {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Finds credentials for `host` in the bytes of a docker `config.json`.
+pub fn auth_from_docker_config(
+    bytes: &[u8],
+    host: &str,
+) -> std::result::Result<RegistryAuth, String> {
+    use base64::Engine;
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let want = normalize_host(host);
+    let Some(auths) = v.get("auths").and_then(|a| a.as_object()) else {
+        return Ok(RegistryAuth::Anonymous);
+    };
+    for (key, entry) in auths {
+        if normalize_host(key) != want {
+            continue;
+        }
+        if let Some(auth) = entry.get("auth").and_then(|a| a.as_str()) {
+            if !auth.is_empty() {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|e| format!("auths.{key}.auth: {e}"))?;
+                let s = String::from_utf8(raw).map_err(|e| format!("auths.{key}.auth: {e}"))?;
+                let (user, pass) = s
+                    .split_once(':')
+                    .ok_or_else(|| format!("auths.{key}.auth: not user:password"))?;
+                return Ok(RegistryAuth::Basic(user.to_string(), pass.to_string()));
+            }
+        }
+        let user = entry.get("username").and_then(|u| u.as_str());
+        let pass = entry.get("password").and_then(|p| p.as_str());
+        if let (Some(u), Some(p)) = (user, pass) {
+            return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
+        }
+        if let Some(token) = entry.get("registrytoken").and_then(|t| t.as_str()) {
+            return Ok(RegistryAuth::Bearer(token.to_string()));
+        }
+    }
+    Ok(RegistryAuth::Anonymous)
 }
 
 /// A layer (or other blob) descriptor.
@@ -46,33 +159,628 @@ pub struct ResolvedImage {
     pub layers: Vec<BlobDesc>,
 }
 
+/// Normalizes a reference like Docker does (`busybox` → `docker.io/library/busybox:latest`).
+pub fn normalize_reference(reference: &str) -> Result<String> {
+    parse_ref(reference).map(|r| r.whole())
+}
+
+fn parse_ref(reference: &str) -> Result<Reference> {
+    reference
+        .trim()
+        .parse::<Reference>()
+        .map_err(|e| Error::Registry {
+            reference: reference.to_string(),
+            message: format!("invalid reference: {e}"),
+        })
+}
+
+/// Says what went wrong in a registry call, briefly (`manifest unknown`,
+/// `connection refused`).
+fn describe(err: &OciDistributionError) -> String {
+    match err {
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let msgs: Vec<String> = envelope
+                .errors
+                .iter()
+                .map(|e| {
+                    if e.message.is_empty() {
+                        format!("{:?}", e.code).to_lowercase()
+                    } else {
+                        e.message.to_lowercase()
+                    }
+                })
+                .collect();
+            msgs.join("; ")
+        }
+        OciDistributionError::ServerError { code, message, .. } => {
+            let m = message.trim();
+            if m.is_empty() {
+                format!("server error {code}")
+            } else {
+                format!(
+                    "server error {code}: {}",
+                    m.chars().take(200).collect::<String>()
+                )
+            }
+        }
+        OciDistributionError::UnauthorizedError { .. } => "unauthorized".to_string(),
+        other => {
+            // Find the innermost OS error (connection refused, …) for a short message.
+            let mut src: Option<&(dyn std::error::Error + 'static)> = Some(other);
+            let mut last_io: Option<&std::io::Error> = None;
+            while let Some(e) = src {
+                if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                    last_io = Some(io);
+                }
+                src = e.source();
+            }
+            match last_io.map(|e| e.kind()) {
+                Some(std::io::ErrorKind::ConnectionRefused) => "connection refused".to_string(),
+                Some(_) => {
+                    let mut parts = vec![other.to_string()];
+                    let mut s = std::error::Error::source(other);
+                    while let Some(e) = s {
+                        parts.push(e.to_string());
+                        s = e.source();
+                    }
+                    parts.dedup();
+                    parts.join(": ")
+                }
+                None => {
+                    let mut parts = vec![other.to_string()];
+                    let mut s = std::error::Error::source(other);
+                    while let Some(e) = s {
+                        parts.push(e.to_string());
+                        s = e.source();
+                    }
+                    parts.dedup();
+                    parts.join(": ")
+                }
+            }
+        }
+    }
+}
+
+fn reg_err(reference: &str, message: impl Into<String>) -> Error {
+    Error::Registry {
+        reference: reference.to_string(),
+        message: message.into(),
+    }
+}
+
+fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only when a provider is already installed, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+fn normalize_variant(arch: &str, variant: &str) -> String {
+    match (arch, variant) {
+        ("arm64", "") => "v8".to_string(),
+        ("arm", "") => "v7".to_string(),
+        (_, v) => v.to_string(),
+    }
+}
+
+/// Picks the manifest for `platform` from an index's `manifests` array: same os and
+/// architecture, and the same variant (arm64 defaults to v8, arm to v7) when one is
+/// asked for.
+pub fn pick_platform<'a>(
+    manifests: &'a [serde_json::Value],
+    platform: &Platform,
+) -> Option<&'a serde_json::Value> {
+    let want_variant = if platform.variant.is_empty() && platform.architecture != "arm64" {
+        String::new()
+    } else {
+        normalize_variant(&platform.architecture, &platform.variant)
+    };
+    let candidates = manifests.iter().filter(|m| {
+        let p = &m["platform"];
+        p["os"].as_str() == Some(platform.os.as_str())
+            && p["architecture"].as_str() == Some(platform.architecture.as_str())
+    });
+    let mut fallback = None;
+    for m in candidates {
+        let v = normalize_variant(
+            &platform.architecture,
+            m["platform"]["variant"].as_str().unwrap_or(""),
+        );
+        if v == want_variant {
+            return Some(m);
+        }
+        if want_variant.is_empty() && fallback.is_none() {
+            fallback = Some(m);
+        }
+    }
+    fallback
+}
+
+fn blob_desc(v: &serde_json::Value, reference: &str) -> Result<BlobDesc> {
+    let digest = v["digest"]
+        .as_str()
+        .ok_or_else(|| reg_err(reference, "descriptor without digest"))?;
+    crate::content::validate_digest(digest)?;
+    Ok(BlobDesc {
+        media_type: v["mediaType"].as_str().unwrap_or_default().to_string(),
+        digest: digest.to_string(),
+        size: v["size"].as_u64().unwrap_or(0),
+    })
+}
+
+// === impl ImageResolver ===
+
 /// Resolves and fetches images.
 #[derive(Clone)]
 pub struct ImageResolver {
     config: RegistryConfig,
     content: Arc<ContentStore>,
+    clients: Arc<Mutex<HashMap<String, Client>>>,
+}
+
+impl std::fmt::Debug for ImageResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageResolver")
+            .field("config", &self.config)
+            .field("content", &self.content)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ImageResolver {
     /// A resolver storing blobs in `content`.
     pub fn new(config: RegistryConfig, content: Arc<ContentStore>) -> ImageResolver {
-        ImageResolver { config, content }
+        install_crypto_provider();
+        ImageResolver {
+            config,
+            content,
+            clients: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The content store blobs go into.
+    pub fn content(&self) -> &Arc<ContentStore> {
+        &self.content
+    }
+
+    /// The registry settings.
+    pub fn registry_config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// A client for the registry of `r` (one per registry, so tokens are reused), with
+    /// its credentials stored.
+    async fn client(&self, r: &Reference) -> Client {
+        let host = r.resolve_registry().to_string();
+        let existing = self.clients.lock().ok().and_then(|m| m.get(&host).cloned());
+        if let Some(c) = existing {
+            return c;
+        }
+        let protocol = if self.config.is_insecure(r.registry()) || self.config.is_insecure(&host) {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            use_monolithic_push: true,
+            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            ..Default::default()
+        });
+        let auth = self.config.auth_for(r.registry());
+        client.store_auth_if_needed(&host, &auth).await;
+        if let Ok(mut m) = self.clients.lock() {
+            m.insert(host, client.clone());
+        }
+        client
+    }
+
+    /// Fetches a manifest (or index) as raw bytes with its digest, without choosing a
+    /// platform.
+    pub async fn fetch_manifest_raw(&self, reference: &str) -> Result<(Vec<u8>, String)> {
+        let r = parse_ref(reference)?;
+        let canonical = r.whole();
+        let client = self.client(&r).await;
+        let auth = self.config.auth_for(r.registry());
+        let (bytes, digest) = client
+            .pull_manifest_raw(&r, &auth, ACCEPT)
+            .await
+            .map_err(|e| reg_err(&canonical, describe(&e)))?;
+        Ok((bytes.to_vec(), digest))
     }
 
     /// Resolves `reference` (optionally `@sha256:` pinned) for `platform`.
-    pub async fn resolve(&self, _reference: &str, _platform: &Platform) -> Result<ResolvedImage> {
-        let _ = (&self.config, &self.content);
-        Err(Error::NotImplemented("image resolve"))
+    pub async fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage> {
+        let r = parse_ref(reference)?;
+        let canonical = r.whole();
+        let (mut bytes, mut digest) = self.fetch_manifest_raw(&canonical).await?;
+        let mut manifest: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| reg_err(&canonical, format!("manifest is not json: {e}")))?;
+        if manifest.get("manifests").is_some() {
+            let list = manifest["manifests"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let chosen = pick_platform(&list, platform).ok_or_else(|| {
+                reg_err(&canonical, format!("no manifest for platform {platform}"))
+            })?;
+            let desc = blob_desc(chosen, &canonical)?;
+            let by_digest = format!("{}/{}@{}", r.registry(), r.repository(), desc.digest);
+            let (b, d) = self.fetch_manifest_raw(&by_digest).await?;
+            if d != desc.digest {
+                return Err(reg_err(
+                    &canonical,
+                    format!(
+                        "manifest digest mismatch: expected {}, got {d}",
+                        desc.digest
+                    ),
+                ));
+            }
+            bytes = b;
+            digest = d;
+            manifest = serde_json::from_slice(&bytes)
+                .map_err(|e| reg_err(&canonical, format!("manifest is not json: {e}")))?;
+        }
+        if manifest["schemaVersion"].as_u64() != Some(2) || manifest.get("config").is_none() {
+            return Err(reg_err(
+                &canonical,
+                "unsupported manifest (only schema 2 / OCI image manifests)",
+            ));
+        }
+        self.content.write_bytes(&bytes)?;
+        let config_desc = blob_desc(&manifest["config"], &canonical)?;
+        let layers = manifest["layers"]
+            .as_array()
+            .map(|ls| {
+                ls.iter()
+                    .map(|l| blob_desc(l, &canonical))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        let path = self
+            .fetch_blob(&canonical, &config_desc, &|_, _| {})
+            .await?;
+        let config_bytes = std::fs::read(&path).map_err(|e| {
+            reg_err(
+                &canonical,
+                format!("read config {}: {e}", config_desc.digest),
+            )
+        })?;
+        let config: ImageConfigFile = serde_json::from_slice(&config_bytes).map_err(|e| {
+            reg_err(
+                &canonical,
+                format!("config {} is invalid: {e}", config_desc.digest),
+            )
+        })?;
+        Ok(ResolvedImage {
+            canonical,
+            digest,
+            config,
+            config_digest: config_desc.digest,
+            layers,
+        })
     }
 
     /// Fetches the blob `desc` of `reference` into the content store (verified) and
     /// returns its path; `progress(done, total)` is called as bytes arrive.
     pub async fn fetch_blob(
         &self,
-        _reference: &str,
-        _desc: &BlobDesc,
-        _progress: &(dyn Fn(u64, u64) + Send + Sync),
+        reference: &str,
+        desc: &BlobDesc,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<PathBuf> {
-        Err(Error::NotImplemented("blob fetch"))
+        let path = self.content.path(&desc.digest)?;
+        if self.content.has(&desc.digest) {
+            progress(desc.size, desc.size);
+            return Ok(path);
+        }
+        let r = parse_ref(reference)?;
+        let canonical = r.whole();
+        let client = self.client(&r).await;
+        let fail = |m: String| reg_err(&canonical, format!("blob {}: {m}", desc.digest));
+        let mut stream = client
+            .pull_blob_stream(&r, desc.digest.as_str())
+            .await
+            .map_err(|e| fail(describe(&e)))?;
+        let total = if desc.size > 0 {
+            desc.size
+        } else {
+            stream.content_length.unwrap_or(0)
+        };
+        let mut w = self.content.writer()?;
+        progress(0, total);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| fail(e.to_string()))?;
+            w.write_all(&chunk)
+                .map_err(|e| fail(format!("write: {e}")))?;
+            if desc.size > 0 && w.written() > desc.size {
+                return Err(fail(format!("more than the {} bytes announced", desc.size)));
+            }
+            progress(w.written(), total);
+        }
+        let (_, size) = w
+            .finish(Some(&desc.digest))
+            .map_err(|e| fail(e.to_string()))?;
+        if desc.size > 0 && size != desc.size {
+            let _ = self.content.delete(&desc.digest);
+            return Err(fail(format!("size {size}, expected {}", desc.size)));
+        }
+        Ok(path)
+    }
+
+    /// True when the registry of `reference` already has the blob `digest`.
+    pub async fn blob_exists(&self, reference: &str, digest: &str) -> Result<bool> {
+        let r = parse_ref(reference)?;
+        let client = self.client(&r).await;
+        client
+            .blob_exists(&r, digest)
+            .await
+            .map_err(|e| reg_err(&r.whole(), format!("blob {digest}: {}", describe(&e))))
+    }
+
+    /// Uploads the blob `digest` from the content store to the repository of `reference`
+    /// unless the registry has it; `progress(done, total)` as bytes go out. Returns true
+    /// when bytes were sent.
+    pub async fn push_blob(
+        &self,
+        reference: &str,
+        digest: &str,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<bool> {
+        let size = self.content.size(digest)?;
+        if self.blob_exists(reference, digest).await? {
+            progress(size, size);
+            return Ok(false);
+        }
+        let r = parse_ref(reference)?;
+        let canonical = r.whole();
+        let client = self.client(&r).await;
+        let path = self.content.path(digest)?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| reg_err(&canonical, format!("open blob {digest}: {e}")))?;
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(
+            move |chunk| -> std::result::Result<bytes::Bytes, OciDistributionError> {
+                let chunk = chunk?;
+                done.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(chunk)
+            },
+        );
+        progress(0, size);
+        client
+            .push_blob_stream(&r, stream, digest, Some(size))
+            .await
+            .map_err(|e| reg_err(&canonical, format!("push blob {digest}: {}", describe(&e))))?;
+        progress(size, size);
+        Ok(true)
+    }
+
+    /// Uploads a manifest under the tag (or digest) of `reference`; returns its digest.
+    pub async fn push_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<String> {
+        let r = parse_ref(reference)?;
+        let canonical = r.whole();
+        let client = self.client(&r).await;
+        let ct = media_type
+            .parse()
+            .map_err(|e| reg_err(&canonical, format!("media type {media_type:?}: {e}")))?;
+        client
+            .push_manifest_raw(&r, bytes.to_vec(), ct)
+            .await
+            .map_err(|e| reg_err(&canonical, format!("push manifest: {}", describe(&e))))?;
+        Ok(crate::content::digest_bytes(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_e2e::registry::Registry;
+    use std::io::Read;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn store() -> anyhow::Result<(tempfile::TempDir, Arc<ContentStore>)> {
+        let dir = tempfile::tempdir()?;
+        let cs = Arc::new(ContentStore::open(dir.path())?);
+        Ok((dir, cs))
+    }
+
+    #[test]
+    fn references_normalize_like_docker() -> anyhow::Result<()> {
+        assert_eq!(
+            normalize_reference("busybox")?,
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(normalize_reference("user/app:1")?, "docker.io/user/app:1");
+        assert_eq!(
+            normalize_reference("localhost:5000/x:1")?,
+            "localhost:5000/x:1"
+        );
+        assert!(normalize_reference("busybox:bad tag!").is_err());
+        assert!(normalize_reference("").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn platform_is_picked_from_index() {
+        let list: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[
+            {"digest":"sha256:a","platform":{"os":"linux","architecture":"amd64"}},
+            {"digest":"sha256:b","platform":{"os":"linux","architecture":"arm","variant":"v6"}},
+            {"digest":"sha256:c","platform":{"os":"linux","architecture":"arm","variant":"v7"}},
+            {"digest":"sha256:d","platform":{"os":"linux","architecture":"arm64","variant":"v8"}},
+            {"digest":"sha256:e","platform":{"os":"unknown","architecture":"unknown"}}
+        ]"#,
+        )
+        .unwrap_or_default();
+        let pick = |s: &str| {
+            Platform::parse(s)
+                .and_then(|p| pick_platform(&list, &p))
+                .and_then(|m| m["digest"].as_str().map(str::to_string))
+        };
+        assert_eq!(pick("linux/amd64").as_deref(), Some("sha256:a"));
+        assert_eq!(pick("linux/arm64").as_deref(), Some("sha256:d"));
+        assert_eq!(pick("linux/arm64/v8").as_deref(), Some("sha256:d"));
+        assert_eq!(pick("linux/arm/v6").as_deref(), Some("sha256:b"));
+        assert_eq!(pick("linux/arm/v7").as_deref(), Some("sha256:c"));
+        assert_eq!(pick("linux/s390x"), None);
+        assert_eq!(pick("windows/amd64"), None);
+    }
+
+    #[test]
+    fn docker_config_credentials() -> anyhow::Result<()> {
+        let cfg = br#"{"auths":{
+            "https://index.docker.io/v1/":{"auth":"dXNlcjpwYXNz"},
+            "reg.example.com:5000":{"username":"u2","password":"p:2"}
+        }}"#;
+        let basic = |a: RegistryAuth| match a {
+            RegistryAuth::Basic(u, p) => Some((u, p)),
+            _ => None,
+        };
+        assert_eq!(
+            basic(auth_from_docker_config(cfg, "docker.io").map_err(anyhow::Error::msg)?),
+            Some(("user".into(), "pass".into()))
+        );
+        assert_eq!(
+            basic(auth_from_docker_config(cfg, "index.docker.io").map_err(anyhow::Error::msg)?),
+            Some(("user".into(), "pass".into()))
+        );
+        assert_eq!(
+            basic(
+                auth_from_docker_config(cfg, "reg.example.com:5000").map_err(anyhow::Error::msg)?
+            ),
+            Some(("u2".into(), "p:2".into()))
+        );
+        assert!(matches!(
+            auth_from_docker_config(cfg, "other.io"),
+            Ok(RegistryAuth::Anonymous)
+        ));
+        assert!(auth_from_docker_config(b"{not json", "x").is_err());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn resolve_and_fetch_base_from_registry() -> anyhow::Result<()> {
+        let reg = Registry::start()?;
+        kiln_e2e::base::push_base(&reg.addr(), "base/busybox:1")?;
+        let (dir, cs) = store()?;
+        let resolver = ImageResolver::new(RegistryConfig::default(), cs.clone());
+        let reference = format!("{}/base/busybox:1", reg.addr());
+        let img = resolver.resolve(&reference, &Platform::host()).await?;
+        assert_eq!(img.canonical, reference);
+        assert_eq!(img.layers.len(), 1);
+        assert_eq!(img.config.config.cmd, Some(vec!["sh".to_string()]));
+        assert_eq!(img.config.architecture, Platform::host().architecture);
+        assert!(cs.has(&img.digest));
+        assert!(cs.has(&img.config_digest));
+
+        let last = Arc::new(AtomicU64::new(0));
+        let seen = last.clone();
+        let path = resolver
+            .fetch_blob(&reference, &img.layers[0], &move |done, total| {
+                assert!(total == 0 || done <= total);
+                seen.store(done, Ordering::SeqCst);
+            })
+            .await?;
+        assert_eq!(last.load(Ordering::SeqCst), img.layers[0].size);
+        assert!(cs.has(&img.layers[0].digest));
+        let dest = dir.path().join("unpacked");
+        std::fs::create_dir(&dest)?;
+        let stats = crate::snapshot::layer::unpack_blob(
+            &path,
+            &img.layers[0].media_type,
+            &dest,
+            &Default::default(),
+        )?;
+        assert_eq!(Some(&stats.diff_id), img.config.rootfs.diff_ids.first());
+        assert!(dest.join("bin/busybox").is_file());
+
+        // Pinned by digest resolves to the same manifest.
+        let pinned = format!("{}/base/busybox@{}", reg.addr(), img.digest);
+        assert_eq!(
+            resolver.resolve(&pinned, &Platform::host()).await?.digest,
+            img.digest
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn unknown_tag_is_a_clear_error() -> anyhow::Result<()> {
+        let reg = Registry::start()?;
+        kiln_e2e::base::push_base(&reg.addr(), "base/busybox:1")?;
+        let (_dir, cs) = store()?;
+        let resolver = ImageResolver::new(RegistryConfig::default(), cs);
+        let reference = format!("{}/base/busybox:nope", reg.addr());
+        let err = resolver
+            .resolve(&reference, &Platform::host())
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(err, format!("{reference}: manifest unknown"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn unreachable_registry_is_a_clear_error() -> anyhow::Result<()> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let (_dir, cs) = store()?;
+        let resolver = ImageResolver::new(RegistryConfig::default(), cs);
+        let reference = format!("127.0.0.1:{port}/x:1");
+        let err = resolver
+            .resolve(&reference, &Platform::host())
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(err, format!("{reference}: connection refused"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn corrupt_blob_is_rejected_and_not_stored() -> anyhow::Result<()> {
+        // A fake registry answering every request with the wrong bytes.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().take(4).flatten() {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                let body = b"these are not the bytes you are looking for";
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(body);
+            }
+        });
+        let (_dir, cs) = store()?;
+        let resolver = ImageResolver::new(RegistryConfig::default(), cs.clone());
+        let digest = crate::content::digest_bytes(b"the real layer");
+        let desc = BlobDesc {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: digest.clone(),
+            size: 0,
+        };
+        let err = resolver
+            .fetch_blob(&format!("{addr}/x:1"), &desc, &|_, _| {})
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(&digest), "{err}");
+        assert!(!cs.has(&digest));
+        assert!(cs.list()?.is_empty());
+        Ok(())
     }
 }

@@ -1,0 +1,35 @@
+//! `kiln-testenv`: test environment helpers for scripts and demos.
+//!
+//! - `kiln-testenv registry` runs a throwaway registry in the foreground and prints its
+//!   address (`127.0.0.1:PORT`); Ctrl-C stops it.
+//! - `kiln-testenv push-base ADDR NAME:TAG` pushes the busybox base image.
+//! - `kiln-testenv layout DIR` writes the busybox base as an OCI layout.
+
+use anyhow::bail;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["registry"] => {
+            let reg = kiln_e2e::registry::Registry::start()?;
+            println!("{}", reg.addr());
+            loop {
+                std::thread::park();
+            }
+        }
+        ["push-base", addr, name] => {
+            kiln_e2e::base::push_base(addr, name)?;
+            println!("pushed {addr}/{name}");
+            Ok(())
+        }
+        ["layout", dir] => {
+            kiln_e2e::base::busybox_layout(std::path::Path::new(dir), kiln_e2e::base::host_arch())
+        }
+        _ => bail!("usage: kiln-testenv registry | push-base ADDR NAME:TAG | layout DIR"),
+    }
+}
