@@ -1,0 +1,419 @@
+//! The engine end to end, with real parts: runc for RUN steps, overlayfs (or the copying
+//! snapshotter where overlay is unavailable), and Debian's docker-registry on 127.0.0.1
+//! holding a busybox-static base image. Needs root (CI is root).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::Path;
+use std::time::SystemTime;
+
+use anyhow::{anyhow, Context};
+use kiln_e2e::registry::Registry;
+use kiln_worker::control::{
+    BuildRequest, BuildResponse, Engine, EngineConfig, ExportRequest, Frontend,
+};
+use kiln_worker::frontend::BuildOpts;
+use kiln_worker::image::Platform;
+use kiln_worker::progress::{Event, Progress, VertexState};
+use kiln_worker::source::image::{ImageResolver, RegistryConfig};
+use tokio_util::sync::CancellationToken;
+
+struct Env {
+    reg: Registry,
+    base: String,
+    _root: tempfile::TempDir,
+    engine: Engine,
+}
+
+fn env() -> anyhow::Result<Env> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let base = format!("{}/kiln/base:1", reg.addr());
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        max_parallelism: 4,
+        ..Default::default()
+    })?;
+    Ok(Env {
+        reg,
+        base,
+        _root: root,
+        engine,
+    })
+}
+
+/// A project directory with a Dockerfile and files.
+fn project(dockerfile: &str, files: &[(&str, &str)]) -> anyhow::Result<tempfile::TempDir> {
+    let d = tempfile::tempdir()?;
+    std::fs::write(d.path().join("Dockerfile"), dockerfile)?;
+    for (p, c) in files {
+        let path = d.path().join(p);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, c)?;
+    }
+    Ok(d)
+}
+
+struct Built {
+    resp: BuildResponse,
+    events: Vec<Event>,
+}
+
+impl Built {
+    /// The last state of every vertex, by digest.
+    fn vertices(&self) -> BTreeMap<String, VertexState> {
+        let mut m = BTreeMap::new();
+        for e in &self.events {
+            if let Event::Vertex(v) = e {
+                m.insert(v.digest.clone(), v.clone());
+            }
+        }
+        m
+    }
+
+    /// RUN vertices that executed (not cached), by name.
+    fn executed_runs(&self) -> Vec<String> {
+        self.vertices()
+            .values()
+            .filter(|v| v.name.contains("RUN") && !v.cached && v.completed.is_some())
+            .map(|v| v.name.clone())
+            .collect()
+    }
+}
+
+async fn build(
+    env: &Env,
+    dir: &Path,
+    args: &[(&str, &str)],
+    target: Option<&str>,
+    exports: Vec<ExportRequest>,
+) -> anyhow::Result<Built> {
+    let mut build_args: BTreeMap<String, String> = args
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    build_args
+        .entry("BASE".into())
+        .or_insert_with(|| env.base.clone());
+    let opts = BuildOpts {
+        filename: "Dockerfile".into(),
+        target: target.map(str::to_string),
+        build_args,
+        build_platform: Platform::host(),
+        context_name: "context".into(),
+        ..Default::default()
+    };
+    let mut locals = HashMap::new();
+    locals.insert("context".to_string(), dir.to_path_buf());
+    locals.insert("dockerfile".to_string(), dir.to_path_buf());
+    let req = BuildRequest {
+        frontend: Frontend::Dockerfile {
+            opts,
+            dockerfile_local: "dockerfile".into(),
+        },
+        locals,
+        exports,
+        secrets: HashMap::new(),
+    };
+    let (progress, mut rx) = Progress::channel();
+    let res = env
+        .engine
+        .build(req, progress, CancellationToken::new())
+        .await;
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    match res {
+        Ok(resp) => Ok(Built { resp, events }),
+        Err(e) => {
+            let logs: String = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Log(l) => Some(String::from_utf8_lossy(&l.data).to_string()),
+                    _ => None,
+                })
+                .collect();
+            Err(anyhow!(kiln_worker::solver::error_chain(&e))).context(format!("logs:\n{logs}"))
+        }
+    }
+}
+
+fn image(name: &str, push: bool) -> ExportRequest {
+    let mut attrs = BTreeMap::new();
+    attrs.insert("name".to_string(), name.to_string());
+    if push {
+        attrs.insert("push".to_string(), "true".to_string());
+    }
+    ExportRequest {
+        typ: "image".into(),
+        attrs,
+        dest: None,
+    }
+}
+
+fn to(typ: &str, dest: &Path) -> ExportRequest {
+    ExportRequest {
+        typ: typ.into(),
+        attrs: BTreeMap::new(),
+        dest: Some(dest.to_path_buf()),
+    }
+}
+
+const MULTI: &str = r#"ARG BASE
+FROM ${BASE} AS a
+COPY a.txt /src/a.txt
+RUN mkdir -p /data && for i in $(seq 1 50); do echo "line $i" >> /data/a.txt; done && cat /src/a.txt >> /data/a.txt
+RUN sha256sum /data/a.txt > /data/a.sum
+FROM ${BASE} AS b
+COPY b.txt /src/b.txt
+RUN mkdir -p /data && cat /src/b.txt > /data/b.txt
+FROM ${BASE}
+COPY --from=a /data /data
+COPY --from=b /data /data
+WORKDIR /data
+RUN cat a.txt b.txt | wc -l > count
+CMD ["cat", "/data/count"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_stage_build_pushes_and_pulls_back() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let name = format!("{}/kiln/multi:1", env.reg.addr());
+    let out = tempfile::tempdir()?;
+    let built = build(
+        &env,
+        dir.path(),
+        &[],
+        None,
+        vec![image(&name, true), to("local", &out.path().join("fs"))],
+    )
+    .await?;
+    let digest = built
+        .resp
+        .exporter_response
+        .get("containerimage.digest")
+        .cloned()
+        .ok_or_else(|| anyhow!("no digest"))?;
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("fs/data/count"))?.trim(),
+        "52"
+    );
+    assert!(std::fs::read_to_string(out.path().join("fs/data/a.txt"))?.ends_with("from a\n"));
+
+    // Pull it back with a fresh content store: same digest, same files.
+    let store = tempfile::tempdir()?;
+    let content = std::sync::Arc::new(kiln_worker::content::ContentStore::open(store.path())?);
+    let resolver = ImageResolver::new(RegistryConfig::default(), content);
+    let pulled = resolver.resolve(&name, &Platform::host()).await?;
+    assert_eq!(pulled.digest, digest);
+    assert_eq!(
+        pulled.config.config.cmd,
+        Some(vec!["cat".to_string(), "/data/count".to_string()])
+    );
+    assert_eq!(pulled.config.config.working_dir, "/data");
+    let unpacked = tempfile::tempdir()?;
+    for (i, layer) in pulled.layers.iter().enumerate() {
+        let blob = resolver.fetch_blob(&name, layer, &|_, _| {}).await?;
+        let dest = unpacked.path().join(i.to_string());
+        std::fs::create_dir(&dest)?;
+        kiln_worker::snapshot::layer::unpack_blob(
+            &blob,
+            &layer.media_type,
+            &dest,
+            &Default::default(),
+        )?;
+    }
+    let top = unpacked.path().join((pulled.layers.len() - 1).to_string());
+    assert_eq!(
+        std::fs::read_to_string(top.join("data/count"))?.trim(),
+        "52"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn independent_stages_run_in_parallel() -> anyhow::Result<()> {
+    let env = env()?;
+    let df = r#"ARG BASE
+FROM ${BASE} AS a
+RUN sleep 1 && echo a > /a
+FROM ${BASE} AS b
+RUN sleep 1 && echo b > /b
+FROM ${BASE}
+COPY --from=a /a /a
+COPY --from=b /b /b
+"#;
+    let dir = project(df, &[])?;
+    let built = build(&env, dir.path(), &[], None, vec![]).await?;
+    let runs: Vec<VertexState> = built
+        .vertices()
+        .into_values()
+        .filter(|v| v.name.contains("RUN sleep"))
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    let span = |v: &VertexState| -> anyhow::Result<(SystemTime, SystemTime)> {
+        Ok((
+            v.started.ok_or_else(|| anyhow!("not started"))?,
+            v.completed.ok_or_else(|| anyhow!("not completed"))?,
+        ))
+    };
+    let (s0, e0) = span(&runs[0])?;
+    let (s1, e1) = span(&runs[1])?;
+    assert!(
+        s0 < e1 && s1 < e0,
+        "the two RUN steps did not overlap: {runs:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_is_cached_and_a_change_reruns_only_dependents() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let first = build(&env, dir.path(), &[], None, vec![]).await?;
+    assert_eq!(
+        first.executed_runs().len(),
+        4,
+        "{:?}",
+        first.executed_runs()
+    );
+
+    let again = build(&env, dir.path(), &[], None, vec![]).await?;
+    let not_cached: Vec<String> = again
+        .vertices()
+        .values()
+        .filter(|v| !v.cached && !v.name.starts_with("[internal]"))
+        .map(|v| v.name.clone())
+        .collect();
+    assert!(not_cached.is_empty(), "rebuild executed {not_cached:?}");
+
+    // Touching a file without changing it changes nothing.
+    let a = dir.path().join("a.txt");
+    std::fs::write(&a, "from a\n")?;
+    let touched = build(&env, dir.path(), &[], None, vec![]).await?;
+    assert!(
+        touched.executed_runs().is_empty(),
+        "{:?}",
+        touched.executed_runs()
+    );
+
+    // Changing b.txt re-runs stage b and the final RUN, not stage a.
+    std::fs::write(dir.path().join("b.txt"), "from b, changed\n")?;
+    let changed = build(&env, dir.path(), &[], None, vec![]).await?;
+    let mut runs = changed.executed_runs();
+    runs.sort();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(
+        runs.iter().any(|r| r.contains("cat /src/b.txt")),
+        "{runs:?}"
+    );
+    assert!(runs.iter().any(|r| r.contains("wc -l")), "{runs:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failing_run_reports_exit_code_and_output() -> anyhow::Result<()> {
+    let env = env()?;
+    let df = "ARG BASE\nFROM ${BASE}\nRUN echo about to fail && exit 3\n";
+    let dir = project(df, &[])?;
+    let err = build(&env, dir.path(), &[], None, vec![])
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("build should fail"))?;
+    let msg = format!("{err:#}");
+    assert!(msg.contains("exit code: 3"), "{msg}");
+    assert!(msg.contains("about to fail"), "{msg}");
+    Ok(())
+}
+
+/// Reads `name` out of a tar file.
+fn tar_entries(path: &Path) -> anyhow::Result<HashMap<String, Vec<u8>>> {
+    let mut out = HashMap::new();
+    let mut ar = tar::Archive::new(std::fs::File::open(path)?);
+    for e in ar.entries()? {
+        let mut e = e?;
+        let name = e.path()?.to_string_lossy().to_string();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data)?;
+        out.insert(name, data);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whiteouts_survive_export() -> anyhow::Result<()> {
+    let env = env()?;
+    let df = "ARG BASE\nFROM ${BASE}\nRUN rm /etc/group && rm -rf /root && mkdir /root && touch /root/new\n";
+    let dir = project(df, &[])?;
+    let out = tempfile::tempdir()?;
+    let oci = out.path().join("image.tar");
+    build(&env, dir.path(), &[], None, vec![to("oci", &oci)]).await?;
+    let files = tar_entries(&oci)?;
+    let index: serde_json::Value = serde_json::from_slice(
+        files
+            .get("index.json")
+            .ok_or_else(|| anyhow!("no index.json"))?,
+    )?;
+    let manifest_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no manifest"))?;
+    let blob = |d: &str| -> anyhow::Result<&Vec<u8>> {
+        files
+            .get(&format!("blobs/sha256/{}", d.trim_start_matches("sha256:")))
+            .ok_or_else(|| anyhow!("missing blob {d}"))
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(blob(manifest_digest)?)?;
+    let layers = manifest["layers"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no layers"))?;
+    let top = layers.last().ok_or_else(|| anyhow!("no layers"))?;
+    let data = blob(top["digest"].as_str().unwrap_or_default())?;
+    let mut names = Vec::new();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(data.as_slice()));
+    for e in ar.entries()? {
+        names.push(e?.path()?.to_string_lossy().to_string());
+    }
+    assert!(names.iter().any(|n| n == "etc/.wh.group"), "{names:?}");
+    assert!(names.iter().any(|n| n == "root/.wh..wh..opq"), "{names:?}");
+    assert!(names.iter().any(|n| n == "root/new"), "{names:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gives_one_clear_error() -> anyhow::Result<()> {
+    let env = env()?;
+    let missing = format!("{}/kiln/base:404", env.reg.addr());
+    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+        ("ARG BASE\nFROM ${BASE}\nFRM x\n", vec![], "Dockerfile:3"),
+        (
+            "ARG BASE\nFROM ${BASE}\nCOPY missing.txt /x\n",
+            vec![],
+            "missing.txt",
+        ),
+        (
+            "FROM 127.0.0.1:1/nothing:1\nRUN true\n",
+            vec![],
+            "127.0.0.1:1/nothing:1",
+        ),
+        (
+            "ARG BASE\nFROM ${BASE}\nRUN true\n",
+            vec![("BASE", missing.as_str())],
+            "kiln/base:404",
+        ),
+    ];
+    for (i, (df, args, want)) in cases.into_iter().enumerate() {
+        let dir = project(df, &[])?;
+        let err = build(&env, dir.path(), &args, None, vec![])
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("case {i} should fail"))?;
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "case {i}: {msg}");
+    }
+    Ok(())
+}
