@@ -87,3 +87,6 @@ pub struct ExportLayer {
     /// reused when its compression matches.
     pub blobs: Vec<LayerBlob>,
 }
+
+#[cfg(test)]
+pub(crate) mod testutil;

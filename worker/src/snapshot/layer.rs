@@ -511,12 +511,24 @@ pub fn write_tar(dir: &Path, w: &mut dyn Write) -> Result<()> {
 
 /// [`write_tar`], returning the number of entries written (0 for an empty layer).
 pub fn write_tar_counted(dir: &Path, w: &mut dyn Write) -> Result<u64> {
+    write_tar_inner(dir, w, true)
+}
+
+/// Writes a plain tree (a mounted view, not a layer) as a tar: the same deterministic
+/// order and metadata as [`write_tar`], but devices are kept as devices and no
+/// whiteout or opaque entries are made. Returns the number of entries.
+pub fn write_tree_tar(dir: &Path, w: &mut dyn Write) -> Result<u64> {
+    write_tar_inner(dir, w, false)
+}
+
+fn write_tar_inner(dir: &Path, w: &mut dyn Write, layer: bool) -> Result<u64> {
     let mut builder = tar::Builder::new(w);
     builder.follow_symlinks(false);
     let mut state = WriteState {
         root: dir.to_path_buf(),
         links: HashMap::new(),
         count: 0,
+        layer,
     };
     state.walk(&mut builder, dir, Path::new(""))?;
     builder.finish().map_err(io_err("write tar of", dir))?;
@@ -528,6 +540,8 @@ struct WriteState {
     /// (dev, ino) of files with several links → the first path written.
     links: HashMap<(u64, u64), PathBuf>,
     count: u64,
+    /// Layer mode: whiteout devices and opaque dirs become `.wh.` entries.
+    layer: bool,
 }
 
 fn base_header(meta: &std::fs::Metadata, kind: tar::EntryType) -> tar::Header {
@@ -579,7 +593,7 @@ impl WriteState {
                 path: path.clone(),
                 source: e,
             };
-            if ft.is_char_device() && meta.rdev() == 0 {
+            if self.layer && ft.is_char_device() && meta.rdev() == 0 {
                 // A whiteout device: an empty `.wh.<name>` file.
                 let wh = rel.join(format!("{WHITEOUT_PREFIX}{}", name.to_string_lossy()));
                 let mut h = base_header(&meta, tar::EntryType::Regular);
@@ -588,7 +602,8 @@ impl WriteState {
                 continue;
             }
             let xattrs = xattrs_of(&path)?;
-            let opaque = ft.is_dir()
+            let opaque = self.layer
+                && ft.is_dir()
                 && xattr::get(&path, OPAQUE_XATTR)
                     .ok()
                     .flatten()

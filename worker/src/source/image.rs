@@ -339,6 +339,16 @@ impl ImageResolver {
         }
     }
 
+    /// The same resolver with `host` (`host:port`) spoken to over plain HTTP too (the
+    /// image exporter's `registry.insecure`).
+    pub fn with_insecure_host(&self, host: &str) -> ImageResolver {
+        let mut config = self.config.clone();
+        if !config.insecure.iter().any(|h| h == host) {
+            config.insecure.push(host.to_string());
+        }
+        ImageResolver::new(config, self.content.clone())
+    }
+
     /// The content store blobs go into.
     pub fn content(&self) -> &Arc<ContentStore> {
         &self.content
