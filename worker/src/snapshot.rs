@@ -3,8 +3,13 @@
 //! resolution inside a root, and layer diffs/unpacking ([`layer`]). Uses nothing else in
 //! the crate; only `cache`, `ops`, `export` and `executor` callers use it.
 
+pub mod fsutil;
 pub mod layer;
+mod materialize;
+mod overlay;
 
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 /// What can go wrong with a snapshot.
@@ -62,8 +67,14 @@ pub struct Snapshotter {
 
 impl Snapshotter {
     /// Overlay when a test mount in `scratch` works, else copying.
-    pub fn detect(_scratch: &Path) -> Snapshotter {
-        Snapshotter { kind: Kind::Copy }
+    pub fn detect(scratch: &Path) -> Snapshotter {
+        let kind = if overlay::probe(scratch) {
+            Kind::Overlay
+        } else {
+            Kind::Copy
+        };
+        tracing::info!(?kind, "snapshotter selected");
+        Snapshotter { kind }
     }
 
     /// A snapshotter of a given kind.
@@ -81,24 +92,44 @@ impl Snapshotter {
     /// the same filesystem as `upper`.
     pub fn mount(
         &self,
-        _layers: &[PathBuf],
-        _upper: &Path,
-        _work: &Path,
-        _target: &Path,
+        layers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
     ) -> Result<ActiveMount> {
-        Err(Error::NotImplemented("snapshot mount"))
+        match self.kind {
+            Kind::Overlay => overlay::mount_rw(layers, upper, work, target),
+            Kind::Copy => materialize::mount(layers, Some(upper), target),
+        }
     }
 
     /// A read-only view of `layers` at `target`.
-    pub fn mount_readonly(&self, _layers: &[PathBuf], _target: &Path) -> Result<ActiveMount> {
-        Err(Error::NotImplemented("snapshot mount"))
+    pub fn mount_readonly(&self, layers: &[PathBuf], target: &Path) -> Result<ActiveMount> {
+        match self.kind {
+            Kind::Overlay => overlay::mount_ro(layers, target),
+            Kind::Copy => materialize::mount(layers, None, target),
+        }
     }
+}
+
+// === impl ActiveMount ===
+
+/// What an [`ActiveMount`] has to undo.
+#[derive(Debug)]
+enum MountState {
+    /// A kernel mount at the target; an empty lower dir to remove afterwards, if any.
+    Kernel { empty_lower: Option<PathBuf> },
+    /// Layers copied into the target; a writable view diffs into `upper` on commit.
+    Copied(Box<materialize::Materialized>),
+    /// Nothing left to undo.
+    Done,
 }
 
 /// A mounted view; unmounted (best effort) when dropped.
 #[derive(Debug)]
 pub struct ActiveMount {
     target: PathBuf,
+    state: MountState,
 }
 
 impl ActiveMount {
@@ -109,14 +140,358 @@ impl ActiveMount {
 
     /// Unmounts; for a writable copy-kind view, first writes the changes into `upper` in
     /// overlay format (whiteouts for deletions, opaque markers for replaced directories).
-    pub fn commit(self) -> Result<()> {
-        Err(Error::NotImplemented("snapshot commit"))
+    pub fn commit(mut self) -> Result<()> {
+        let state = std::mem::replace(&mut self.state, MountState::Done);
+        match state {
+            MountState::Kernel { empty_lower } => {
+                overlay::unmount(&self.target, false)?;
+                if let Some(dir) = empty_lower {
+                    let _ = std::fs::remove_dir(&dir);
+                }
+                Ok(())
+            }
+            MountState::Copied(m) => {
+                let res = m.commit(&self.target);
+                let cleared = materialize::clear_dir(&self.target);
+                res.and(cleared)
+            }
+            MountState::Done => Ok(()),
+        }
     }
+}
+
+impl Drop for ActiveMount {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.state, MountState::Done) {
+            MountState::Kernel { empty_lower } => {
+                if let Err(error) = overlay::unmount(&self.target, true) {
+                    tracing::warn!(%error, "unmount on drop failed");
+                }
+                if let Some(dir) = empty_lower {
+                    let _ = std::fs::remove_dir(&dir);
+                }
+            }
+            MountState::Copied(_) => {
+                if let Err(error) = materialize::clear_dir(&self.target) {
+                    tracing::warn!(%error, "clearing a copied view failed");
+                }
+            }
+            MountState::Done => {}
+        }
+    }
+}
+
+// === resolve_in_root ===
+
+/// Most symlinks followed in one resolution, as Linux allows.
+const MAX_SYMLINKS: u32 = 40;
+
+fn push_components(pending: &mut Vec<OsString>, path: &[u8]) {
+    // Pushed in reverse so `pop` yields them in order; a trailing `/` means the last
+    // component must be a directory, so it is followed like an inner one.
+    let mut parts: Vec<OsString> = path
+        .split(|b| *b == b'/')
+        .filter(|p| !p.is_empty() && *p != b".")
+        .map(|p| OsString::from(std::ffi::OsStr::from_bytes(p)))
+        .collect();
+    if path.ends_with(b"/") || path.ends_with(b"/.") {
+        parts.push(OsString::from("."));
+    }
+    pending.extend(parts.into_iter().rev());
 }
 
 /// Resolves `path` (absolute or relative) inside `root` the way the kernel would with
 /// `root` as `/`: symlinks are followed (the last one only if `follow_last`) and `..`
 /// never climbs above `root`. The result is always under `root`.
-pub fn resolve_in_root(_root: &Path, _path: &str, _follow_last: bool) -> Result<PathBuf> {
-    Err(Error::NotImplemented("resolve_in_root"))
+pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> Result<PathBuf> {
+    let mut pending = Vec::new();
+    push_components(&mut pending, path.as_bytes());
+    let mut resolved: Vec<OsString> = Vec::new();
+    let mut links = 0u32;
+    while let Some(c) = pending.pop() {
+        if c == "." {
+            continue;
+        }
+        if c == ".." {
+            resolved.pop();
+            continue;
+        }
+        let mut candidate = root.to_path_buf();
+        candidate.extend(&resolved);
+        candidate.push(&c);
+        let is_last = pending.is_empty();
+        let is_link = std::fs::symlink_metadata(&candidate)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false);
+        if is_link && (!is_last || follow_last) {
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return Err(Error::Io {
+                    op: "resolve",
+                    path: root.join(path.trim_start_matches('/')),
+                    source: std::io::Error::from_raw_os_error(libc::ELOOP),
+                });
+            }
+            let target =
+                std::fs::read_link(&candidate).map_err(fsutil::io_err("readlink", &candidate))?;
+            let bytes = target.as_os_str().as_bytes();
+            if bytes.starts_with(b"/") {
+                resolved.clear();
+            }
+            push_components(&mut pending, bytes);
+        } else {
+            resolved.push(c);
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(&resolved);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
+
+    fn write(p: &Path, data: &str) -> anyhow::Result<()> {
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(p, data)?;
+        Ok(())
+    }
+
+    #[test]
+    fn resolve_in_root_clamps_hostile_symlinks() -> anyhow::Result<()> {
+        let t = tempfile::tempdir()?;
+        let root = t.path();
+        fs::create_dir_all(root.join("etc"))?;
+        fs::create_dir_all(root.join("a/b"))?;
+        symlink("../../etc/passwd", root.join("a/rel"))?;
+        symlink("../../../../../../../etc/passwd", root.join("a/b/deep"))?;
+        symlink("/etc/passwd", root.join("abs"))?;
+        symlink("/", root.join("slash"))?;
+        symlink("loop2", root.join("loop1"))?;
+        symlink("loop1", root.join("loop2"))?;
+        symlink("b", root.join("a/tob"))?;
+        symlink("/a/tob/../..", root.join("updir"))?;
+
+        assert_eq!(
+            resolve_in_root(root, "/a/rel", true)?,
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(root, "a/b/deep", true)?,
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/abs", true)?,
+            root.join("etc/passwd")
+        );
+        assert_eq!(resolve_in_root(root, "/abs", false)?, root.join("abs"));
+        assert_eq!(
+            resolve_in_root(root, "/slash/../../x", true)?,
+            root.join("x")
+        );
+        assert_eq!(
+            resolve_in_root(root, "../../../etc", true)?,
+            root.join("etc")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/a/tob/new/file", true)?,
+            root.join("a/b/new/file")
+        );
+        assert_eq!(
+            resolve_in_root(root, "/updir/etc", false)?,
+            root.join("etc")
+        );
+        assert_eq!(resolve_in_root(root, "/a/tob/", false)?, root.join("a/b"));
+        assert_eq!(resolve_in_root(root, "/", true)?, root.to_path_buf());
+        let err = resolve_in_root(root, "/loop1", true)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.to_string().contains("symbolic links"), "{err}");
+        assert_eq!(resolve_in_root(root, "/loop1", false)?, root.join("loop1"));
+        assert!(resolve_in_root(root, "/loop1/x", false).is_err());
+        Ok(())
+    }
+
+    /// Two lower layers, a third with a whiteout and an opaque dir.
+    fn make_layers(base: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        let l1 = base.join("l1");
+        let l2 = base.join("l2");
+        let l3 = base.join("l3");
+        write(&l1.join("a/one"), "1")?;
+        write(&l1.join("a/two"), "2")?;
+        write(&l1.join("d/x"), "x")?;
+        write(&l1.join("d/y"), "y")?;
+        write(&l1.join("keep"), "old")?;
+        write(&l1.join("gone"), "g")?;
+        write(&l2.join("a/three"), "3")?;
+        write(&l2.join("o/old"), "o")?;
+        fs::create_dir_all(&l3)?;
+        fsutil::make_whiteout(&l3.join("gone"))?;
+        write(&l3.join("o/new"), "n")?;
+        fsutil::set_opaque(&l3.join("o"))?;
+        Ok(vec![l1, l2, l3])
+    }
+
+    fn is_whiteout_at(p: &Path) -> bool {
+        fs::symlink_metadata(p)
+            .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+            .unwrap_or(false)
+    }
+
+    fn rw_roundtrip(kind: Kind) -> anyhow::Result<()> {
+        let t = tempfile::tempdir()?;
+        let base = t.path();
+        let layers = make_layers(base)?;
+        let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d)?;
+        }
+        let snap = Snapshotter::with_kind(kind);
+        let m = snap.mount(&layers, &upper, &work, &merged)?;
+        let root = m.path().to_path_buf();
+        // The merged view honours the layers' whiteouts and opaque dirs.
+        assert!(!root.join("gone").exists());
+        assert!(!root.join("o/old").exists());
+        assert_eq!(fs::read_to_string(root.join("o/new"))?, "n");
+        assert_eq!(fs::read_to_string(root.join("a/three"))?, "3");
+        // Changes.
+        fs::write(root.join("new"), "fresh")?;
+        fs::write(root.join("keep"), "changed")?;
+        fs::remove_file(root.join("a/one"))?;
+        fs::remove_dir_all(root.join("d"))?;
+        write(&root.join("d/z"), "z")?;
+        m.commit()?;
+        assert!(fs::read_dir(&merged)?.next().is_none(), "view left behind");
+
+        assert_eq!(fs::read_to_string(upper.join("new"))?, "fresh");
+        assert_eq!(fs::read_to_string(upper.join("keep"))?, "changed");
+        assert!(is_whiteout_at(&upper.join("a/one")));
+        assert!(!upper.join("a/two").exists(), "unchanged file copied up");
+        assert!(fsutil::is_opaque(&upper.join("d")));
+        assert_eq!(fs::read_to_string(upper.join("d/z"))?, "z");
+        assert!(!upper.join("d/x").exists());
+
+        let ro = base.join("ro");
+        fs::create_dir_all(&ro)?;
+        let mut all = layers.clone();
+        all.push(upper.clone());
+        let v = snap.mount_readonly(&all, &ro)?;
+        let r = v.path();
+        assert_eq!(fs::read_to_string(r.join("new"))?, "fresh");
+        assert_eq!(fs::read_to_string(r.join("keep"))?, "changed");
+        assert!(!r.join("a/one").exists());
+        assert_eq!(fs::read_to_string(r.join("a/two"))?, "2");
+        assert_eq!(fs::read_to_string(r.join("a/three"))?, "3");
+        assert_eq!(fs::read_to_string(r.join("d/z"))?, "z");
+        assert!(!r.join("d/x").exists() && !r.join("d/y").exists());
+        assert!(!r.join("gone").exists());
+        if kind == Kind::Overlay {
+            assert!(
+                fs::write(r.join("nope"), "x").is_err(),
+                "read-only view is writable"
+            );
+        }
+        drop(v);
+        assert!(
+            !ro.join("new").exists(),
+            "read-only view not removed on drop"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn overlay_write_delete_replace_commit() -> anyhow::Result<()> {
+        rw_roundtrip(Kind::Overlay)
+    }
+
+    #[test]
+    fn copy_write_delete_replace_commit() -> anyhow::Result<()> {
+        rw_roundtrip(Kind::Copy)
+    }
+
+    #[test]
+    fn copy_commit_detects_chmod_and_replaced_file() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir()?;
+        let base = t.path();
+        write(&base.join("l/f"), "same")?;
+        write(&base.join("l/g"), "g")?;
+        write(&base.join("l/h"), "h")?;
+        let (upper, merged) = (base.join("upper"), base.join("m"));
+        fs::create_dir_all(&upper)?;
+        let m = Snapshotter::with_kind(Kind::Copy).mount(
+            &[base.join("l")],
+            &upper,
+            &base.join("w"),
+            &merged,
+        )?;
+        fs::set_permissions(merged.join("f"), fs::Permissions::from_mode(0o700))?;
+        fs::remove_file(merged.join("g"))?;
+        fs::write(merged.join("g"), "g")?;
+        m.commit()?;
+        assert_eq!(fs::metadata(upper.join("f"))?.mode() & 0o777, 0o700);
+        assert_eq!(fs::read_to_string(upper.join("g"))?, "g");
+        assert!(!upper.join("h").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn overlay_many_layers_and_empty() -> anyhow::Result<()> {
+        let t = tempfile::tempdir()?;
+        let base = t.path();
+        let mut layers = Vec::new();
+        for i in 0..150 {
+            let l = base.join(format!(
+                "layers/a-rather-long-directory-name-for-layer-number-{i:04}"
+            ));
+            write(&l.join(format!("f{i}")), &i.to_string())?;
+            write(&l.join("top"), &i.to_string())?;
+            layers.push(l);
+        }
+        let (upper, work, merged) = (base.join("u"), base.join("w"), base.join("m"));
+        for d in [&upper, &work, &merged] {
+            fs::create_dir_all(d)?;
+        }
+        let snap = Snapshotter::with_kind(Kind::Overlay);
+        let m = snap.mount(&layers, &upper, &work, &merged)?;
+        assert_eq!(fs::read_to_string(merged.join("f0"))?, "0");
+        assert_eq!(fs::read_to_string(merged.join("f149"))?, "149");
+        assert_eq!(fs::read_to_string(merged.join("top"))?, "149");
+        m.commit()?;
+        let ro = snap.mount_readonly(&layers, &merged)?;
+        assert_eq!(fs::read_to_string(merged.join("top"))?, "149");
+        drop(ro);
+        assert!(!merged.join("top").exists());
+
+        // No layers at all.
+        let (u2, w2, m2) = (base.join("u2"), base.join("w2"), base.join("m2"));
+        for d in [&u2, &w2, &m2] {
+            fs::create_dir_all(d)?;
+        }
+        let m = snap.mount(&[], &u2, &w2, &m2)?;
+        fs::write(m2.join("x"), "x")?;
+        m.commit()?;
+        assert_eq!(fs::read_to_string(u2.join("x"))?, "x");
+        let ro = snap.mount_readonly(&[], &m2)?;
+        assert!(fs::write(m2.join("y"), "y").is_err());
+        drop(ro);
+        let ro = snap.mount_readonly(&[u2.clone()], &m2)?;
+        assert_eq!(fs::read_to_string(m2.join("x"))?, "x");
+        assert!(fs::write(m2.join("y"), "y").is_err());
+        ro.commit()?;
+        Ok(())
+    }
+
+    #[test]
+    fn detect_finds_overlay() -> anyhow::Result<()> {
+        let t = tempfile::tempdir()?;
+        assert_eq!(Snapshotter::detect(t.path()).kind(), Kind::Overlay);
+        assert!(fs::read_dir(t.path())?.next().is_none());
+        Ok(())
+    }
 }
