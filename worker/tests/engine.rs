@@ -417,3 +417,81 @@ async fn bad_input_gives_one_clear_error() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raw_llb_definition_runs() -> anyhow::Result<()> {
+    use kiln_worker::llb::builder::{Builder, Output};
+    use kiln_worker::llb::pb;
+    let env = env()?;
+    let platform = Platform::host().to_pb();
+    let mut b = Builder::new();
+    let src = b.add(
+        &pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("docker-image://{}", env.base),
+                attrs: Default::default(),
+            })),
+            platform: Some(platform.clone()),
+            constraints: Some(Default::default()),
+            ..Default::default()
+        },
+        None,
+    );
+    let exec = b.add(
+        &pb::Op {
+            inputs: vec![pb::Input {
+                digest: src,
+                index: 0,
+            }],
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: vec![
+                        "/bin/sh".into(),
+                        "-c".into(),
+                        "echo hi > /hello && id -u".into(),
+                    ],
+                    env: vec!["PATH=/bin".into()],
+                    cwd: "/".into(),
+                    ..Default::default()
+                }),
+                mounts: vec![pb::Mount {
+                    input: 0,
+                    dest: "/".into(),
+                    output: 0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            platform: Some(platform),
+            constraints: Some(Default::default()),
+            ..Default::default()
+        },
+        None,
+    );
+    let def = b.marshal(&Output {
+        digest: exec,
+        index: 0,
+    });
+    let out = tempfile::tempdir()?;
+    let req = BuildRequest {
+        frontend: Frontend::Llb(def),
+        locals: HashMap::new(),
+        exports: vec![to("local", out.path())],
+        secrets: HashMap::new(),
+    };
+    let (progress, mut rx) = Progress::channel();
+    env.engine
+        .build(req, progress, CancellationToken::new())
+        .await
+        .map_err(|e| anyhow!(kiln_worker::solver::error_chain(&e)))?;
+    assert_eq!(std::fs::read_to_string(out.path().join("hello"))?, "hi\n");
+    assert!(out.path().join("bin/busybox").exists());
+    let mut logs = String::new();
+    while let Ok(e) = rx.try_recv() {
+        if let Event::Log(l) = e {
+            logs.push_str(&String::from_utf8_lossy(&l.data));
+        }
+    }
+    assert_eq!(logs, "0\n");
+    Ok(())
+}
