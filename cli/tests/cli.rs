@@ -1,0 +1,165 @@
+//! `kiln` as scripts use it: the real binary, daemonless, against a registry on 127.0.0.1.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::{anyhow, bail};
+use kiln_e2e::registry::Registry;
+
+fn kiln(args: &[&str]) -> anyhow::Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()?)
+}
+
+fn ok(out: Output) -> anyhow::Result<Output> {
+    if !out.status.success() {
+        bail!(
+            "kiln failed: {}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+#[test]
+fn version() -> anyhow::Result<()> {
+    let out = ok(kiln(&["--version"])?)?;
+    let s = String::from_utf8(out.stdout)?;
+    assert!(s.starts_with("kiln "), "{s}");
+    Ok(())
+}
+
+/// Every stderr line of `--progress rawjson` is a JSON status object; returns the last
+/// state of each vertex.
+fn rawjson_vertices(stderr: &[u8]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut last = std::collections::BTreeMap::new();
+    for line in String::from_utf8_lossy(stderr).lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow!("not JSON: {line:?}: {e}"))?;
+        for vx in v["vertexes"].as_array().cloned().unwrap_or_default() {
+            let d = vx["digest"].as_str().unwrap_or_default().to_string();
+            last.insert(d, vx);
+        }
+    }
+    Ok(last.into_values().collect())
+}
+
+const DOCKERFILE: &str = "ARG BASE\nFROM ${BASE} AS a\nRUN echo a > /a\nFROM ${BASE}\nCOPY --from=a /a /a\nCOPY f.txt /f.txt\nRUN cat /a /f.txt > /both\n";
+
+#[test]
+fn buildctl_flags_rawjson_and_metadata() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("Dockerfile"), DOCKERFILE)?;
+    std::fs::write(dir.path().join("f.txt"), "f\n")?;
+    let root = tempfile::tempdir()?;
+    let meta = root.path().join("meta.json");
+    let ctx = format!("context={}", dir.path().display());
+    let dfl = format!("dockerfile={}", dir.path().display());
+    let arg = format!("build-arg:BASE={}/kiln/base:1", reg.addr());
+    let name = format!("{}/kiln/cli:1", reg.addr());
+    let output = format!("type=image,name={name},push=true");
+    let args = [
+        "build",
+        "--root",
+        root.path().to_str().unwrap_or_default(),
+        "--frontend",
+        "dockerfile.v0",
+        "--local",
+        &ctx,
+        "--local",
+        &dfl,
+        "--opt",
+        &arg,
+        "--output",
+        &output,
+        "--metadata-file",
+        meta.to_str().unwrap_or_default(),
+        "--progress",
+        "rawjson",
+    ];
+    let first = ok(kiln(&args)?)?;
+    let vertices = rawjson_vertices(&first.stderr)?;
+    assert!(vertices
+        .iter()
+        .any(|v| v["name"].as_str().unwrap_or_default().contains("RUN cat")));
+    for v in &vertices {
+        assert!(v["completed"].is_string(), "not completed: {v}");
+        assert!(v.get("error").is_none(), "failed: {v}");
+    }
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta)?)?;
+    let digest = m["containerimage.digest"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no digest in {m}"))?
+        .to_string();
+    assert_eq!(m["containerimage.descriptor"]["digest"], digest.as_str());
+    assert_eq!(m["image.name"], name.as_str());
+    assert!(m["containerimage.config.digest"].is_string());
+    assert_eq!(String::from_utf8(first.stdout)?.trim(), digest);
+
+    // Unchanged rebuild: every LLB vertex is cached, the digest is the same.
+    let second = ok(kiln(&args)?)?;
+    for v in rawjson_vertices(&second.stderr)? {
+        let name = v["name"].as_str().unwrap_or_default();
+        if name.starts_with("[internal]") || name.starts_with("exporting") {
+            continue;
+        }
+        assert_eq!(v["cached"], true, "not cached on rebuild: {v}");
+    }
+    let m2: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta)?)?;
+    assert_eq!(m2["containerimage.digest"], digest.as_str());
+    Ok(())
+}
+
+#[test]
+fn docker_style_short_form() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir(dir.path().join("df"))?;
+    std::fs::write(dir.path().join("df/Build.dockerfile"), DOCKERFILE)?;
+    std::fs::write(dir.path().join("f.txt"), "f\n")?;
+    let root = tempfile::tempdir()?;
+    let out = root.path().join("out");
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let file = dir.path().join("df/Build.dockerfile");
+    let dest = format!("type=local,dest={}", out.display());
+    ok(kiln(&[
+        "build",
+        "--root",
+        root.path().to_str().unwrap_or_default(),
+        "--progress",
+        "plain",
+        "-f",
+        file.to_str().unwrap_or_default(),
+        "--build-arg",
+        &arg,
+        "-o",
+        &dest,
+        dir.path().to_str().unwrap_or_default(),
+    ])?)?;
+    assert_eq!(std::fs::read_to_string(out.join("both"))?, "a\nf\n");
+    Ok(())
+}
+
+#[test]
+fn bad_flags_are_named() -> anyhow::Result<()> {
+    let out = kiln(&[
+        "build",
+        "--root",
+        "/tmp/kiln-unused",
+        "-o",
+        "type=nope,dest=x",
+        ".",
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("type=nope"), "{err}");
+    let out = kiln(&["build", "--addr", "tcp://127.0.0.1:1", "."])?;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    let _ = Path::new(".");
+    Ok(())
+}
