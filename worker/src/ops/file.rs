@@ -69,7 +69,10 @@ impl FileOpImpl {
             .op
             .actions
             .iter()
-            .filter(|a| matches!(a.action, Some(pb::file_action::Action::Copy(_))))
+            .filter(|a| match &a.action {
+                Some(pb::file_action::Action::Copy(c)) => !copies_whole_root(c),
+                _ => false,
+            })
             .filter(|a| a.secondary_input >= 0 && (a.secondary_input as usize) < self.inputs)
             .map(|a| a.secondary_input as usize)
             .collect();
@@ -90,7 +93,9 @@ impl FileOpImpl {
             .iter()
             .filter_map(|a| match &a.action {
                 Some(pb::file_action::Action::Copy(c))
-                    if a.secondary_input >= 0 && (a.secondary_input as usize) < self.inputs =>
+                    if a.secondary_input >= 0
+                        && (a.secondary_input as usize) < self.inputs
+                        && !copies_whole_root(c) =>
                 {
                     Some((a.secondary_input as usize, c.clone()))
                 }
@@ -136,6 +141,15 @@ impl FileOpImpl {
         let worker = build.worker.clone();
         super::blocking(move || run_actions(&worker, &op, n_inputs, n_outputs, &inputs)).await
     }
+}
+
+/// A copy of the whole source root reads everything the source's own cache key already
+/// stands for, so its contents need not be hashed again (`COPY . /app`).
+fn copies_whole_root(c: &pb::FileActionCopy) -> bool {
+    let src = c.src.trim_end_matches('/').trim_start_matches("./");
+    (src.is_empty() || src == "/" || src == ".")
+        && c.include_patterns.is_empty()
+        && c.exclude_patterns.is_empty()
 }
 
 /// A read-only view of a ref: the layer dir itself when it is a single layer, else a mount.
