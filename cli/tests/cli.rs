@@ -163,3 +163,56 @@ fn bad_flags_are_named() -> anyhow::Result<()> {
     let _ = Path::new(".");
     Ok(())
 }
+
+#[test]
+fn kill_9_mid_run_leaves_a_store_that_builds_correctly() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    let df =
+        "ARG BASE\nFROM ${BASE}\nRUN echo before > /before\nRUN sleep 2 && echo slow > /slow\n";
+    std::fs::write(dir.path().join("Dockerfile"), df)?;
+    let root = tempfile::tempdir()?;
+    let out = root.path().join("out");
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let dest = format!("type=local,dest={}", out.display());
+    let args = [
+        "build",
+        "--root",
+        root.path().to_str().unwrap_or_default(),
+        "--progress",
+        "plain",
+        "--build-arg",
+        &arg,
+        "-o",
+        &dest,
+        dir.path().to_str().unwrap_or_default(),
+    ];
+    // Kill the build while `sleep 2` runs.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+            bail!("build ended before the slow step started");
+        }
+        if line.contains("RUN sleep 2") {
+            break;
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill()?;
+    child.wait()?;
+    // The store opens, the finished step is reused, the killed one runs again.
+    let again = ok(kiln(&args)?)?;
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(log.contains("CACHED"), "{log}");
+    assert_eq!(std::fs::read_to_string(out.join("slow"))?, "slow\n");
+    assert_eq!(std::fs::read_to_string(out.join("before"))?, "before\n");
+    Ok(())
+}

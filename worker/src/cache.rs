@@ -246,3 +246,46 @@ impl ResultCache<Ref> for Cache {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_after_crash_keeps_only_complete_records() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let (kept, lost_key) = {
+            let cache = Cache::open(root.path())?;
+            // A complete result.
+            let nl = cache.new_layer()?;
+            std::fs::write(nl.fs().join("f"), "x")?;
+            let layers = cache.commit_layers(vec![(nl, Vec::new())])?;
+            let r = Ref::new(layers);
+            cache.put(&[("k1:0".to_string(), r.clone())])?;
+            // A layer being built when the process died (never committed).
+            let pending = cache.new_layer()?;
+            std::fs::write(pending.fs().join("half"), "y")?;
+            std::mem::forget(pending);
+            // A result whose layer directory vanished.
+            let nl = cache.new_layer()?;
+            let gone = cache.commit_layers(vec![(nl, Vec::new())])?;
+            let dir = root.path().join("snapshots").join(gone[0].id.to_string());
+            cache.put(&[("k2:0".to_string(), Ref::new(gone))])?;
+            std::fs::remove_dir_all(dir)?;
+            (r, "k2:0")
+        };
+        let cache = Cache::open(root.path())?;
+        assert_eq!(cache.get("k1:0")?, Some(kept.clone()));
+        assert_eq!(
+            std::fs::read_to_string(kept.layers()[0].fs().join("f"))?,
+            "x"
+        );
+        assert_eq!(cache.get(lost_key)?, None);
+        let leftovers: Vec<String> = std::fs::read_dir(root.path().join("snapshots"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(leftovers, vec![kept.layers()[0].id.to_string()]);
+        Ok(())
+    }
+}

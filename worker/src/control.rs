@@ -132,7 +132,10 @@ impl Engine {
         let content = Arc::new(ContentStore::open(&root.join("content"))?);
         let cache = Cache::open(root)?;
         let mounts = root.join("mounts");
-        // Mount scratch dirs of a previous run are stale: nothing is mounted there now.
+        // A previous process killed mid-build may have left containers and mounts behind;
+        // stop those first, then the scratch dirs are plain garbage.
+        reap_containers(config.runtime, &root.join("executor"));
+        unmount_under(root);
         let _ = std::fs::remove_dir_all(&mounts);
         std::fs::create_dir_all(&mounts).map_err(io_err("create", &mounts))?;
         let snapshotter = match config.snapshotter {
@@ -521,6 +524,67 @@ impl Engine {
     }
 }
 
+/// Kills and deletes containers a previous process left in the runtime's state dir.
+fn reap_containers(runtime: Runtime, executor_root: &Path) {
+    let state = executor_root.join("runc");
+    let Ok(entries) = std::fs::read_dir(&state) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().to_string();
+        tracing::warn!(container = %id, "removing container left by a previous run");
+        let _ = std::process::Command::new(runtime.binary())
+            .arg("--root")
+            .arg(&state)
+            .args(["delete", "--force", &id])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    let _ = std::fs::remove_dir_all(executor_root.join("bundles"));
+}
+
+/// Detaches every mount below `root` (deepest first), as listed in /proc/self/mountinfo.
+fn unmount_under(root: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(&root) && p != &root)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        tracing::warn!(mount = %p.display(), "unmounting mount left by a previous run");
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
 fn typ_name(exp: &ExportRequest) -> String {
     exp.typ.clone()
 }
@@ -557,5 +621,16 @@ pub fn vertex_name(v: &llb::Vertex) -> String {
         Some(pb::op::Op::Build(_)) => "build".into(),
         Some(pb::op::Op::Passthrough(p)) => format!("passthrough {}", p.id),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo(r"/plain\04"), r"/plain\04");
     }
 }
