@@ -123,10 +123,23 @@ pub fn push_base(registry_addr: &str, name_tag: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let layout = dir.path().join("layout");
     busybox_layout(&layout, host_arch())?;
+    push_layout(&layout, registry_addr, name_tag, &[])
+}
+
+/// Pushes the `latest` image of the OCI layout at `layout` to
+/// `<registry_addr>/<name_tag>` with skopeo; `extra` goes to `skopeo copy` (e.g.
+/// `["--format", "v2s2"]` for a Docker schema2 manifest).
+pub fn push_layout(
+    layout: &Path,
+    registry_addr: &str,
+    name_tag: &str,
+    extra: &[&str],
+) -> anyhow::Result<()> {
     let out = Command::new("skopeo")
         .arg("copy")
         .arg("--insecure-policy")
         .arg("--dest-tls-verify=false")
+        .args(extra)
         .arg(format!("oci:{}:latest", layout.display()))
         .arg(format!("docker://{registry_addr}/{name_tag}"))
         .output()

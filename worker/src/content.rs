@@ -81,8 +81,8 @@ pub struct ContentStore {
 }
 
 impl ContentStore {
-    /// Opens (creating) a store at `root`; leftover in-flight writes in `ingest/` are
-    /// removed.
+    /// Opens (creating) a store at `root`; leftover writes in `ingest/` of processes that
+    /// are gone (a crash) are removed.
     pub fn open(root: &Path) -> Result<ContentStore> {
         let blobs = root.join("blobs").join("sha256");
         std::fs::create_dir_all(&blobs).map_err(io("create", &blobs))?;
@@ -106,6 +106,18 @@ impl ContentStore {
         for entry in entries {
             let entry = entry.map_err(io("read", &ingest))?;
             let path = entry.path();
+            // Temp files are named `<pid>-<seq>`: keep those of live processes (this one,
+            // or another sharing the store); anything else is left over from a crash.
+            let name = entry.file_name();
+            let owner = name
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok());
+            if let Some(pid) = owner {
+                if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                    continue;
+                }
+            }
             let res = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 std::fs::remove_dir_all(&path)
             } else {
@@ -267,7 +279,11 @@ impl BlobWriter {
         }
         let digest = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
         let Some(buf) = self.file.take() else {
-            return Err(Error::NotImplemented("finish of a finished writer"));
+            return Err(Error::Io {
+                op: "finish",
+                path: self.tmp.clone(),
+                source: std::io::Error::other("blob writer already finished"),
+            });
         };
         let file = buf.into_inner().map_err(|e| Error::Io {
             op: "flush",
@@ -400,13 +416,21 @@ mod tests {
     fn stale_ingest_cleaned_on_open() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let cs = ContentStore::open(dir.path())?;
+        // Left over by a crashed process (no such pid) and a malformed name.
+        std::fs::write(
+            dir.path().join("ingest/4194304999-0"),
+            b"crash in the middle",
+        )?;
+        std::fs::write(dir.path().join("ingest/junk"), b"?")?;
+        // In flight in this process: must survive a second open.
         let mut w = cs.writer()?;
-        w.write_all(b"crash in the middle")?;
-        std::mem::forget(w); // a crash: no drop, the temp file stays
+        w.write_all(b"still writing")?;
+        assert_eq!(ingest_count(dir.path())?, 3);
+        let cs2 = ContentStore::open(dir.path())?;
         assert_eq!(ingest_count(dir.path())?, 1);
-        let cs = ContentStore::open(dir.path())?;
+        let (d, _) = w.finish(None)?;
+        assert!(cs2.has(&d));
         assert_eq!(ingest_count(dir.path())?, 0);
-        assert!(cs.list()?.is_empty());
         Ok(())
     }
 

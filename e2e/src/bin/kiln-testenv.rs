@@ -5,7 +5,10 @@
 //! - `kiln-testenv push-base ADDR NAME:TAG` pushes the busybox base image.
 //! - `kiln-testenv layout DIR` writes the busybox base as an OCI layout.
 
+use std::io::Write;
+
 use anyhow::bail;
+use nix::sys::signal::{SigSet, Signal};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -17,10 +20,18 @@ fn main() -> anyhow::Result<()> {
     {
         ["registry"] => {
             let reg = kiln_e2e::registry::Registry::start()?;
+            // Wait for SIGINT/SIGTERM so the registry is stopped (on drop) when we are.
+            // Blocked only now, after the registry was spawned with the normal mask.
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGINT);
+            set.add(Signal::SIGTERM);
+            set.thread_block()?;
             println!("{}", reg.addr());
-            loop {
-                std::thread::park();
-            }
+            std::io::stdout().flush()?;
+            let sig = set.wait()?;
+            eprintln!("kiln-testenv: {sig}, stopping registry");
+            drop(reg);
+            Ok(())
         }
         ["push-base", addr, name] => {
             kiln_e2e::base::push_base(addr, name)?;

@@ -365,12 +365,10 @@ fn normalize_history(history: &mut Vec<History>, kept: &[bool], created: &str) {
     let layer_entries = history.iter().filter(|h| !h.empty_layer).count();
     if layer_entries == kept.len() && kept_count != kept.len() {
         // One entry per input layer: mark those of dropped layers empty.
-        let mut i = 0;
-        for h in history.iter_mut().filter(|h| !h.empty_layer) {
+        for (i, h) in history.iter_mut().filter(|h| !h.empty_layer).enumerate() {
             if !kept[i] {
                 h.empty_layer = true;
             }
-            i += 1;
         }
     }
     let mut layer_entries = history.iter().filter(|h| !h.empty_layer).count();

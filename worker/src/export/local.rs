@@ -140,3 +140,30 @@ fn copy_dir(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::testutil::{describe, sample_tree};
+
+    #[test]
+    fn copies_tree_exactly() -> anyhow::Result<()> {
+        let t = tempfile::tempdir()?;
+        let src = t.path().join("src");
+        std::fs::create_dir(&src)?;
+        sample_tree(&src, false)?;
+        std::os::unix::fs::symlink("/etc/passwd", src.join("abs-link"))?;
+        let dest = t.path().join("out/nested");
+        export_local(&src, &dest)?;
+        assert_eq!(describe(&src)?, describe(&dest)?);
+        // The symlink was copied, not followed.
+        assert_eq!(
+            std::fs::read_link(dest.join("abs-link"))?,
+            Path::new("/etc/passwd")
+        );
+        // Exporting again over the result is fine.
+        export_local(&src, &dest)?;
+        assert_eq!(describe(&src)?, describe(&dest)?);
+        Ok(())
+    }
+}

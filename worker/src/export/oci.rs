@@ -146,3 +146,96 @@ pub(crate) fn write_layout_entries(
     append(b, "index.json", &mut &index[..], index.len() as u64, false)?;
     append_blobs(b, content, built)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::export::image::{build_image, ImageOpts};
+    use crate::export::ExportLayer;
+    use std::collections::BTreeMap;
+    use std::io::Read;
+
+    /// Builds a small image and returns (store dir, store, image).
+    pub(crate) fn small_image() -> anyhow::Result<(tempfile::TempDir, ContentStore, BuiltImage)> {
+        let t = tempfile::tempdir()?;
+        let l = t.path().join("l");
+        std::fs::create_dir(&l)?;
+        crate::export::testutil::sample_tree(&l, true)?;
+        let cs = ContentStore::open(&t.path().join("cs"))?;
+        let config = crate::image::ImageConfigFile {
+            created: Some("2024-05-01T10:00:00Z".into()),
+            architecture: crate::image::Platform::host().architecture,
+            os: "linux".into(),
+            ..Default::default()
+        };
+        let built = build_image(
+            &cs,
+            &[ExportLayer {
+                dir: l,
+                blobs: vec![],
+            }],
+            &config,
+            &ImageOpts::default(),
+        )?;
+        Ok((t, cs, built))
+    }
+
+    pub(crate) fn read_tar(bytes: &[u8]) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+        let mut out = BTreeMap::new();
+        for e in ::tar::Archive::new(bytes).entries()? {
+            let mut e = e?;
+            let name = e.path()?.to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data)?;
+            out.insert(name, data);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn oci_tar_structure() -> anyhow::Result<()> {
+        let (t, cs, built) = small_image()?;
+        let names = vec!["example.com/app:v1".to_string(), "busybox".to_string()];
+        let mut out = Vec::new();
+        write_oci_tar(&cs, &built, &names, &mut out)?;
+        let mut again = Vec::new();
+        write_oci_tar(&cs, &built, &names, &mut again)?;
+        assert_eq!(out, again, "deterministic");
+        let files = read_tar(&out)?;
+        assert_eq!(
+            files.get("oci-layout").map(|v| v.as_slice()),
+            Some(&br#"{"imageLayoutVersion":"1.0.0"}"#[..])
+        );
+        let index: serde_json::Value = serde_json::from_slice(&files["index.json"])?;
+        let m = index["manifests"].as_array().cloned().unwrap_or_default();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0]["digest"], built.manifest_digest.as_str());
+        assert_eq!(m[0]["annotations"][ANNOTATION_REF_NAME], "v1");
+        assert_eq!(
+            m[0]["annotations"][ANNOTATION_IMAGE_NAME],
+            "example.com/app:v1"
+        );
+        assert_eq!(
+            m[1]["annotations"][ANNOTATION_IMAGE_NAME],
+            "docker.io/library/busybox:latest"
+        );
+        // Every blob is there and matches its digest.
+        for d in blob_digests(&built) {
+            let data = &files[&format!("blobs/sha256/{}", d.trim_start_matches("sha256:"))];
+            assert_eq!(crate::content::digest_bytes(data), d);
+        }
+        // skopeo reads it as an OCI archive.
+        let path = t.path().join("img.tar");
+        std::fs::write(&path, &out)?;
+        let o = std::process::Command::new("skopeo")
+            .args(["inspect", "--raw"])
+            .arg(format!("oci-archive:{}:v1", path.display()))
+            .output()?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            crate::content::digest_bytes(&o.stdout),
+            built.manifest_digest
+        );
+        Ok(())
+    }
+}

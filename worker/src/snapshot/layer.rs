@@ -200,7 +200,7 @@ pub fn unpack_stream(
     };
     let mut archive = tar::Archive::new(hashing);
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
-    let result = extract_entries(&mut archive, layer, dest, &mut dir_times);
+    let result = extract_entries(&mut archive, layer, dest, &mut dir_times, limits.max_bytes);
     if exceeded.get() {
         return Err(limit_err());
     }
@@ -313,8 +313,11 @@ fn extract_entries<R: Read>(
     layer: &str,
     dest: &Path,
     dir_times: &mut Vec<(PathBuf, i64)>,
+    max_bytes: u64,
 ) -> Result<()> {
     let bad = |e: std::io::Error| layer_error(layer, format_args!("reading tar: {e}"));
+    // Bytes written to files; sparse entries can expand well past the stream size.
+    let mut written: u64 = 0;
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         let kind = entry.header().entry_type();
@@ -397,9 +400,21 @@ fn extract_entries<R: Read>(
                     .create_new(true)
                     .open(&target)
                     .map_err(io_err("create", &target))?;
-                std::io::copy(&mut entry, &mut f).map_err(|e| {
-                    layer_error(layer, format_args!("entry {}: {e}", rel.display()))
-                })?;
+                let room = max_bytes.saturating_sub(written);
+                let n = std::io::copy(&mut (&mut entry).take(room.saturating_add(1)), &mut f)
+                    .map_err(|e| {
+                        layer_error(layer, format_args!("entry {}: {e}", rel.display()))
+                    })?;
+                written = written.saturating_add(n);
+                if n > room {
+                    return Err(layer_error(
+                        layer,
+                        format_args!(
+                            "entry {}: files expand past the limit of {max_bytes} bytes",
+                            rel.display()
+                        ),
+                    ));
+                }
             }
             tar::EntryType::Symlink => {
                 let link = entry
@@ -1031,6 +1046,50 @@ mod tests {
                 assert!(layer.contains("bomb"), "{layer}");
                 assert!(message.contains("limit"), "{message}");
             }
+            other => anyhow::bail!("expected a limit error, got {other:?}"),
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn sparse_expansion_is_bounded() -> anyhow::Result<()> {
+        fn octal(field: &mut [u8], v: u64) {
+            let s = format!("{v:0width$o}", width = field.len() - 1);
+            field[..s.len()].copy_from_slice(s.as_bytes());
+            field[s.len()] = 0;
+        }
+        // A GNU sparse file: 512 data bytes at the end of an 8 MiB hole.
+        let real = 8u64 << 20;
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse")?;
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_size(512);
+        if let Some(g) = h.as_gnu_mut() {
+            octal(&mut g.sparse[0].offset, real - 512);
+            octal(&mut g.sparse[0].numbytes, 512);
+            octal(&mut g.realsize, real);
+        }
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &[7u8; 512][..])?;
+        let tar = b.into_inner()?;
+        assert!((tar.len() as u64) < 1 << 20);
+        let t = tempfile::tempdir()?;
+        let ok = t.path().join("ok");
+        std::fs::create_dir(&ok)?;
+        unpack_stream(&tar[..], "sparse", &ok, &UnpackLimits::default())?;
+        assert_eq!(std::fs::metadata(ok.join("sparse"))?.len(), real);
+        let bounded = t.path().join("bounded");
+        std::fs::create_dir(&bounded)?;
+        let r = unpack_stream(
+            &tar[..],
+            "sparse",
+            &bounded,
+            &UnpackLimits { max_bytes: 1 << 20 },
+        );
+        match r {
+            Err(Error::Layer { message, .. }) => assert!(message.contains("limit"), "{message}"),
             other => anyhow::bail!("expected a limit error, got {other:?}"),
         }
         Ok(())

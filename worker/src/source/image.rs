@@ -794,3 +794,89 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod registry_format_tests {
+    use super::*;
+    use kiln_e2e::base::{busybox_layout, push_layout};
+    use kiln_e2e::registry::Registry;
+
+    #[tokio::test]
+    async fn index_picks_platform_and_docker_schema2_resolves() -> anyhow::Result<()> {
+        let reg = Registry::start()?;
+        let t = tempfile::tempdir()?;
+        let cs = Arc::new(ContentStore::open(&t.path().join("cs"))?);
+        let resolver = ImageResolver::new(RegistryConfig::default(), cs.clone());
+        let mut entries = Vec::new();
+        let mut digests = HashMap::new();
+        for (arch, variant) in [("amd64", ""), ("arm64", "v8")] {
+            let layout = t.path().join(arch);
+            busybox_layout(&layout, arch)?;
+            push_layout(&layout, &reg.addr(), &format!("multi/img:{arch}"), &[])?;
+            let (bytes, digest) = resolver
+                .fetch_manifest_raw(&format!("{}/multi/img:{arch}", reg.addr()))
+                .await?;
+            let mut platform = serde_json::json!({"os": "linux", "architecture": arch});
+            if !variant.is_empty() {
+                platform["variant"] = variant.into();
+            }
+            entries.push(serde_json::json!({
+                "mediaType": OCI_MANIFEST, "digest": digest, "size": bytes.len(),
+                "platform": platform,
+            }));
+            digests.insert(arch, digest);
+        }
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries,
+        }))?;
+        let all = format!("{}/multi/img:all", reg.addr());
+        resolver.push_manifest(&all, OCI_INDEX, &index).await?;
+        for (p, arch) in [("linux/amd64", "amd64"), ("linux/arm64", "arm64")] {
+            let platform = Platform::parse(p).ok_or_else(|| anyhow::anyhow!("platform"))?;
+            let img = resolver.resolve(&all, &platform).await?;
+            assert_eq!(Some(&img.digest), digests.get(arch));
+            assert_eq!(img.config.architecture, arch);
+        }
+        let s390 = Platform::parse("linux/s390x").ok_or_else(|| anyhow::anyhow!("platform"))?;
+        let err = resolver
+            .resolve(&all, &s390)
+            .await
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err,
+            Some(format!("{all}: no manifest for platform linux/s390x"))
+        );
+
+        // Docker schema2 (skopeo converts the layout's manifest).
+        let layout = t.path().join("amd64");
+        push_layout(&layout, &reg.addr(), "docker/img:1", &["--format", "v2s2"])?;
+        let reference = format!("{}/docker/img:1", reg.addr());
+        let (raw, _) = resolver.fetch_manifest_raw(&reference).await?;
+        let m: serde_json::Value = serde_json::from_slice(&raw)?;
+        assert_eq!(m["mediaType"], DOCKER_MANIFEST);
+        let amd64 = Platform::parse("linux/amd64").ok_or_else(|| anyhow::anyhow!("platform"))?;
+        let img = resolver.resolve(&reference, &amd64).await?;
+        assert_eq!(
+            img.layers[0].media_type,
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        );
+        let path = resolver
+            .fetch_blob(&reference, &img.layers[0], &|_, _| {})
+            .await?;
+        let dest = t.path().join("unpacked");
+        std::fs::create_dir(&dest)?;
+        crate::snapshot::layer::unpack_blob(
+            &path,
+            &img.layers[0].media_type,
+            &dest,
+            &Default::default(),
+        )?;
+        assert!(dest
+            .join("bin/sh")
+            .symlink_metadata()?
+            .file_type()
+            .is_symlink());
+        Ok(())
+    }
+}
