@@ -481,7 +481,12 @@ impl Engine {
                         let id = format!("pushing {name}");
                         let report =
                             |done: u64, total: u64| step.status(&id, &id, done, total, false);
-                        export::image::push(&worker.images, &worker.content, &built, name, &report)
+                        let resolver = if opts.insecure {
+                            worker.images.with_insecure_host(registry_host(name))
+                        } else {
+                            worker.images.clone()
+                        };
+                        export::image::push(&resolver, &worker.content, &built, name, &report)
                             .await?;
                         step.status(&id, &id, 0, 0, true);
                     }
@@ -583,6 +588,14 @@ fn unescape_mountinfo(s: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).to_string()
+}
+
+/// The registry host of an image name (`localhost:5000/a/b:1` → `localhost:5000`).
+fn registry_host(name: &str) -> &str {
+    match name.split_once('/') {
+        Some((host, _)) if host.contains('.') || host.contains(':') || host == "localhost" => host,
+        _ => "docker.io",
+    }
 }
 
 fn typ_name(exp: &ExportRequest) -> String {
