@@ -85,8 +85,8 @@ pub struct LlbOp {
 enum Kind {
     Image(source::ImageSource),
     Local(source::LocalSource),
-    Exec(exec::ExecOpImpl),
-    File(file::FileOpImpl),
+    Exec(Box<exec::ExecOpImpl>),
+    File(Box<file::FileOpImpl>),
 }
 
 /// Maps an LLB op to its implementation.
@@ -132,8 +132,12 @@ pub fn resolve_op(op: &pb::Op, build: &Arc<BuildCtx>) -> Result<LlbOp> {
                 }
             }
         }
-        Some(pb::op::Op::Exec(e)) => Kind::Exec(exec::ExecOpImpl::new(e.clone(), op.inputs.len())?),
-        Some(pb::op::Op::File(f)) => Kind::File(file::FileOpImpl::new(f.clone(), op.inputs.len())?),
+        Some(pb::op::Op::Exec(e)) => {
+            Kind::Exec(Box::new(exec::ExecOpImpl::new(e.clone(), op.inputs.len())?))
+        }
+        Some(pb::op::Op::File(f)) => {
+            Kind::File(Box::new(file::FileOpImpl::new(f.clone(), op.inputs.len())?))
+        }
         Some(pb::op::Op::Merge(_)) => return Err(Error::Unsupported("merge".into())),
         Some(pb::op::Op::Diff(_)) => return Err(Error::Unsupported("diff".into())),
         Some(pb::op::Op::Build(_)) => return Err(Error::Unsupported("build".into())),

@@ -2,6 +2,9 @@
 //! layer links, in one redb file. Every change is one transaction committed durably, so
 //! a kill -9 at any moment leaves either the old or the new record, never half of one.
 
+// redb's error type is large; it never leaves this module (mapped to `cache::Error`).
+#![allow(clippy::result_large_err)]
+
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableTable, TableDefinition};
