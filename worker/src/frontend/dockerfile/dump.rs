@@ -1,0 +1,1 @@
+//! A stable, readable text rendering of converted LLB and image config.
