@@ -56,9 +56,7 @@ impl Builder {
 
     /// Adds metadata for an op only if it has none yet.
     pub fn set_metadata_if_absent(&mut self, digest: &str, metadata: pb::OpMetadata) {
-        self.metadata
-            .entry(digest.to_string())
-            .or_insert(metadata);
+        self.metadata.entry(digest.to_string()).or_insert(metadata);
     }
 
     /// The definition whose result is `result`.

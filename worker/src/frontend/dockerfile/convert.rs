@@ -14,7 +14,7 @@ use crate::frontend::{
 use crate::image::{HealthConfig, History, ImageConfigFile, Platform};
 use crate::llb::builder::{Builder, Output};
 use crate::llb::pb;
-use crate::source::local::patterns::parse_dockerignore;
+use crate::source::local::patterns::{parse_dockerignore, PatternMatcher};
 
 use super::instructions::{parse_node, split_csv, CmdLine, CopyArgs, Instr, Instruction};
 use super::parser::{self, Heredoc};
@@ -100,6 +100,8 @@ struct Converter<'a> {
     context: Option<Output>,
     exclude_patterns: Vec<String>,
     done: Vec<Option<StageResult>>,
+    /// Build args some ARG declared (for the "not consumed" warning).
+    used_args: std::collections::BTreeSet<String>,
     in_progress: Vec<bool>,
     warnings: Vec<String>,
 }
@@ -207,7 +209,11 @@ fn join_path(base: &str, p: &str) -> String {
     if p.starts_with('/') {
         clean_path(p)
     } else {
-        clean_path(&format!("{}/{}", if base.is_empty() { "/" } else { base }, p))
+        clean_path(&format!(
+            "{}/{}",
+            if base.is_empty() { "/" } else { base },
+            p
+        ))
     }
 }
 
@@ -303,10 +309,7 @@ impl<'a> Converter<'a> {
                 ) => {
                     if let Some(n) = name {
                         if stages.iter().any(|s| s.name.as_deref() == Some(n)) {
-                            return Err(at(
-                                instr.line,
-                                format!("duplicate stage name {n:?}"),
-                            ));
+                            return Err(at(instr.line, format!("duplicate stage name {n:?}")));
                         }
                     }
                     stages.push(StageDef {
@@ -351,6 +354,7 @@ impl<'a> Converter<'a> {
             lexer,
             escape: parsed.escape,
             done: vec![None; stages.len()],
+            used_args: Default::default(),
             in_progress: vec![false; stages.len()],
             stages,
             meta_args: Vec::new(),
@@ -371,6 +375,7 @@ impl<'a> Converter<'a> {
         for instr in global_args {
             if let Instruction::Arg(args) = &instr.kind {
                 for (k, default) in args {
+                    c.used_args.insert(k.clone());
                     let value = match (opts.build_args.get(k), default) {
                         (Some(v), _) => Some(v.clone()),
                         (None, Some(d)) => Some(c.expand(&c.meta_env(), d, instr.line)?),
@@ -380,6 +385,12 @@ impl<'a> Converter<'a> {
                     c.meta_args.push((k.clone(), value));
                 }
             }
+        }
+        if let Err(e) = PatternMatcher::new(&c.exclude_patterns) {
+            return Err(Error::General {
+                file: ".dockerignore".to_string(),
+                message: e.to_string(),
+            });
         }
         c.warnings.append(&mut warnings);
         Ok(c)
@@ -425,15 +436,24 @@ impl<'a> Converter<'a> {
 
     fn run(&mut self) -> Result<(Option<Output>, ImageConfigFile)> {
         let target = match &self.opts.target {
-            Some(t) if !t.is_empty() => {
-                self.stage_by_name(t).ok_or_else(|| Error::General {
-                    file: self.file.clone(),
-                    message: format!("target stage {t:?} could not be found"),
-                })?
-            }
+            Some(t) if !t.is_empty() => self.stage_by_name(t).ok_or_else(|| Error::General {
+                file: self.file.clone(),
+                message: format!("target stage {t:?} could not be found"),
+            })?,
             _ => self.stages.len() - 1,
         };
         let result = self.stage(target, self.stages[target].line)?;
+        let unused: Vec<&String> = self
+            .opts
+            .build_args
+            .keys()
+            .filter(|k| !self.used_args.contains(*k))
+            .collect();
+        if !unused.is_empty() {
+            self.warnings.push(format!(
+                "one or more build-args {unused:?} were not consumed"
+            ));
+        }
         let mut config = result.config;
         for (k, v) in &self.opts.labels {
             config.config.labels.insert(k.clone(), v.clone());
@@ -445,7 +465,10 @@ impl<'a> Converter<'a> {
         let mut description = HashMap::new();
         description.insert("llb.customname".to_string(), name);
         if let Some(c) = command {
-            description.insert("com.docker.dockerfile.v1.command".to_string(), c.to_string());
+            description.insert(
+                "com.docker.dockerfile.v1.command".to_string(),
+                c.to_string(),
+            );
         }
         pb::OpMetadata {
             ignore_cache: self.opts.no_cache,
@@ -512,7 +535,12 @@ impl<'a> Converter<'a> {
     }
 
     /// Looks an image up (or records the request) and returns its meta.
-    fn image_meta(&mut self, reference: &str, platform: &Platform, line: usize) -> Result<ResolvedImageMeta> {
+    fn image_meta(
+        &mut self,
+        reference: &str,
+        platform: &Platform,
+        line: usize,
+    ) -> Result<ResolvedImageMeta> {
         if normalize_reference(reference).is_none() {
             return Err(self.err(line, format!("invalid reference format: {reference:?}")));
         }
@@ -580,28 +608,29 @@ impl<'a> Converter<'a> {
         if self.in_progress[index] {
             return Err(self.err(
                 from_line,
-                format!("circular dependency detected on stage: {}", self.stage_label(index)),
+                format!(
+                    "circular dependency detected on stage: {}",
+                    self.stage_label(index)
+                ),
             ));
         }
         self.in_progress[index] = true;
         let line = self.stages[index].line;
         let meta_env = self.meta_env();
-        let explicit_platform = match self.stages[index].platform.clone() {
-            Some(p) => {
-                let text = self.expand(&meta_env, &p, line)?;
-                Some(Platform::parse(&text).ok_or_else(|| {
-                    self.err(line, format!("failed to parse platform {text:?}"))
-                })?)
-            }
-            None => None,
-        };
+        let explicit_platform =
+            match self.stages[index].platform.clone() {
+                Some(p) => {
+                    let text = self.expand(&meta_env, &p, line)?;
+                    Some(Platform::parse(&text).ok_or_else(|| {
+                        self.err(line, format!("failed to parse platform {text:?}"))
+                    })?)
+                }
+                None => None,
+            };
         let raw_image = self.stages[index].image.clone();
         let image = self.expand(&meta_env, &raw_image, line)?;
         if image.is_empty() {
-            return Err(self.err(
-                line,
-                format!("base name ({raw_image}) should not be blank"),
-            ));
+            return Err(self.err(line, format!("base name ({raw_image}) should not be blank")));
         }
         let prefix = self.prefix(index);
         let total = self.stages[index].instrs.len() + 1;
@@ -645,22 +674,31 @@ impl<'a> Converter<'a> {
             args: Vec::new(),
             cmd_set: false,
         };
-        if !st.config.config.env.iter().any(|kv| kv.starts_with("PATH=")) {
+        if !st
+            .config
+            .config
+            .env
+            .iter()
+            .any(|kv| kv.starts_with("PATH="))
+        {
             st.config.config.env.push(format!("PATH={DEFAULT_PATH}"));
         }
         // ONBUILD triggers of the base run first, named after the FROM step.
         for trigger in triggers {
-            let parsed = parser::parse(&trigger)
-                .map_err(|e| self.err(line, format!("onbuild trigger {trigger:?}: {}", e.message)))?;
+            let parsed = parser::parse(&trigger).map_err(|e| {
+                self.err(line, format!("onbuild trigger {trigger:?}: {}", e.message))
+            })?;
             for node in &parsed.nodes {
                 let mut instr = parse_node(node, parsed.escape).map_err(|e| {
                     self.err(line, format!("onbuild trigger {trigger:?}: {}", e.message))
                 })?;
-                if matches!(instr.kind, Instruction::From { .. } | Instruction::OnBuild(_)) {
-                    return Err(self.err(
-                        line,
-                        format!("onbuild trigger {trigger:?} is not allowed"),
-                    ));
+                if matches!(
+                    instr.kind,
+                    Instruction::From { .. } | Instruction::OnBuild(_)
+                ) {
+                    return Err(
+                        self.err(line, format!("onbuild trigger {trigger:?} is not allowed"))
+                    );
                 }
                 instr.line = line;
                 instr.original = format!("ONBUILD {}", instr.original);
@@ -695,12 +733,11 @@ impl<'a> Converter<'a> {
     }
 
     /// Resolves a `--from` value to a source output (None = scratch) and its kind.
-    fn from_source(
+    fn source_for_from(
         &mut self,
         st: &Stage,
         from: &str,
         line: usize,
-        name: &str,
     ) -> Result<(Option<Output>, SourceKind)> {
         let from = self.expand(&st.arg_env(), from, line)?;
         if from.is_empty() {
@@ -725,7 +762,7 @@ impl<'a> Converter<'a> {
             Some(j) => Ok((self.stage(j, line)?.root, SourceKind::Stage)),
             None => {
                 let meta = self.image_meta(&from, &st.platform, line)?;
-                let out = self.image_op(&meta, &st.platform, format!("{name} {{image}}"));
+                let out = self.image_op(&meta, &st.platform, "FROM {image}".to_string());
                 Ok((Some(out), SourceKind::Image))
             }
         }
@@ -739,6 +776,7 @@ impl<'a> Converter<'a> {
             Instruction::Arg(args) => {
                 let mut parts = Vec::new();
                 for (k, default) in args {
+                    self.used_args.insert(k.clone());
                     let value = match (self.opts.build_args.get(k), default) {
                         (Some(v), _) => Some(v.clone()),
                         (None, Some(d)) => Some(self.expand(&st.env(), d, line)?),
@@ -946,7 +984,9 @@ impl<'a> Converter<'a> {
                 let valid = s.parse::<u32>().is_ok()
                     || (s.len() > 3
                         && s.to_ascii_uppercase().starts_with("SIG")
-                        && s[3..].chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-'));
+                        && s[3..]
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-'));
                 if !valid {
                     return Err(self.err(line, format!("invalid signal: {s}")));
                 }
@@ -973,7 +1013,14 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn mkfile_op(&mut self, st: &Stage, h: &Heredoc, data: String, mode: i32, name: String) -> Output {
+    fn mkfile_op(
+        &mut self,
+        st: &Stage,
+        h: &Heredoc,
+        data: String,
+        mode: i32,
+        name: String,
+    ) -> Output {
         let action = pb::FileAction {
             input: -1,
             secondary_input: -1,
@@ -1022,7 +1069,13 @@ impl<'a> Converter<'a> {
                     let h = &instr.heredocs[0];
                     if h.content.starts_with("#!") {
                         // A script with its own interpreter: mount it and exec it.
-                        let script = self.mkfile_op(st, h, h.content.clone(), 0o755, format!("{name} (heredoc)"));
+                        let script = self.mkfile_op(
+                            st,
+                            h,
+                            h.content.clone(),
+                            0o755,
+                            format!("{name} (heredoc)"),
+                        );
                         inputs.push(script);
                         extra.push(pb::Mount {
                             input: inputs.len() as i64 - 1,
@@ -1061,7 +1114,7 @@ impl<'a> Converter<'a> {
         };
         for m in mount_flags {
             let m = self.expand(&env, m, line)?;
-            let mount = self.parse_mount(st, &m, line, &mut inputs, &name)?;
+            let mount = self.parse_mount(st, &m, line, &mut inputs)?;
             extra.push(mount);
         }
         extra.sort_by(|a, b| a.dest.cmp(&b.dest));
@@ -1079,9 +1132,7 @@ impl<'a> Converter<'a> {
                 "default" => pb::NetMode::Unset,
                 "none" => pb::NetMode::None,
                 "host" => pb::NetMode::Host,
-                other => {
-                    return Err(self.err(line, format!("unsupported network mode {other:?}")))
-                }
+                other => return Err(self.err(line, format!("unsupported network mode {other:?}"))),
             },
         };
         let exec = pb::ExecOp {
@@ -1130,7 +1181,6 @@ impl<'a> Converter<'a> {
         value: &str,
         line: usize,
         inputs: &mut Vec<Output>,
-        name: &str,
     ) -> Result<pb::Mount> {
         let mut typ = "bind".to_string();
         let mut target = None;
@@ -1169,10 +1219,22 @@ impl<'a> Converter<'a> {
                     }
                 }
                 "mode" => {
-                    mode = Some(parse_octal(&val).ok_or_else(|| bad(format!("invalid mode {val:?}")))?)
+                    mode = Some(
+                        parse_octal(&val).ok_or_else(|| bad(format!("invalid mode {val:?}")))?,
+                    )
                 }
-                "uid" => uid = Some(val.parse::<u32>().map_err(|_| bad(format!("invalid uid {val:?}")))?),
-                "gid" => gid = Some(val.parse::<u32>().map_err(|_| bad(format!("invalid gid {val:?}")))?),
+                "uid" => {
+                    uid = Some(
+                        val.parse::<u32>()
+                            .map_err(|_| bad(format!("invalid uid {val:?}")))?,
+                    )
+                }
+                "gid" => {
+                    gid = Some(
+                        val.parse::<u32>()
+                            .map_err(|_| bad(format!("invalid gid {val:?}")))?,
+                    )
+                }
                 "required" => required = flag(&v).map_err(bad)?,
                 "size" => {
                     size = parse_size(&val).ok_or_else(|| bad(format!("invalid size {val:?}")))?
@@ -1190,7 +1252,7 @@ impl<'a> Converter<'a> {
                 };
                 let (src, _) = match &from {
                     None => (Some(self.context()), SourceKind::Context),
-                    Some(f) => self.from_source(st, f, line, &format!("{name} (mount from)"))?,
+                    Some(f) => self.source_for_from(st, f, line)?,
                 };
                 let input = match src {
                     Some(o) => {
@@ -1218,7 +1280,9 @@ impl<'a> Converter<'a> {
                     return Err(bad("mount target is required".to_string()));
                 };
                 if from.is_some() || source.is_some() {
-                    return Err(bad("cache mounts with from/source are not supported".to_string()));
+                    return Err(bad(
+                        "cache mounts with from/source are not supported".to_string()
+                    ));
                 }
                 let dest = abs_target(&t);
                 Ok(pb::Mount {
@@ -1251,7 +1315,9 @@ impl<'a> Converter<'a> {
                 let id = match (id.filter(|i| !i.is_empty()), &target) {
                     (Some(i), _) => i,
                     (None, Some(t)) => t.rsplit('/').next().unwrap_or_default().to_string(),
-                    (None, None) => return Err(bad("secret mount requires an id or a target".to_string())),
+                    (None, None) => {
+                        return Err(bad("secret mount requires an id or a target".to_string()))
+                    }
                 };
                 if id.is_empty() {
                     return Err(bad("secret mount requires an id".to_string()));
@@ -1280,7 +1346,13 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn dispatch_copy(&mut self, st: &mut Stage, instr: &Instr, step: usize, c: &CopyArgs) -> Result<()> {
+    fn dispatch_copy(
+        &mut self,
+        st: &mut Stage,
+        instr: &Instr,
+        step: usize,
+        c: &CopyArgs,
+    ) -> Result<()> {
         let line = instr.line;
         let env = st.env();
         let kw = if c.add { "ADD" } else { "COPY" };
@@ -1293,14 +1365,21 @@ impl<'a> Converter<'a> {
             ));
         }
         let mut dest = join_path(&st.cwd, &dest_raw);
-        if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/.")) && !dest.ends_with('/') {
+        if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/."))
+            && !dest.ends_with('/')
+        {
             dest.push('/');
         }
         let mode = match &c.chmod {
             None => -1,
             Some(m) => {
                 let m = self.expand(&env, m, line)?;
-                parse_octal(&m).ok_or_else(|| self.err(line, format!("invalid chmod parameter: {m:?}; only octal modes are supported")))? as i32
+                parse_octal(&m).ok_or_else(|| {
+                    self.err(
+                        line,
+                        format!("invalid chmod parameter: {m:?}; only octal modes are supported"),
+                    )
+                })? as i32
             }
         };
         let chown = match &c.chown {
@@ -1314,7 +1393,7 @@ impl<'a> Converter<'a> {
             .collect::<Result<Vec<_>>>()?;
         // The shared source for non-heredoc paths.
         let shared: Option<(Option<Output>, SourceKind)> = match &c.from {
-            Some(f) => Some(self.from_source(st, f, line, &name)?),
+            Some(f) => Some(self.source_for_from(st, f, line)?),
             None => None,
         };
         let mut inputs: Vec<Output> = st.root.iter().cloned().collect();
@@ -1347,7 +1426,8 @@ impl<'a> Converter<'a> {
                 } else {
                     h.content.clone()
                 };
-                let out = self.mkfile_op(st, h, data, 0o644, format!("{name} (heredoc {})", h.name));
+                let out =
+                    self.mkfile_op(st, h, data, 0o644, format!("{name} (heredoc {})", h.name));
                 let idx = index_of(&mut inputs, Some(out));
                 sources.push((format!("/{}", h.name), idx, SourceKind::Heredoc));
                 shown.push(raw.clone());
@@ -1362,7 +1442,10 @@ impl<'a> Converter<'a> {
                 Some((o, k)) => (o.clone(), k.clone()),
                 None => {
                     if is_remote(&src) {
-                        return Err(self.err(line, format!("{kw} from a URL or git repository is not supported: {src}")));
+                        return Err(self.err(
+                            line,
+                            format!("{kw} from a URL or git repository is not supported: {src}"),
+                        ));
                     }
                     (Some(self.context()), SourceKind::Context)
                 }
@@ -1376,7 +1459,11 @@ impl<'a> Converter<'a> {
             .into_iter()
             .enumerate()
             .map(|(k, (src, idx, kind))| pb::FileAction {
-                input: if k == 0 { base_index } else { n_inputs + k as i64 - 1 },
+                input: if k == 0 {
+                    base_index
+                } else {
+                    n_inputs + k as i64 - 1
+                },
                 secondary_input: idx,
                 output: if k + 1 == count { 0 } else { -1 },
                 action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
@@ -1386,7 +1473,8 @@ impl<'a> Converter<'a> {
                     mode,
                     follow_symlink: true,
                     dir_copy_contents: true,
-                    attempt_unpack_docker_compatibility: c.add && matches!(kind, SourceKind::Context),
+                    attempt_unpack_docker_compatibility: c.add
+                        && matches!(kind, SourceKind::Context),
                     create_dest_path: true,
                     allow_wildcard: true,
                     allow_empty_wildcard: false,
@@ -1397,7 +1485,12 @@ impl<'a> Converter<'a> {
             })
             .collect();
         let md = self.metadata(name, Some(&instr.original));
-        let out = self.add_op(&inputs, pb::op::Op::File(pb::FileOp { actions }), &st.platform, md);
+        let out = self.add_op(
+            &inputs,
+            pb::op::Op::File(pb::FileOp { actions }),
+            &st.platform,
+            md,
+        );
         st.root = Some(out);
         let mut msg = kw.to_string();
         if let Some(f) = &c.from {
@@ -1436,7 +1529,10 @@ pub(crate) fn test_images(src: &str, opts: &BuildOpts) -> Result<ResolvedImages>
             ];
         }
         let canonical = normalize_reference(&r.reference).unwrap_or_default();
-        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(canonical.as_bytes())));
+        let digest = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
+        );
         out.insert(
             r,
             ResolvedImageMeta {

@@ -31,7 +31,10 @@ fn owner(o: &Option<pb::ChownOpt>) -> String {
 }
 
 fn action(a: &pb::FileAction) -> String {
-    let head = format!("{} <- {},{} -> {}", "", a.input, a.secondary_input, a.output);
+    let head = format!(
+        "{} <- {},{} -> {}",
+        "", a.input, a.secondary_input, a.output
+    );
     match &a.action {
         Some(pb::file_action::Action::Copy(c)) => {
             let mut flags = Vec::new();
@@ -51,7 +54,11 @@ fn action(a: &pb::FileAction) -> String {
                 "copy{head} src={:?} dest={:?} mode={} ts={} [{}]{}",
                 c.src,
                 c.dest,
-                if c.mode < 0 { "-1".to_string() } else { format!("{:o}", c.mode) },
+                if c.mode < 0 {
+                    "-1".to_string()
+                } else {
+                    format!("{:o}", c.mode)
+                },
                 c.timestamp,
                 flags.join(","),
                 owner(&c.owner)

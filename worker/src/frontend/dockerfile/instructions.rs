@@ -263,11 +263,7 @@ fn cmdline(rest: &str) -> CmdLine {
     }
 }
 
-fn name_vals(
-    kw: &str,
-    rest: &str,
-    escape: char,
-) -> Result<Vec<(String, String)>, String> {
+fn name_vals(kw: &str, rest: &str, escape: char) -> Result<Vec<(String, String)>, String> {
     let words = split_words_raw(rest, escape);
     let Some(first) = words.first() else {
         return Err(format!("{kw} requires at least one argument"));
@@ -287,7 +283,7 @@ fn name_vals(
     words
         .iter()
         .map(|w| match w.split_once('=') {
-            Some((k, _)) if k.is_empty() => Err(format!("{kw} names can not be blank")),
+            Some(("", _)) => Err(format!("{kw} names can not be blank")),
             Some((k, v)) => Ok((k.to_string(), v.to_string())),
             None => Err(format!(
                 "Syntax error - can't find = in {w:?}. Must be of the form: name=value"
@@ -797,7 +793,10 @@ mod tests {
         );
         assert_eq!(
             one("ARG A B=2"),
-            Ok(Instruction::Arg(vec![("A".into(), None), ("B".into(), Some("2".into()))]))
+            Ok(Instruction::Arg(vec![
+                ("A".into(), None),
+                ("B".into(), Some("2".into()))
+            ]))
         );
         let e = one("FROM a\n\nFRM b");
         assert_eq!(

@@ -140,12 +140,9 @@ pub fn split_words_raw(rest: &str, escape: char) -> Vec<String> {
             blank_ok = true;
         }
         if ch == escape {
-            match it.next() {
-                Some(n) => {
-                    word.push(ch);
-                    word.push(n);
-                }
-                None => {}
+            if let Some(n) = it.next() {
+                word.push(ch);
+                word.push(n);
             }
             continue;
         }

@@ -283,9 +283,15 @@ impl<'a> Word<'a> {
                     '-' => Ok(if value.is_empty() { word } else { value }),
                     '?' => {
                         if !set {
-                            Err(format!("{name}: {}", or(word, "is not allowed to be unset")))
+                            Err(format!(
+                                "{name}: {}",
+                                or(word, "is not allowed to be unset")
+                            ))
                         } else if value.is_empty() {
-                            Err(format!("{name}: {}", or(word, "is not allowed to be empty")))
+                            Err(format!(
+                                "{name}: {}",
+                                or(word, "is not allowed to be empty")
+                            ))
                         } else {
                             Ok(value)
                         }
@@ -301,7 +307,10 @@ impl<'a> Word<'a> {
                     ('-', Some(v)) => Ok(v),
                     ('-', None) => Ok(word),
                     (_, Some(v)) => Ok(v),
-                    (_, None) => Err(format!("{name}: {}", or(word, "is not allowed to be unset"))),
+                    (_, None) => Err(format!(
+                        "{name}: {}",
+                        or(word, "is not allowed to be unset")
+                    )),
                 }
             }
             m => Err(format!("unsupported modifier ({m}) in substitution")),
@@ -362,15 +371,27 @@ mod tests {
         assert_eq!(word("${U:-'q r'}").as_deref(), Ok("q r"));
         assert_eq!(word("${A:?x}").as_deref(), Ok("a"));
         assert_eq!(word("${U:?must be set}"), Err("U: must be set".to_string()));
-        assert_eq!(word("${E:?}"), Err("E: is not allowed to be empty".to_string()));
-        assert_eq!(word("${U?}"), Err("U: is not allowed to be unset".to_string()));
+        assert_eq!(
+            word("${E:?}"),
+            Err("E: is not allowed to be empty".to_string())
+        );
+        assert_eq!(
+            word("${U?}"),
+            Err("U: is not allowed to be unset".to_string())
+        );
     }
 
     #[test]
     fn syntax_errors() {
         assert_eq!(word("${A"), Err("syntax error: missing '}'".to_string()));
-        assert_eq!(word("${}"), Err("syntax error: bad substitution".to_string()));
-        assert_eq!(word("${:-x}"), Err("syntax error: bad substitution".to_string()));
+        assert_eq!(
+            word("${}"),
+            Err("syntax error: bad substitution".to_string())
+        );
+        assert_eq!(
+            word("${:-x}"),
+            Err("syntax error: bad substitution".to_string())
+        );
         assert_eq!(word("${A:-x"), Err("syntax error: missing '}'".to_string()));
         assert!(word("${A%x}").is_err_and(|e| e.contains("unsupported modifier")));
         assert!(word("'abc").is_err_and(|e| e.contains("single-quote")));
@@ -399,7 +420,10 @@ mod tests {
 
     #[test]
     fn splitting() {
-        assert_eq!(words("a  b\tc"), Ok(vec!["a".into(), "b".into(), "c".into()]));
+        assert_eq!(
+            words("a  b\tc"),
+            Ok(vec!["a".into(), "b".into(), "c".into()])
+        );
         assert_eq!(words("$SP z"), Ok(vec!["x".into(), "y".into(), "z".into()]));
         assert_eq!(words("\"$SP\" z"), Ok(vec!["x  y".into(), "z".into()]));
         assert_eq!(words("a\\ b c"), Ok(vec!["a b".into(), "c".into()]));
@@ -411,7 +435,8 @@ mod tests {
     fn heredoc_expansion_keeps_quotes() {
         let lex = Lexer::new('\\');
         assert_eq!(
-            lex.expand_heredoc("echo '$A' \"$P\" \\$A \\n\n", &env()).as_deref(),
+            lex.expand_heredoc("echo '$A' \"$P\" \\$A \\n\n", &env())
+                .as_deref(),
             Ok("echo 'a' \"/usr/bin\" $A \\n\n")
         );
     }

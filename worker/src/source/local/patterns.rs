@@ -141,8 +141,7 @@ fn compile(pattern: &str) -> Result<Vec<Token>, PatternError> {
                     } else {
                         c
                     };
-                    if chars.get(i) == Some(&'-') && chars.get(i + 1).is_some_and(|c| *c != ']')
-                    {
+                    if chars.get(i) == Some(&'-') && chars.get(i + 1).is_some_and(|c| *c != ']') {
                         let mut hi = chars[i + 1];
                         i += 2;
                         if hi == '\\' {
@@ -173,9 +172,9 @@ fn match_tokens(tokens: &[Token], s: &[char]) -> bool {
         Token::Lit(c) => s.first() == Some(c) && match_tokens(rest, &s[1..]),
         Token::Any => s.first().is_some_and(|c| *c != '/') && match_tokens(rest, &s[1..]),
         Token::Class(ranges, negated) => {
-            s.first().is_some_and(|c| {
-                ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated
-            }) && match_tokens(rest, &s[1..])
+            s.first()
+                .is_some_and(|c| ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated)
+                && match_tokens(rest, &s[1..])
         }
         Token::Star => {
             let mut n = 0;
@@ -498,7 +497,9 @@ mod tests {
             let mut segs = Vec::new();
             let n = 1 + (seed % 3) as usize;
             for _ in 0..n {
-                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let len = 1 + (seed >> 60) as usize % 4;
                 let seg: String = (0..len)
                     .map(|k| alphabet[((seed >> (k * 8)) % 5) as usize])

@@ -81,15 +81,22 @@ fn required_images_follow_target_and_args() -> anyhow::Result<()> {
     );
     o.build_args.insert("BASE".into(), "debian:12".into());
     o.target = Some("A".into());
-    assert_eq!(refs(&required_images(src, &o)?), vec!["debian:12 linux/amd64"]);
+    assert_eq!(
+        refs(&required_images(src, &o)?),
+        vec!["debian:12 linux/amd64"]
+    );
     o.target = Some("b".into());
-    assert_eq!(refs(&required_images(src, &o)?), vec!["unreachable:1 linux/amd64"]);
+    assert_eq!(
+        refs(&required_images(src, &o)?),
+        vec!["unreachable:1 linux/amd64"]
+    );
     Ok(())
 }
 
 #[test]
 fn required_images_platforms() -> anyhow::Result<()> {
-    let src = "FROM --platform=$BUILDPLATFORM golang AS build\nFROM alpine\nCOPY --from=build /b /b\n";
+    let src =
+        "FROM --platform=$BUILDPLATFORM golang AS build\nFROM alpine\nCOPY --from=build /b /b\n";
     let mut o = opts();
     o.platform = Platform::parse("linux/arm64/v8");
     assert_eq!(
@@ -112,7 +119,9 @@ fn required_images_platforms() -> anyhow::Result<()> {
 fn unknown_target_is_an_error() {
     let mut o = opts();
     o.target = Some("nope".into());
-    let e = required_images("FROM a AS x\n", &o).err().map(|e| e.to_string());
+    let e = required_images("FROM a AS x\n", &o)
+        .err()
+        .map(|e| e.to_string());
     assert_eq!(
         e.as_deref(),
         Some("Dockerfile: target stage \"nope\" could not be found")
@@ -159,7 +168,12 @@ fn arg_scoping() -> anyhow::Result<()> {
         .collect();
     assert!(history.contains(&"RUN |1 V=global /bin/sh -c echo2 $V # buildkit"));
     // ARG values are not in the image config.
-    assert!(!c.config.config.env.iter().any(|kv| kv.starts_with("TARGETARCH")));
+    assert!(!c
+        .config
+        .config
+        .env
+        .iter()
+        .any(|kv| kv.starts_with("TARGETARCH")));
     Ok(())
 }
 
@@ -181,7 +195,10 @@ fn onbuild_triggers_run_first_and_are_not_inherited() -> anyhow::Result<()> {
     let c = conv("FROM onbuild-base\nRUN echo after\n", &opts())?;
     let e = execs(&c)?;
     assert_eq!(e.len(), 2);
-    assert_eq!(e[0].meta.clone().unwrap_or_default().args[2], "echo triggered");
+    assert_eq!(
+        e[0].meta.clone().unwrap_or_default().args[2],
+        "echo triggered"
+    );
     assert!(e[1]
         .meta
         .clone()
@@ -198,7 +215,10 @@ fn onbuild_triggers_run_first_and_are_not_inherited() -> anyhow::Result<()> {
 
 #[test]
 fn onbuild_of_an_earlier_stage_runs_in_the_child() -> anyhow::Result<()> {
-    let c = conv("FROM a AS base\nONBUILD RUN echo child\nFROM base\n", &opts())?;
+    let c = conv(
+        "FROM a AS base\nONBUILD RUN echo child\nFROM base\n",
+        &opts(),
+    )?;
     let e = execs(&c)?;
     assert_eq!(e.len(), 1);
     assert_eq!(e[0].meta.clone().unwrap_or_default().args[2], "echo child");
@@ -321,7 +341,11 @@ fn run_heredoc_forms() -> anyhow::Result<()> {
     assert_eq!(args(0), vec!["/bin/sh", "-c", "echo $HOME\n"]);
     assert_eq!(
         args(1),
-        vec!["/bin/sh", "-c", "cat <<A >/x && cat <<-B\nhi\nA\nthere\nB\n"]
+        vec![
+            "/bin/sh",
+            "-c",
+            "cat <<A >/x && cat <<-B\nhi\nA\nthere\nB\n"
+        ]
     );
     assert_eq!(args(2), vec!["/dev/pipes/EOF"]);
     assert_eq!(e[2].mounts[1].dest, "/dev/pipes/EOF");
@@ -331,7 +355,8 @@ fn run_heredoc_forms() -> anyhow::Result<()> {
 
 #[test]
 fn copy_heredoc_expands_unless_quoted() -> anyhow::Result<()> {
-    let src = "FROM a\nENV NAME=kiln\nCOPY <<EOF <<\"RAW\" /etc/\nhello $NAME\nEOF\nhello $NAME\nRAW\n";
+    let src =
+        "FROM a\nENV NAME=kiln\nCOPY <<EOF <<\"RAW\" /etc/\nhello $NAME\nEOF\nhello $NAME\nRAW\n";
     let c = conv(src, &opts())?;
     let data: Vec<String> = ops(&c)?
         .iter()
@@ -355,14 +380,23 @@ fn mounts_sorted_and_typed() -> anyhow::Result<()> {
     let c = conv(src, &opts())?;
     let e = &execs(&c)?[0];
     let dests: Vec<&str> = e.mounts.iter().map(|m| m.dest.as_str()).collect();
-    assert_eq!(dests, vec!["/", "/in", "/run/secrets/tok", "/tmp", "/var/cache"]);
+    assert_eq!(
+        dests,
+        vec!["/", "/in", "/run/secrets/tok", "/tmp", "/var/cache"]
+    );
     assert_eq!(e.network, pb::NetMode::None as i32);
     assert_eq!(e.mounts[1].selector, "/out");
     assert!(e.mounts[1].readonly);
     assert_eq!(e.mounts[2].secret_opt.as_ref().map(|s| s.mode), Some(0o400));
-    assert_eq!(e.mounts[3].tmpfs_opt.as_ref().map(|t| t.size), Some(1 << 20));
     assert_eq!(
-        e.mounts[4].cache_opt.as_ref().map(|c| (c.id.as_str(), c.sharing)),
+        e.mounts[3].tmpfs_opt.as_ref().map(|t| t.size),
+        Some(1 << 20)
+    );
+    assert_eq!(
+        e.mounts[4]
+            .cache_opt
+            .as_ref()
+            .map(|c| (c.id.as_str(), c.sharing)),
         Some(("/var/cache", pb::CacheSharingOpt::Locked as i32))
     );
     Ok(())
@@ -523,7 +557,11 @@ fn mutated_dockerfiles_never_panic() -> anyhow::Result<()> {
         let base = &seeds[round % seeds.len()];
         let mut s: Vec<char> = base.chars().collect();
         for _ in 0..(1 + next() % 4) {
-            let pos = if s.is_empty() { 0 } else { (next() as usize) % s.len() };
+            let pos = if s.is_empty() {
+                0
+            } else {
+                (next() as usize) % s.len()
+            };
             match next() % 3 {
                 0 => {
                     let piece = pieces[(next() as usize) % pieces.len()];
@@ -541,7 +579,13 @@ fn mutated_dockerfiles_never_panic() -> anyhow::Result<()> {
             }
         }
         let text: String = s.into_iter().collect();
-        let o = golden_opts(&text.lines().filter(|l| l.starts_with("# kiln: target=") || !l.starts_with("# kiln:")).collect::<Vec<_>>().join("\n"));
+        let o = golden_opts(
+            &text
+                .lines()
+                .filter(|l| l.starts_with("# kiln: target=") || !l.starts_with("# kiln:"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
         if let Ok(images) = test_images(&text, &o) {
             if convert(&text, &o, &images).is_ok() {
                 converted += 1;
