@@ -13,3 +13,5 @@ ARG EMPTY
 RUN echo "$VERSION $TARGETPLATFORM $LOCAL"
 ENV VERSION=env-wins
 RUN echo $VERSION
+# kiln: build-arg:https_proxy=http://proxy:3128
+# kiln: build-arg:BUILDKIT_INLINE_CACHE=1

@@ -4,7 +4,7 @@ MAINTAINER Jane Doe <jane@example.com>
 LABEL version=1 description="a test image"
 USER 1000:1000
 EXPOSE 8080 9000-9002/udp
-VOLUME /data ["/logs"]
+VOLUME /data /logs
 VOLUME ["/cache", "/tmp/x"]
 SHELL ["/bin/ash", "-eo", "pipefail", "-c"]
 RUN echo with custom shell

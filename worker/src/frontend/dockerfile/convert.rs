@@ -447,7 +447,7 @@ impl<'a> Converter<'a> {
             .opts
             .build_args
             .keys()
-            .filter(|k| !self.used_args.contains(*k))
+            .filter(|k| !self.used_args.contains(*k) && !k.starts_with("BUILDKIT_"))
             .collect();
         if !unused.is_empty() {
             self.warnings.push(format!(
@@ -777,9 +777,18 @@ impl<'a> Converter<'a> {
                 let mut parts = Vec::new();
                 for (k, default) in args {
                     self.used_args.insert(k.clone());
+                    let default = default
+                        .as_ref()
+                        .map(|d| self.expand(&st.env(), d, line))
+                        .transpose()?;
+                    // History shows the declaration, not the value a build-arg gave it.
+                    parts.push(match &default {
+                        Some(d) => format!("{k}={d}"),
+                        None => k.clone(),
+                    });
                     let value = match (self.opts.build_args.get(k), default) {
                         (Some(v), _) => Some(v.clone()),
-                        (None, Some(d)) => Some(self.expand(&st.env(), d, line)?),
+                        (None, Some(d)) => Some(d),
                         (None, None) => self
                             .meta_args
                             .iter()
@@ -787,10 +796,6 @@ impl<'a> Converter<'a> {
                             .and_then(|(_, v)| v.clone())
                             .or_else(|| self.auto_args.get(k).cloned()),
                     };
-                    parts.push(match &value {
-                        Some(v) => format!("{k}={v}"),
-                        None => k.clone(),
-                    });
                     st.args.retain(|(n, _)| n != k);
                     st.args.push((k.clone(), value));
                 }
@@ -1002,6 +1007,31 @@ impl<'a> Converter<'a> {
         }
     }
 
+    /// Docker's predefined proxy ARGs, usable without a declaration; they go to
+    /// `proxy_env` so they stay out of the history and the cache key.
+    fn proxy_env(&mut self) -> Option<pb::ProxyEnv> {
+        let mut any = false;
+        let mut get = |upper: &str| -> String {
+            let lower = upper.to_ascii_lowercase();
+            for k in [upper, lower.as_str()] {
+                if let Some(v) = self.opts.build_args.get(k) {
+                    self.used_args.insert(k.to_string());
+                    any = true;
+                    return v.clone();
+                }
+            }
+            String::new()
+        };
+        let p = pb::ProxyEnv {
+            http_proxy: get("HTTP_PROXY"),
+            https_proxy: get("HTTPS_PROXY"),
+            ftp_proxy: get("FTP_PROXY"),
+            no_proxy: get("NO_PROXY"),
+            all_proxy: get("ALL_PROXY"),
+        };
+        any.then_some(p)
+    }
+
     fn cmd_args(&self, st: &Stage, c: &CmdLine) -> Vec<String> {
         match c {
             CmdLine::Exec(v) => v.clone(),
@@ -1141,6 +1171,7 @@ impl<'a> Converter<'a> {
                 env: st.run_env(),
                 cwd: st.cwd.clone(),
                 user: st.config.config.user.clone(),
+                proxy_env: self.proxy_env(),
                 ..Default::default()
             }),
             mounts,

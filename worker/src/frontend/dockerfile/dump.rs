@@ -184,6 +184,9 @@ pub fn render(def: &pb::Definition, config: &ImageConfigFile) -> String {
                     let _ = writeln!(out, "    args: {:?}", m.args);
                     let _ = writeln!(out, "    env: {:?}", m.env);
                     let _ = writeln!(out, "    cwd: {:?} user: {:?}", m.cwd, m.user);
+                    if let Some(p) = &m.proxy_env {
+                        let _ = writeln!(out, "    proxy: {p:?}");
+                    }
                 }
                 let net = pb::NetMode::try_from(e.network)
                     .map(|t| t.as_str_name().to_string())
