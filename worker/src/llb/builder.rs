@@ -1,6 +1,10 @@
 //! A small LLB builder: frontends add ops and get back an `Output` handle naming one of
 //! the op's outputs; `marshal` produces a `pb.Definition` with ops in dependency order,
 //! each encoded once, and a terminal op last, as BuildKit's Go client does.
+//!
+//! Encoding is deterministic like Go's: prost writes `map` fields in `HashMap` order,
+//! so source ops (the only ops with a map, `attrs`) are encoded here with their
+//! attributes sorted by key; otherwise the same op would get a different digest per run.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -33,7 +37,7 @@ impl Builder {
 
     /// Adds an op whose inputs are already in this builder; returns its digest.
     pub fn add(&mut self, op: &pb::Op, metadata: Option<pb::OpMetadata>) -> String {
-        let bytes = op.encode_to_vec();
+        let bytes = encode_op(op);
         let digest = digest_of(&bytes);
         if !self.seen.contains_key(&digest) {
             self.seen.insert(digest.clone(), self.ops.len());
@@ -43,6 +47,16 @@ impl Builder {
             self.metadata.insert(digest.clone(), md);
         }
         digest
+    }
+
+    /// Whether an op with this digest was added.
+    pub fn contains(&self, digest: &str) -> bool {
+        self.seen.contains_key(digest)
+    }
+
+    /// Adds metadata for an op only if it has none yet.
+    pub fn set_metadata_if_absent(&mut self, digest: &str, metadata: pb::OpMetadata) {
+        self.metadata.entry(digest.to_string()).or_insert(metadata);
     }
 
     /// The definition whose result is `result`.
@@ -61,5 +75,88 @@ impl Builder {
             metadata: self.metadata.clone().into_iter().collect(),
             source: None,
         }
+    }
+}
+
+fn put_bytes(field: u32, bytes: &[u8], buf: &mut Vec<u8>) {
+    prost::encoding::encode_key(field, prost::encoding::WireType::LengthDelimited, buf);
+    prost::encoding::encode_varint(bytes.len() as u64, buf);
+    buf.extend_from_slice(bytes);
+}
+
+/// Encodes an op deterministically: like prost, but a source op's `attrs` sorted by key
+/// (each entry with both key and value, as Go writes them).
+pub fn encode_op(op: &pb::Op) -> Vec<u8> {
+    let Some(pb::op::Op::Source(src)) = &op.op else {
+        return op.encode_to_vec();
+    };
+    if src.attrs.is_empty() {
+        return op.encode_to_vec();
+    }
+    let mut source = Vec::new();
+    if !src.identifier.is_empty() {
+        put_bytes(1, src.identifier.as_bytes(), &mut source);
+    }
+    let mut attrs: Vec<(&String, &String)> = src.attrs.iter().collect();
+    attrs.sort();
+    for (k, v) in attrs {
+        let mut entry = Vec::new();
+        put_bytes(1, k.as_bytes(), &mut entry);
+        put_bytes(2, v.as_bytes(), &mut entry);
+        put_bytes(2, &entry, &mut source);
+    }
+    // Fields 1 (inputs) come before the oneof (3), platform (10) and constraints (11) after.
+    let inputs_only = pb::Op {
+        inputs: op.inputs.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let without_op = pb::Op {
+        op: None,
+        ..op.clone()
+    }
+    .encode_to_vec();
+    let mut out = inputs_only.clone();
+    put_bytes(3, &source, &mut out);
+    out.extend_from_slice(&without_op[inputs_only.len()..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_attrs_encode_sorted_and_decode_back() -> anyhow::Result<()> {
+        let mut attrs = std::collections::HashMap::new();
+        for k in ["z", "a", "m", "b", "y"] {
+            attrs.insert(k.to_string(), format!("v{k}"));
+        }
+        let op = pb::Op {
+            inputs: vec![],
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: "local://context".to_string(),
+                attrs: attrs.clone(),
+            })),
+            platform: Some(pb::Platform {
+                os: "linux".to_string(),
+                ..Default::default()
+            }),
+            constraints: Some(pb::WorkerConstraints::default()),
+        };
+        let bytes = encode_op(&op);
+        assert_eq!(pb::Op::decode(bytes.as_slice())?, op);
+        // Same bytes whatever the HashMap order.
+        for _ in 0..8 {
+            let mut again = op.clone();
+            if let Some(pb::op::Op::Source(s)) = &mut again.op {
+                s.attrs = attrs.clone().into_iter().collect();
+            }
+            assert_eq!(encode_op(&again), bytes);
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        let (a, z) = (text.find("va"), text.find("vz"));
+        assert!(a.is_some() && z.is_some() && a < z);
+        Ok(())
     }
 }

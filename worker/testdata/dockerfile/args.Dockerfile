@@ -1,0 +1,17 @@
+# kiln: build-arg:VERSION=1.2.3
+# kiln: build-arg:NOT_DECLARED=x
+ARG REGISTRY=localhost:5000
+ARG VERSION=0.0.0
+ARG IMAGE=${REGISTRY}/base:${VERSION}
+FROM ${IMAGE} AS base
+ARG VERSION
+ARG TARGETPLATFORM
+ARG TARGETARCH
+ARG BUILDOS
+ARG LOCAL=from-${VERSION}
+ARG EMPTY
+RUN echo "$VERSION $TARGETPLATFORM $LOCAL"
+ENV VERSION=env-wins
+RUN echo $VERSION
+# kiln: build-arg:https_proxy=http://proxy:3128
+# kiln: build-arg:BUILDKIT_INLINE_CACHE=1

@@ -1,0 +1,4 @@
+FROM busybox
+RUN echo hello > /greeting
+RUN ["cat", "/greeting"]
+CMD ["sh"]

@@ -1,0 +1,3 @@
+# kiln: dockerignore=ok\n!\n
+FROM busybox
+COPY . /
