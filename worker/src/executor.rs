@@ -437,7 +437,9 @@ mod tests {
         let mut spec = sh("true");
         spec.user = "ghost".into();
         let (res, _, _) = run(&f, "kiln-t-ghost", &spec).await;
-        let e = res.map(|_| ()).unwrap_err();
+        let e = res
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
         assert!(e.to_string().contains("ghost"), "{e}");
 
         if find_in_path("crun").is_none() {
@@ -452,7 +454,9 @@ mod tests {
                     CancellationToken::new(),
                 )
                 .await;
-            let e = res.map(|_| ()).unwrap_err();
+            let e = res
+                .err()
+                .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
             assert!(e.to_string().contains("crun"), "{e}");
         }
         assert_eq!("crun".parse::<Runtime>()?, Runtime::Crun);
