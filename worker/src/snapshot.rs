@@ -150,8 +150,9 @@ impl ActiveMount {
                 }
                 Ok(())
             }
-            MountState::Copied(m) => {
+            MountState::Copied(mut m) => {
                 let res = m.commit(&self.target);
+                m.unbind(&self.target);
                 let cleared = materialize::clear_dir(&self.target);
                 res.and(cleared)
             }
@@ -171,7 +172,8 @@ impl Drop for ActiveMount {
                     let _ = std::fs::remove_dir(&dir);
                 }
             }
-            MountState::Copied(_) => {
+            MountState::Copied(mut m) => {
+                m.unbind(&self.target);
                 if let Err(error) = materialize::clear_dir(&self.target) {
                     tracing::warn!(%error, "clearing a copied view failed");
                 }
