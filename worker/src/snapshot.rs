@@ -424,6 +424,7 @@ mod tests {
         write(&base.join("l/f"), "same")?;
         write(&base.join("l/g"), "g")?;
         write(&base.join("l/h"), "h")?;
+        write(&base.join("l/untouched"), "u")?;
         let (upper, merged) = (base.join("upper"), base.join("m"));
         fs::create_dir_all(&upper)?;
         let m = Snapshotter::with_kind(Kind::Copy).mount(
@@ -435,10 +436,13 @@ mod tests {
         fs::set_permissions(merged.join("f"), fs::Permissions::from_mode(0o700))?;
         fs::remove_file(merged.join("g"))?;
         fs::write(merged.join("g"), "g")?;
+        // Same size, right away: only the change time tells.
+        fs::write(merged.join("h"), "H")?;
         m.commit()?;
+        assert_eq!(fs::read_to_string(upper.join("h"))?, "H");
+        assert!(!upper.join("untouched").exists());
         assert_eq!(fs::metadata(upper.join("f"))?.mode() & 0o777, 0o700);
         assert_eq!(fs::read_to_string(upper.join("g"))?, "g");
-        assert!(!upper.join("h").exists());
         Ok(())
     }
 
