@@ -425,6 +425,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dropped_run_deletes_the_container() -> anyhow::Result<()> {
+        let f = fixture()?;
+        let spec = ProcessSpec {
+            args: vec!["sleep".into(), "100".into()],
+            ..ProcessSpec::default()
+        };
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let run = f.exec.run(
+            "kiln-t-drop",
+            &f.rootfs,
+            &spec,
+            tx,
+            CancellationToken::new(),
+        );
+        let timed_out = tokio::time::timeout(Duration::from_millis(1500), run).await;
+        assert!(
+            timed_out.is_err(),
+            "sleep 100 finished early: {timed_out:?}"
+        );
+        assert!(!f.state.join("runc/kiln-t-drop").exists());
+        assert!(!f.state.join("bundles/kiln-t-drop").exists());
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn runtime_errors_are_not_exit_codes() -> anyhow::Result<()> {
         let f = fixture()?;
         let spec = ProcessSpec {
@@ -437,7 +462,9 @@ mod tests {
         let mut spec = sh("true");
         spec.user = "ghost".into();
         let (res, _, _) = run(&f, "kiln-t-ghost", &spec).await;
-        let e = res.map(|_| ()).unwrap_err();
+        let e = res
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
         assert!(e.to_string().contains("ghost"), "{e}");
 
         if find_in_path("crun").is_none() {
@@ -452,7 +479,9 @@ mod tests {
                     CancellationToken::new(),
                 )
                 .await;
-            let e = res.map(|_| ()).unwrap_err();
+            let e = res
+                .err()
+                .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
             assert!(e.to_string().contains("crun"), "{e}");
         }
         assert_eq!("crun".parse::<Runtime>()?, Runtime::Crun);

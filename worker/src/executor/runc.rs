@@ -166,6 +166,34 @@ fn remove_stub(p: &Path) {
     }
 }
 
+/// Deletes the container and its bundle if the run future is dropped midway (its
+/// runtime process is killed by `kill_on_drop`, the container would stay behind).
+struct DropGuard {
+    binary: PathBuf,
+    state: PathBuf,
+    id: String,
+    bundle: PathBuf,
+    armed: bool,
+}
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        tracing::warn!(id = %self.id, "run abandoned, deleting container");
+        let _ = std::process::Command::new(&self.binary)
+            .arg("--root")
+            .arg(&self.state)
+            .args(["delete", "--force", &self.id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.bundle);
+    }
+}
+
 /// Runs `spec` as container `id` on `rootfs` with `runtime`, state under `root`.
 pub async fn run(
     runtime: Runtime,
@@ -196,7 +224,15 @@ pub async fn run(
     }
     std::fs::create_dir_all(&bundle).map_err(io_err("mkdir", &bundle))?;
     let stubs = missing_mount_points(rootfs, spec);
+    let mut guard = DropGuard {
+        binary: runc.binary.clone(),
+        state: runc.state.clone(),
+        id: id.to_string(),
+        bundle: bundle.clone(),
+        armed: true,
+    };
     let res = run_in_bundle(&runc, &bundle, id, rootfs, spec, output, cancel).await;
+    guard.armed = false;
     runc.delete(id).await;
     for s in stubs.iter().rev() {
         remove_stub(s);

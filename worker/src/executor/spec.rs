@@ -462,9 +462,13 @@ mod tests {
                 additional_gids: vec![]
             }
         );
-        let e = resolve_user(r, "nobody").map(|_| ()).unwrap_err();
+        let e = resolve_user(r, "nobody")
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
         assert!(e.to_string().contains("nobody"), "{e}");
-        let e = resolve_user(r, "app:nogroup").map(|_| ()).unwrap_err();
+        let e = resolve_user(r, "app:nogroup")
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
         assert!(e.to_string().contains("nogroup"), "{e}");
         let empty = tempfile::tempdir()?;
         assert_eq!(resolve_user(empty.path(), "5:6")?.gid, 6);

@@ -23,8 +23,9 @@ pub struct MetaOpts {
     pub owner: Option<(u32, u32)>,
     /// Permission bits (the low 12 bits) to set instead of the source's.
     pub mode: Option<u32>,
-    /// Modification time (seconds since the epoch) to set instead of the source's.
-    pub mtime: Option<i64>,
+    /// Modification time (seconds, nanoseconds since the epoch) to set instead of the
+    /// source's.
+    pub mtime: Option<(i64, i64)>,
     /// Copy extended attributes (except overlay's own).
     pub xattrs: bool,
 }
@@ -128,7 +129,7 @@ pub fn apply_dir_meta(src: &Path, meta: &Metadata, dst: &Path, opts: &MetaOpts) 
 pub fn apply_meta(src: &Path, meta: &Metadata, dst: &Path, opts: &MetaOpts) -> Result<()> {
     set_owner_mode_xattrs(src, meta, dst, opts)?;
     let (sec, nsec) = match opts.mtime {
-        Some(t) => (t, 0),
+        Some(t) => t,
         None => (meta.mtime(), meta.mtime_nsec()),
     };
     set_mtime(dst, sec, nsec)

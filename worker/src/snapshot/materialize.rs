@@ -57,6 +57,8 @@ impl Record {
 #[derive(Debug)]
 pub(super) struct Materialized {
     upper: Option<PathBuf>,
+    /// A read-only view is bind-mounted read-only onto itself (when permitted).
+    ro_bind: bool,
     records: HashMap<PathBuf, Record>,
     children: HashMap<PathBuf, BTreeSet<OsString>>,
 }
@@ -68,6 +70,16 @@ pub(super) fn mount(
     target: &Path,
 ) -> Result<ActiveMount> {
     fs::create_dir_all(target).map_err(io_err("mkdir", target))?;
+    if fs::read_dir(target)
+        .map_err(io_err("readdir", target))?
+        .next()
+        .is_some()
+    {
+        return Err(super::Error::Mount {
+            target: target.to_path_buf(),
+            message: "target directory is not empty".into(),
+        });
+    }
     let mut dir_times = Vec::new();
     for layer in layers {
         apply_layer(layer, target, Path::new(""), &mut dir_times).inspect_err(|_| {
@@ -79,16 +91,56 @@ pub(super) fn mount(
     }
     let mut m = Materialized {
         upper: upper.map(Path::to_path_buf),
+        ro_bind: false,
         records: HashMap::new(),
         children: HashMap::new(),
     };
     if upper.is_some() {
         m.record(target, Path::new(""))?;
+        // Change times may come from a coarse clock (a tick is at most 10 ms): wait a
+        // little so that any change made from now on gets a later ctime than recorded.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    } else {
+        m.ro_bind = bind_readonly(target);
     }
     Ok(ActiveMount {
         target: target.to_path_buf(),
         state: MountState::Copied(Box::new(m)),
     })
+}
+
+/// Bind-mounts `target` read-only onto itself; false when mounting is not permitted.
+fn bind_readonly(target: &Path) -> bool {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    let none: Option<&str> = None;
+    if mount(
+        Some(target),
+        target,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    if mount(none, target, none, ro, none).is_err() {
+        let _ = umount2(target, MntFlags::MNT_DETACH);
+        return false;
+    }
+    true
+}
+
+impl Materialized {
+    /// Undoes the read-only bind mount, if any.
+    pub(super) fn unbind(&mut self, target: &Path) {
+        if std::mem::take(&mut self.ro_bind) {
+            if let Err(error) = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+                tracing::warn!(%error, target = %target.display(), "unmounting a read-only view failed");
+            }
+        }
+    }
 }
 
 /// Removes everything inside `dir`, keeping `dir`.

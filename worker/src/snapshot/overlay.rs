@@ -1,7 +1,8 @@
 //! Kernel overlayfs mounts. Layer directories are passed to the kernel as
 //! `/proc/self/fd/N` paths of descriptors held open during the `mount(2)` call, so the
 //! option string stays short (about 20 bytes a layer) whatever the real paths are, and
-//! commas or colons in those paths need no escaping.
+//! commas or colons in those paths need no escaping. Writable mounts disable the
+//! overlay features that would make an upper dir depend on its lowers.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -104,7 +105,12 @@ pub(super) fn mount_rw(
     let (wf, wp) = open_dir(work)?;
     held.push(uf);
     held.push(wf);
-    let options = format!("lowerdir={lower},upperdir={up},workdir={wp}");
+    // Keep upper dirs self-contained layer diffs whatever the kernel's defaults: no
+    // redirect xattrs for renamed directories (renames fall back to copying, EXDEV),
+    // no metadata-only copy-ups, no inode index tying the upper to these lowers.
+    let options = format!(
+        "lowerdir={lower},upperdir={up},workdir={wp},index=off,redirect_dir=off,metacopy=off"
+    );
     let res = do_mount(target, &options, MsFlags::empty());
     drop(held);
     if let Err(e) = res {
