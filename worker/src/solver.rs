@@ -335,27 +335,36 @@ impl<O: Op> Build<O> {
 
     async fn compute_key(self: Arc<Self>, i: usize) -> Result<String> {
         let v = &self.graph.vertices[i];
-        let input_keys = futures::future::try_join_all(v.inputs.iter().map(|e| {
-            let k = self.key(e.vertex);
-            async move { k.await.map(|k| format!("{k}:{}", e.output)) }
-        }))
-        .await
-        .map_err(unshare)?;
+        // Inputs whose contents the op hashes itself count by content, not by key: an
+        // unrelated change elsewhere in them must not change this vertex's key.
         let wanted = v.op.content_inputs();
-        let inputs = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
+        let keys = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
+            let k = (!wanted.contains(&n)).then(|| self.key(e.vertex));
+            async move {
+                match k {
+                    Some(k) => k.await.map(|k| format!("{k}:{}", e.output)),
+                    None => Ok(format!("content:{n}")),
+                }
+            }
+        }));
+        // Resolved concurrently with the other inputs' keys, so independent branches run in
+        // parallel.
+        let contents = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
             let f = wanted.contains(&n).then(|| self.outputs(e.vertex));
             let idx = e.output;
             async move {
                 match f {
                     None => Ok(None),
                     Some(f) => {
-                        let outs = f.await.map_err(unshare)?;
+                        let outs = f.await?;
                         Ok(outs.get(idx).cloned())
                     }
                 }
             }
-        }))
-        .await?;
+        }));
+        let (input_keys, inputs) = futures::future::try_join(keys, contents)
+            .await
+            .map_err(unshare)?;
         let ctx = self.ctx(i);
         let own =
             v.op.cache_key(&ctx, &inputs)
