@@ -140,7 +140,7 @@ impl Engine {
         std::fs::create_dir_all(&mounts).map_err(io_err("create", &mounts))?;
         let snapshotter = match config.snapshotter {
             Some(kind) => Snapshotter::with_kind(kind),
-            None => Snapshotter::detect(&mounts),
+            None => detect_snapshotter(root, &mounts),
         };
         let executor = Executor::new(config.runtime, root.join("executor"))?;
         let images = ImageResolver::new(config.registry.clone(), content.clone());
@@ -527,6 +527,27 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// The snapshotter kind for this root: probed once (a test overlay mount costs tens of
+/// milliseconds), then remembered in `root/snapshotter`.
+fn detect_snapshotter(root: &Path, scratch: &Path) -> Snapshotter {
+    let file = root.join("snapshotter");
+    match std::fs::read_to_string(&file).as_deref().map(str::trim) {
+        Ok("overlayfs") => return Snapshotter::with_kind(snapshot::Kind::Overlay),
+        Ok("native") => return Snapshotter::with_kind(snapshot::Kind::Copy),
+        _ => {}
+    }
+    let s = Snapshotter::detect(scratch);
+    let name = match s.kind() {
+        snapshot::Kind::Overlay => "overlayfs",
+        snapshot::Kind::Copy => "native",
+    };
+    tracing::info!(snapshotter = name, "detected snapshotter");
+    if let Err(e) = std::fs::write(&file, name) {
+        tracing::warn!(error = %e, "cannot remember the snapshotter kind");
+    }
+    s
 }
 
 /// Kills and deletes containers a previous process left in the runtime's state dir.

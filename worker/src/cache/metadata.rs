@@ -102,7 +102,17 @@ impl Metadata {
             db,
             path: path.to_path_buf(),
         };
-        // Create the tables so readers never see them missing.
+        // Create the tables so readers never see them missing (once: a write transaction
+        // costs an fsync on every open otherwise).
+        let exists = md
+            .db
+            .begin_read()
+            .ok()
+            .map(|r| r.open_table(META).is_ok() && r.open_table(BLOBS).is_ok())
+            .unwrap_or(false);
+        if exists {
+            return Ok(md);
+        }
         md.write(|txn| {
             txn.open_table(LAYERS)?;
             txn.open_table(RESULTS)?;
