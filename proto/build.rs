@@ -23,6 +23,7 @@ const FILES: &[&str] = &[
     "moby/sshforward/v1/ssh.proto",
     "moby/upload/v1/upload.proto",
     "moby/exporter/v1/exporter.proto",
+    "containerd/services/content/v1/content.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -13,6 +13,8 @@
 //!   (FileSync, FileSend, Auth), [`moby::buildkit::secrets::v1`],
 //!   [`moby::sshforward::v1`], [`moby::upload::v1`], [`moby::exporter::v1`],
 //!   [`fsutil::types`] (the file-sync packet protocol) and [`grpc::health::v1`].
+//! * [`containerd::services::content::v1`]: the content store (daemon: history blobs;
+//!   session: export and cache stores).
 //! * [`google::rpc`]: `google.rpc.Status`; `google.protobuf` types are [`prost_types`].
 //!
 //! Each service has a tonic client (`<service>_client`) and server (`<service>_server`)
@@ -112,6 +114,22 @@ pub mod moby {
         #[allow(missing_docs, clippy::all)]
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/moby.exporter.v1.rs"));
+        }
+    }
+}
+
+/// Packages under `containerd.*`.
+pub mod containerd {
+    /// Packages under `containerd.services.*`.
+    pub mod services {
+        /// Packages under `containerd.services.content.*`.
+        pub mod content {
+            /// `containerd.services.content.v1`: the content store (history blobs on the
+            /// daemon; export and cache stores on a session).
+            #[allow(missing_docs, clippy::all)]
+            pub mod v1 {
+                include!(concat!(env!("OUT_DIR"), "/containerd.services.content.v1.rs"));
+            }
         }
     }
 }
