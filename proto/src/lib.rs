@@ -55,7 +55,10 @@ pub mod moby {
             /// `moby.buildkit.v1.sourcepolicy`: source policies.
             #[allow(missing_docs, clippy::all)]
             pub mod sourcepolicy {
-                include!(concat!(env!("OUT_DIR"), "/moby.buildkit.v1.sourcepolicy.rs"));
+                include!(concat!(
+                    env!("OUT_DIR"),
+                    "/moby.buildkit.v1.sourcepolicy.rs"
+                ));
             }
 
             /// `moby.buildkit.v1.apicaps`: capability records of `LLBBridge.Ping`.
@@ -128,7 +131,10 @@ pub mod containerd {
             /// daemon; export and cache stores on a session).
             #[allow(missing_docs, clippy::all)]
             pub mod v1 {
-                include!(concat!(env!("OUT_DIR"), "/containerd.services.content.v1.rs"));
+                include!(concat!(
+                    env!("OUT_DIR"),
+                    "/containerd.services.content.v1.rs"
+                ));
             }
         }
     }

@@ -71,7 +71,10 @@ fn solve_request_with_ref_definition_and_exporter_encodes_to_buildkit_numbers() 
         ld(2, &ld(1, &op_bytes)),
         ld(3, b"image"),
         ld(5, b"s1"),
-        ld(13, &[ld(1, b"image"), map_entry(2, b"name", b"x/y")].concat()),
+        ld(
+            13,
+            &[ld(1, b"image"), map_entry(2, b"name", b"x/y")].concat(),
+        ),
     ]
     .concat();
     let got = req.encode_to_vec();
@@ -80,7 +83,10 @@ fn solve_request_with_ref_definition_and_exporter_encodes_to_buildkit_numbers() 
     // Exporters = (13<<3)|2.
     ensure!(got[0] == 0x0a && got[4] == 0x12);
     // The exporter is 20 bytes: Type (2 + 5) and one Attrs entry (2 + 6 + 5).
-    ensure!(contains(&got, &[0x6a, 0x14, 0x0a, 0x05]), "no Exporters key 0x6a");
+    ensure!(
+        contains(&got, &[0x6a, 0x14, 0x0a, 0x05]),
+        "no Exporters key 0x6a"
+    );
     ensure!(control::SolveRequest::decode(got.as_slice())? == req);
     Ok(())
 }
@@ -135,8 +141,14 @@ fn status_response_vertex_timestamps_encode_as_nested_messages() -> anyhow::Resu
     ensure!(got == expected, "got {got:02x?}\nwant {expected:02x?}");
     // started (5) is key 0x2a, length 8, seconds (key 0x08, 5-byte varint) and nanos
     // (key 0x10, 5); completed (6) is key 0x32 without nanos, then the logs (3, key 0x1a).
-    ensure!(contains(&got, &[0x2a, 0x08, 0x08, 0x80, 0xe2, 0xcf, 0xaa, 0x06, 0x10, 0x05]));
-    ensure!(contains(&got, &[0x32, 0x06, 0x08, 0x81, 0xe2, 0xcf, 0xaa, 0x06, 0x1a]));
+    ensure!(contains(
+        &got,
+        &[0x2a, 0x08, 0x08, 0x80, 0xe2, 0xcf, 0xaa, 0x06, 0x10, 0x05]
+    ));
+    ensure!(contains(
+        &got,
+        &[0x32, 0x06, 0x08, 0x81, 0xe2, 0xcf, 0xaa, 0x06, 0x1a]
+    ));
     Ok(())
 }
 
@@ -345,7 +357,9 @@ fn check(
     name: &str,
     want: &[(&str, i32, &str)],
 ) -> anyhow::Result<()> {
-    let msg = all.get(name).with_context(|| format!("message {name} missing"))?;
+    let msg = all
+        .get(name)
+        .with_context(|| format!("message {name} missing"))?;
     let got: BTreeMap<i32, (String, String)> = msg
         .field
         .iter()
@@ -366,165 +380,245 @@ const MSS: &str = "map<string,string>";
 fn control_messages_have_the_documented_field_numbers() -> anyhow::Result<()> {
     let all = messages()?;
     let c = |m: &str| format!(".moby.buildkit.v1.{m}");
-    check(&all, &c("SolveRequest"), &[
-        ("Ref", 1, "string"),
-        ("Definition", 2, ".pb.Definition"),
-        ("ExporterDeprecated", 3, "string"),
-        ("ExporterAttrsDeprecated", 4, MSS),
-        ("Session", 5, "string"),
-        ("Frontend", 6, "string"),
-        ("FrontendAttrs", 7, MSS),
-        ("Cache", 8, ".moby.buildkit.v1.CacheOptions"),
-        ("Entitlements", 9, "[]string"),
-        ("FrontendInputs", 10, "map<string,.pb.Definition>"),
-        ("Internal", 11, "bool"),
-        ("SourcePolicy", 12, ".moby.buildkit.v1.sourcepolicy.Policy"),
-        ("Exporters", 13, "[].moby.buildkit.v1.Exporter"),
-        ("EnableSessionExporter", 14, "bool"),
-        ("SourcePolicySession", 15, "string"),
-        ("CompatibilityVersion", 16, "int64"),
-        ("ProxyNetwork", 17, "bool"),
-    ])?;
-    check(&all, &c("Exporter"), &[("Type", 1, "string"), ("Attrs", 2, MSS)])?;
-    check(&all, &c("CacheOptions"), &[
-        ("ExportRefDeprecated", 1, "string"),
-        ("ImportRefsDeprecated", 2, "[]string"),
-        ("ExportAttrsDeprecated", 3, MSS),
-        ("Exports", 4, "[].moby.buildkit.v1.CacheOptionsEntry"),
-        ("Imports", 5, "[].moby.buildkit.v1.CacheOptionsEntry"),
-    ])?;
-    check(&all, &c("CacheOptionsEntry"), &[("Type", 1, "string"), ("Attrs", 2, MSS)])?;
+    check(
+        &all,
+        &c("SolveRequest"),
+        &[
+            ("Ref", 1, "string"),
+            ("Definition", 2, ".pb.Definition"),
+            ("ExporterDeprecated", 3, "string"),
+            ("ExporterAttrsDeprecated", 4, MSS),
+            ("Session", 5, "string"),
+            ("Frontend", 6, "string"),
+            ("FrontendAttrs", 7, MSS),
+            ("Cache", 8, ".moby.buildkit.v1.CacheOptions"),
+            ("Entitlements", 9, "[]string"),
+            ("FrontendInputs", 10, "map<string,.pb.Definition>"),
+            ("Internal", 11, "bool"),
+            ("SourcePolicy", 12, ".moby.buildkit.v1.sourcepolicy.Policy"),
+            ("Exporters", 13, "[].moby.buildkit.v1.Exporter"),
+            ("EnableSessionExporter", 14, "bool"),
+            ("SourcePolicySession", 15, "string"),
+            ("CompatibilityVersion", 16, "int64"),
+            ("ProxyNetwork", 17, "bool"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("Exporter"),
+        &[("Type", 1, "string"), ("Attrs", 2, MSS)],
+    )?;
+    check(
+        &all,
+        &c("CacheOptions"),
+        &[
+            ("ExportRefDeprecated", 1, "string"),
+            ("ImportRefsDeprecated", 2, "[]string"),
+            ("ExportAttrsDeprecated", 3, MSS),
+            ("Exports", 4, "[].moby.buildkit.v1.CacheOptionsEntry"),
+            ("Imports", 5, "[].moby.buildkit.v1.CacheOptionsEntry"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("CacheOptionsEntry"),
+        &[("Type", 1, "string"), ("Attrs", 2, MSS)],
+    )?;
     check(&all, &c("SolveResponse"), &[("ExporterResponse", 1, MSS)])?;
     check(&all, &c("StatusRequest"), &[("Ref", 1, "string")])?;
-    check(&all, &c("StatusResponse"), &[
-        ("vertexes", 1, "[].moby.buildkit.v1.Vertex"),
-        ("statuses", 2, "[].moby.buildkit.v1.VertexStatus"),
-        ("logs", 3, "[].moby.buildkit.v1.VertexLog"),
-        ("warnings", 4, "[].moby.buildkit.v1.VertexWarning"),
-    ])?;
-    check(&all, &c("Vertex"), &[
-        ("digest", 1, "string"),
-        ("inputs", 2, "[]string"),
-        ("name", 3, "string"),
-        ("cached", 4, "bool"),
-        ("started", 5, TS),
-        ("completed", 6, TS),
-        ("error", 7, "string"),
-        ("progressGroup", 8, ".pb.ProgressGroup"),
-    ])?;
-    check(&all, &c("VertexStatus"), &[
-        ("ID", 1, "string"),
-        ("vertex", 2, "string"),
-        ("name", 3, "string"),
-        ("current", 4, "int64"),
-        ("total", 5, "int64"),
-        ("timestamp", 6, TS),
-        ("started", 7, TS),
-        ("completed", 8, TS),
-    ])?;
-    check(&all, &c("VertexLog"), &[
-        ("vertex", 1, "string"),
-        ("timestamp", 2, TS),
-        ("stream", 3, "int64"),
-        ("msg", 4, "bytes"),
-    ])?;
-    check(&all, &c("VertexWarning"), &[
-        ("vertex", 1, "string"),
-        ("level", 2, "int64"),
-        ("short", 3, "bytes"),
-        ("detail", 4, "[]bytes"),
-        ("url", 5, "string"),
-        ("info", 6, ".pb.SourceInfo"),
-        ("ranges", 7, "[].pb.Range"),
-    ])?;
+    check(
+        &all,
+        &c("StatusResponse"),
+        &[
+            ("vertexes", 1, "[].moby.buildkit.v1.Vertex"),
+            ("statuses", 2, "[].moby.buildkit.v1.VertexStatus"),
+            ("logs", 3, "[].moby.buildkit.v1.VertexLog"),
+            ("warnings", 4, "[].moby.buildkit.v1.VertexWarning"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("Vertex"),
+        &[
+            ("digest", 1, "string"),
+            ("inputs", 2, "[]string"),
+            ("name", 3, "string"),
+            ("cached", 4, "bool"),
+            ("started", 5, TS),
+            ("completed", 6, TS),
+            ("error", 7, "string"),
+            ("progressGroup", 8, ".pb.ProgressGroup"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("VertexStatus"),
+        &[
+            ("ID", 1, "string"),
+            ("vertex", 2, "string"),
+            ("name", 3, "string"),
+            ("current", 4, "int64"),
+            ("total", 5, "int64"),
+            ("timestamp", 6, TS),
+            ("started", 7, TS),
+            ("completed", 8, TS),
+        ],
+    )?;
+    check(
+        &all,
+        &c("VertexLog"),
+        &[
+            ("vertex", 1, "string"),
+            ("timestamp", 2, TS),
+            ("stream", 3, "int64"),
+            ("msg", 4, "bytes"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("VertexWarning"),
+        &[
+            ("vertex", 1, "string"),
+            ("level", 2, "int64"),
+            ("short", 3, "bytes"),
+            ("detail", 4, "[]bytes"),
+            ("url", 5, "string"),
+            ("info", 6, ".pb.SourceInfo"),
+            ("ranges", 7, "[].pb.Range"),
+        ],
+    )?;
     check(&all, &c("BytesMessage"), &[("data", 1, "bytes")])?;
-    check(&all, &c("DiskUsageRequest"), &[("filter", 1, "[]string"), ("ageLimit", 2, "int64")])?;
-    check(&all, &c("DiskUsageResponse"), &[("record", 1, "[].moby.buildkit.v1.UsageRecord")])?;
-    check(&all, &c("UsageRecord"), &[
-        ("ID", 1, "string"),
-        ("Mutable", 2, "bool"),
-        ("InUse", 3, "bool"),
-        ("Size", 4, "int64"),
-        ("Parent", 5, "string"),
-        ("CreatedAt", 6, TS),
-        ("LastUsedAt", 7, TS),
-        ("UsageCount", 8, "int64"),
-        ("Description", 9, "string"),
-        ("RecordType", 10, "string"),
-        ("Shared", 11, "bool"),
-        ("Parents", 12, "[]string"),
-    ])?;
-    check(&all, &c("PruneRequest"), &[
-        ("filter", 1, "[]string"),
-        ("all", 2, "bool"),
-        ("keepDuration", 3, "int64"),
-        ("reservedSpace", 4, "int64"),
-        ("maxUsedSpace", 5, "int64"),
-        ("minFreeSpace", 6, "int64"),
-    ])?;
+    check(
+        &all,
+        &c("DiskUsageRequest"),
+        &[("filter", 1, "[]string"), ("ageLimit", 2, "int64")],
+    )?;
+    check(
+        &all,
+        &c("DiskUsageResponse"),
+        &[("record", 1, "[].moby.buildkit.v1.UsageRecord")],
+    )?;
+    check(
+        &all,
+        &c("UsageRecord"),
+        &[
+            ("ID", 1, "string"),
+            ("Mutable", 2, "bool"),
+            ("InUse", 3, "bool"),
+            ("Size", 4, "int64"),
+            ("Parent", 5, "string"),
+            ("CreatedAt", 6, TS),
+            ("LastUsedAt", 7, TS),
+            ("UsageCount", 8, "int64"),
+            ("Description", 9, "string"),
+            ("RecordType", 10, "string"),
+            ("Shared", 11, "bool"),
+            ("Parents", 12, "[]string"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("PruneRequest"),
+        &[
+            ("filter", 1, "[]string"),
+            ("all", 2, "bool"),
+            ("keepDuration", 3, "int64"),
+            ("reservedSpace", 4, "int64"),
+            ("maxUsedSpace", 5, "int64"),
+            ("minFreeSpace", 6, "int64"),
+        ],
+    )?;
     check(&all, &c("ListWorkersRequest"), &[("filter", 1, "[]string")])?;
-    check(&all, &c("ListWorkersResponse"), &[(
-        "record",
-        1,
-        "[].moby.buildkit.v1.types.WorkerRecord",
-    )])?;
+    check(
+        &all,
+        &c("ListWorkersResponse"),
+        &[("record", 1, "[].moby.buildkit.v1.types.WorkerRecord")],
+    )?;
     check(&all, &c("InfoRequest"), &[])?;
-    check(&all, &c("InfoResponse"), &[(
-        "buildkitVersion",
-        1,
-        ".moby.buildkit.v1.types.BuildkitVersion",
-    )])?;
-    check(&all, &c("BuildHistoryRequest"), &[
-        ("ActiveOnly", 1, "bool"),
-        ("Ref", 2, "string"),
-        ("EarlyExit", 3, "bool"),
-        ("Filter", 4, "[]string"),
-        ("Limit", 5, "int32"),
-    ])?;
-    check(&all, &c("BuildHistoryEvent"), &[
-        ("type", 1, ".moby.buildkit.v1.BuildHistoryEventType"),
-        ("record", 2, ".moby.buildkit.v1.BuildHistoryRecord"),
-    ])?;
+    check(
+        &all,
+        &c("InfoResponse"),
+        &[(
+            "buildkitVersion",
+            1,
+            ".moby.buildkit.v1.types.BuildkitVersion",
+        )],
+    )?;
+    check(
+        &all,
+        &c("BuildHistoryRequest"),
+        &[
+            ("ActiveOnly", 1, "bool"),
+            ("Ref", 2, "string"),
+            ("EarlyExit", 3, "bool"),
+            ("Filter", 4, "[]string"),
+            ("Limit", 5, "int32"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("BuildHistoryEvent"),
+        &[
+            ("type", 1, ".moby.buildkit.v1.BuildHistoryEventType"),
+            ("record", 2, ".moby.buildkit.v1.BuildHistoryRecord"),
+        ],
+    )?;
     let desc = ".moby.buildkit.v1.Descriptor";
     let bri = ".moby.buildkit.v1.BuildResultInfo";
-    check(&all, &c("BuildHistoryRecord"), &[
-        ("Ref", 1, "string"),
-        ("Frontend", 2, "string"),
-        ("FrontendAttrs", 3, MSS),
-        ("Exporters", 4, "[].moby.buildkit.v1.Exporter"),
-        ("error", 5, ".google.rpc.Status"),
-        ("CreatedAt", 6, TS),
-        ("CompletedAt", 7, TS),
-        ("logs", 8, desc),
-        ("ExporterResponse", 9, MSS),
-        ("Result", 10, bri),
-        ("Results", 11, &format!("map<string,{bri}>")),
-        ("Generation", 12, "int32"),
-        ("trace", 13, desc),
-        ("pinned", 14, "bool"),
-        ("numCachedSteps", 15, "int32"),
-        ("numTotalSteps", 16, "int32"),
-        ("numCompletedSteps", 17, "int32"),
-        ("externalError", 18, desc),
-        ("numWarnings", 19, "int32"),
-    ])?;
-    check(&all, &c("Descriptor"), &[
-        ("media_type", 1, "string"),
-        ("digest", 2, "string"),
-        ("size", 3, "int64"),
-        ("annotations", 5, MSS),
-    ])?;
-    check(&all, &c("BuildResultInfo"), &[
-        ("ResultDeprecated", 1, desc),
-        ("Attestations", 2, &format!("[]{desc}")),
-        ("Results", 3, &format!("map<int64,{desc}>")),
-    ])?;
-    check(&all, &c("UpdateBuildHistoryRequest"), &[
-        ("Ref", 1, "string"),
-        ("Pinned", 2, "bool"),
-        ("Delete", 3, "bool"),
-        ("Finalize", 4, "bool"),
-    ])?;
+    check(
+        &all,
+        &c("BuildHistoryRecord"),
+        &[
+            ("Ref", 1, "string"),
+            ("Frontend", 2, "string"),
+            ("FrontendAttrs", 3, MSS),
+            ("Exporters", 4, "[].moby.buildkit.v1.Exporter"),
+            ("error", 5, ".google.rpc.Status"),
+            ("CreatedAt", 6, TS),
+            ("CompletedAt", 7, TS),
+            ("logs", 8, desc),
+            ("ExporterResponse", 9, MSS),
+            ("Result", 10, bri),
+            ("Results", 11, &format!("map<string,{bri}>")),
+            ("Generation", 12, "int32"),
+            ("trace", 13, desc),
+            ("pinned", 14, "bool"),
+            ("numCachedSteps", 15, "int32"),
+            ("numTotalSteps", 16, "int32"),
+            ("numCompletedSteps", 17, "int32"),
+            ("externalError", 18, desc),
+            ("numWarnings", 19, "int32"),
+        ],
+    )?;
+    check(
+        &all,
+        &c("Descriptor"),
+        &[
+            ("media_type", 1, "string"),
+            ("digest", 2, "string"),
+            ("size", 3, "int64"),
+            ("annotations", 5, MSS),
+        ],
+    )?;
+    check(
+        &all,
+        &c("BuildResultInfo"),
+        &[
+            ("ResultDeprecated", 1, desc),
+            ("Attestations", 2, &format!("[]{desc}")),
+            ("Results", 3, &format!("map<int64,{desc}>")),
+        ],
+    )?;
+    check(
+        &all,
+        &c("UpdateBuildHistoryRequest"),
+        &[
+            ("Ref", 1, "string"),
+            ("Pinned", 2, "bool"),
+            ("Delete", 3, "bool"),
+            ("Finalize", 4, "bool"),
+        ],
+    )?;
     check(&all, &c("UpdateBuildHistoryResponse"), &[])?;
     Ok(())
 }
@@ -533,68 +627,120 @@ fn control_messages_have_the_documented_field_numbers() -> anyhow::Result<()> {
 fn worker_policy_and_caps_messages_have_the_documented_field_numbers() -> anyhow::Result<()> {
     let all = messages()?;
     let t = |m: &str| format!(".moby.buildkit.v1.types.{m}");
-    check(&all, &t("WorkerRecord"), &[
-        ("ID", 1, "string"),
-        ("Labels", 2, MSS),
-        ("platforms", 3, "[].pb.Platform"),
-        ("GCPolicy", 4, "[].moby.buildkit.v1.types.GCPolicy"),
-        ("BuildkitVersion", 5, ".moby.buildkit.v1.types.BuildkitVersion"),
-        ("CDIDevices", 6, "[].moby.buildkit.v1.types.CDIDevice"),
-    ])?;
-    check(&all, &t("GCPolicy"), &[
-        ("all", 1, "bool"),
-        ("keepDuration", 2, "int64"),
-        ("reservedSpace", 3, "int64"),
-        ("filters", 4, "[]string"),
-        ("maxUsedSpace", 5, "int64"),
-        ("minFreeSpace", 6, "int64"),
-    ])?;
-    check(&all, &t("BuildkitVersion"), &[
-        ("package", 1, "string"),
-        ("version", 2, "string"),
-        ("revision", 3, "string"),
-        ("dockerfileVersion", 4, "string"),
-    ])?;
-    check(&all, &t("CDIDevice"), &[
-        ("Name", 1, "string"),
-        ("AutoAllow", 2, "bool"),
-        ("Annotations", 3, MSS),
-        ("OnDemand", 4, "bool"),
-    ])?;
+    check(
+        &all,
+        &t("WorkerRecord"),
+        &[
+            ("ID", 1, "string"),
+            ("Labels", 2, MSS),
+            ("platforms", 3, "[].pb.Platform"),
+            ("GCPolicy", 4, "[].moby.buildkit.v1.types.GCPolicy"),
+            (
+                "BuildkitVersion",
+                5,
+                ".moby.buildkit.v1.types.BuildkitVersion",
+            ),
+            ("CDIDevices", 6, "[].moby.buildkit.v1.types.CDIDevice"),
+        ],
+    )?;
+    check(
+        &all,
+        &t("GCPolicy"),
+        &[
+            ("all", 1, "bool"),
+            ("keepDuration", 2, "int64"),
+            ("reservedSpace", 3, "int64"),
+            ("filters", 4, "[]string"),
+            ("maxUsedSpace", 5, "int64"),
+            ("minFreeSpace", 6, "int64"),
+        ],
+    )?;
+    check(
+        &all,
+        &t("BuildkitVersion"),
+        &[
+            ("package", 1, "string"),
+            ("version", 2, "string"),
+            ("revision", 3, "string"),
+            ("dockerfileVersion", 4, "string"),
+        ],
+    )?;
+    check(
+        &all,
+        &t("CDIDevice"),
+        &[
+            ("Name", 1, "string"),
+            ("AutoAllow", 2, "bool"),
+            ("Annotations", 3, MSS),
+            ("OnDemand", 4, "bool"),
+        ],
+    )?;
     let sp = |m: &str| format!(".moby.buildkit.v1.sourcepolicy.{m}");
-    check(&all, &sp("Policy"), &[
-        ("version", 1, "int64"),
-        ("rules", 2, "[].moby.buildkit.v1.sourcepolicy.Rule"),
-    ])?;
-    check(&all, &sp("Rule"), &[
-        ("action", 1, ".moby.buildkit.v1.sourcepolicy.PolicyAction"),
-        ("selector", 2, ".moby.buildkit.v1.sourcepolicy.Selector"),
-        ("updates", 3, ".moby.buildkit.v1.sourcepolicy.Update"),
-    ])?;
-    check(&all, &sp("Selector"), &[
-        ("identifier", 1, "string"),
-        ("match_type", 2, ".moby.buildkit.v1.sourcepolicy.MatchType"),
-        ("constraints", 3, "[].moby.buildkit.v1.sourcepolicy.AttrConstraint"),
-    ])?;
-    check(&all, &sp("Update"), &[("identifier", 1, "string"), ("attrs", 2, MSS)])?;
-    check(&all, &sp("AttrConstraint"), &[
-        ("key", 1, "string"),
-        ("value", 2, "string"),
-        ("condition", 3, ".moby.buildkit.v1.sourcepolicy.AttrMatch"),
-    ])?;
-    check(&all, ".moby.buildkit.v1.apicaps.APICap", &[
-        ("ID", 1, "string"),
-        ("Enabled", 2, "bool"),
-        ("Deprecated", 3, "bool"),
-        ("DisabledReason", 4, "string"),
-        ("DisabledReasonMsg", 5, "string"),
-        ("DisabledAlternative", 6, "string"),
-    ])?;
-    check(&all, ".google.rpc.Status", &[
-        ("code", 1, "int32"),
-        ("message", 2, "string"),
-        ("details", 3, "[].google.protobuf.Any"),
-    ])?;
+    check(
+        &all,
+        &sp("Policy"),
+        &[
+            ("version", 1, "int64"),
+            ("rules", 2, "[].moby.buildkit.v1.sourcepolicy.Rule"),
+        ],
+    )?;
+    check(
+        &all,
+        &sp("Rule"),
+        &[
+            ("action", 1, ".moby.buildkit.v1.sourcepolicy.PolicyAction"),
+            ("selector", 2, ".moby.buildkit.v1.sourcepolicy.Selector"),
+            ("updates", 3, ".moby.buildkit.v1.sourcepolicy.Update"),
+        ],
+    )?;
+    check(
+        &all,
+        &sp("Selector"),
+        &[
+            ("identifier", 1, "string"),
+            ("match_type", 2, ".moby.buildkit.v1.sourcepolicy.MatchType"),
+            (
+                "constraints",
+                3,
+                "[].moby.buildkit.v1.sourcepolicy.AttrConstraint",
+            ),
+        ],
+    )?;
+    check(
+        &all,
+        &sp("Update"),
+        &[("identifier", 1, "string"), ("attrs", 2, MSS)],
+    )?;
+    check(
+        &all,
+        &sp("AttrConstraint"),
+        &[
+            ("key", 1, "string"),
+            ("value", 2, "string"),
+            ("condition", 3, ".moby.buildkit.v1.sourcepolicy.AttrMatch"),
+        ],
+    )?;
+    check(
+        &all,
+        ".moby.buildkit.v1.apicaps.APICap",
+        &[
+            ("ID", 1, "string"),
+            ("Enabled", 2, "bool"),
+            ("Deprecated", 3, "bool"),
+            ("DisabledReason", 4, "string"),
+            ("DisabledReasonMsg", 5, "string"),
+            ("DisabledAlternative", 6, "string"),
+        ],
+    )?;
+    check(
+        &all,
+        ".google.rpc.Status",
+        &[
+            ("code", 1, "int32"),
+            ("message", 2, "string"),
+            ("details", 3, "[].google.protobuf.Any"),
+        ],
+    )?;
     // Enum values the doc gives.
     let fds = FileDescriptorSet::decode(kiln_proto::FILE_DESCRIPTOR_SET)?;
     let enums: BTreeMap<String, Vec<(String, i32)>> = fds
@@ -602,7 +748,11 @@ fn worker_policy_and_caps_messages_have_the_documented_field_numbers() -> anyhow
         .iter()
         .flat_map(|f| {
             f.enum_type.iter().map(move |e| {
-                let values = e.value.iter().map(|v| (v.name().to_string(), v.number())).collect();
+                let values = e
+                    .value
+                    .iter()
+                    .map(|v| (v.name().to_string(), v.number()))
+                    .collect();
                 (format!("{}.{}", f.package(), e.name()), values)
             })
         })
@@ -634,148 +784,292 @@ fn gateway_messages_have_the_documented_field_numbers() -> anyhow::Result<()> {
     let all = messages()?;
     let g = |m: &str| format!(".moby.buildkit.v1.frontend.{m}");
     let policies = "[].moby.buildkit.v1.sourcepolicy.Policy";
-    check(&all, &g("SolveRequest"), &[
-        ("Definition", 1, ".pb.Definition"),
-        ("Frontend", 2, "string"),
-        ("FrontendOpt", 3, MSS),
-        ("allowResultReturn", 5, "bool"),
-        ("allowResultArrayRef", 6, "bool"),
-        ("Final", 10, "bool"),
-        ("ExporterAttr", 11, "bytes"),
-        ("CacheImports", 12, "[].moby.buildkit.v1.frontend.CacheOptionsEntry"),
-        ("FrontendInputs", 13, "map<string,.pb.Definition>"),
-        ("Evaluate", 14, "bool"),
-        ("SourcePolicies", 15, policies),
-    ])?;
-    check(&all, &g("CacheOptionsEntry"), &[("Type", 1, "string"), ("Attrs", 2, MSS)])?;
-    check(&all, &g("SolveResponse"), &[
-        ("ref", 1, "string"),
-        ("result", 3, ".moby.buildkit.v1.frontend.Result"),
-    ])?;
-    check(&all, &g("Result"), &[
-        ("refDeprecated", 1, "string"),
-        ("refsDeprecated", 2, ".moby.buildkit.v1.frontend.RefMapDeprecated"),
-        ("ref", 3, ".moby.buildkit.v1.frontend.Ref"),
-        ("refs", 4, ".moby.buildkit.v1.frontend.RefMap"),
-        ("metadata", 10, "map<string,bytes>"),
-        ("attestations", 12, "map<string,.moby.buildkit.v1.frontend.Attestations>"),
-    ])?;
+    check(
+        &all,
+        &g("SolveRequest"),
+        &[
+            ("Definition", 1, ".pb.Definition"),
+            ("Frontend", 2, "string"),
+            ("FrontendOpt", 3, MSS),
+            ("allowResultReturn", 5, "bool"),
+            ("allowResultArrayRef", 6, "bool"),
+            ("Final", 10, "bool"),
+            ("ExporterAttr", 11, "bytes"),
+            (
+                "CacheImports",
+                12,
+                "[].moby.buildkit.v1.frontend.CacheOptionsEntry",
+            ),
+            ("FrontendInputs", 13, "map<string,.pb.Definition>"),
+            ("Evaluate", 14, "bool"),
+            ("SourcePolicies", 15, policies),
+        ],
+    )?;
+    check(
+        &all,
+        &g("CacheOptionsEntry"),
+        &[("Type", 1, "string"), ("Attrs", 2, MSS)],
+    )?;
+    check(
+        &all,
+        &g("SolveResponse"),
+        &[
+            ("ref", 1, "string"),
+            ("result", 3, ".moby.buildkit.v1.frontend.Result"),
+        ],
+    )?;
+    check(
+        &all,
+        &g("Result"),
+        &[
+            ("refDeprecated", 1, "string"),
+            (
+                "refsDeprecated",
+                2,
+                ".moby.buildkit.v1.frontend.RefMapDeprecated",
+            ),
+            ("ref", 3, ".moby.buildkit.v1.frontend.Ref"),
+            ("refs", 4, ".moby.buildkit.v1.frontend.RefMap"),
+            ("metadata", 10, "map<string,bytes>"),
+            (
+                "attestations",
+                12,
+                "map<string,.moby.buildkit.v1.frontend.Attestations>",
+            ),
+        ],
+    )?;
     // The four result arms share one oneof; 11 is reserved.
     let result = all.get(&g("Result")).context("Result")?;
     ensure!(result.oneof_decl.len() == 1 && result.oneof_decl[0].name() == "result");
-    ensure!(result.field.iter().filter(|f| f.oneof_index == Some(0)).count() == 4);
+    ensure!(
+        result
+            .field
+            .iter()
+            .filter(|f| f.oneof_index == Some(0))
+            .count()
+            == 4
+    );
     ensure!(result.reserved_range.iter().any(|r| r.start() == 11));
-    check(&all, &g("Ref"), &[("id", 1, "string"), ("def", 2, ".pb.Definition")])?;
-    check(&all, &g("RefMap"), &[("refs", 1, "map<string,.moby.buildkit.v1.frontend.Ref>")])?;
+    check(
+        &all,
+        &g("Ref"),
+        &[("id", 1, "string"), ("def", 2, ".pb.Definition")],
+    )?;
+    check(
+        &all,
+        &g("RefMap"),
+        &[("refs", 1, "map<string,.moby.buildkit.v1.frontend.Ref>")],
+    )?;
     check(&all, &g("RefMapDeprecated"), &[("refs", 1, MSS)])?;
-    check(&all, &g("ReturnRequest"), &[
-        ("result", 1, ".moby.buildkit.v1.frontend.Result"),
-        ("error", 2, ".google.rpc.Status"),
-    ])?;
+    check(
+        &all,
+        &g("ReturnRequest"),
+        &[
+            ("result", 1, ".moby.buildkit.v1.frontend.Result"),
+            ("error", 2, ".google.rpc.Status"),
+        ],
+    )?;
     check(&all, &g("ReturnResponse"), &[])?;
     check(&all, &g("PingRequest"), &[])?;
-    check(&all, &g("PongResponse"), &[
-        ("FrontendAPICaps", 1, "[].moby.buildkit.v1.apicaps.APICap"),
-        ("LLBCaps", 2, "[].moby.buildkit.v1.apicaps.APICap"),
-        ("Workers", 3, "[].moby.buildkit.v1.types.WorkerRecord"),
-    ])?;
+    check(
+        &all,
+        &g("PongResponse"),
+        &[
+            ("FrontendAPICaps", 1, "[].moby.buildkit.v1.apicaps.APICap"),
+            ("LLBCaps", 2, "[].moby.buildkit.v1.apicaps.APICap"),
+            ("Workers", 3, "[].moby.buildkit.v1.types.WorkerRecord"),
+        ],
+    )?;
     check(&all, &g("InputsRequest"), &[])?;
-    check(&all, &g("InputsResponse"), &[("Definitions", 1, "map<string,.pb.Definition>")])?;
-    check(&all, &g("ReadFileRequest"), &[
-        ("Ref", 1, "string"),
-        ("FilePath", 2, "string"),
-        ("Range", 3, ".moby.buildkit.v1.frontend.FileRange"),
-        ("MountIndex", 4, "int32"),
-    ])?;
-    check(&all, &g("FileRange"), &[("Offset", 1, "int64"), ("Length", 2, "int64")])?;
+    check(
+        &all,
+        &g("InputsResponse"),
+        &[("Definitions", 1, "map<string,.pb.Definition>")],
+    )?;
+    check(
+        &all,
+        &g("ReadFileRequest"),
+        &[
+            ("Ref", 1, "string"),
+            ("FilePath", 2, "string"),
+            ("Range", 3, ".moby.buildkit.v1.frontend.FileRange"),
+            ("MountIndex", 4, "int32"),
+        ],
+    )?;
+    check(
+        &all,
+        &g("FileRange"),
+        &[("Offset", 1, "int64"), ("Length", 2, "int64")],
+    )?;
     check(&all, &g("ReadFileResponse"), &[("Data", 1, "bytes")])?;
-    check(&all, &g("ResolveImageConfigRequest"), &[
-        ("Ref", 1, "string"),
-        ("Platform", 2, ".pb.Platform"),
-        ("ResolveMode", 3, "string"),
-        ("LogName", 4, "string"),
-        ("ResolverType", 5, "int32"),
-        ("SessionID", 6, "string"),
-        ("StoreID", 7, "string"),
-        ("SourcePolicies", 8, policies),
-    ])?;
-    check(&all, &g("ResolveImageConfigResponse"), &[
-        ("Digest", 1, "string"),
-        ("Config", 2, "bytes"),
-        ("Ref", 3, "string"),
-    ])?;
-    check(&all, &g("ReadDirResponse"), &[("entries", 1, "[].fsutil.types.Stat")])?;
-    check(&all, &g("StatFileResponse"), &[("stat", 1, ".fsutil.types.Stat")])?;
+    check(
+        &all,
+        &g("ResolveImageConfigRequest"),
+        &[
+            ("Ref", 1, "string"),
+            ("Platform", 2, ".pb.Platform"),
+            ("ResolveMode", 3, "string"),
+            ("LogName", 4, "string"),
+            ("ResolverType", 5, "int32"),
+            ("SessionID", 6, "string"),
+            ("StoreID", 7, "string"),
+            ("SourcePolicies", 8, policies),
+        ],
+    )?;
+    check(
+        &all,
+        &g("ResolveImageConfigResponse"),
+        &[
+            ("Digest", 1, "string"),
+            ("Config", 2, "bytes"),
+            ("Ref", 3, "string"),
+        ],
+    )?;
+    check(
+        &all,
+        &g("ReadDirResponse"),
+        &[("entries", 1, "[].fsutil.types.Stat")],
+    )?;
+    check(
+        &all,
+        &g("StatFileResponse"),
+        &[("stat", 1, ".fsutil.types.Stat")],
+    )?;
     Ok(())
 }
 
 #[test]
 fn session_messages_have_the_documented_field_numbers() -> anyhow::Result<()> {
     let all = messages()?;
-    check(&all, ".fsutil.types.Packet", &[
-        ("type", 1, ".fsutil.types.Packet.PacketType"),
-        ("stat", 2, ".fsutil.types.Stat"),
-        ("ID", 3, "uint32"),
-        ("data", 4, "bytes"),
-    ])?;
-    check(&all, ".fsutil.types.Stat", &[
-        ("path", 1, "string"),
-        ("mode", 2, "uint32"),
-        ("uid", 3, "uint32"),
-        ("gid", 4, "uint32"),
-        ("size", 5, "int64"),
-        ("modTime", 6, "int64"),
-        ("linkname", 7, "string"),
-        ("devmajor", 8, "int64"),
-        ("devminor", 9, "int64"),
-        ("xattrs", 10, "map<string,bytes>"),
-    ])?;
+    check(
+        &all,
+        ".fsutil.types.Packet",
+        &[
+            ("type", 1, ".fsutil.types.Packet.PacketType"),
+            ("stat", 2, ".fsutil.types.Stat"),
+            ("ID", 3, "uint32"),
+            ("data", 4, "bytes"),
+        ],
+    )?;
+    check(
+        &all,
+        ".fsutil.types.Stat",
+        &[
+            ("path", 1, "string"),
+            ("mode", 2, "uint32"),
+            ("uid", 3, "uint32"),
+            ("gid", 4, "uint32"),
+            ("size", 5, "int64"),
+            ("modTime", 6, "int64"),
+            ("linkname", 7, "string"),
+            ("devmajor", 8, "int64"),
+            ("devminor", 9, "int64"),
+            ("xattrs", 10, "map<string,bytes>"),
+        ],
+    )?;
     ensure!(PacketType::PacketStat as i32 == 0 && PacketType::PacketReq as i32 == 1);
     ensure!(PacketType::PacketData as i32 == 2 && PacketType::PacketFin as i32 == 3);
     ensure!(PacketType::PacketErr as i32 == 4);
     let f = |m: &str| format!(".moby.filesync.v1.{m}");
     check(&all, &f("BytesMessage"), &[("data", 1, "bytes")])?;
     check(&all, &f("CredentialsRequest"), &[("Host", 1, "string")])?;
-    check(&all, &f("CredentialsResponse"), &[("Username", 1, "string"), ("Secret", 2, "string")])?;
-    check(&all, &f("FetchTokenRequest"), &[
-        ("ClientID", 1, "string"),
-        ("Host", 2, "string"),
-        ("Realm", 3, "string"),
-        ("Service", 4, "string"),
-        ("Scopes", 5, "[]string"),
-    ])?;
-    check(&all, &f("FetchTokenResponse"), &[
-        ("Token", 1, "string"),
-        ("ExpiresIn", 2, "int64"),
-        ("IssuedAt", 3, "int64"),
-    ])?;
-    check(&all, &f("GetTokenAuthorityRequest"), &[("Host", 1, "string"), ("Salt", 2, "bytes")])?;
-    check(&all, &f("GetTokenAuthorityResponse"), &[("PublicKey", 1, "bytes")])?;
-    check(&all, &f("VerifyTokenAuthorityRequest"), &[
-        ("Host", 1, "string"),
-        ("Payload", 2, "bytes"),
-        ("Salt", 3, "bytes"),
-    ])?;
-    check(&all, &f("VerifyTokenAuthorityResponse"), &[("Signed", 1, "bytes")])?;
-    check(&all, ".moby.buildkit.secrets.v1.GetSecretRequest", &[
-        ("ID", 1, "string"),
-        ("annotations", 2, MSS),
-    ])?;
-    check(&all, ".moby.buildkit.secrets.v1.GetSecretResponse", &[("data", 1, "bytes")])?;
-    check(&all, ".moby.sshforward.v1.CheckAgentRequest", &[("ID", 1, "string")])?;
-    check(&all, ".moby.sshforward.v1.BytesMessage", &[("data", 1, "bytes")])?;
-    check(&all, ".moby.upload.v1.BytesMessage", &[("data", 1, "bytes")])?;
-    check(&all, ".moby.exporter.v1.FindExportersRequest", &[
-        ("metadata", 1, "map<string,bytes>"),
-        ("refs", 2, "[]string"),
-    ])?;
-    check(&all, ".moby.exporter.v1.FindExportersResponse", &[(
-        "exporters",
-        1,
-        "[].moby.exporter.v1.ExporterRequest",
-    )])?;
-    check(&all, ".moby.exporter.v1.ExporterRequest", &[("Type", 1, "string"), ("Attrs", 2, MSS)])?;
-    check(&all, ".moby.exporter.v1.FinalizeExportRequest", &[("exporter_response", 1, MSS)])?;
+    check(
+        &all,
+        &f("CredentialsResponse"),
+        &[("Username", 1, "string"), ("Secret", 2, "string")],
+    )?;
+    check(
+        &all,
+        &f("FetchTokenRequest"),
+        &[
+            ("ClientID", 1, "string"),
+            ("Host", 2, "string"),
+            ("Realm", 3, "string"),
+            ("Service", 4, "string"),
+            ("Scopes", 5, "[]string"),
+        ],
+    )?;
+    check(
+        &all,
+        &f("FetchTokenResponse"),
+        &[
+            ("Token", 1, "string"),
+            ("ExpiresIn", 2, "int64"),
+            ("IssuedAt", 3, "int64"),
+        ],
+    )?;
+    check(
+        &all,
+        &f("GetTokenAuthorityRequest"),
+        &[("Host", 1, "string"), ("Salt", 2, "bytes")],
+    )?;
+    check(
+        &all,
+        &f("GetTokenAuthorityResponse"),
+        &[("PublicKey", 1, "bytes")],
+    )?;
+    check(
+        &all,
+        &f("VerifyTokenAuthorityRequest"),
+        &[
+            ("Host", 1, "string"),
+            ("Payload", 2, "bytes"),
+            ("Salt", 3, "bytes"),
+        ],
+    )?;
+    check(
+        &all,
+        &f("VerifyTokenAuthorityResponse"),
+        &[("Signed", 1, "bytes")],
+    )?;
+    check(
+        &all,
+        ".moby.buildkit.secrets.v1.GetSecretRequest",
+        &[("ID", 1, "string"), ("annotations", 2, MSS)],
+    )?;
+    check(
+        &all,
+        ".moby.buildkit.secrets.v1.GetSecretResponse",
+        &[("data", 1, "bytes")],
+    )?;
+    check(
+        &all,
+        ".moby.sshforward.v1.CheckAgentRequest",
+        &[("ID", 1, "string")],
+    )?;
+    check(
+        &all,
+        ".moby.sshforward.v1.BytesMessage",
+        &[("data", 1, "bytes")],
+    )?;
+    check(
+        &all,
+        ".moby.upload.v1.BytesMessage",
+        &[("data", 1, "bytes")],
+    )?;
+    check(
+        &all,
+        ".moby.exporter.v1.FindExportersRequest",
+        &[
+            ("metadata", 1, "map<string,bytes>"),
+            ("refs", 2, "[]string"),
+        ],
+    )?;
+    check(
+        &all,
+        ".moby.exporter.v1.FindExportersResponse",
+        &[("exporters", 1, "[].moby.exporter.v1.ExporterRequest")],
+    )?;
+    check(
+        &all,
+        ".moby.exporter.v1.ExporterRequest",
+        &[("Type", 1, "string"), ("Attrs", 2, MSS)],
+    )?;
+    check(
+        &all,
+        ".moby.exporter.v1.FinalizeExportRequest",
+        &[("exporter_response", 1, MSS)],
+    )?;
     Ok(())
 }
 
@@ -787,7 +1081,11 @@ fn check_service(service: &str, want: &[Rpc<'_>]) -> anyhow::Result<()> {
     let svc = fds
         .file
         .iter()
-        .flat_map(|f| f.service.iter().map(move |s| (format!("{}.{}", f.package(), s.name()), s)))
+        .flat_map(|f| {
+            f.service
+                .iter()
+                .map(move |s| (format!("{}.{}", f.package(), s.name()), s))
+        })
         .find(|(name, _)| name == service)
         .map(|(_, s)| s)
         .with_context(|| format!("service {service} missing"))?;
@@ -816,73 +1114,186 @@ fn check_service(service: &str, want: &[Rpc<'_>]) -> anyhow::Result<()> {
 fn services_have_the_documented_rpcs_and_stream_shapes() -> anyhow::Result<()> {
     let c = ".moby.buildkit.v1.";
     let req = |m: &str| format!("{c}{m}");
-    check_service("moby.buildkit.v1.Control", &[
-        ("DiskUsage", &req("DiskUsageRequest"), &req("DiskUsageResponse"), false, false),
-        ("Prune", &req("PruneRequest"), &req("UsageRecord"), false, true),
-        ("Solve", &req("SolveRequest"), &req("SolveResponse"), false, false),
-        ("Status", &req("StatusRequest"), &req("StatusResponse"), false, true),
-        ("Session", &req("BytesMessage"), &req("BytesMessage"), true, true),
-        ("ListWorkers", &req("ListWorkersRequest"), &req("ListWorkersResponse"), false, false),
-        ("Info", &req("InfoRequest"), &req("InfoResponse"), false, false),
-        ("ListenBuildHistory", &req("BuildHistoryRequest"), &req("BuildHistoryEvent"), false, true),
-        (
-            "UpdateBuildHistory",
-            &req("UpdateBuildHistoryRequest"),
-            &req("UpdateBuildHistoryResponse"),
-            false,
-            false,
-        ),
-    ])?;
+    check_service(
+        "moby.buildkit.v1.Control",
+        &[
+            (
+                "DiskUsage",
+                &req("DiskUsageRequest"),
+                &req("DiskUsageResponse"),
+                false,
+                false,
+            ),
+            (
+                "Prune",
+                &req("PruneRequest"),
+                &req("UsageRecord"),
+                false,
+                true,
+            ),
+            (
+                "Solve",
+                &req("SolveRequest"),
+                &req("SolveResponse"),
+                false,
+                false,
+            ),
+            (
+                "Status",
+                &req("StatusRequest"),
+                &req("StatusResponse"),
+                false,
+                true,
+            ),
+            (
+                "Session",
+                &req("BytesMessage"),
+                &req("BytesMessage"),
+                true,
+                true,
+            ),
+            (
+                "ListWorkers",
+                &req("ListWorkersRequest"),
+                &req("ListWorkersResponse"),
+                false,
+                false,
+            ),
+            (
+                "Info",
+                &req("InfoRequest"),
+                &req("InfoResponse"),
+                false,
+                false,
+            ),
+            (
+                "ListenBuildHistory",
+                &req("BuildHistoryRequest"),
+                &req("BuildHistoryEvent"),
+                false,
+                true,
+            ),
+            (
+                "UpdateBuildHistory",
+                &req("UpdateBuildHistoryRequest"),
+                &req("UpdateBuildHistoryResponse"),
+                false,
+                false,
+            ),
+        ],
+    )?;
     let packet = ".fsutil.types.Packet";
     let bm = ".moby.filesync.v1.BytesMessage";
-    check_service("moby.filesync.v1.FileSync", &[
-        ("DiffCopy", packet, packet, true, true),
-        ("TarStream", packet, packet, true, true),
-    ])?;
-    check_service("moby.filesync.v1.FileSend", &[("DiffCopy", bm, bm, true, true)])?;
+    check_service(
+        "moby.filesync.v1.FileSync",
+        &[
+            ("DiffCopy", packet, packet, true, true),
+            ("TarStream", packet, packet, true, true),
+        ],
+    )?;
+    check_service(
+        "moby.filesync.v1.FileSend",
+        &[("DiffCopy", bm, bm, true, true)],
+    )?;
     let a = |m: &str| format!(".moby.filesync.v1.{m}");
-    check_service("moby.filesync.v1.Auth", &[
-        ("Credentials", &a("CredentialsRequest"), &a("CredentialsResponse"), false, false),
-        ("FetchToken", &a("FetchTokenRequest"), &a("FetchTokenResponse"), false, false),
-        (
-            "GetTokenAuthority",
-            &a("GetTokenAuthorityRequest"),
-            &a("GetTokenAuthorityResponse"),
+    check_service(
+        "moby.filesync.v1.Auth",
+        &[
+            (
+                "Credentials",
+                &a("CredentialsRequest"),
+                &a("CredentialsResponse"),
+                false,
+                false,
+            ),
+            (
+                "FetchToken",
+                &a("FetchTokenRequest"),
+                &a("FetchTokenResponse"),
+                false,
+                false,
+            ),
+            (
+                "GetTokenAuthority",
+                &a("GetTokenAuthorityRequest"),
+                &a("GetTokenAuthorityResponse"),
+                false,
+                false,
+            ),
+            (
+                "VerifyTokenAuthority",
+                &a("VerifyTokenAuthorityRequest"),
+                &a("VerifyTokenAuthorityResponse"),
+                false,
+                false,
+            ),
+        ],
+    )?;
+    check_service(
+        "moby.buildkit.secrets.v1.Secrets",
+        &[(
+            "GetSecret",
+            ".moby.buildkit.secrets.v1.GetSecretRequest",
+            ".moby.buildkit.secrets.v1.GetSecretResponse",
             false,
             false,
-        ),
-        (
-            "VerifyTokenAuthority",
-            &a("VerifyTokenAuthorityRequest"),
-            &a("VerifyTokenAuthorityResponse"),
-            false,
-            false,
-        ),
-    ])?;
-    check_service("moby.buildkit.secrets.v1.Secrets", &[(
-        "GetSecret",
-        ".moby.buildkit.secrets.v1.GetSecretRequest",
-        ".moby.buildkit.secrets.v1.GetSecretResponse",
-        false,
-        false,
-    )])?;
+        )],
+    )?;
     let ssh = |m: &str| format!(".moby.sshforward.v1.{m}");
-    check_service("moby.sshforward.v1.SSH", &[
-        ("CheckAgent", &ssh("CheckAgentRequest"), &ssh("CheckAgentResponse"), false, false),
-        ("ForwardAgent", &ssh("BytesMessage"), &ssh("BytesMessage"), true, true),
-    ])?;
+    check_service(
+        "moby.sshforward.v1.SSH",
+        &[
+            (
+                "CheckAgent",
+                &ssh("CheckAgentRequest"),
+                &ssh("CheckAgentResponse"),
+                false,
+                false,
+            ),
+            (
+                "ForwardAgent",
+                &ssh("BytesMessage"),
+                &ssh("BytesMessage"),
+                true,
+                true,
+            ),
+        ],
+    )?;
     let up = ".moby.upload.v1.BytesMessage";
     check_service("moby.upload.v1.Upload", &[("Pull", up, up, true, true)])?;
     let h = |m: &str| format!(".grpc.health.v1.{m}");
-    check_service("grpc.health.v1.Health", &[
-        ("Check", &h("HealthCheckRequest"), &h("HealthCheckResponse"), false, false),
-        ("Watch", &h("HealthCheckRequest"), &h("HealthCheckResponse"), false, true),
-    ])?;
+    check_service(
+        "grpc.health.v1.Health",
+        &[
+            (
+                "Check",
+                &h("HealthCheckRequest"),
+                &h("HealthCheckResponse"),
+                false,
+                false,
+            ),
+            (
+                "Watch",
+                &h("HealthCheckRequest"),
+                &h("HealthCheckResponse"),
+                false,
+                true,
+            ),
+        ],
+    )?;
     let g = |m: &str| format!(".moby.buildkit.v1.frontend.{m}");
     let unary = |n: &'static str, i: &'static str, o: &'static str| (n, g(i), g(o));
     let gateway_unary = [
-        unary("ResolveImageConfig", "ResolveImageConfigRequest", "ResolveImageConfigResponse"),
-        unary("ResolveSourceMeta", "ResolveSourceMetaRequest", "ResolveSourceMetaResponse"),
+        unary(
+            "ResolveImageConfig",
+            "ResolveImageConfigRequest",
+            "ResolveImageConfigResponse",
+        ),
+        unary(
+            "ResolveSourceMeta",
+            "ResolveSourceMetaRequest",
+            "ResolveSourceMetaResponse",
+        ),
         unary("Solve", "SolveRequest", "SolveResponse"),
         unary("ReadFile", "ReadFileRequest", "ReadFileResponse"),
         unary("ReadDir", "ReadDirRequest", "ReadDirResponse"),
@@ -891,8 +1302,16 @@ fn services_have_the_documented_rpcs_and_stream_shapes() -> anyhow::Result<()> {
         unary("Ping", "PingRequest", "PongResponse"),
         unary("Return", "ReturnRequest", "ReturnResponse"),
         unary("Inputs", "InputsRequest", "InputsResponse"),
-        unary("NewContainer", "NewContainerRequest", "NewContainerResponse"),
-        unary("ReleaseContainer", "ReleaseContainerRequest", "ReleaseContainerResponse"),
+        unary(
+            "NewContainer",
+            "NewContainerRequest",
+            "NewContainerResponse",
+        ),
+        unary(
+            "ReleaseContainer",
+            "ReleaseContainerRequest",
+            "ReleaseContainerResponse",
+        ),
         unary("ExecProcess", "ExecMessage", "ExecMessage"),
         unary("ReadFileContainer", "ReadFileRequest", "ReadFileResponse"),
         unary("ReadDirContainer", "ReadDirRequest", "ReadDirResponse"),
