@@ -12,10 +12,12 @@
 //! * Session services a client serves and the daemon calls: [`moby::filesync::v1`]
 //!   (FileSync, FileSend, Auth), [`moby::buildkit::secrets::v1`],
 //!   [`moby::sshforward::v1`], [`moby::upload::v1`], [`moby::exporter::v1`],
-//!   [`fsutil::types`] (the file-sync packet protocol) and [`grpc::health::v1`].
+//!   [`fsutil::types`] (the file-sync packet protocol; [`fsutil::mode`] has the Go
+//!   `os.FileMode` bits) and [`grpc::health::v1`].
 //! * [`containerd::services::content::v1`]: the content store (daemon: history blobs;
 //!   session: export and cache stores).
 //! * [`google::rpc`]: `google.rpc.Status`; `google.protobuf` types are [`prost_types`].
+//! * [`metadata`]: the gRPC metadata keys BuildKit puts on calls.
 //!
 //! Each service has a tonic client (`<service>_client`) and server (`<service>_server`)
 //! module. Server traits have default methods answering `Unimplemented`, so an
@@ -140,14 +142,8 @@ pub mod containerd {
     }
 }
 
-/// Packages under `fsutil.*`.
-pub mod fsutil {
-    /// `fsutil.types`: the file-sync `Packet` and `Stat` (Go `os.FileMode` bits).
-    #[allow(missing_docs, clippy::all)]
-    pub mod types {
-        include!(concat!(env!("OUT_DIR"), "/fsutil.types.rs"));
-    }
-}
+pub mod fsutil;
+pub mod metadata;
 
 /// Packages under `google.*` (other than `google.protobuf`, which is [`prost_types`]).
 pub mod google {

@@ -13,6 +13,9 @@ use futures::{stream, StreamExt};
 use kiln_proto::containerd::services::content::v1 as content;
 use kiln_proto::fsutil::types::{packet::PacketType, Packet, Stat};
 use kiln_proto::grpc::health::v1 as health;
+use kiln_proto::metadata::{
+    BUILD_ID, CURRENT_TIMESTAMP, DIR_NAME, SESSION_GRPC_METHOD, SESSION_SHARED_KEY, SESSION_UUID,
+};
 use kiln_proto::moby::buildkit::secrets::v1 as secrets;
 use kiln_proto::moby::buildkit::v1 as control;
 use kiln_proto::moby::buildkit::v1::frontend as gateway;
@@ -375,7 +378,7 @@ impl control::control_server::Control for EchoControl {
         });
         let mut resp = Response::new(Box::pin(stream::iter(updates)) as BoxStream<_>);
         resp.metadata_mut().insert(
-            "buildkit-current-timestamp",
+            CURRENT_TIMESTAMP,
             tonic::metadata::MetadataValue::from_static("2026-11-27T08:00:00.000000001Z"),
         );
         Ok(resp)
@@ -385,10 +388,10 @@ impl control::control_server::Control for EchoControl {
         &self,
         request: Request<Streaming<control::BytesMessage>>,
     ) -> Result<Response<BoxStream<control::BytesMessage>>, Status> {
-        let id = metadata(request.metadata(), "x-docker-expose-session-uuid");
+        let id = metadata(request.metadata(), SESSION_UUID);
         let methods: Vec<String> = request
             .metadata()
-            .get_all("x-docker-expose-session-grpc-method")
+            .get_all(SESSION_GRPC_METHOD)
             .iter()
             .filter_map(|v| v.to_str().ok().map(str::to_string))
             .collect();
@@ -433,7 +436,7 @@ async fn control_round_trip_of_solve_status_and_session() -> anyhow::Result<()> 
     let status = c
         .status(control::StatusRequest { r#ref: "r".into() })
         .await?;
-    let ts = metadata(status.metadata(), "buildkit-current-timestamp");
+    let ts = metadata(status.metadata(), CURRENT_TIMESTAMP);
     ensure!(ts == "2026-11-27T08:00:00.000000001Z", "{ts}");
     let mut updates = status.into_inner();
     let mut digests = Vec::new();
@@ -455,16 +458,13 @@ async fn control_round_trip_of_solve_status_and_session() -> anyhow::Result<()> 
     ];
     let mut req = Request::new(stream::iter(chunks));
     let md = req.metadata_mut();
-    md.insert("x-docker-expose-session-uuid", "abc123".parse()?);
-    md.insert("x-docker-expose-session-sharedkey", "".parse()?);
+    md.insert(SESSION_UUID, "abc123".parse()?);
+    md.insert(SESSION_SHARED_KEY, "".parse()?);
     md.append(
-        "x-docker-expose-session-grpc-method",
+        SESSION_GRPC_METHOD,
         "/moby.filesync.v1.FileSync/DiffCopy".parse()?,
     );
-    md.append(
-        "x-docker-expose-session-grpc-method",
-        "/grpc.health.v1.Health/Check".parse()?,
-    );
+    md.append(SESSION_GRPC_METHOD, "/grpc.health.v1.Health/Check".parse()?);
     let replies: Vec<Vec<u8>> = c
         .session(req)
         .await?
@@ -509,7 +509,7 @@ impl gateway::llb_bridge_server::LlbBridge for Bridge {
         &self,
         request: Request<gateway::ReturnRequest>,
     ) -> Result<Response<gateway::ReturnResponse>, Status> {
-        let build = metadata(request.metadata(), "buildkit-controlapi-buildid");
+        let build = metadata(request.metadata(), BUILD_ID);
         if build != "ref123" {
             return Err(Status::not_found(format!("unknown build {build:?}")));
         }
@@ -543,8 +543,7 @@ async fn llbbridge_ping_and_probe_return_carry_the_build_id() -> anyhow::Result<
         error: None,
     };
     let mut req = Request::new(probe());
-    req.metadata_mut()
-        .insert("buildkit-controlapi-buildid", "ref123".parse()?);
+    req.metadata_mut().insert(BUILD_ID, "ref123".parse()?);
     c.r#return(req).await?;
     let err = c
         .r#return(Request::new(probe()))
@@ -564,7 +563,7 @@ impl filesync::file_sync_server::FileSync for OneFile {
         &self,
         request: Request<Streaming<Packet>>,
     ) -> Result<Response<BoxStream<Packet>>, Status> {
-        if metadata(request.metadata(), "dir-name") != "context" {
+        if metadata(request.metadata(), DIR_NAME) != "context" {
             return Err(Status::not_found("no access allowed to dir"));
         }
         let mut incoming = request.into_inner();
@@ -628,7 +627,7 @@ async fn filesync_diffcopy_round_trip_with_dir_name_metadata() -> anyhow::Result
         },
     ];
     let mut req = Request::new(stream::iter(daemon.clone()));
-    req.metadata_mut().insert("dir-name", "context".parse()?);
+    req.metadata_mut().insert(DIR_NAME, "context".parse()?);
     let got: Vec<Packet> = c
         .diff_copy(req)
         .await?
