@@ -1328,3 +1328,44 @@ fn services_have_the_documented_rpcs_and_stream_shapes() -> anyhow::Result<()> {
     check_service("moby.buildkit.v1.frontend.LLBBridge", &gateway)?;
     Ok(())
 }
+
+#[test]
+fn every_proto_file_is_compiled_into_the_descriptor_set() -> anyhow::Result<()> {
+    fn walk(
+        dir: &std::path::Path,
+        root: &std::path::Path,
+        out: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(&path, root, out)?;
+            } else if path.extension().is_some_and(|e| e == "proto") {
+                out.push(
+                    path.strip_prefix(root)?
+                        .to_string_lossy()
+                        .replace('\\', "/"),
+                );
+            }
+        }
+        Ok(())
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proto");
+    let mut on_disk = Vec::new();
+    walk(&root, &root, &mut on_disk)?;
+    on_disk.sort();
+    let fds = FileDescriptorSet::decode(kiln_proto::FILE_DESCRIPTOR_SET)?;
+    let mut compiled: Vec<String> = fds
+        .file
+        .iter()
+        .map(|f| f.name().to_string())
+        .filter(|n| !n.starts_with("google/protobuf/"))
+        .collect();
+    compiled.sort();
+    ensure!(on_disk.len() >= 17, "{on_disk:?}");
+    ensure!(
+        compiled == on_disk,
+        "compiled {compiled:?}\non disk {on_disk:?}"
+    );
+    Ok(())
+}
