@@ -678,3 +678,61 @@ async fn health_check_round_trip() -> anyhow::Result<()> {
     stubbed(c.watch(health::HealthCheckRequest::default()).await)?;
     Ok(())
 }
+
+#[tokio::test]
+async fn control_and_health_over_real_http2_on_one_endpoint() -> anyhow::Result<()> {
+    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse()?)?;
+    let addr = incoming.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(control::control_server::ControlServer::new(EchoControl))
+            .add_service(health::health_server::HealthServer::new(Healthy))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut c = control::control_client::ControlClient::new(channel.clone());
+    let resp = c
+        .solve(control::SolveRequest {
+            r#ref: "tcp".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    ensure!(resp.exporter_response.get("ref").map(String::as_str) == Some("tcp"));
+    let mut req = Request::new(stream::iter(vec![control::BytesMessage {
+        data: b"h2".to_vec(),
+    }]));
+    req.metadata_mut()
+        .insert(SESSION_UUID, "tcp-session".parse()?);
+    let replies: Vec<control::BytesMessage> = c
+        .session(req)
+        .await?
+        .into_inner()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, Status>>()?;
+    ensure!(replies.len() == 3 && replies[0].data == b"tcp-session" && replies[2].data == b"h2");
+    let mut h = health::health_client::HealthClient::new(channel);
+    let r = h
+        .check(health::HealthCheckRequest::default())
+        .await?
+        .into_inner();
+    ensure!(r.status() == health::health_check_response::ServingStatus::Serving);
+    // A service this endpoint does not serve answers Unimplemented.
+    let mut ssh = ssh::ssh_client::SshClient::connect(format!("http://{addr}")).await?;
+    let err = ssh
+        .check_agent(ssh::CheckAgentRequest::default())
+        .await
+        .err()
+        .context("unserved service answered OK")?;
+    ensure!(err.code() == tonic::Code::Unimplemented);
+    let _ = stop.send(());
+    server.await??;
+    Ok(())
+}
