@@ -2,6 +2,9 @@
 //! prost messages plus tonic clients and servers for every service. The compiled
 //! descriptor set is also written to `OUT_DIR/kiln_descriptor.bin` so that the crate
 //! can expose it (tests check field numbers against it; servers may offer reflection).
+//! `google.protobuf.*` (Timestamp, Any, Empty, FieldMask) come from protox's bundled
+//! files and map to `prost_types` (prost-build's default extern path; Empty is `()`).
+//! Server traits get default `Unimplemented` methods (`generate_default_stubs`).
 
 use prost::Message;
 
