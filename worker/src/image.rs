@@ -253,3 +253,224 @@ mod tests {
         assert_eq!(Platform::parse("a/b/c/d"), None);
     }
 }
+
+// === impl ImageName ===
+
+/// A parsed image reference with Docker's defaults applied
+/// (`busybox` → `docker.io/library/busybox:latest`).
+///
+/// Hand-parsed on purpose: the regex-based parser of the registry client compiles its
+/// grammar on first use, which costs most of a cached rebuild's time in a one-shot CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageName {
+    /// Registry host, with port (`docker.io`, `localhost:5000`).
+    pub domain: String,
+    /// Repository path (`library/busybox`).
+    pub path: String,
+    /// Tag, if any (`latest` is filled in only when there is neither tag nor digest).
+    pub tag: Option<String>,
+    /// `algo:hex` digest, if pinned.
+    pub digest: Option<String>,
+}
+
+impl ImageName {
+    /// Parses and normalizes `s`; the error says what is wrong with it.
+    pub fn parse(s: &str) -> Result<ImageName, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty image reference".into());
+        }
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => {
+                let (algo, hex) = d
+                    .split_once(':')
+                    .ok_or_else(|| format!("invalid digest {d:?}"))?;
+                let algo_ok = !algo.is_empty()
+                    && algo.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c)
+                    });
+                let hex_ok = hex.len() >= 32 && hex.chars().all(|c| c.is_ascii_hexdigit());
+                if !algo_ok || !hex_ok {
+                    return Err(format!("invalid digest {d:?}"));
+                }
+                (r, Some(d.to_string()))
+            }
+            None => (s, None),
+        };
+        // A tag follows the last ':' that comes after the last '/'.
+        let last_slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
+        let (name, tag) = match rest[last_slash..].rfind(':') {
+            Some(i) => {
+                let t = &rest[last_slash + i + 1..];
+                let tag_ok = !t.is_empty()
+                    && t.len() <= 128
+                    && t.chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+                if !tag_ok {
+                    return Err(format!("invalid tag {t:?}"));
+                }
+                (&rest[..last_slash + i], Some(t.to_string()))
+            }
+            None => (rest, None),
+        };
+        if name.len() > 255 {
+            return Err("repository name longer than 255 characters".into());
+        }
+        let (domain, path) = match name.split_once('/') {
+            Some((d, p))
+                if d.contains('.')
+                    || d.contains(':')
+                    || d == "localhost"
+                    || d != d.to_lowercase() =>
+            {
+                (d.to_string(), p.to_string())
+            }
+            _ => ("docker.io".to_string(), name.to_string()),
+        };
+        let domain = if domain == "index.docker.io" {
+            "docker.io".to_string()
+        } else {
+            domain
+        };
+        let host = domain.rsplit_once(':').map(|(h, _)| h).unwrap_or(&domain);
+        let port_ok = domain
+            .rsplit_once(':')
+            .map(|(_, p)| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+            .unwrap_or(true);
+        let host_ok = (host.starts_with('[') && host.ends_with(']'))
+            || (!host.is_empty()
+                && host.split('.').all(|c| {
+                    !c.is_empty()
+                        && !c.starts_with('-')
+                        && !c.ends_with('-')
+                        && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                }));
+        if !host_ok || !port_ok {
+            return Err(format!("invalid registry {domain:?}"));
+        }
+        if path.chars().any(|c| c.is_ascii_uppercase()) {
+            return Err(format!("repository name {path:?} must be lowercase"));
+        }
+        for comp in path.split('/') {
+            if !path_component_ok(comp) {
+                return Err(format!("invalid repository name {path:?}"));
+            }
+        }
+        let path = if domain == "docker.io" && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path
+        };
+        let tag = match (&tag, &digest) {
+            (None, None) => Some("latest".to_string()),
+            _ => tag,
+        };
+        Ok(ImageName {
+            domain,
+            path,
+            tag,
+            digest,
+        })
+    }
+
+    /// `domain/path` without tag or digest.
+    pub fn repository(&self) -> String {
+        format!("{}/{}", self.domain, self.path)
+    }
+}
+
+/// `[a-z0-9]+` joined by `.`, `_`, `__` or runs of `-`.
+fn path_component_ok(c: &str) -> bool {
+    if c.is_empty() {
+        return false;
+    }
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let sep = &c[start..i];
+        let ok = sep == "." || sep == "_" || sep == "__" || sep.chars().all(|x| x == '-');
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+impl std::fmt::Display for ImageName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.domain, self.path)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::ImageName;
+
+    fn n(s: &str) -> String {
+        ImageName::parse(s)
+            .map(|n| n.to_string())
+            .unwrap_or_else(|e| format!("error: {e}"))
+    }
+
+    #[test]
+    fn normalizes_like_docker() {
+        assert_eq!(n("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(n("user/app:1.0"), "docker.io/user/app:1.0");
+        assert_eq!(n("localhost:5000/a/b"), "localhost:5000/a/b:latest");
+        assert_eq!(n("localhost/a"), "localhost/a:latest");
+        assert_eq!(n("127.0.0.1:5000/base:1"), "127.0.0.1:5000/base:1");
+        assert_eq!(n("index.docker.io/library/x"), "docker.io/library/x:latest");
+        let d = "sha256:1eda68bf14238642ad7d6293c1976587919b519b9f25264b4a41a9eb5c15ecb4";
+        assert_eq!(n(&format!("r.io/a@{d}")), format!("r.io/a@{d}"));
+        assert_eq!(n(&format!("r.io/a:t@{d}")), format!("r.io/a:t@{d}"));
+        assert_eq!(
+            n("my-reg.example.com:443/a__b/c-d.e:v1_2"),
+            "my-reg.example.com:443/a__b/c-d.e:v1_2"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        for bad in [
+            "",
+            "UPPER",
+            "a/B",
+            "a:",
+            "a:-x",
+            "a@sha256:12",
+            "a//b",
+            "-a",
+            "a.",
+            "r.io:x/a",
+            "a b",
+        ] {
+            assert!(
+                n(bad).starts_with("error"),
+                "{bad:?} accepted as {}",
+                n(bad)
+            );
+        }
+    }
+}

@@ -165,13 +165,16 @@ pub fn normalize_reference(reference: &str) -> Result<String> {
 }
 
 fn parse_ref(reference: &str) -> Result<Reference> {
-    reference
-        .trim()
-        .parse::<Reference>()
-        .map_err(|e| Error::Registry {
-            reference: reference.to_string(),
-            message: format!("invalid reference: {e}"),
-        })
+    let n = crate::image::ImageName::parse(reference).map_err(|e| Error::Registry {
+        reference: reference.to_string(),
+        message: format!("invalid reference: {e}"),
+    })?;
+    Ok(match (n.tag, n.digest) {
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(n.domain, n.path, t, d),
+        (None, Some(d)) => Reference::with_digest(n.domain, n.path, d),
+        (Some(t), None) => Reference::with_tag(n.domain, n.path, t),
+        (None, None) => Reference::with_tag(n.domain, n.path, "latest".to_string()),
+    })
 }
 
 /// Says what went wrong in a registry call, briefly (`manifest unknown`,
