@@ -155,9 +155,10 @@ fn arg_scoping() -> anyhow::Result<()> {
     assert!(!meta(0).env.iter().any(|kv| kv.starts_with("V=")));
     assert!(meta(1).env.contains(&"V=global".to_string()));
     assert!(meta(2).env.contains(&"V=local".to_string()));
-    // ENV wins over ARG.
-    assert!(meta(3).env.contains(&"V=env".to_string()));
-    assert!(!meta(3).env.contains(&"V=ignored".to_string()));
+    // As in BuildKit, a later ARG with a value replaces the variable in the build
+    // environment, but never in the image config.
+    assert!(meta(3).env.contains(&"V=ignored".to_string()));
+    assert!(c.config.config.env.contains(&"V=env".to_string()));
     assert!(meta(4).env.contains(&"TARGETARCH=amd64".to_string()));
     assert!(!meta(4).env.iter().any(|kv| kv.starts_with("NOVAL")));
     let history: Vec<&str> = c
@@ -167,6 +168,8 @@ fn arg_scoping() -> anyhow::Result<()> {
         .map(|h| h.created_by.as_str())
         .collect();
     assert!(history.contains(&"RUN |1 V=global /bin/sh -c echo2 $V # buildkit"));
+    assert!(history.contains(&"ARG V"));
+    assert!(history.contains(&"ARG V=local"));
     // ARG values are not in the image config.
     assert!(!c
         .config
@@ -240,11 +243,12 @@ fn errors_name_the_line() {
         ("FROM a\nRUN --network=bridge x\n", "Dockerfile:2: unsupported network mode \"bridge\""),
         ("FROM a\nCOPY a b c\n", "Dockerfile:2: When using COPY with more than one source file, the destination must be a directory and end with a /"),
         ("FROM a\nADD https://x/y /z\n", "Dockerfile:2: ADD from a URL or git repository is not supported: https://x/y"),
-        ("FROM a\nCOPY --chmod=u+x a /b\n", "Dockerfile:2: invalid chmod parameter: \"u+x\"; only octal modes are supported"),
         ("FROM Bad/Ref\n", "Dockerfile:1: invalid reference format: \"Bad/Ref\""),
         ("FROM a AS x\nFROM b AS x\n", "Dockerfile:2: duplicate stage name \"x\""),
-        ("", "Dockerfile: file with no instructions"),
-        ("ARG A\n", "Dockerfile: missing FROM: the file has no build stage"),
+        ("", "Dockerfile: the Dockerfile cannot be empty"),
+        ("ARG A\n", "Dockerfile: dockerfile contains no stages to build"),
+        ("FROM a\nCOPY --chmod=9 a /b\n", "Dockerfile:2: invalid chmod parameter: '9'. it should be octal string and between 0 and 07777"),
+        ("FROM a\nCOPY --chmod=u+q a /b\n", "Dockerfile:2: invalid chmod parameter: 'u+q'. it should be octal string and between 0 and 07777"),
     ];
     for (src, want) in cases {
         let got = match required_images(src, &opts()).and_then(|_| conv(src, &opts())) {
@@ -341,14 +345,11 @@ fn run_heredoc_forms() -> anyhow::Result<()> {
     assert_eq!(args(0), vec!["/bin/sh", "-c", "echo $HOME\n"]);
     assert_eq!(
         args(1),
-        vec![
-            "/bin/sh",
-            "-c",
-            "cat <<A >/x && cat <<-B\nhi\nA\nthere\nB\n"
-        ]
+        vec!["/bin/sh", "-c", "cat <<A >/x && cat <<-B\nhi\nA\nthere\nB"]
     );
     assert_eq!(args(2), vec!["/dev/pipes/EOF"]);
-    assert_eq!(e[2].mounts[1].dest, "/dev/pipes/EOF");
+    assert_eq!(e[2].mounts[1].dest, "/dev/pipes/");
+    assert_eq!(e[2].mounts[1].selector, "/");
     assert_eq!(e[2].mounts[1].input, 1);
     Ok(())
 }
@@ -416,6 +417,40 @@ fn image_ops_are_pinned_and_named() -> anyhow::Result<()> {
         .collect();
     assert!(names[0].starts_with("[1/2] FROM docker.io/library/busybox:latest@sha256:"));
     assert_eq!(names[1], "[2/2] RUN true");
+    Ok(())
+}
+
+#[test]
+fn step_names_follow_buildkit() -> anyhow::Result<()> {
+    let mut src = String::from("FROM a AS one\nENV X=1\n");
+    for i in 0..10 {
+        src.push_str(&format!("RUN echo $X {i}\n"));
+    }
+    src.push_str("FROM scratch AS last\nCOPY --from=one /x /x\nWORKDIR /\nWORKDIR /w\n");
+    src.push_str("FROM onbuild-img AS kid\nRUN k\n");
+    let names = |target: &str| -> anyhow::Result<Vec<String>> {
+        let mut o = opts();
+        o.target = Some(target.into());
+        let g = crate::llb::decode(&conv(&src, &o)?.definition)?;
+        Ok(g.vertices
+            .iter()
+            .filter_map(|v| v.metadata.description.get("llb.customname").cloned())
+            .collect())
+    };
+    let n = names("one")?;
+    assert!(n[0].starts_with("[one  1/11] FROM docker.io/library/a:latest@sha256:"));
+    assert_eq!(n[1], "[one  2/11] RUN echo 1 0");
+    assert_eq!(n[10], "[one 11/11] RUN echo 1 9");
+    // Scratch has no FROM step; WORKDIR / counts in the total but makes no op, so
+    // it takes no step number.
+    let n = names("last")?;
+    assert!(n.contains(&"[last 1/3] COPY --from=one /x /x".to_string()));
+    assert!(n.contains(&"[last 2/3] WORKDIR /w".to_string()));
+    // The FROM step is named before the base's triggers are counted.
+    let n = names("kid")?;
+    assert!(n[0].starts_with("[kid 1/2] FROM docker.io/library/onbuild-img:latest@"));
+    assert_eq!(n[1], "[kid 2/4] ONBUILD RUN echo triggered");
+    assert_eq!(n[2], "[kid 3/4] RUN k");
     Ok(())
 }
 
