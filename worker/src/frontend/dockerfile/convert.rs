@@ -113,7 +113,10 @@ struct Converter<'a> {
     done: Vec<Option<StageResult>>,
     /// Build args some ARG declared (for the "not consumed" warning).
     used_args: std::collections::BTreeSet<String>,
-    in_progress: Vec<bool>,
+    /// A stage conversion is running (nested needs go through `need`).
+    driving: bool,
+    /// The stage (and the line that needs it) the running conversion is waiting for.
+    need: Option<(usize, usize)>,
     warnings: Vec<String>,
 }
 
@@ -462,7 +465,8 @@ impl<'a> Converter<'a> {
             escape: parsed.escape,
             done: vec![None; stages.len()],
             used_args: Default::default(),
-            in_progress: vec![false; stages.len()],
+            driving: false,
+            need: None,
             stages,
             meta_args: Vec::new(),
             auto_args,
@@ -707,33 +711,83 @@ impl<'a> Converter<'a> {
         }
     }
 
-    /// Converts stage `index` (once) and returns its result.
+    /// The result of stage `index`, converting it (once) if needed.
+    ///
+    /// Conversion never recurses: a stage that needs an unconverted stage stops with
+    /// [`Converter::need`] set, the driver converts the needed stage and then starts the
+    /// first one again. Stack use is therefore bounded whatever the input, and the
+    /// abandoned attempt leaves at most unreachable ops, which `marshal` drops.
     fn stage(&mut self, index: usize, from_line: usize) -> Result<StageResult> {
         if let Some(done) = &self.done[index] {
             return Ok(done.clone());
         }
-        if self.in_progress[index] {
-            return Err(self.err(
-                from_line,
-                format!(
-                    "circular dependency detected on stage: {}",
-                    self.stage_label(index)
-                ),
-            ));
+        if self.driving {
+            self.need = Some((index, from_line));
+            return Err(Error::General {
+                file: self.file.clone(),
+                message: format!("internal: stage {index} deferred"),
+            });
         }
-        self.in_progress[index] = true;
+        self.driving = true;
+        let res = self.drive(index, from_line);
+        self.driving = false;
+        res
+    }
+
+    fn drive(&mut self, target: usize, from_line: usize) -> Result<StageResult> {
+        let mut stack: Vec<usize> = vec![target];
+        while let Some(&top) = stack.last() {
+            if self.done[top].is_some() {
+                stack.pop();
+                continue;
+            }
+            match self.convert_stage(top) {
+                Ok(res) => {
+                    self.done[top] = Some(res);
+                    stack.pop();
+                }
+                Err(e) => {
+                    let Some((j, line)) = self.need.take() else {
+                        return Err(e);
+                    };
+                    if stack.contains(&j) {
+                        return Err(self.err(
+                            line,
+                            format!(
+                                "circular dependency detected on stage: {}",
+                                self.stage_label(j)
+                            ),
+                        ));
+                    }
+                    stack.push(j);
+                }
+            }
+        }
+        self.done[target].clone().ok_or_else(|| {
+            self.err(
+                from_line,
+                format!("stage {} was not converted", self.stage_label(target)),
+            )
+        })
+    }
+
+    /// One attempt at converting stage `index`.
+    fn convert_stage(&mut self, index: usize) -> Result<StageResult> {
         let line = self.stages[index].line;
         let meta_env = self.meta_env();
-        let explicit_platform =
-            match self.stages[index].platform.clone() {
-                Some(p) => {
-                    let text = self.expand(&meta_env, &p, line)?;
-                    Some(Platform::parse(&text).ok_or_else(|| {
-                        self.err(line, format!("failed to parse platform {text:?}"))
-                    })?)
+        let explicit_platform = match self.stages[index].platform.clone() {
+            Some(p) => {
+                let text = self.expand(&meta_env, &p, line)?;
+                if text.is_empty() {
+                    return Err(self.err(line, format!("empty platform value from expression {p}")));
                 }
-                None => None,
-            };
+                Some(
+                    Platform::parse(&text)
+                        .ok_or_else(|| self.err(line, format!("failed to parse platform {p}")))?,
+                )
+            }
+            None => None,
+        };
         let raw_image = self.stages[index].image.clone();
         let image = self.expand(&meta_env, &raw_image, line)?;
         if image.is_empty() {
@@ -879,8 +933,6 @@ impl<'a> Converter<'a> {
             build_env: st.build_env,
             args: st.args,
         };
-        self.in_progress[index] = false;
-        self.done[index] = Some(result.clone());
         Ok(result)
     }
 
@@ -1167,14 +1219,8 @@ impl<'a> Converter<'a> {
             }
             Instruction::StopSignal(s) => {
                 let s = self.expand(&env, s, line)?;
-                let valid = s.parse::<u32>().is_ok()
-                    || (s.len() > 3
-                        && s.to_ascii_uppercase().starts_with("SIG")
-                        && s[3..]
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-'));
-                if !valid {
-                    return Err(self.err(line, format!("invalid signal: {s}")));
+                if !is_signal(&s) {
+                    return Err(self.err(line, format!("Invalid signal: {s}")));
                 }
                 st.config.config.stop_signal = s.clone();
                 st.history(format!("STOPSIGNAL {s}"), true);
@@ -1714,6 +1760,33 @@ impl<'a> Converter<'a> {
         st.history(format!("{msg} # buildkit"), false);
         Ok(())
     }
+}
+
+/// Whether Docker accepts this as a STOPSIGNAL: a non-zero number or a Linux signal
+/// name, with or without `SIG`.
+fn is_signal(s: &str) -> bool {
+    if let Ok(n) = s.parse::<u32>() {
+        return n != 0;
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    const NAMES: &[&str] = &[
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "UNUSED", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
+        "XFSZ", "RTMIN", "RTMAX",
+    ];
+    if NAMES.contains(&name) {
+        return true;
+    }
+    // RTMIN+n / RTMAX-n.
+    let rt = |prefix: &str, sep: char| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(sep))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| (1..=15).contains(&n))
+    };
+    rt("RTMIN", '+') || rt("RTMAX", '-')
 }
 
 /// A symbolic chmod (`u+x,go-w`, `a=rX`), which the copy carries as `modeStr`.

@@ -239,7 +239,10 @@ fn errors_name_the_line() {
         ("FROM a\nCOPY --from=1 a b\n", "Dockerfile:2: invalid from flag value 1: stage index out of range"),
         ("FROM a AS x\nCOPY --from=x a b\n", "Dockerfile:2: invalid from flag value x: refers to current build stage"),
         ("FROM $NOPE\n", "Dockerfile:1: base name ($NOPE) should not be blank"),
-        ("FROM --platform=linux a\n", "Dockerfile:1: failed to parse platform \"linux\""),
+        ("FROM --platform=linux a\n", "Dockerfile:1: failed to parse platform linux"),
+        ("FROM --platform=$NOPE a\n", "Dockerfile:1: empty platform value from expression $NOPE"),
+        ("FROM a\nSTOPSIGNAL SIGNOPE\n", "Dockerfile:2: Invalid signal: SIGNOPE"),
+        ("FROM a\nSTOPSIGNAL 0\n", "Dockerfile:2: Invalid signal: 0"),
         ("FROM a\nRUN --network=bridge x\n", "Dockerfile:2: unsupported network mode \"bridge\""),
         ("FROM a\nCOPY a b c\n", "Dockerfile:2: When using COPY with more than one source file, the destination must be a directory and end with a /"),
         ("FROM a\nADD https://x/y /z\n", "Dockerfile:2: ADD from a URL or git repository is not supported: https://x/y"),
@@ -452,6 +455,63 @@ fn step_names_follow_buildkit() -> anyhow::Result<()> {
     assert_eq!(n[1], "[kid 2/4] ONBUILD RUN echo triggered");
     assert_eq!(n[2], "[kid 3/4] RUN k");
     Ok(())
+}
+
+#[test]
+fn deep_stage_chains_fit_a_small_stack() -> anyhow::Result<()> {
+    let chain = |n: usize| {
+        let mut src = String::from("FROM a AS s0\nRUN x\n");
+        for i in 1..n {
+            src.push_str(&format!(
+                "FROM s{} AS s{i}\nCOPY --from=s0 /a /b\nRUN y\n",
+                i - 1
+            ));
+        }
+        src
+    };
+    let worker = std::thread::Builder::new().stack_size(2 << 20).spawn(
+        move || -> Result<(usize, String)> {
+            let ok = conv(&chain(400), &opts())?;
+            // A cycle through the chain is still found.
+            let cyclic = chain(50).replacen("RUN x\n", "COPY --from=s49 /q /q\n", 1);
+            let err = conv(&cyclic, &opts())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            Ok((ok.definition.def.len(), err))
+        },
+    )?;
+    let (ops, err) = worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("conversion overflowed its stack"))??;
+    assert!(ops > 400);
+    assert!(err.contains("circular dependency detected"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn stop_signals() -> anyhow::Result<()> {
+    for sig in ["SIGTERM", "term", "9", "SIGRTMIN+3", "RTMAX-1"] {
+        let c = conv(&format!("FROM a\nSTOPSIGNAL {sig}\n"), &opts())?;
+        assert_eq!(c.config.config.stop_signal, sig);
+    }
+    Ok(())
+}
+
+#[test]
+fn go_formatting_helpers() {
+    assert_eq!(go_duration(0), "0s");
+    assert_eq!(go_duration(1_500), "1.5µs");
+    assert_eq!(go_duration(250_000_000), "250ms");
+    assert_eq!(go_duration(90_000_000_000), "1m30s");
+    assert_eq!(go_duration(3_600_000_000_000), "1h0m0s");
+    assert_eq!(go_duration(1_250_000_000), "1.25s");
+    assert_eq!(go_quote("a\"b\\c\n\u{1}é"), "\"a\\\"b\\\\c\\n\\x01é\"");
+    assert_eq!(
+        go_quote_list(&["sh".to_string(), "-c".to_string()]),
+        "[\"sh\" \"-c\"]"
+    );
+    assert_eq!(uppercase_cmd("run --x y"), "RUN --x y");
 }
 
 #[test]
