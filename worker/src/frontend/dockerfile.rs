@@ -9,4 +9,4 @@ pub mod instructions;
 pub mod parser;
 pub mod shell;
 
-pub use convert::{convert, required_images};
+pub use convert::{convert, missing_images, required_images};

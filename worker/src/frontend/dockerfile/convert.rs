@@ -28,16 +28,38 @@ const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 const PLACEHOLDER_DIGEST: &str =
     "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The images a Dockerfile refers to for these options (FROM and COPY --from=image).
+/// The images a Dockerfile refers to for these options (FROM, COPY --from=image and
+/// RUN --mount=from=image), for the stages the target needs, in first-use order.
+///
+/// Base images are not known yet, so what depends on their configs (ONBUILD triggers,
+/// variables from their ENV) is not seen; [`missing_images`] finds those once the
+/// first round is resolved.
 pub fn required_images(src: &str, opts: &BuildOpts) -> Result<Vec<ImageRef>> {
-    let mut c = Converter::new(src, opts, None)?;
+    let empty = ResolvedImages::new();
+    let mut c = Converter::new(src, opts, Some(&empty), true)?;
     c.run()?;
     Ok(c.requested)
 }
 
+/// The images [`convert`] would still ask for given the already resolved `images`
+/// (empty when `convert` can run). Use it after resolving [`required_images`] until it
+/// returns nothing, so images named by base images' ONBUILD triggers are found too.
+pub fn missing_images(
+    src: &str,
+    opts: &BuildOpts,
+    images: &ResolvedImages,
+) -> Result<Vec<ImageRef>> {
+    let mut c = Converter::new(src, opts, Some(images), true)?;
+    c.run()?;
+    Ok(c.requested
+        .into_iter()
+        .filter(|r| !images.contains_key(r))
+        .collect())
+}
+
 /// Converts a Dockerfile to LLB and an image config.
 pub fn convert(src: &str, opts: &BuildOpts, images: &ResolvedImages) -> Result<Converted> {
-    let mut c = Converter::new(src, opts, Some(images))?;
+    let mut c = Converter::new(src, opts, Some(images), false)?;
     let (root, config) = c.run()?;
     let definition = match root {
         Some(out) => c.builder.marshal(&out),
@@ -106,6 +128,8 @@ struct Converter<'a> {
     auto_args: Env,
     target_platform: Platform,
     images: Option<&'a ResolvedImages>,
+    /// Record every image asked for, using placeholders for unknown ones.
+    collect: bool,
     requested: Vec<ImageRef>,
     builder: Builder,
     context: Option<Output>,
@@ -390,6 +414,7 @@ impl<'a> Converter<'a> {
         src: &str,
         opts: &'a BuildOpts,
         images: Option<&'a ResolvedImages>,
+        collect: bool,
     ) -> Result<Converter<'a>> {
         let file = if opts.filename.is_empty() {
             "Dockerfile".to_string()
@@ -472,6 +497,7 @@ impl<'a> Converter<'a> {
             auto_args,
             target_platform,
             images,
+            collect,
             requested: Vec::new(),
             builder: Builder::new(),
             context: None,
@@ -651,7 +677,7 @@ impl<'a> Converter<'a> {
         reference: &str,
         platform: &Platform,
         line: usize,
-    ) -> Result<ResolvedImageMeta> {
+    ) -> Result<(ResolvedImageMeta, bool)> {
         if normalize_reference(reference).is_none() {
             return Err(self.err(line, format!("invalid reference format: {reference:?}")));
         }
@@ -659,23 +685,23 @@ impl<'a> Converter<'a> {
             reference: reference.to_string(),
             platform: platform.clone(),
         };
-        match self.images {
-            None => {
-                if !self.requested.contains(&key) {
-                    self.requested.push(key);
-                }
-                Ok(ResolvedImageMeta {
+        if self.collect && !self.requested.contains(&key) {
+            self.requested.push(key.clone());
+        }
+        match self.images.and_then(|i| i.get(&key)) {
+            Some(meta) => Ok((meta.clone(), true)),
+            None if self.collect => Ok((
+                ResolvedImageMeta {
                     canonical: normalize_reference(reference).unwrap_or_default(),
                     digest: PLACEHOLDER_DIGEST.to_string(),
                     config: ImageConfigFile::default(),
-                })
-            }
-            Some(images) => images.get(&key).cloned().ok_or_else(|| {
-                self.err(
-                    line,
-                    format!("image {reference:?} for {platform} was not resolved"),
-                )
-            }),
+                },
+                false,
+            )),
+            None => Err(self.err(
+                line,
+                format!("image {reference:?} for {platform} was not resolved"),
+            )),
         }
     }
 
@@ -818,13 +844,13 @@ impl<'a> Converter<'a> {
             (base.root, base.config, platform)
         } else {
             let platform = explicit_platform.unwrap_or_else(|| self.target_platform.clone());
-            let meta = self.image_meta(&image, &platform, line)?;
+            let (meta, known) = self.image_meta(&image, &platform, line)?;
             // BuildKit names the FROM step before it counts the base's triggers.
             let total = counted + 1;
             step = 1;
             let name = step_name(&prefix, 1, total, false, "FROM {image}");
             // An image without layers is scratch (BuildKit checks the same way).
-            let layerless = self.images.is_some()
+            let layerless = known
                 && meta.config.rootfs.diff_ids.is_empty()
                 && meta.config.history.iter().all(|h| h.empty_layer);
             let out = if layerless {
@@ -972,7 +998,7 @@ impl<'a> Converter<'a> {
             )),
             Some(j) => Ok((self.stage(j, line)?.root, SourceKind::Stage)),
             None => {
-                let meta = self.image_meta(&from, &st.platform, line)?;
+                let (meta, _) = self.image_meta(&from, &st.platform, line)?;
                 let out = self.image_op(&meta, &st.platform, "FROM {image}".to_string());
                 Ok((Some(out), SourceKind::Image))
             }
@@ -1804,39 +1830,49 @@ fn is_symbolic_mode(m: &str) -> bool {
 }
 
 /// Test images: any reference resolves to a config with `PATH`, `BASE=1` and `CMD sh`;
-/// references containing `onbuild` carry ONBUILD triggers.
+/// references containing `onbuild` carry ONBUILD triggers (`onbuild-copy`: one that
+/// copies from another image). Resolved in rounds, as a caller of [`missing_images`] does.
 #[cfg(test)]
 pub(crate) fn test_images(src: &str, opts: &BuildOpts) -> Result<ResolvedImages> {
     use sha2::Digest as _;
     let mut out = ResolvedImages::new();
-    for r in required_images(src, opts)? {
-        let mut config = ImageConfigFile::default();
-        config.config.env = vec![format!("PATH={DEFAULT_PATH}"), "BASE=1".to_string()];
-        config.config.cmd = Some(vec!["sh".to_string()]);
-        config.rootfs.diff_ids = vec![PLACEHOLDER_DIGEST.to_string()];
-        config.history.push(History {
-            created_by: "base layer".to_string(),
-            ..Default::default()
-        });
-        if r.reference.contains("onbuild") {
-            config.config.on_build = vec![
-                "RUN echo triggered".to_string(),
-                "ENV FROM_TRIGGER=1".to_string(),
-            ];
+    let mut todo = required_images(src, opts)?;
+    for _round in 0..4 {
+        for r in todo {
+            let mut config = ImageConfigFile::default();
+            config.config.env = vec![format!("PATH={DEFAULT_PATH}"), "BASE=1".to_string()];
+            config.config.cmd = Some(vec!["sh".to_string()]);
+            config.rootfs.diff_ids = vec![PLACEHOLDER_DIGEST.to_string()];
+            config.history.push(History {
+                created_by: "base layer".to_string(),
+                ..Default::default()
+            });
+            if r.reference.contains("onbuild-copy") {
+                config.config.on_build = vec!["COPY --from=helper:1 /x /x".to_string()];
+            } else if r.reference.contains("onbuild") {
+                config.config.on_build = vec![
+                    "RUN echo triggered".to_string(),
+                    "ENV FROM_TRIGGER=1".to_string(),
+                ];
+            }
+            let canonical = normalize_reference(&r.reference).unwrap_or_default();
+            let digest = format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
+            );
+            out.insert(
+                r,
+                ResolvedImageMeta {
+                    canonical,
+                    digest,
+                    config,
+                },
+            );
         }
-        let canonical = normalize_reference(&r.reference).unwrap_or_default();
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
-        );
-        out.insert(
-            r,
-            ResolvedImageMeta {
-                canonical,
-                digest,
-                config,
-            },
-        );
+        todo = missing_images(src, opts, &out)?;
+        if todo.is_empty() {
+            break;
+        }
     }
     Ok(out)
 }

@@ -217,6 +217,25 @@ fn onbuild_triggers_run_first_and_are_not_inherited() -> anyhow::Result<()> {
 }
 
 #[test]
+fn missing_images_finds_images_named_by_triggers() -> anyhow::Result<()> {
+    let src = "FROM onbuild-copy:1\nRUN true\n";
+    let first = required_images(src, &opts())?;
+    assert_eq!(refs(&first), vec!["onbuild-copy:1 linux/amd64"]);
+    let images = test_images(src, &opts())?;
+    assert_eq!(images.len(), 2);
+    assert!(missing_images(src, &opts(), &images)?.is_empty());
+    let mut partial = images.clone();
+    partial.retain(|r, _| r.reference == "onbuild-copy:1");
+    assert_eq!(
+        refs(&missing_images(src, &opts(), &partial)?),
+        vec!["helper:1 linux/amd64"]
+    );
+    let c = convert(src, &opts(), &images)?;
+    assert!(sources(&c)?.iter().any(|s| s.contains("helper:1@")));
+    Ok(())
+}
+
+#[test]
 fn onbuild_of_an_earlier_stage_runs_in_the_child() -> anyhow::Result<()> {
     let c = conv(
         "FROM a AS base\nONBUILD RUN echo child\nFROM base\n",
@@ -648,7 +667,12 @@ fn mutated_dockerfiles_never_panic() -> anyhow::Result<()> {
         state
     };
     let mut converted = 0;
-    for round in 0..600 {
+    // KILN_PROPTEST_ROUNDS raises the count for a longer local run.
+    let rounds = std::env::var("KILN_PROPTEST_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(600);
+    for round in 0..rounds {
         let base = &seeds[round % seeds.len()];
         let mut s: Vec<char> = base.chars().collect();
         for _ in 0..(1 + next() % 4) {
