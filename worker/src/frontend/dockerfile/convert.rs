@@ -740,7 +740,7 @@ impl<'a> Converter<'a> {
     /// The result of stage `index`, converting it (once) if needed.
     ///
     /// Conversion never recurses: a stage that needs an unconverted stage stops with
-    /// [`Converter::need`] set, the driver converts the needed stage and then starts the
+    /// `need` set, the driver converts the needed stage and then starts the
     /// first one again. Stack use is therefore bounded whatever the input, and the
     /// abandoned attempt leaves at most unreachable ops, which `marshal` drops.
     fn stage(&mut self, index: usize, from_line: usize) -> Result<StageResult> {
