@@ -27,6 +27,10 @@ pub struct Builder {
     ops: Vec<(String, Vec<u8>)>,
     seen: HashMap<String, usize>,
     inputs: HashMap<String, Vec<String>>,
+    /// Source ranges (1-based first and last line) of each op, for error messages.
+    locations: HashMap<String, Vec<(usize, usize)>>,
+    /// The file the locations refer to: name and contents.
+    source: Option<(String, Vec<u8>)>,
     metadata: BTreeMap<String, pb::OpMetadata>,
 }
 
@@ -52,6 +56,19 @@ impl Builder {
             self.metadata.insert(digest.clone(), md);
         }
         digest
+    }
+
+    /// Names the source file that [`Builder::add_location`] ranges refer to.
+    pub fn set_source(&mut self, filename: &str, data: &[u8]) {
+        self.source = Some((filename.to_string(), data.to_vec()));
+    }
+
+    /// Records that an op comes from lines `start..=end` (1-based) of the source file.
+    pub fn add_location(&mut self, digest: &str, start: usize, end: usize) {
+        let ranges = self.locations.entry(digest.to_string()).or_default();
+        if !ranges.contains(&(start, end)) {
+            ranges.push((start, end));
+        }
     }
 
     /// Whether an op with this digest was added.
@@ -88,6 +105,43 @@ impl Builder {
             ..Default::default()
         };
         def.push(terminal.encode_to_vec());
+        let source = self.source.as_ref().map(|(filename, data)| {
+            let position = |line: usize| pb::Position {
+                line: i32::try_from(line).unwrap_or(i32::MAX),
+                character: 0,
+            };
+            pb::Source {
+                locations: self
+                    .locations
+                    .iter()
+                    .filter(|(d, _)| reachable.contains(*d))
+                    .map(|(d, ranges)| {
+                        let loc = pb::Location {
+                            source_index: 0,
+                            ranges: ranges
+                                .iter()
+                                .map(|&(s, e)| pb::Range {
+                                    start: Some(position(s)),
+                                    end: Some(position(e)),
+                                })
+                                .collect(),
+                        };
+                        (
+                            d.clone(),
+                            pb::Locations {
+                                locations: vec![loc],
+                            },
+                        )
+                    })
+                    .collect(),
+                infos: vec![pb::SourceInfo {
+                    filename: filename.clone(),
+                    data: data.clone(),
+                    definition: None,
+                    language: "Dockerfile".to_string(),
+                }],
+            }
+        });
         pb::Definition {
             def,
             metadata: self
@@ -96,7 +150,7 @@ impl Builder {
                 .filter(|(d, _)| reachable.contains(*d))
                 .map(|(d, m)| (d.clone(), m.clone()))
                 .collect(),
-            source: None,
+            source,
         }
     }
 }

@@ -137,6 +137,8 @@ struct Converter<'a> {
     done: Vec<Option<StageResult>>,
     /// Build args some ARG declared (for the "not consumed" warning).
     used_args: std::collections::BTreeSet<String>,
+    /// Lines of the instruction being converted (for source locations).
+    cur_lines: Option<(usize, usize)>,
     /// A stage conversion is running (nested needs go through `need`).
     driving: bool,
     /// The stage (and the line that needs it) the running conversion is waiting for.
@@ -490,6 +492,7 @@ impl<'a> Converter<'a> {
             escape: parsed.escape,
             done: vec![None; stages.len()],
             used_args: Default::default(),
+            cur_lines: None,
             driving: false,
             need: None,
             stages,
@@ -523,6 +526,8 @@ impl<'a> Converter<'a> {
                 }
             }
         }
+        let file = c.file.clone();
+        c.builder.set_source(&file, src.as_bytes());
         if let Err(e) = PatternMatcher::new(&c.exclude_patterns) {
             return Err(Error::General {
                 file: ".dockerignore".to_string(),
@@ -634,7 +639,15 @@ impl<'a> Converter<'a> {
             constraints: Some(Default::default()),
         };
         let digest = self.builder.add(&op, Some(md));
+        self.locate(&digest);
         Output { digest, index: 0 }
+    }
+
+    /// Ties an op to the lines of the instruction being converted.
+    fn locate(&mut self, digest: &str) {
+        if let Some((start, end)) = self.cur_lines {
+            self.builder.add_location(digest, start, end);
+        }
     }
 
     /// The build context source op (shared by every use).
@@ -724,6 +737,7 @@ impl<'a> Converter<'a> {
         let md = self.metadata(name, None);
         let digest = self.builder.add(&op, None);
         self.builder.set_metadata_if_absent(&digest, md);
+        self.locate(&digest);
         Output { digest, index: 0 }
     }
 
@@ -800,6 +814,7 @@ impl<'a> Converter<'a> {
     /// One attempt at converting stage `index`.
     fn convert_stage(&mut self, index: usize) -> Result<StageResult> {
         let line = self.stages[index].line;
+        self.cur_lines = Some((line, line));
         let meta_env = self.meta_env();
         let explicit_platform = match self.stages[index].platform.clone() {
             Some(p) => {
@@ -936,6 +951,7 @@ impl<'a> Converter<'a> {
                     );
                 }
                 instr.line = line;
+                instr.end_line = line;
                 st.onbuild = true;
                 let res = self.dispatch(&mut st, &instr);
                 st.onbuild = false;
@@ -1014,6 +1030,7 @@ impl<'a> Converter<'a> {
 
     fn dispatch(&mut self, st: &mut Stage, instr: &Instr) -> Result<()> {
         let line = instr.line;
+        self.cur_lines = Some((instr.line, instr.end_line));
         let env = st.env();
         match &instr.kind {
             Instruction::From { .. } => Err(self.err(line, "unexpected FROM")),

@@ -114,6 +114,8 @@ pub struct Instr {
     pub kind: Instruction,
     /// 1-based line.
     pub line: usize,
+    /// 1-based last line (continuations and heredocs included).
+    pub end_line: usize,
     /// The instruction as written (continuations joined).
     pub original: String,
     /// Heredocs of the instruction.
@@ -621,6 +623,7 @@ pub fn parse_node(node: &Node, escape: char) -> Result<Instr, InstrError> {
     Ok(Instr {
         kind,
         line: node.line,
+        end_line: node.end_line,
         original: node.original.clone(),
         heredocs: node.heredocs.clone(),
     })

@@ -534,6 +534,35 @@ fn go_formatting_helpers() {
 }
 
 #[test]
+fn ops_carry_source_locations() -> anyhow::Result<()> {
+    let src = "FROM a\n\nRUN echo \\\n  hi\nCOPY x /x\n";
+    let c = conv(src, &opts())?;
+    let source = c
+        .definition
+        .source
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no source map"))?;
+    assert_eq!(source.infos[0].filename, "Dockerfile");
+    assert_eq!(source.infos[0].data, src.as_bytes());
+    let g = crate::llb::decode(&c.definition)?;
+    let mut lines = Vec::new();
+    for v in &g.vertices {
+        if let Some(l) = source.locations.get(&v.digest) {
+            let r = &l.locations[0].ranges[0];
+            lines.push((
+                r.start.as_ref().map(|p| p.line),
+                r.end.as_ref().map(|p| p.line),
+            ));
+        }
+    }
+    assert_eq!(
+        lines,
+        vec![(Some(1), Some(1)), (Some(3), Some(4)), (Some(5), Some(5))]
+    );
+    Ok(())
+}
+
+#[test]
 fn conversion_is_deterministic() -> anyhow::Result<()> {
     let src = "FROM a\nCOPY . /src\nRUN make\n";
     let mut o = opts();
