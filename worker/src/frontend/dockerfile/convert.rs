@@ -1574,8 +1574,47 @@ impl<'a> Converter<'a> {
                     ));
                 }
                 let dest = abs_target(&t);
+                // Ownership or mode for a new cache: BuildKit seeds it from a directory
+                // made in scratch and mounts that directory.
+                let (input, selector) = if uid.is_some() || gid.is_some() || mode.is_some() {
+                    let by_id = |id: u32| pb::UserOpt {
+                        user: Some(pb::user_opt::User::ById(id)),
+                    };
+                    let mkdir = pb::FileAction {
+                        input: -1,
+                        secondary_input: -1,
+                        output: 0,
+                        action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                            path: "/cache".to_string(),
+                            mode: mode.unwrap_or(0o755) as i32,
+                            make_parents: true,
+                            owner: Some(pb::ChownOpt {
+                                user: Some(by_id(uid.unwrap_or(0))),
+                                group: Some(by_id(gid.unwrap_or(0))),
+                            }),
+                            timestamp: -1,
+                        })),
+                    };
+                    let md = self.metadata(
+                        "[internal] settings cache mount permissions".to_string(),
+                        None,
+                    );
+                    let out = self.add_op(
+                        &[],
+                        pb::op::Op::File(pb::FileOp {
+                            actions: vec![mkdir],
+                        }),
+                        &st.platform,
+                        md,
+                    );
+                    inputs.push(out);
+                    (inputs.len() as i64 - 1, "/cache".to_string())
+                } else {
+                    (-1, String::new())
+                };
                 Ok(pb::Mount {
-                    input: -1,
+                    input,
+                    selector,
                     dest: dest.clone(),
                     output: -1,
                     readonly: readonly.unwrap_or(false),
