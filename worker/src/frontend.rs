@@ -1,6 +1,17 @@
 //! Frontends turn a build description into LLB. Only `dockerfile.v0` exists. A
 //! frontend does no I/O: what it needs from outside (base image configs, the
-//! `.dockerignore` text) is handed to it; it may use only `llb` and `image`.
+//! `.dockerignore` text) is handed to it; it may use only `llb` and `image` (and the
+//! pure `.dockerignore` parser in `source::local::patterns`).
+//!
+//! A caller resolves images in rounds, then converts:
+//!
+//! ```text
+//! refs = dockerfile::required_images(src, opts)        // FROM, COPY --from, mount from
+//! images = resolve(refs)
+//! while missing = dockerfile::missing_images(src, opts, &images), !missing.is_empty():
+//!     images += resolve(missing)                        // e.g. named by ONBUILD triggers
+//! converted = dockerfile::convert(src, opts, &images)
+//! ```
 
 pub mod dockerfile;
 

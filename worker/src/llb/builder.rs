@@ -26,6 +26,11 @@ pub struct Output {
 pub struct Builder {
     ops: Vec<(String, Vec<u8>)>,
     seen: HashMap<String, usize>,
+    inputs: HashMap<String, Vec<String>>,
+    /// Source ranges (1-based first and last line) of each op, for error messages.
+    locations: HashMap<String, Vec<(usize, usize)>>,
+    /// The file the locations refer to: name and contents.
+    source: Option<(String, Vec<u8>)>,
     metadata: BTreeMap<String, pb::OpMetadata>,
 }
 
@@ -42,11 +47,28 @@ impl Builder {
         if !self.seen.contains_key(&digest) {
             self.seen.insert(digest.clone(), self.ops.len());
             self.ops.push((digest.clone(), bytes));
+            self.inputs.insert(
+                digest.clone(),
+                op.inputs.iter().map(|i| i.digest.clone()).collect(),
+            );
         }
         if let Some(md) = metadata {
             self.metadata.insert(digest.clone(), md);
         }
         digest
+    }
+
+    /// Names the source file that [`Builder::add_location`] ranges refer to.
+    pub fn set_source(&mut self, filename: &str, data: &[u8]) {
+        self.source = Some((filename.to_string(), data.to_vec()));
+    }
+
+    /// Records that an op comes from lines `start..=end` (1-based) of the source file.
+    pub fn add_location(&mut self, digest: &str, start: usize, end: usize) {
+        let ranges = self.locations.entry(digest.to_string()).or_default();
+        if !ranges.contains(&(start, end)) {
+            ranges.push((start, end));
+        }
     }
 
     /// Whether an op with this digest was added.
@@ -59,9 +81,22 @@ impl Builder {
         self.metadata.entry(digest.to_string()).or_insert(metadata);
     }
 
-    /// The definition whose result is `result`.
+    /// The definition whose result is `result`: only the ops it depends on, in the order
+    /// they were added (inputs first), with their metadata.
     pub fn marshal(&self, result: &Output) -> pb::Definition {
-        let mut def: Vec<Vec<u8>> = self.ops.iter().map(|(_, b)| b.clone()).collect();
+        let mut reachable = std::collections::HashSet::new();
+        let mut todo = vec![result.digest.clone()];
+        while let Some(d) = todo.pop() {
+            if reachable.insert(d.clone()) {
+                todo.extend(self.inputs.get(&d).into_iter().flatten().cloned());
+            }
+        }
+        let mut def: Vec<Vec<u8>> = self
+            .ops
+            .iter()
+            .filter(|(d, _)| reachable.contains(d))
+            .map(|(_, b)| b.clone())
+            .collect();
         let terminal = pb::Op {
             inputs: vec![pb::Input {
                 digest: result.digest.clone(),
@@ -70,10 +105,52 @@ impl Builder {
             ..Default::default()
         };
         def.push(terminal.encode_to_vec());
+        let source = self.source.as_ref().map(|(filename, data)| {
+            let position = |line: usize| pb::Position {
+                line: i32::try_from(line).unwrap_or(i32::MAX),
+                character: 0,
+            };
+            pb::Source {
+                locations: self
+                    .locations
+                    .iter()
+                    .filter(|(d, _)| reachable.contains(*d))
+                    .map(|(d, ranges)| {
+                        let loc = pb::Location {
+                            source_index: 0,
+                            ranges: ranges
+                                .iter()
+                                .map(|&(s, e)| pb::Range {
+                                    start: Some(position(s)),
+                                    end: Some(position(e)),
+                                })
+                                .collect(),
+                        };
+                        (
+                            d.clone(),
+                            pb::Locations {
+                                locations: vec![loc],
+                            },
+                        )
+                    })
+                    .collect(),
+                infos: vec![pb::SourceInfo {
+                    filename: filename.clone(),
+                    data: data.clone(),
+                    definition: None,
+                    language: "Dockerfile".to_string(),
+                }],
+            }
+        });
         pb::Definition {
             def,
-            metadata: self.metadata.clone().into_iter().collect(),
-            source: None,
+            metadata: self
+                .metadata
+                .iter()
+                .filter(|(d, _)| reachable.contains(*d))
+                .map(|(d, m)| (d.clone(), m.clone()))
+                .collect(),
+            source,
         }
     }
 }
@@ -125,6 +202,39 @@ pub fn encode_op(op: &pb::Op) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marshal_keeps_only_what_the_result_needs() -> anyhow::Result<()> {
+        let mut b = Builder::new();
+        let src = |id: &str| pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: id.to_string(),
+                attrs: Default::default(),
+            })),
+            ..Default::default()
+        };
+        let a = b.add(&src("a"), None);
+        let unused = b.add(&src("unused"), Some(pb::OpMetadata::default()));
+        let user = pb::Op {
+            inputs: vec![pb::Input {
+                digest: a.clone(),
+                index: 0,
+            }],
+            op: Some(pb::op::Op::File(pb::FileOp::default())),
+            ..Default::default()
+        };
+        let top = b.add(&user, None);
+        let def = b.marshal(&Output {
+            digest: top.clone(),
+            index: 0,
+        });
+        assert_eq!(def.def.len(), 3);
+        assert!(!def.metadata.contains_key(&unused));
+        let g = crate::llb::decode(&def)?;
+        assert_eq!(g.vertices.len(), 2);
+        assert_eq!(g.vertices[0].digest, a);
+        Ok(())
+    }
 
     #[test]
     fn source_attrs_encode_sorted_and_decode_back() -> anyhow::Result<()> {

@@ -16,3 +16,5 @@ RUN --mount=type=bind,from=deps,source=/deps.txt,target=/mnt/deps.txt \
 RUN --network=none echo offline
 RUN --network=host echo host
 RUN --network=default echo default
+USER 1000
+RUN --mount=type=cache,target=/home/u/.cache,uid=1000,gid=1000,mode=0700 ls

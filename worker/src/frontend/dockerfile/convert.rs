@@ -22,20 +22,44 @@ use super::shell::{Env, Lexer};
 
 /// `PATH` a stage gets when its image sets none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// ARGs BuildKit keeps out of the build environment.
+const NON_ENV_ARGS: &[&str] = &["BUILDKIT_SBOM_SCAN_CONTEXT", "BUILDKIT_SBOM_SCAN_STAGE"];
 const HISTORY_COMMENT: &str = "buildkit.dockerfile.v0";
 const PLACEHOLDER_DIGEST: &str =
     "sha256:0000000000000000000000000000000000000000000000000000000000000000";
 
-/// The images a Dockerfile refers to for these options (FROM and COPY --from=image).
+/// The images a Dockerfile refers to for these options (FROM, COPY --from=image and
+/// RUN --mount=from=image), for the stages the target needs, in first-use order.
+///
+/// Base images are not known yet, so what depends on their configs (ONBUILD triggers,
+/// variables from their ENV) is not seen; [`missing_images`] finds those once the
+/// first round is resolved.
 pub fn required_images(src: &str, opts: &BuildOpts) -> Result<Vec<ImageRef>> {
-    let mut c = Converter::new(src, opts, None)?;
+    let empty = ResolvedImages::new();
+    let mut c = Converter::new(src, opts, Some(&empty), true)?;
     c.run()?;
     Ok(c.requested)
 }
 
+/// The images [`convert`] would still ask for given the already resolved `images`
+/// (empty when `convert` can run). Use it after resolving [`required_images`] until it
+/// returns nothing, so images named by base images' ONBUILD triggers are found too.
+pub fn missing_images(
+    src: &str,
+    opts: &BuildOpts,
+    images: &ResolvedImages,
+) -> Result<Vec<ImageRef>> {
+    let mut c = Converter::new(src, opts, Some(images), true)?;
+    c.run()?;
+    Ok(c.requested
+        .into_iter()
+        .filter(|r| !images.contains_key(r))
+        .collect())
+}
+
 /// Converts a Dockerfile to LLB and an image config.
 pub fn convert(src: &str, opts: &BuildOpts, images: &ResolvedImages) -> Result<Converted> {
-    let mut c = Converter::new(src, opts, Some(images))?;
+    let mut c = Converter::new(src, opts, Some(images), false)?;
     let (root, config) = c.run()?;
     let definition = match root {
         Some(out) => c.builder.marshal(&out),
@@ -73,7 +97,16 @@ struct StageResult {
     root: Option<Output>,
     config: ImageConfigFile,
     platform: Platform,
+    /// The build environment (image env, ENV and ARG values), inherited by `FROM <stage>`.
+    build_env: Vec<(String, String)>,
+    /// Declared ARGs, inherited by `FROM <stage>`.
+    args: Vec<(String, Option<String>)>,
 }
+
+/// Variables of a build environment, in definition order.
+type BuildEnv = Vec<(String, String)>;
+/// Declared ARGs and their values (None when declared without one).
+type DeclaredArgs = Vec<(String, Option<String>)>;
 
 /// Where a copy or bind mount reads from.
 #[derive(Clone)]
@@ -95,6 +128,8 @@ struct Converter<'a> {
     auto_args: Env,
     target_platform: Platform,
     images: Option<&'a ResolvedImages>,
+    /// Record every image asked for, using placeholders for unknown ones.
+    collect: bool,
     requested: Vec<ImageRef>,
     builder: Builder,
     context: Option<Output>,
@@ -102,7 +137,12 @@ struct Converter<'a> {
     done: Vec<Option<StageResult>>,
     /// Build args some ARG declared (for the "not consumed" warning).
     used_args: std::collections::BTreeSet<String>,
-    in_progress: Vec<bool>,
+    /// Lines of the instruction being converted (for source locations).
+    cur_lines: Option<(usize, usize)>,
+    /// A stage conversion is running (nested needs go through `need`).
+    driving: bool,
+    /// The stage (and the line that needs it) the running conversion is waiting for.
+    need: Option<(usize, usize)>,
     warnings: Vec<String>,
 }
 
@@ -111,6 +151,12 @@ struct Stage {
     index: usize,
     prefix: String,
     total: usize,
+    /// Progress steps named so far (`[name step/total]`).
+    step: usize,
+    /// Dispatching the base image's ONBUILD triggers.
+    onbuild: bool,
+    /// Image env, ENV and ARG values in definition order (BuildKit's state env).
+    build_env: Vec<(String, String)>,
     root: Option<Output>,
     config: ImageConfigFile,
     platform: Platform,
@@ -121,18 +167,17 @@ struct Stage {
 }
 
 impl Stage {
-    /// Variables for expansion: ARG values, overridden by ENV.
+    /// Variables for expansion: the build environment.
     fn env(&self) -> Env {
-        let mut env: Env = self
-            .args
-            .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone())))
-            .collect();
-        for kv in &self.config.config.env {
-            let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
-            env.insert(k.to_string(), v.to_string());
+        self.build_env.iter().cloned().collect()
+    }
+
+    /// Sets a variable in the build environment (in place if already set).
+    fn set_build_env(&mut self, key: &str, value: &str) {
+        match self.build_env.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value.to_string(),
+            None => self.build_env.push((key.to_string(), value.to_string())),
         }
-        env
     }
 
     /// ARG values only (for `--from`, which must not depend on the base image).
@@ -144,6 +189,7 @@ impl Stage {
     }
 
     fn set_env(&mut self, key: &str, value: &str) {
+        self.set_build_env(key, value);
         let entry = format!("{key}={value}");
         let env = &mut self.config.config.env;
         match env
@@ -155,28 +201,23 @@ impl Stage {
         }
     }
 
-    /// The exec environment: image env and ENV, then ARG values not shadowed by ENV.
+    /// The exec environment: the build environment, `PATH` defaulted.
     fn run_env(&self) -> Vec<String> {
-        let mut env = self.config.config.env.clone();
-        let has = |env: &[String], k: &str| {
-            env.iter()
-                .any(|kv| kv.split_once('=').map_or(kv.as_str(), |(n, _)| n) == k)
-        };
-        for (k, v) in &self.args {
-            if let Some(v) = v {
-                if !has(&env, k) {
-                    env.push(format!("{k}={v}"));
-                }
-            }
-        }
-        if !has(&env, "PATH") {
+        let mut env: Vec<String> = self
+            .build_env
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !self.build_env.iter().any(|(k, _)| k == "PATH") {
             env.push(format!("PATH={DEFAULT_PATH}"));
         }
         env
     }
 
-    fn name(&self, step: usize, text: &str) -> String {
-        format!("{}{}/{}] {}", self.prefix, step, self.total, text)
+    /// The next progress name: `[stage  3/12] TEXT`, as BuildKit numbers steps.
+    fn name(&mut self, text: &str) -> String {
+        self.step += 1;
+        step_name(&self.prefix, self.step, self.total, self.onbuild, text)
     }
 
     fn history(&mut self, created_by: String, empty_layer: bool) {
@@ -194,6 +235,101 @@ impl Stage {
         } else {
             -1
         }
+    }
+}
+
+/// `[prefix step/total] text`, the step right-aligned to the width of `total`.
+fn step_name(prefix: &str, step: usize, total: usize, onbuild: bool, text: &str) -> String {
+    if total == 0 {
+        return text.to_string();
+    }
+    let width = total.to_string().len();
+    let onbuild = if onbuild { "ONBUILD " } else { "" };
+    format!("{prefix}{step:>width$}/{total}] {onbuild}{text}")
+}
+
+/// The keyword of a command line in upper case (`run x` → `RUN x`).
+fn uppercase_cmd(text: &str) -> String {
+    match text.split_once(' ') {
+        Some((k, rest)) => format!("{} {rest}", k.to_ascii_uppercase()),
+        None => text.to_ascii_uppercase(),
+    }
+}
+
+/// Go's `%q` of a string.
+fn go_quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            '\u{7}' => out.push_str("\\a"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\u{b}' => out.push_str("\\v"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Go's `%q` of a string slice: `["a" "b"]`.
+fn go_quote_list(v: &[String]) -> String {
+    let items: Vec<String> = v.iter().map(|s| go_quote(s)).collect();
+    format!("[{}]", items.join(" "))
+}
+
+/// Go's `%v` of a string slice: `[a b]`.
+fn go_list(v: &[String]) -> String {
+    format!("[{}]", v.join(" "))
+}
+
+/// Go's `time.Duration` formatting (`1m30s`, `500ms`, `0s`).
+fn go_duration(ns: i64) -> String {
+    if ns == 0 {
+        return "0s".to_string();
+    }
+    let neg = ns < 0;
+    let u = ns.unsigned_abs();
+    let frac = |v: u64, unit: u64| -> String {
+        let whole = v / unit;
+        let rem = v % unit;
+        if rem == 0 {
+            return whole.to_string();
+        }
+        let digits = unit.to_string().len() - 1;
+        let f = format!("{rem:0digits$}");
+        format!("{whole}.{}", f.trim_end_matches('0'))
+    };
+    let s = if u < 1_000 {
+        format!("{u}ns")
+    } else if u < 1_000_000 {
+        format!("{}µs", frac(u, 1_000))
+    } else if u < 1_000_000_000 {
+        format!("{}ms", frac(u, 1_000_000))
+    } else {
+        let h = u / 3_600_000_000_000;
+        let m = (u / 60_000_000_000) % 60;
+        let sec = frac(u % 60_000_000_000, 1_000_000_000);
+        if h > 0 {
+            format!("{h}h{m}m{sec}s")
+        } else if m > 0 {
+            format!("{m}m{sec}s")
+        } else {
+            format!("{sec}s")
+        }
+    };
+    if neg {
+        format!("-{s}")
+    } else {
+        s
     }
 }
 
@@ -280,6 +416,7 @@ impl<'a> Converter<'a> {
         src: &str,
         opts: &'a BuildOpts,
         images: Option<&'a ResolvedImages>,
+        collect: bool,
     ) -> Result<Converter<'a>> {
         let file = if opts.filename.is_empty() {
             "Dockerfile".to_string()
@@ -335,9 +472,9 @@ impl<'a> Converter<'a> {
             return Err(Error::General {
                 file,
                 message: if parsed.nodes.is_empty() {
-                    "file with no instructions".to_string()
+                    "the Dockerfile cannot be empty".to_string()
                 } else {
-                    "missing FROM: the file has no build stage".to_string()
+                    "dockerfile contains no stages to build".to_string()
                 },
             });
         }
@@ -355,12 +492,15 @@ impl<'a> Converter<'a> {
             escape: parsed.escape,
             done: vec![None; stages.len()],
             used_args: Default::default(),
-            in_progress: vec![false; stages.len()],
+            cur_lines: None,
+            driving: false,
+            need: None,
             stages,
             meta_args: Vec::new(),
             auto_args,
             target_platform,
             images,
+            collect,
             requested: Vec::new(),
             builder: Builder::new(),
             context: None,
@@ -386,6 +526,8 @@ impl<'a> Converter<'a> {
                 }
             }
         }
+        let file = c.file.clone();
+        c.builder.set_source(&file, src.as_bytes());
         if let Err(e) = PatternMatcher::new(&c.exclude_patterns) {
             return Err(Error::General {
                 file: ".dockerignore".to_string(),
@@ -497,7 +639,15 @@ impl<'a> Converter<'a> {
             constraints: Some(Default::default()),
         };
         let digest = self.builder.add(&op, Some(md));
+        self.locate(&digest);
         Output { digest, index: 0 }
+    }
+
+    /// Ties an op to the lines of the instruction being converted.
+    fn locate(&mut self, digest: &str) {
+        if let Some((start, end)) = self.cur_lines {
+            self.builder.add_location(digest, start, end);
+        }
     }
 
     /// The build context source op (shared by every use).
@@ -540,7 +690,7 @@ impl<'a> Converter<'a> {
         reference: &str,
         platform: &Platform,
         line: usize,
-    ) -> Result<ResolvedImageMeta> {
+    ) -> Result<(ResolvedImageMeta, bool)> {
         if normalize_reference(reference).is_none() {
             return Err(self.err(line, format!("invalid reference format: {reference:?}")));
         }
@@ -548,23 +698,23 @@ impl<'a> Converter<'a> {
             reference: reference.to_string(),
             platform: platform.clone(),
         };
-        match self.images {
-            None => {
-                if !self.requested.contains(&key) {
-                    self.requested.push(key);
-                }
-                Ok(ResolvedImageMeta {
+        if self.collect && !self.requested.contains(&key) {
+            self.requested.push(key.clone());
+        }
+        match self.images.and_then(|i| i.get(&key)) {
+            Some(meta) => Ok((meta.clone(), true)),
+            None if self.collect => Ok((
+                ResolvedImageMeta {
                     canonical: normalize_reference(reference).unwrap_or_default(),
                     digest: PLACEHOLDER_DIGEST.to_string(),
                     config: ImageConfigFile::default(),
-                })
-            }
-            Some(images) => images.get(&key).cloned().ok_or_else(|| {
-                self.err(
-                    line,
-                    format!("image {reference:?} for {platform} was not resolved"),
-                )
-            }),
+                },
+                false,
+            )),
+            None => Err(self.err(
+                line,
+                format!("image {reference:?} for {platform} was not resolved"),
+            )),
         }
     }
 
@@ -587,6 +737,7 @@ impl<'a> Converter<'a> {
         let md = self.metadata(name, None);
         let digest = self.builder.add(&op, None);
         self.builder.set_metadata_if_absent(&digest, md);
+        self.locate(&digest);
         Output { digest, index: 0 }
     }
 
@@ -600,64 +751,145 @@ impl<'a> Converter<'a> {
         }
     }
 
-    /// Converts stage `index` (once) and returns its result.
+    /// The result of stage `index`, converting it (once) if needed.
+    ///
+    /// Conversion never recurses: a stage that needs an unconverted stage stops with
+    /// `need` set, the driver converts the needed stage and then starts the
+    /// first one again. Stack use is therefore bounded whatever the input, and the
+    /// abandoned attempt leaves at most unreachable ops, which `marshal` drops.
     fn stage(&mut self, index: usize, from_line: usize) -> Result<StageResult> {
         if let Some(done) = &self.done[index] {
             return Ok(done.clone());
         }
-        if self.in_progress[index] {
-            return Err(self.err(
-                from_line,
-                format!(
-                    "circular dependency detected on stage: {}",
-                    self.stage_label(index)
-                ),
-            ));
+        if self.driving {
+            self.need = Some((index, from_line));
+            return Err(Error::General {
+                file: self.file.clone(),
+                message: format!("internal: stage {index} deferred"),
+            });
         }
-        self.in_progress[index] = true;
-        let line = self.stages[index].line;
-        let meta_env = self.meta_env();
-        let explicit_platform =
-            match self.stages[index].platform.clone() {
-                Some(p) => {
-                    let text = self.expand(&meta_env, &p, line)?;
-                    Some(Platform::parse(&text).ok_or_else(|| {
-                        self.err(line, format!("failed to parse platform {text:?}"))
-                    })?)
+        self.driving = true;
+        let res = self.drive(index, from_line);
+        self.driving = false;
+        res
+    }
+
+    fn drive(&mut self, target: usize, from_line: usize) -> Result<StageResult> {
+        let mut stack: Vec<usize> = vec![target];
+        while let Some(&top) = stack.last() {
+            if self.done[top].is_some() {
+                stack.pop();
+                continue;
+            }
+            match self.convert_stage(top) {
+                Ok(res) => {
+                    self.done[top] = Some(res);
+                    stack.pop();
                 }
-                None => None,
-            };
+                Err(e) => {
+                    let Some((j, line)) = self.need.take() else {
+                        return Err(e);
+                    };
+                    if stack.contains(&j) {
+                        return Err(self.err(
+                            line,
+                            format!(
+                                "circular dependency detected on stage: {}",
+                                self.stage_label(j)
+                            ),
+                        ));
+                    }
+                    stack.push(j);
+                }
+            }
+        }
+        self.done[target].clone().ok_or_else(|| {
+            self.err(
+                from_line,
+                format!("stage {} was not converted", self.stage_label(target)),
+            )
+        })
+    }
+
+    /// One attempt at converting stage `index`.
+    fn convert_stage(&mut self, index: usize) -> Result<StageResult> {
+        let line = self.stages[index].line;
+        self.cur_lines = Some((line, line));
+        let meta_env = self.meta_env();
+        let explicit_platform = match self.stages[index].platform.clone() {
+            Some(p) => {
+                let text = self.expand(&meta_env, &p, line)?;
+                if text.is_empty() {
+                    return Err(self.err(line, format!("empty platform value from expression {p}")));
+                }
+                Some(
+                    Platform::parse(&text)
+                        .ok_or_else(|| self.err(line, format!("failed to parse platform {p}")))?,
+                )
+            }
+            None => None,
+        };
         let raw_image = self.stages[index].image.clone();
         let image = self.expand(&meta_env, &raw_image, line)?;
         if image.is_empty() {
             return Err(self.err(line, format!("base name ({raw_image}) should not be blank")));
         }
         let prefix = self.prefix(index);
-        let total = self.stages[index].instrs.len() + 1;
-        let (root, mut config, platform) = if image.eq_ignore_ascii_case("scratch") {
+        let counted = self.stages[index]
+            .instrs
+            .iter()
+            .filter(|i| {
+                matches!(
+                    i.kind,
+                    Instruction::Run { .. } | Instruction::Copy(_) | Instruction::Workdir(_)
+                )
+            })
+            .count();
+        let base_stage = self.stage_by_name(&image).filter(|j| *j < index);
+        let is_scratch = image.eq_ignore_ascii_case("scratch");
+        let mut step = 0;
+        let mut inherited: Option<(BuildEnv, DeclaredArgs)> = None;
+        let (root, mut config, platform) = if is_scratch {
             let platform = explicit_platform.unwrap_or_else(|| self.target_platform.clone());
             (None, ImageConfigFile::default(), platform)
-        } else if let Some(j) = self.stage_by_name(&image).filter(|j| *j < index) {
+        } else if let Some(j) = base_stage {
             let base = self.stage(j, line)?;
             let platform = explicit_platform.unwrap_or(base.platform);
+            inherited = Some((base.build_env, base.args));
             (base.root, base.config, platform)
         } else {
             let platform = explicit_platform.unwrap_or_else(|| self.target_platform.clone());
-            let meta = self.image_meta(&image, &platform, line)?;
-            let name = format!("{prefix}1/{total}] FROM {{image}}");
-            let out = self.image_op(&meta, &platform, name);
-            (Some(out), meta.config, platform)
+            let (meta, known) = self.image_meta(&image, &platform, line)?;
+            // BuildKit names the FROM step before it counts the base's triggers.
+            let total = counted + 1;
+            step = 1;
+            let name = step_name(&prefix, 1, total, false, "FROM {image}");
+            // An image without layers is scratch (BuildKit checks the same way).
+            let layerless = known
+                && meta.config.rootfs.diff_ids.is_empty()
+                && meta.config.history.iter().all(|h| h.empty_layer);
+            let out = if layerless {
+                None
+            } else {
+                Some(self.image_op(&meta, &platform, name))
+            };
+            (out, meta.config, platform)
         };
+        let has_from_step = !is_scratch && base_stage.is_none();
         config.architecture = platform.architecture.clone();
         config.os = platform.os.clone();
         config.variant = (!platform.variant.is_empty()).then(|| platform.variant.clone());
         config.rootfs.diff_ids.clear();
         config.created = None;
         let triggers = std::mem::take(&mut config.config.on_build);
+        let total = counted + usize::from(has_from_step) + triggers.len();
         let mut st = Stage {
             index,
             prefix,
             total,
+            step,
+            onbuild: false,
+            build_env: Vec::new(),
             root,
             shell: if config.config.shell.is_empty() {
                 vec!["/bin/sh".to_string(), "-c".to_string()]
@@ -683,6 +915,24 @@ impl<'a> Converter<'a> {
         {
             st.config.config.env.push(format!("PATH={DEFAULT_PATH}"));
         }
+        match inherited {
+            Some((build_env, args)) => {
+                st.build_env = build_env;
+                st.args = args;
+            }
+            None => {
+                st.build_env = st
+                    .config
+                    .config
+                    .env
+                    .iter()
+                    .map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+                        (k.to_string(), v.to_string())
+                    })
+                    .collect();
+            }
+        }
         // ONBUILD triggers of the base run first, named after the FROM step.
         for trigger in triggers {
             let parsed = parser::parse(&trigger).map_err(|e| {
@@ -701,14 +951,17 @@ impl<'a> Converter<'a> {
                     );
                 }
                 instr.line = line;
-                instr.original = format!("ONBUILD {}", instr.original);
-                self.dispatch(&mut st, &instr, 1)?;
+                instr.end_line = line;
+                st.onbuild = true;
+                let res = self.dispatch(&mut st, &instr);
+                st.onbuild = false;
+                res?;
             }
         }
         let instrs = std::mem::take(&mut self.stages[index].instrs);
         let mut res = Ok(());
-        for (k, instr) in instrs.iter().enumerate() {
-            res = self.dispatch(&mut st, instr, k + 2);
+        for instr in &instrs {
+            res = self.dispatch(&mut st, instr);
             if res.is_err() {
                 break;
             }
@@ -719,9 +972,9 @@ impl<'a> Converter<'a> {
             root: st.root,
             config: st.config,
             platform: st.platform,
+            build_env: st.build_env,
+            args: st.args,
         };
-        self.in_progress[index] = false;
-        self.done[index] = Some(result.clone());
         Ok(result)
     }
 
@@ -761,15 +1014,23 @@ impl<'a> Converter<'a> {
             )),
             Some(j) => Ok((self.stage(j, line)?.root, SourceKind::Stage)),
             None => {
-                let meta = self.image_meta(&from, &st.platform, line)?;
+                let (meta, _) = self.image_meta(&from, &st.platform, line)?;
                 let out = self.image_op(&meta, &st.platform, "FROM {image}".to_string());
                 Ok((Some(out), SourceKind::Image))
             }
         }
     }
 
-    fn dispatch(&mut self, st: &mut Stage, instr: &Instr, step: usize) -> Result<()> {
+    /// The progress name of an instruction: variables expanded for display, keyword in
+    /// upper case, step prefix.
+    fn step_name(&self, st: &mut Stage, instr: &Instr, suffix: &str) -> String {
+        let text = format!("{}{suffix}", instr.original);
+        st.name(&uppercase_cmd(&self.lexer.display(&text, &st.env())))
+    }
+
+    fn dispatch(&mut self, st: &mut Stage, instr: &Instr) -> Result<()> {
         let line = instr.line;
+        self.cur_lines = Some((instr.line, instr.end_line));
         let env = st.env();
         match &instr.kind {
             Instruction::From { .. } => Err(self.err(line, "unexpected FROM")),
@@ -796,7 +1057,11 @@ impl<'a> Converter<'a> {
                             .and_then(|(_, v)| v.clone())
                             .or_else(|| self.auto_args.get(k).cloned()),
                     };
-                    st.args.retain(|(n, _)| n != k);
+                    if let Some(v) = &value {
+                        if !NON_ENV_ARGS.contains(&k.as_str()) {
+                            st.set_build_env(k, v);
+                        }
+                    }
                     st.args.push((k.clone(), value));
                 }
                 st.history(format!("ARG {}", parts.join(" ")), true);
@@ -849,8 +1114,8 @@ impl<'a> Converter<'a> {
                 cmd,
                 mounts,
                 network,
-            } => self.dispatch_run(st, instr, step, cmd, mounts, network.as_deref()),
-            Instruction::Copy(c) => self.dispatch_copy(st, instr, step, c),
+            } => self.dispatch_run(st, instr, cmd, mounts, network.as_deref()),
+            Instruction::Copy(c) => self.dispatch_copy(st, instr, c),
             Instruction::Workdir(p) => {
                 let p = self.expand(&env, p, line)?;
                 let wd = join_path(&st.cwd, &p);
@@ -866,12 +1131,13 @@ impl<'a> Converter<'a> {
                             path: wd.clone(),
                             mode: 0o755,
                             make_parents: true,
-                            owner: None,
+                            owner: chown_opt(&st.config.config.user, st.root_index()),
                             timestamp: -1,
                         })),
                     };
                     let inputs: Vec<Output> = st.root.iter().cloned().collect();
-                    let md = self.metadata(st.name(step, &instr.original), Some(&instr.original));
+                    let name = self.step_name(st, instr, "");
+                    let md = self.metadata(name, Some(&instr.original));
                     let out = self.add_op(
                         &inputs,
                         pb::op::Op::File(pb::FileOp {
@@ -922,7 +1188,7 @@ impl<'a> Converter<'a> {
                         }
                     }
                 }
-                st.history(format!("EXPOSE {}", keys.join(" ")), true);
+                st.history(format!("EXPOSE {}", go_list(&keys)), true);
                 Ok(())
             }
             Instruction::Volume(vols) => {
@@ -938,7 +1204,7 @@ impl<'a> Converter<'a> {
                         .insert(v.clone(), serde_json::json!({}));
                     out.push(v);
                 }
-                st.history(format!("VOLUME {}", json_list(&out)), true);
+                st.history(format!("VOLUME {}", go_list(&out)), true);
                 Ok(())
             }
             Instruction::Entrypoint(c) => {
@@ -947,20 +1213,21 @@ impl<'a> Converter<'a> {
                 if !st.cmd_set {
                     st.config.config.cmd = None;
                 }
-                st.history(format!("ENTRYPOINT {}", json_list(&args)), true);
+                st.history(format!("ENTRYPOINT {}", go_quote_list(&args)), true);
                 Ok(())
             }
             Instruction::Cmd(c) => {
                 let args = self.cmd_args(st, c);
                 st.config.config.cmd = Some(args.clone());
+                st.config.config.args_escaped = true;
                 st.cmd_set = true;
-                st.history(format!("CMD {}", json_list(&args)), true);
+                st.history(format!("CMD {}", go_quote_list(&args)), true);
                 Ok(())
             }
             Instruction::Shell(v) => {
                 st.shell = v.clone();
                 st.config.config.shell = v.clone();
-                st.history(format!("SHELL {}", json_list(v)), true);
+                st.history(format!("SHELL {}", go_list(v)), true);
                 Ok(())
             }
             Instruction::Healthcheck(h) => {
@@ -973,6 +1240,15 @@ impl<'a> Converter<'a> {
                         t
                     }
                 };
+                let created_by = format!(
+                    "HEALTHCHECK {{Test:{} Interval:{} Timeout:{} StartPeriod:{} StartInterval:{} Retries:{}}}",
+                    go_list(&test),
+                    go_duration(h.interval),
+                    go_duration(h.timeout),
+                    go_duration(h.start_period),
+                    go_duration(h.start_interval),
+                    h.retries
+                );
                 st.config.config.healthcheck = Some(HealthConfig {
                     test,
                     interval: h.interval,
@@ -981,27 +1257,21 @@ impl<'a> Converter<'a> {
                     start_interval: h.start_interval,
                     retries: h.retries,
                 });
-                st.history(instr.original.clone(), true);
+                st.history(created_by, true);
                 Ok(())
             }
             Instruction::StopSignal(s) => {
                 let s = self.expand(&env, s, line)?;
-                let valid = s.parse::<u32>().is_ok()
-                    || (s.len() > 3
-                        && s.to_ascii_uppercase().starts_with("SIG")
-                        && s[3..]
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-'));
-                if !valid {
-                    return Err(self.err(line, format!("invalid signal: {s}")));
+                if !is_signal(&s) {
+                    return Err(self.err(line, format!("Invalid signal: {s}")));
                 }
                 st.config.config.stop_signal = s.clone();
                 st.history(format!("STOPSIGNAL {s}"), true);
                 Ok(())
             }
             Instruction::OnBuild(t) => {
+                // Stored for children; BuildKit writes no history entry for it.
                 st.config.config.on_build.push(t.clone());
-                st.history(format!("ONBUILD {t}"), true);
                 Ok(())
             }
         }
@@ -1043,14 +1313,8 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn mkfile_op(
-        &mut self,
-        st: &Stage,
-        h: &Heredoc,
-        data: String,
-        mode: i32,
-        name: String,
-    ) -> Output {
+    /// A scratch FileOp holding one heredoc body as `/<name>`.
+    fn mkfile_op(&mut self, st: &Stage, h: &Heredoc, data: String, mode: i32) -> Output {
         let action = pb::FileAction {
             input: -1,
             secondary_input: -1,
@@ -1063,7 +1327,7 @@ impl<'a> Converter<'a> {
                 timestamp: -1,
             })),
         };
-        let md = self.metadata(name, None);
+        let md = self.metadata("[internal] preparing inline document".to_string(), None);
         self.add_op(
             &[],
             pb::op::Op::File(pb::FileOp {
@@ -1074,21 +1338,24 @@ impl<'a> Converter<'a> {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn dispatch_run(
         &mut self,
         st: &mut Stage,
         instr: &Instr,
-        step: usize,
         cmd: &CmdLine,
         mount_flags: &[String],
         network: Option<&str>,
     ) -> Result<()> {
         let line = instr.line;
         let env = st.env();
-        let name = st.name(step, &instr.original);
         let mut inputs: Vec<Output> = st.root.iter().cloned().collect();
         let mut extra: Vec<pb::Mount> = Vec::new();
+        let mut name_suffix = String::new();
+        let with_shell = |cmd: String| {
+            let mut a = st.shell.clone();
+            a.push(cmd);
+            a
+        };
         let args: Vec<String> = match cmd {
             CmdLine::Exec(v) => v.clone(),
             CmdLine::Shell(s) if !instr.heredocs.is_empty() => {
@@ -1097,20 +1364,21 @@ impl<'a> Converter<'a> {
                     && s.split_whitespace().count() == 1;
                 if single {
                     let h = &instr.heredocs[0];
+                    let summary = h.content.trim();
+                    let mut lines = summary.lines();
+                    name_suffix = format!(" ({}", lines.next().unwrap_or_default());
+                    if lines.next().is_some() {
+                        name_suffix.push_str("...");
+                    }
+                    name_suffix.push(')');
                     if h.content.starts_with("#!") {
                         // A script with its own interpreter: mount it and exec it.
-                        let script = self.mkfile_op(
-                            st,
-                            h,
-                            h.content.clone(),
-                            0o755,
-                            format!("{name} (heredoc)"),
-                        );
+                        let script = self.mkfile_op(st, h, h.content.clone(), 0o755);
                         inputs.push(script);
                         extra.push(pb::Mount {
                             input: inputs.len() as i64 - 1,
-                            selector: format!("/{}", h.name),
-                            dest: format!("/dev/pipes/{}", h.name),
+                            selector: "/".to_string(),
+                            dest: "/dev/pipes/".to_string(),
                             output: -1,
                             readonly: true,
                             mount_type: pb::MountType::Bind as i32,
@@ -1118,30 +1386,22 @@ impl<'a> Converter<'a> {
                         });
                         vec![format!("/dev/pipes/{}", h.name)]
                     } else {
-                        let mut a = st.shell.clone();
-                        a.push(h.content.clone());
-                        a
+                        with_shell(h.content.clone())
                     }
                 } else {
                     // The shell runs the heredocs itself.
                     let mut script = s.clone();
-                    script.push('\n');
                     for h in &instr.heredocs {
+                        script.push('\n');
                         script.push_str(&h.content);
                         script.push_str(&h.name);
-                        script.push('\n');
                     }
-                    let mut a = st.shell.clone();
-                    a.push(script);
-                    a
+                    with_shell(script)
                 }
             }
-            CmdLine::Shell(s) => {
-                let mut a = st.shell.clone();
-                a.push(s.clone());
-                a
-            }
+            CmdLine::Shell(s) => with_shell(s.clone()),
         };
+        let name = self.step_name(st, instr, &name_suffix);
         for m in mount_flags {
             let m = self.expand(&env, m, line)?;
             let mount = self.parse_mount(st, &m, line, &mut inputs)?;
@@ -1181,20 +1441,18 @@ impl<'a> Converter<'a> {
         let md = self.metadata(name, Some(&instr.original));
         let out = self.add_op(&inputs, pb::op::Op::Exec(exec), &st.platform, md);
         st.root = Some(out);
-        // History like BuildKit: `RUN |N K=V … args # buildkit`.
+        // History like BuildKit: `RUN |N K=V … args # buildkit`, values from the build env.
         let mut words: Vec<String> = Vec::new();
         let declared: Vec<String> = st
             .args
             .iter()
-            .filter_map(|(k, v)| {
-                let v = st
-                    .config
-                    .config
-                    .env
-                    .iter()
-                    .find_map(|kv| kv.strip_prefix(&format!("{k}=")).map(str::to_string))
-                    .or_else(|| v.clone())?;
-                Some(format!("{k}={v}"))
+            .map(|(k, v)| {
+                let v = env
+                    .get(k)
+                    .cloned()
+                    .or_else(|| v.clone())
+                    .unwrap_or_default();
+                format!("{k}={v}")
             })
             .collect();
         if !declared.is_empty() {
@@ -1316,8 +1574,47 @@ impl<'a> Converter<'a> {
                     ));
                 }
                 let dest = abs_target(&t);
+                // Ownership or mode for a new cache: BuildKit seeds it from a directory
+                // made in scratch and mounts that directory.
+                let (input, selector) = if uid.is_some() || gid.is_some() || mode.is_some() {
+                    let by_id = |id: u32| pb::UserOpt {
+                        user: Some(pb::user_opt::User::ById(id)),
+                    };
+                    let mkdir = pb::FileAction {
+                        input: -1,
+                        secondary_input: -1,
+                        output: 0,
+                        action: Some(pb::file_action::Action::Mkdir(pb::FileActionMkDir {
+                            path: "/cache".to_string(),
+                            mode: mode.unwrap_or(0o755) as i32,
+                            make_parents: true,
+                            owner: Some(pb::ChownOpt {
+                                user: Some(by_id(uid.unwrap_or(0))),
+                                group: Some(by_id(gid.unwrap_or(0))),
+                            }),
+                            timestamp: -1,
+                        })),
+                    };
+                    let md = self.metadata(
+                        "[internal] settings cache mount permissions".to_string(),
+                        None,
+                    );
+                    let out = self.add_op(
+                        &[],
+                        pb::op::Op::File(pb::FileOp {
+                            actions: vec![mkdir],
+                        }),
+                        &st.platform,
+                        md,
+                    );
+                    inputs.push(out);
+                    (inputs.len() as i64 - 1, "/cache".to_string())
+                } else {
+                    (-1, String::new())
+                };
                 Ok(pb::Mount {
-                    input: -1,
+                    input,
+                    selector,
                     dest: dest.clone(),
                     output: -1,
                     readonly: readonly.unwrap_or(false),
@@ -1377,17 +1674,10 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn dispatch_copy(
-        &mut self,
-        st: &mut Stage,
-        instr: &Instr,
-        step: usize,
-        c: &CopyArgs,
-    ) -> Result<()> {
+    fn dispatch_copy(&mut self, st: &mut Stage, instr: &Instr, c: &CopyArgs) -> Result<()> {
         let line = instr.line;
         let env = st.env();
         let kw = if c.add { "ADD" } else { "COPY" };
-        let name = st.name(step, &instr.original);
         let dest_raw = self.expand(&env, &c.dest, line)?;
         if c.srcs.len() > 1 && !dest_raw.ends_with('/') {
             return Err(self.err(
@@ -1396,27 +1686,37 @@ impl<'a> Converter<'a> {
             ));
         }
         let mut dest = join_path(&st.cwd, &dest_raw);
-        if (dest_raw.ends_with('/') || dest_raw == "." || dest_raw.ends_with("/."))
+        if (dest_raw.ends_with('/')
+            || dest_raw == "."
+            || dest_raw.ends_with("/.")
+            || dest_raw.is_empty())
             && !dest.ends_with('/')
         {
             dest.push('/');
         }
-        let mode = match &c.chmod {
-            None => -1,
+        let (mode, mode_str) = match &c.chmod {
+            None => (-1, String::new()),
             Some(m) => {
                 let m = self.expand(&env, m, line)?;
-                parse_octal(&m).ok_or_else(|| {
-                    self.err(
-                        line,
-                        format!("invalid chmod parameter: {m:?}; only octal modes are supported"),
-                    )
-                })? as i32
+                match u32::from_str_radix(&m, 8) {
+                    Ok(v) if v <= 0o7777 => (v as i32, String::new()),
+                    _ if m.chars().all(|c| c.is_ascii_digit()) || !is_symbolic_mode(&m) => {
+                        return Err(self.err(
+                            line,
+                            format!("invalid chmod parameter: '{m}'. it should be octal string and between 0 and 07777"),
+                        ))
+                    }
+                    _ => (-1, m),
+                }
             }
         };
-        let chown = match &c.chown {
+        let chown_text = match &c.chown {
             None => None,
-            Some(ch) => chown_opt(&self.expand(&env, ch, line)?, st.root_index()),
+            Some(ch) => Some(self.expand(&env, ch, line)?),
         };
+        let chown = chown_text
+            .as_deref()
+            .and_then(|ch| chown_opt(ch, st.root_index()));
         let exclude = c
             .exclude
             .iter()
@@ -1427,6 +1727,7 @@ impl<'a> Converter<'a> {
             Some(f) => Some(self.source_for_from(st, f, line)?),
             None => None,
         };
+        let name = self.step_name(st, instr, "");
         let mut inputs: Vec<Output> = st.root.iter().cloned().collect();
         let base_index = st.root_index();
         let mut sources: Vec<(String, i64, SourceKind)> = Vec::new();
@@ -1447,7 +1748,8 @@ impl<'a> Converter<'a> {
                 },
             }
         };
-        let mut shown = Vec::new();
+        let mut shown_paths = Vec::new();
+        let mut shown_heredocs = Vec::new();
         for raw in &c.srcs {
             if let Some(h) = heredoc_for(raw) {
                 let data = if h.expand {
@@ -1457,18 +1759,17 @@ impl<'a> Converter<'a> {
                 } else {
                     h.content.clone()
                 };
-                let out =
-                    self.mkfile_op(st, h, data, 0o644, format!("{name} (heredoc {})", h.name));
+                let out = self.mkfile_op(st, h, data, 0o644);
                 let idx = index_of(&mut inputs, Some(out));
                 sources.push((format!("/{}", h.name), idx, SourceKind::Heredoc));
-                shown.push(raw.clone());
+                shown_heredocs.push(format!("<<{}", h.name));
                 continue;
             }
             let src = self.expand(&env, raw, line)?;
             if src.is_empty() {
                 return Err(self.err(line, format!("{kw} source can not be empty")));
             }
-            shown.push(src.clone());
+            shown_paths.push(src.clone());
             let (out, kind) = match &shared {
                 Some((o, k)) => (o.clone(), k.clone()),
                 None => {
@@ -1502,6 +1803,7 @@ impl<'a> Converter<'a> {
                     dest: dest.clone(),
                     owner: chown.clone(),
                     mode,
+                    mode_str: mode_str.clone(),
                     follow_symlink: true,
                     dir_copy_contents: true,
                     attempt_unpack_docker_compatibility: c.add
@@ -1523,55 +1825,110 @@ impl<'a> Converter<'a> {
             md,
         );
         st.root = Some(out);
+        // History like BuildKit: flags it prints, paths, heredocs, then the destination.
         let mut msg = kw.to_string();
-        if let Some(f) = &c.from {
-            msg.push_str(&format!(" --from={f}"));
+        if let Some(ch) = &chown_text {
+            msg.push_str(&format!(" --chown={ch}"));
         }
-        for s in &shown {
+        if let Some(m) = &c.chmod {
+            msg.push_str(&format!(" --chmod={m}"));
+        }
+        for s in shown_paths.iter().chain(&shown_heredocs) {
             msg.push(' ');
             msg.push_str(s);
         }
         msg.push(' ');
-        msg.push_str(&dest_raw);
+        msg.push_str(&c.dest);
         st.history(format!("{msg} # buildkit"), false);
         Ok(())
     }
 }
 
+/// Whether Docker accepts this as a STOPSIGNAL: a non-zero number or a Linux signal
+/// name, with or without `SIG`.
+fn is_signal(s: &str) -> bool {
+    if let Ok(n) = s.parse::<u32>() {
+        return n != 0;
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    const NAMES: &[&str] = &[
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "UNUSED", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU",
+        "XFSZ", "RTMIN", "RTMAX",
+    ];
+    if NAMES.contains(&name) {
+        return true;
+    }
+    // RTMIN+n / RTMAX-n.
+    let rt = |prefix: &str, sep: char| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(sep))
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|n| (1..=15).contains(&n))
+    };
+    rt("RTMIN", '+') || rt("RTMAX", '-')
+}
+
+/// A symbolic chmod (`u+x,go-w`, `a=rX`), which the copy carries as `modeStr`.
+fn is_symbolic_mode(m: &str) -> bool {
+    !m.is_empty()
+        && m.split(',').all(|clause| {
+            let who_end = clause
+                .find(|c: char| !"ugoa".contains(c))
+                .unwrap_or(clause.len());
+            let rest = &clause[who_end..];
+            let mut chars = rest.chars();
+            matches!(chars.next(), Some('+' | '-' | '='))
+                && chars.all(|c| "rwxXstugo+-=".contains(c))
+        })
+}
+
 /// Test images: any reference resolves to a config with `PATH`, `BASE=1` and `CMD sh`;
-/// references containing `onbuild` carry ONBUILD triggers.
+/// references containing `onbuild` carry ONBUILD triggers (`onbuild-copy`: one that
+/// copies from another image). Resolved in rounds, as a caller of [`missing_images`] does.
 #[cfg(test)]
 pub(crate) fn test_images(src: &str, opts: &BuildOpts) -> Result<ResolvedImages> {
     use sha2::Digest as _;
     let mut out = ResolvedImages::new();
-    for r in required_images(src, opts)? {
-        let mut config = ImageConfigFile::default();
-        config.config.env = vec![format!("PATH={DEFAULT_PATH}"), "BASE=1".to_string()];
-        config.config.cmd = Some(vec!["sh".to_string()]);
-        config.rootfs.diff_ids = vec![PLACEHOLDER_DIGEST.to_string()];
-        config.history.push(History {
-            created_by: "base layer".to_string(),
-            ..Default::default()
-        });
-        if r.reference.contains("onbuild") {
-            config.config.on_build = vec![
-                "RUN echo triggered".to_string(),
-                "ENV FROM_TRIGGER=1".to_string(),
-            ];
+    let mut todo = required_images(src, opts)?;
+    for _round in 0..4 {
+        for r in todo {
+            let mut config = ImageConfigFile::default();
+            config.config.env = vec![format!("PATH={DEFAULT_PATH}"), "BASE=1".to_string()];
+            config.config.cmd = Some(vec!["sh".to_string()]);
+            config.rootfs.diff_ids = vec![PLACEHOLDER_DIGEST.to_string()];
+            config.history.push(History {
+                created_by: "base layer".to_string(),
+                ..Default::default()
+            });
+            if r.reference.contains("onbuild-copy") {
+                config.config.on_build = vec!["COPY --from=helper:1 /x /x".to_string()];
+            } else if r.reference.contains("onbuild") {
+                config.config.on_build = vec![
+                    "RUN echo triggered".to_string(),
+                    "ENV FROM_TRIGGER=1".to_string(),
+                ];
+            }
+            let canonical = normalize_reference(&r.reference).unwrap_or_default();
+            let digest = format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
+            );
+            out.insert(
+                r,
+                ResolvedImageMeta {
+                    canonical,
+                    digest,
+                    config,
+                },
+            );
         }
-        let canonical = normalize_reference(&r.reference).unwrap_or_default();
-        let digest = format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(canonical.as_bytes()))
-        );
-        out.insert(
-            r,
-            ResolvedImageMeta {
-                canonical,
-                digest,
-                config,
-            },
-        );
+        todo = missing_images(src, opts, &out)?;
+        if todo.is_empty() {
+            break;
+        }
     }
     Ok(out)
 }

@@ -2,7 +2,7 @@
 //!
 //! [`parse_node`] gives a [`Node`] its meaning: the instruction, its `--flags` (checked
 //! against what the instruction accepts) and its arguments in shell or exec (JSON) form.
-//! Arguments stay unexpanded here; [`super::convert`] expands them with the stage's
+//! Arguments stay unexpanded here; [`super::convert`](mod@super::convert) expands them with the stage's
 //! variables through [`super::shell::Lexer`], because their values depend on the stage.
 
 use super::parser::{split_words_raw, Heredoc, Node};
@@ -114,6 +114,8 @@ pub struct Instr {
     pub kind: Instruction,
     /// 1-based line.
     pub line: usize,
+    /// 1-based last line (continuations and heredocs included).
+    pub end_line: usize,
     /// The instruction as written (continuations joined).
     pub original: String,
     /// Heredocs of the instruction.
@@ -560,10 +562,11 @@ fn parse_kind(node: &Node, escape: char) -> Result<Instruction, String> {
         "onbuild" => {
             flags.done()?;
             need_args("at least one argument")?;
-            let (trigger, trest) = match rest.split_once(char::is_whitespace) {
-                Some((t, r)) => (t.to_ascii_uppercase(), r.trim()),
-                None => (rest.to_ascii_uppercase(), ""),
-            };
+            let trigger = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_ascii_uppercase();
             match trigger.as_str() {
                 "ONBUILD" => {
                     return Err("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".to_string())
@@ -576,7 +579,8 @@ fn parse_kind(node: &Node, escape: char) -> Result<Instruction, String> {
             if !KEYWORDS.contains(&trigger.to_ascii_lowercase().as_str()) {
                 return Err(format!("unknown instruction: {trigger}"));
             }
-            Instruction::OnBuild(format!("{trigger} {trest}").trim_end().to_string())
+            // Stored as written, like BuildKit (the keyword keeps its case).
+            Instruction::OnBuild(rest.clone())
         }
         "maintainer" => {
             flags.done()?;
@@ -619,6 +623,7 @@ pub fn parse_node(node: &Node, escape: char) -> Result<Instr, InstrError> {
     Ok(Instr {
         kind,
         line: node.line,
+        end_line: node.end_line,
         original: node.original.clone(),
         heredocs: node.heredocs.clone(),
     })
@@ -777,7 +782,7 @@ mod tests {
     fn onbuild_rules() {
         assert_eq!(
             one("ONBUILD run echo hi"),
-            Ok(Instruction::OnBuild("RUN echo hi".into()))
+            Ok(Instruction::OnBuild("run echo hi".into()))
         );
         assert!(one("ONBUILD ONBUILD RUN x").is_err_and(|e| e.message.contains("Chaining")));
         assert!(one("ONBUILD FROM x").is_err_and(|e| e.message.contains("isn't allowed")));

@@ -192,6 +192,7 @@ fn allows_heredoc(keyword: &str) -> bool {
 
 /// Parses Dockerfile text into nodes.
 pub fn parse(src: &str) -> Result<Parsed, ParseError> {
+    let src = src.strip_prefix('\u{feff}').unwrap_or(src);
     let lines: Vec<&str> = src.lines().collect();
     let mut escape = '\\';
     let mut syntax = None;
@@ -334,6 +335,13 @@ mod tests {
         assert_eq!(p.nodes[1].keyword, "run");
         assert_eq!(p.nodes[1].rest, "echo hi");
         assert_eq!(p.nodes[1].line, 5);
+    }
+
+    #[test]
+    fn bom_and_crlf() {
+        let p = parse_ok("\u{feff}# escape=`\r\nFROM a\r\nRUN x `\r\n y\r\n");
+        assert_eq!(p.escape, '`');
+        assert_eq!(p.nodes[1].rest, "x  y");
     }
 
     #[test]

@@ -14,12 +14,33 @@ pub struct Lexer {
     pub escape: char,
     /// Heredoc bodies: quotes are plain characters and escapes stay unless before `$`.
     raw: bool,
+    /// Display names: quotes are kept in the output and unset variables stay as written.
+    display: bool,
 }
 
 impl Lexer {
     /// A lexer for this escape character.
     pub fn new(escape: char) -> Lexer {
-        Lexer { escape, raw: false }
+        Lexer {
+            escape,
+            raw: false,
+            display: false,
+        }
+    }
+
+    /// Expands variables for a progress name the way BuildKit shows commands: quotes
+    /// kept, unset variables left as written; the text itself on a lexer error.
+    pub fn display(&self, text: &str, env: &Env) -> String {
+        let lex = Lexer {
+            escape: self.escape,
+            raw: false,
+            display: true,
+        };
+        let mut w = Word::new(&lex, text, env);
+        match w.process_stop_on(None) {
+            Ok((s, _)) => s,
+            Err(_) => text.to_string(),
+        }
     }
 
     /// Expands a word to one string (quotes removed, nothing split).
@@ -41,6 +62,7 @@ impl Lexer {
         let lex = Lexer {
             escape: self.escape,
             raw: true,
+            display: false,
         };
         let mut w = Word::new(&lex, body, env);
         let (s, _) = w.process_stop_on(None)?;
@@ -91,6 +113,7 @@ struct Word<'a> {
     pos: usize,
     escape: char,
     raw: bool,
+    display: bool,
     env: &'a Env,
 }
 
@@ -101,6 +124,7 @@ impl<'a> Word<'a> {
             pos: 0,
             escape: lex.escape,
             raw: lex.raw,
+            display: lex.display,
             env,
         }
     }
@@ -182,7 +206,12 @@ impl<'a> Word<'a> {
                             .to_string(),
                     )
                 }
-                Some('\'') => return Ok(out),
+                Some('\'') => {
+                    if self.display {
+                        return Ok(format!("'{out}'"));
+                    }
+                    return Ok(out);
+                }
                 Some(c) => out.push(c),
             }
         }
@@ -200,6 +229,9 @@ impl<'a> Word<'a> {
             };
             if ch == '"' {
                 self.next();
+                if self.display {
+                    return Ok(format!("\"{out}\""));
+                }
                 return Ok(out);
             }
             if ch == '$' {
@@ -256,7 +288,11 @@ impl<'a> Word<'a> {
             if name.is_empty() {
                 return Ok("$".to_string());
             }
-            return Ok(self.get(&name).unwrap_or_default());
+            return Ok(match self.get(&name) {
+                Some(v) => v,
+                None if self.display => format!("${name}"),
+                None => String::new(),
+            });
         }
         self.next();
         match self.peek() {
@@ -269,6 +305,16 @@ impl<'a> Word<'a> {
             return Err("syntax error: missing '}'".to_string());
         };
         let value = self.get(&name);
+        if value.is_none() && self.display {
+            // Leave `${NAME…}` as written.
+            let mut text = format!("${{{name}{ch}");
+            if ch != '}' {
+                let (word, _) = self.process_stop_on(Some('}'))?;
+                text.push_str(&word);
+                text.push('}');
+            }
+            return Ok(text);
+        }
         match ch {
             '}' => Ok(value.unwrap_or_default()),
             ':' => {
@@ -429,6 +475,16 @@ mod tests {
         assert_eq!(words("a\\ b c"), Ok(vec!["a b".into(), "c".into()]));
         assert_eq!(words("'' x"), Ok(vec!["".into(), "x".into()]));
         assert_eq!(words("$E"), Ok(vec![]));
+    }
+
+    #[test]
+    fn display_keeps_quotes_and_unset() {
+        let lex = Lexer::new('\\');
+        assert_eq!(
+            lex.display("echo \"$A\" '$A' $NOPE ${NOPE} ${NOPE:-x} ${A:-x}", &env()),
+            "echo \"a\" '$A' $NOPE ${NOPE} ${NOPE:-x} a"
+        );
+        assert_eq!(lex.display("echo ${A", &env()), "echo ${A");
     }
 
     #[test]

@@ -164,22 +164,38 @@ fn compile(pattern: &str) -> Result<Vec<Token>, PatternError> {
     Ok(tokens)
 }
 
-fn match_tokens(tokens: &[Token], s: &[char]) -> bool {
-    let Some((first, rest)) = tokens.split_first() else {
-        return s.is_empty();
+/// Matches `tokens[ti..]` against `s[si..]`; `failed` remembers positions already
+/// known not to match, which keeps patterns like `*a*a*a*b` linear per position.
+fn match_tokens(tokens: &[Token], s: &[char], ti: usize, si: usize, failed: &mut [bool]) -> bool {
+    let key = ti * (s.len() + 1) + si;
+    if failed[key] {
+        return false;
+    }
+    let ok = match_uncached(tokens, s, ti, si, failed);
+    if !ok {
+        failed[key] = true;
+    }
+    ok
+}
+
+fn match_uncached(tokens: &[Token], s: &[char], ti: usize, si: usize, failed: &mut [bool]) -> bool {
+    let Some(first) = tokens.get(ti) else {
+        return si == s.len();
     };
+    let cur = s.get(si);
     match first {
-        Token::Lit(c) => s.first() == Some(c) && match_tokens(rest, &s[1..]),
-        Token::Any => s.first().is_some_and(|c| *c != '/') && match_tokens(rest, &s[1..]),
+        Token::Lit(c) => cur == Some(c) && match_tokens(tokens, s, ti + 1, si + 1, failed),
+        Token::Any => {
+            cur.is_some_and(|c| *c != '/') && match_tokens(tokens, s, ti + 1, si + 1, failed)
+        }
         Token::Class(ranges, negated) => {
-            s.first()
-                .is_some_and(|c| ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated)
-                && match_tokens(rest, &s[1..])
+            cur.is_some_and(|c| ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated)
+                && match_tokens(tokens, s, ti + 1, si + 1, failed)
         }
         Token::Star => {
-            let mut n = 0;
+            let mut n = si;
             loop {
-                if match_tokens(rest, &s[n..]) {
+                if match_tokens(tokens, s, ti + 1, n, failed) {
                     return true;
                 }
                 if n >= s.len() || s[n] == '/' {
@@ -189,10 +205,10 @@ fn match_tokens(tokens: &[Token], s: &[char]) -> bool {
             }
         }
         Token::DirStar => {
-            if match_tokens(rest, s) {
+            if match_tokens(tokens, s, ti + 1, si, failed) {
                 return true;
             }
-            (0..s.len()).any(|n| s[n] == '/' && match_tokens(rest, &s[n + 1..]))
+            (si..s.len()).any(|n| s[n] == '/' && match_tokens(tokens, s, ti + 1, n + 1, failed))
         }
         Token::Rest => true,
     }
@@ -200,7 +216,8 @@ fn match_tokens(tokens: &[Token], s: &[char]) -> bool {
 
 fn glob_matches(tokens: &[Token], path: &str) -> bool {
     let chars: Vec<char> = path.chars().collect();
-    match_tokens(tokens, &chars)
+    let mut failed = vec![false; (tokens.len() + 1) * (chars.len() + 1)];
+    match_tokens(tokens, &chars, 0, 0, &mut failed)
 }
 
 impl PatternMatcher {
@@ -477,6 +494,17 @@ mod tests {
         assert!(!m.might_match_children("vendor"));
         let m = pm(&["*", "!**/keep"]);
         assert!(m.might_match_children("any/dir"));
+    }
+
+    #[test]
+    fn pathological_patterns_are_fast() {
+        let pattern = "*a".repeat(30) + "b";
+        let m = pm(&[pattern.as_str()]);
+        let start = std::time::Instant::now();
+        assert!(!m.matches(&"a".repeat(200)));
+        let m = pm(&["**/a/**/a/**/a/**/a/**/b"]);
+        assert!(!m.matches(&"a/".repeat(100)));
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]
