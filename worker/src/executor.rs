@@ -296,6 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn echo_streams_and_exit_codes() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let mut spec = ProcessSpec {
             args: vec!["echo".into(), "hi".into()],
@@ -328,6 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn user_network_hosts_and_cwd() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let mut spec = sh("id -u; id -g");
         spec.user = "app".into();
@@ -364,6 +366,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_and_tmpfs_mounts() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let host = f._tmp.path().join("hostdir");
         std::fs::create_dir_all(&host)?;
@@ -396,6 +399,7 @@ mod tests {
 
     #[tokio::test]
     async fn cancel_kills_promptly_and_cleans_up() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let spec = ProcessSpec {
             args: vec!["sleep".into(), "100".into()],
@@ -426,6 +430,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_run_deletes_the_container() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let spec = ProcessSpec {
             args: vec!["sleep".into(), "100".into()],
@@ -451,6 +456,7 @@ mod tests {
 
     #[tokio::test]
     async fn runtime_errors_are_not_exit_codes() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let spec = ProcessSpec {
             args: vec!["/no/such/binary".into()],

@@ -250,6 +250,11 @@ pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> Result<Pat
     Ok(out)
 }
 
+/// Tests that time themselves take this lock exclusively; tests that load the machine
+/// (mounts, containers) share it, so timings are not skewed by the crate's own tests.
+#[cfg(test)]
+pub(crate) static HEAVY_TESTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,16 +413,19 @@ mod tests {
 
     #[test]
     fn overlay_write_delete_replace_commit() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         rw_roundtrip(Kind::Overlay)
     }
 
     #[test]
     fn copy_write_delete_replace_commit() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         rw_roundtrip(Kind::Copy)
     }
 
     #[test]
     fn copy_commit_detects_chmod_and_replaced_file() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir()?;
         let base = t.path();
@@ -448,6 +456,7 @@ mod tests {
 
     #[test]
     fn overlay_many_layers_and_empty() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         let t = tempfile::tempdir()?;
         let base = t.path();
         let mut layers = Vec::new();
@@ -495,6 +504,7 @@ mod tests {
 
     #[test]
     fn detect_finds_overlay() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         let t = tempfile::tempdir()?;
         assert_eq!(Snapshotter::detect(t.path()).kind(), Kind::Overlay);
         assert!(fs::read_dir(t.path())?.next().is_none());

@@ -2,8 +2,9 @@
 //! (honouring whiteouts and opaque directories), and a writable view is diffed back
 //! into an overlay-format upper directory on commit.
 //!
-//! Right after the layers are applied, every entry's inode number and change time are
-//! recorded. At commit, an entry with a different inode was replaced (a replaced
+//! Right after the layers are applied, every entry's inode number, birth time and change
+//! time are recorded. At commit, an entry with a different inode or birth time was
+//! replaced (a replaced
 //! directory becomes opaque); one with a different change time (or size, mode, owner,
 //! mtime) was modified: writes, `chmod`, `chown` and `setxattr` all bump the ctime.
 
@@ -20,6 +21,9 @@ use super::{ActiveMount, MountState, Result};
 #[derive(Debug, Clone)]
 struct Record {
     ino: u64,
+    /// Birth time, where the filesystem keeps one: tells a recreated entry from the
+    /// original when the inode number is reused.
+    btime: Option<std::time::SystemTime>,
     fmt: u32,
     mode: u32,
     uid: u32,
@@ -33,6 +37,7 @@ impl Record {
     fn of(m: &Metadata) -> Record {
         Record {
             ino: m.ino(),
+            btime: m.created().ok(),
             fmt: m.mode() & libc::S_IFMT,
             mode: m.mode(),
             uid: m.uid(),
@@ -268,7 +273,7 @@ impl Materialized {
             let now = Record::of(&meta);
             match self.records.get(&rel_child) {
                 None => w.copy_tree(&rel_child, &meta, false)?,
-                Some(old) if old.ino != now.ino || old.fmt != now.fmt => {
+                Some(old) if old.ino != now.ino || old.btime != now.btime || old.fmt != now.fmt => {
                     let opaque = old.fmt == libc::S_IFDIR && meta.is_dir();
                     w.copy_tree(&rel_child, &meta, opaque)?;
                 }
