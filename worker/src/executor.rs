@@ -331,11 +331,11 @@ mod tests {
     async fn user_network_hosts_and_cwd() -> anyhow::Result<()> {
         let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
-        let mut spec = sh("id -u; id -g");
+        let mut spec = sh("id -u; id -g; echo $HOME");
         spec.user = "app".into();
         let (res, out, _) = run(&f, "kiln-t-user", &spec).await;
         res?;
-        assert_eq!(out, "1000\n1000\n");
+        assert_eq!(out, "1000\n1000\n/home/app\n");
 
         let mut spec = sh("cat /proc/net/dev");
         spec.network = Network::None;

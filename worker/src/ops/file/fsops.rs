@@ -4,7 +4,7 @@
 //!
 //! Copy rules follow BuildKit's file backend ([`copy`]): globs, directory contents,
 //! destination directories, chown/chmod/timestamps, include/exclude patterns
-//! ([`pattern`]) and Docker-compatible tar auto-extraction ([`unpack`]).
+//! ([`pattern`]) and Docker-compatible tar auto-extraction (module `unpack`).
 
 mod copy;
 pub mod pattern;
