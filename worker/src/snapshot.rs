@@ -8,6 +8,8 @@ pub mod layer;
 mod materialize;
 mod overlay;
 
+pub use overlay::MAX_LAYERS;
+
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -482,6 +484,44 @@ mod tests {
         assert_eq!(fs::read_to_string(merged.join("top"))?, "149");
         drop(ro);
         assert!(!merged.join("top").exists());
+
+        // More layers than one mount takes: the bottom ones grouped into a nested
+        // read-only overlay; a whiteout above the group still hides what is in it.
+        let mut many = layers.clone();
+        for i in 150..MAX_LAYERS {
+            let l = base.join(format!("layers/more-{i:04}"));
+            write(&l.join("top"), &i.to_string())?;
+            many.push(l);
+        }
+        fsutil::make_whiteout(&many[200].join("f3"))?;
+        fsutil::make_whiteout(&many[100].join("f1"))?;
+        let (u3, w3, m3) = (base.join("u3"), base.join("w3"), base.join("m3"));
+        for d in [&u3, &w3, &m3] {
+            fs::create_dir_all(d)?;
+        }
+        let m = snap.mount(&many, &u3, &w3, &m3)?;
+        let top = (MAX_LAYERS - 1).to_string();
+        assert_eq!(fs::read_to_string(m3.join("top"))?, top);
+        assert_eq!(fs::read_to_string(m3.join("f0"))?, "0");
+        assert!(!m3.join("f3").exists() && !m3.join("f1").exists());
+        assert_eq!(fs::read_to_string(m3.join("f2"))?, "2");
+        fs::write(m3.join("f0"), "changed")?;
+        m.commit()?;
+        assert_eq!(fs::read_to_string(u3.join("f0"))?, "changed");
+        let ro = snap.mount_readonly(&many, &m3)?;
+        assert_eq!(fs::read_to_string(m3.join("top"))?, top);
+        ro.commit()?;
+        many.push(u3.clone());
+        let err = snap
+            .mount_readonly(&many, &m3)
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
+        assert!(err.to_string().contains("at most"), "{err}");
+        let leftovers: Vec<_> = fs::read_dir(base)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".lower-group"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
 
         // No layers at all.
         let (u2, w2, m2) = (base.join("u2"), base.join("w2"), base.join("m2"));
