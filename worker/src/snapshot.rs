@@ -435,6 +435,8 @@ mod tests {
         write(&base.join("l/g"), "g")?;
         write(&base.join("l/h"), "h")?;
         write(&base.join("l/untouched"), "u")?;
+        fs::create_dir_all(base.join("l/sub"))?;
+        fs::hard_link(base.join("l/untouched"), base.join("l/sub/linked"))?;
         let (upper, merged) = (base.join("upper"), base.join("m"));
         fs::create_dir_all(&upper)?;
         let m = Snapshotter::with_kind(Kind::Copy).mount(
@@ -443,6 +445,11 @@ mod tests {
             &base.join("w"),
             &merged,
         )?;
+        assert_eq!(
+            fs::metadata(merged.join("untouched"))?.ino(),
+            fs::metadata(merged.join("sub/linked"))?.ino(),
+            "hard link across directories not kept"
+        );
         fs::set_permissions(merged.join("f"), fs::Permissions::from_mode(0o700))?;
         fs::remove_file(merged.join("g"))?;
         fs::write(merged.join("g"), "g")?;

@@ -87,9 +87,12 @@ pub(super) fn mount(
     }
     let mut dir_times = Vec::new();
     for layer in layers {
-        apply_layer(layer, target, Path::new(""), &mut dir_times).inspect_err(|_| {
-            let _ = clear_dir(target);
-        })?;
+        let mut links = HashMap::new();
+        apply_layer(layer, target, Path::new(""), &mut dir_times, &mut links).inspect_err(
+            |_| {
+                let _ = clear_dir(target);
+            },
+        )?;
     }
     for (path, sec, nsec) in dir_times.iter().rev() {
         fsutil::set_mtime(path, *sec, *nsec)?;
@@ -171,19 +174,20 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<OsString>> {
     Ok(names)
 }
 
-/// Applies the layer dir `layer` (at relative dir `rel`) onto `target`.
+/// Applies the layer dir `layer` (at relative dir `rel`) onto `target`; files linked
+/// more than once in the layer stay hard links (`links`: first copy of each inode).
 fn apply_layer(
     layer: &Path,
     target: &Path,
     rel: &Path,
     dir_times: &mut Vec<(PathBuf, i64, i64)>,
+    links: &mut HashMap<(u64, u64), PathBuf>,
 ) -> Result<()> {
     let src_dir = layer.join(rel);
     let opts = MetaOpts {
         xattrs: true,
         ..MetaOpts::default()
     };
-    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for name in read_dir_sorted(&src_dir)? {
         let rel_child = rel.join(&name);
         let src = layer.join(&rel_child);
@@ -203,7 +207,7 @@ fn apply_layer(
             }
             fsutil::apply_dir_meta(&src, &meta, &dst, &opts)?;
             dir_times.push((dst.clone(), meta.mtime(), meta.mtime_nsec()));
-            apply_layer(layer, target, &rel_child, dir_times)?;
+            apply_layer(layer, target, &rel_child, dir_times, links)?;
             continue;
         }
         fsutil::remove_any(&dst)?;
