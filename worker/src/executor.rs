@@ -195,8 +195,13 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// An executor keeping bundles and runtime state under `root`.
+    /// An executor keeping bundles and runtime state under `root` (created if missing).
     pub fn new(runtime: Runtime, root: PathBuf) -> Result<Executor> {
+        std::fs::create_dir_all(&root).map_err(|source| Error::Io {
+            op: "mkdir",
+            path: root.clone(),
+            source,
+        })?;
         Ok(Executor { runtime, root })
     }
 
