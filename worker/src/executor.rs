@@ -195,8 +195,13 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// An executor keeping bundles and runtime state under `root`.
+    /// An executor keeping bundles and runtime state under `root` (created if missing).
     pub fn new(runtime: Runtime, root: PathBuf) -> Result<Executor> {
+        std::fs::create_dir_all(&root).map_err(|source| Error::Io {
+            op: "mkdir",
+            path: root.clone(),
+            source,
+        })?;
         Ok(Executor { runtime, root })
     }
 
@@ -296,6 +301,7 @@ mod tests {
 
     #[tokio::test]
     async fn echo_streams_and_exit_codes() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let mut spec = ProcessSpec {
             args: vec!["echo".into(), "hi".into()],
@@ -328,12 +334,13 @@ mod tests {
 
     #[tokio::test]
     async fn user_network_hosts_and_cwd() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
-        let mut spec = sh("id -u; id -g");
+        let mut spec = sh("id -u; id -g; echo $HOME");
         spec.user = "app".into();
         let (res, out, _) = run(&f, "kiln-t-user", &spec).await;
         res?;
-        assert_eq!(out, "1000\n1000\n");
+        assert_eq!(out, "1000\n1000\n/home/app\n");
 
         let mut spec = sh("cat /proc/net/dev");
         spec.network = Network::None;
@@ -364,6 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_and_tmpfs_mounts() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let host = f._tmp.path().join("hostdir");
         std::fs::create_dir_all(&host)?;
@@ -396,6 +404,7 @@ mod tests {
 
     #[tokio::test]
     async fn cancel_kills_promptly_and_cleans_up() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let spec = ProcessSpec {
             args: vec!["sleep".into(), "100".into()],
@@ -426,6 +435,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropped_run_deletes_the_container() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let spec = ProcessSpec {
             args: vec!["sleep".into(), "100".into()],
@@ -451,6 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn runtime_errors_are_not_exit_codes() -> anyhow::Result<()> {
+        let _heavy = crate::snapshot::HEAVY_TESTS.read().await;
         let f = fixture()?;
         let spec = ProcessSpec {
             args: vec!["/no/such/binary".into()],

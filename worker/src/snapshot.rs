@@ -8,6 +8,8 @@ pub mod layer;
 mod materialize;
 mod overlay;
 
+pub use overlay::MAX_LAYERS;
+
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -250,6 +252,11 @@ pub fn resolve_in_root(root: &Path, path: &str, follow_last: bool) -> Result<Pat
     Ok(out)
 }
 
+/// Tests that time themselves take this lock exclusively; tests that load the machine
+/// (mounts, containers) share it, so timings are not skewed by the crate's own tests.
+#[cfg(test)]
+pub(crate) static HEAVY_TESTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,16 +415,19 @@ mod tests {
 
     #[test]
     fn overlay_write_delete_replace_commit() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         rw_roundtrip(Kind::Overlay)
     }
 
     #[test]
     fn copy_write_delete_replace_commit() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         rw_roundtrip(Kind::Copy)
     }
 
     #[test]
     fn copy_commit_detects_chmod_and_replaced_file() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         use std::os::unix::fs::PermissionsExt;
         let t = tempfile::tempdir()?;
         let base = t.path();
@@ -425,6 +435,8 @@ mod tests {
         write(&base.join("l/g"), "g")?;
         write(&base.join("l/h"), "h")?;
         write(&base.join("l/untouched"), "u")?;
+        fs::create_dir_all(base.join("l/sub"))?;
+        fs::hard_link(base.join("l/untouched"), base.join("l/sub/linked"))?;
         let (upper, merged) = (base.join("upper"), base.join("m"));
         fs::create_dir_all(&upper)?;
         let m = Snapshotter::with_kind(Kind::Copy).mount(
@@ -433,6 +445,11 @@ mod tests {
             &base.join("w"),
             &merged,
         )?;
+        assert_eq!(
+            fs::metadata(merged.join("untouched"))?.ino(),
+            fs::metadata(merged.join("sub/linked"))?.ino(),
+            "hard link across directories not kept"
+        );
         fs::set_permissions(merged.join("f"), fs::Permissions::from_mode(0o700))?;
         fs::remove_file(merged.join("g"))?;
         fs::write(merged.join("g"), "g")?;
@@ -448,6 +465,7 @@ mod tests {
 
     #[test]
     fn overlay_many_layers_and_empty() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         let t = tempfile::tempdir()?;
         let base = t.path();
         let mut layers = Vec::new();
@@ -474,6 +492,44 @@ mod tests {
         drop(ro);
         assert!(!merged.join("top").exists());
 
+        // More layers than one mount takes: the bottom ones grouped into a nested
+        // read-only overlay; a whiteout above the group still hides what is in it.
+        let mut many = layers.clone();
+        for i in 150..MAX_LAYERS {
+            let l = base.join(format!("layers/more-{i:04}"));
+            write(&l.join("top"), &i.to_string())?;
+            many.push(l);
+        }
+        fsutil::make_whiteout(&many[200].join("f3"))?;
+        fsutil::make_whiteout(&many[100].join("f1"))?;
+        let (u3, w3, m3) = (base.join("u3"), base.join("w3"), base.join("m3"));
+        for d in [&u3, &w3, &m3] {
+            fs::create_dir_all(d)?;
+        }
+        let m = snap.mount(&many, &u3, &w3, &m3)?;
+        let top = (MAX_LAYERS - 1).to_string();
+        assert_eq!(fs::read_to_string(m3.join("top"))?, top);
+        assert_eq!(fs::read_to_string(m3.join("f0"))?, "0");
+        assert!(!m3.join("f3").exists() && !m3.join("f1").exists());
+        assert_eq!(fs::read_to_string(m3.join("f2"))?, "2");
+        fs::write(m3.join("f0"), "changed")?;
+        m.commit()?;
+        assert_eq!(fs::read_to_string(u3.join("f0"))?, "changed");
+        let ro = snap.mount_readonly(&many, &m3)?;
+        assert_eq!(fs::read_to_string(m3.join("top"))?, top);
+        ro.commit()?;
+        many.push(u3.clone());
+        let err = snap
+            .mount_readonly(&many, &m3)
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("expected an error"))?;
+        assert!(err.to_string().contains("at most"), "{err}");
+        let leftovers: Vec<_> = fs::read_dir(base)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".lower-group"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
         // No layers at all.
         let (u2, w2, m2) = (base.join("u2"), base.join("w2"), base.join("m2"));
         for d in [&u2, &w2, &m2] {
@@ -495,6 +551,7 @@ mod tests {
 
     #[test]
     fn detect_finds_overlay() -> anyhow::Result<()> {
+        let _heavy = HEAVY_TESTS.blocking_read();
         let t = tempfile::tempdir()?;
         assert_eq!(Snapshotter::detect(t.path()).kind(), Kind::Overlay);
         assert!(fs::read_dir(t.path())?.next().is_none());

@@ -2,8 +2,9 @@
 //! (honouring whiteouts and opaque directories), and a writable view is diffed back
 //! into an overlay-format upper directory on commit.
 //!
-//! Right after the layers are applied, every entry's inode number and change time are
-//! recorded. At commit, an entry with a different inode was replaced (a replaced
+//! Right after the layers are applied, every entry's inode number, birth time and change
+//! time are recorded. At commit, an entry with a different inode or birth time was
+//! replaced (a replaced
 //! directory becomes opaque); one with a different change time (or size, mode, owner,
 //! mtime) was modified: writes, `chmod`, `chown` and `setxattr` all bump the ctime.
 
@@ -20,6 +21,9 @@ use super::{ActiveMount, MountState, Result};
 #[derive(Debug, Clone)]
 struct Record {
     ino: u64,
+    /// Birth time, where the filesystem keeps one: tells a recreated entry from the
+    /// original when the inode number is reused.
+    btime: Option<std::time::SystemTime>,
     fmt: u32,
     mode: u32,
     uid: u32,
@@ -33,6 +37,7 @@ impl Record {
     fn of(m: &Metadata) -> Record {
         Record {
             ino: m.ino(),
+            btime: m.created().ok(),
             fmt: m.mode() & libc::S_IFMT,
             mode: m.mode(),
             uid: m.uid(),
@@ -82,9 +87,12 @@ pub(super) fn mount(
     }
     let mut dir_times = Vec::new();
     for layer in layers {
-        apply_layer(layer, target, Path::new(""), &mut dir_times).inspect_err(|_| {
-            let _ = clear_dir(target);
-        })?;
+        let mut links = HashMap::new();
+        apply_layer(layer, target, Path::new(""), &mut dir_times, &mut links).inspect_err(
+            |_| {
+                let _ = clear_dir(target);
+            },
+        )?;
     }
     for (path, sec, nsec) in dir_times.iter().rev() {
         fsutil::set_mtime(path, *sec, *nsec)?;
@@ -166,19 +174,20 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<OsString>> {
     Ok(names)
 }
 
-/// Applies the layer dir `layer` (at relative dir `rel`) onto `target`.
+/// Applies the layer dir `layer` (at relative dir `rel`) onto `target`; files linked
+/// more than once in the layer stay hard links (`links`: first copy of each inode).
 fn apply_layer(
     layer: &Path,
     target: &Path,
     rel: &Path,
     dir_times: &mut Vec<(PathBuf, i64, i64)>,
+    links: &mut HashMap<(u64, u64), PathBuf>,
 ) -> Result<()> {
     let src_dir = layer.join(rel);
     let opts = MetaOpts {
         xattrs: true,
         ..MetaOpts::default()
     };
-    let mut links: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for name in read_dir_sorted(&src_dir)? {
         let rel_child = rel.join(&name);
         let src = layer.join(&rel_child);
@@ -198,7 +207,7 @@ fn apply_layer(
             }
             fsutil::apply_dir_meta(&src, &meta, &dst, &opts)?;
             dir_times.push((dst.clone(), meta.mtime(), meta.mtime_nsec()));
-            apply_layer(layer, target, &rel_child, dir_times)?;
+            apply_layer(layer, target, &rel_child, dir_times, links)?;
             continue;
         }
         fsutil::remove_any(&dst)?;
@@ -268,7 +277,7 @@ impl Materialized {
             let now = Record::of(&meta);
             match self.records.get(&rel_child) {
                 None => w.copy_tree(&rel_child, &meta, false)?,
-                Some(old) if old.ino != now.ino || old.fmt != now.fmt => {
+                Some(old) if old.ino != now.ino || old.btime != now.btime || old.fmt != now.fmt => {
                     let opaque = old.fmt == libc::S_IFDIR && meta.is_dir();
                     w.copy_tree(&rel_child, &meta, opaque)?;
                 }

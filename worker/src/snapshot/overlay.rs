@@ -1,7 +1,10 @@
 //! Kernel overlayfs mounts. Layer directories are passed to the kernel as
 //! `/proc/self/fd/N` paths of descriptors held open during the `mount(2)` call, so the
 //! option string stays short (about 20 bytes a layer) whatever the real paths are, and
-//! commas or colons in those paths need no escaping. Writable mounts disable the
+//! commas or colons in those paths need no escaping. In stacks of more than 128 layers
+//! the bottom ones are first mounted as one read-only overlay that serves as the lowest
+//! lower (overlay allows one level of such nesting), for at most [`MAX_LAYERS`].
+//! Writable mounts disable the
 //! overlay features that would make an upper dir depend on its lowers.
 
 use std::fs::File;
@@ -68,6 +71,66 @@ fn do_mount(target: &Path, options: &str, flags: MsFlags) -> Result<()> {
     .map_err(|e| mount_err(target, format!("overlay: {e}")))
 }
 
+/// Most layers passed to one overlay mount; longer stacks are grouped.
+const MAX_DIRECT_LAYERS: usize = 128;
+
+/// Most layers an overlay-kind mount may stack: the bottom ones are grouped into one read-only overlay
+/// under the rest (overlay nests only one level deep).
+pub const MAX_LAYERS: usize = 2 * MAX_DIRECT_LAYERS - 1;
+
+/// A read-only overlay of the bottom layers of a stack too long for one mount's
+/// options, standing in for them as the lowest lower. It is detached (lazily: the final
+/// overlay keeps it alive) and its mount point removed when this is dropped.
+///
+/// Only the bottom of a stack can be grouped: a whiteout at the bottom of a group would
+/// vanish from the group's merged view instead of hiding what lies below it.
+struct Group {
+    mount: Option<ActiveMount>,
+    dir: PathBuf,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.mount.take();
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// `layers` as they are when few enough, else the bottom ones replaced by a read-only
+/// overlay of them mounted next to `target`.
+fn group_layers(layers: &[PathBuf], target: &Path) -> Result<(Vec<PathBuf>, Option<Group>)> {
+    if layers.len() <= MAX_DIRECT_LAYERS {
+        return Ok((layers.to_vec(), None));
+    }
+    if layers.len() > MAX_LAYERS {
+        return Err(mount_err(
+            target,
+            format!(
+                "{} layers are more than overlay can stack (at most {MAX_LAYERS})",
+                layers.len()
+            ),
+        ));
+    }
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "mnt".into());
+    let dir = target
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!(".{name}.lower-group"));
+    std::fs::create_dir_all(&dir).map_err(fsutil::io_err("mkdir", &dir))?;
+    let mut group = Group {
+        mount: None,
+        dir: dir.clone(),
+    };
+    let split = layers.len() - (MAX_DIRECT_LAYERS - 1);
+    group.mount = Some(mount_ro(&layers[..split], &dir)?);
+    let mut lowers = vec![dir];
+    lowers.extend_from_slice(&layers[split..]);
+    Ok((lowers, Some(group)))
+}
+
 /// An empty directory to stand in as the only lower layer, next to `beside`.
 fn empty_lower(beside: &Path) -> Result<PathBuf> {
     let name = beside
@@ -90,6 +153,8 @@ pub(super) fn mount_rw(
     work: &Path,
     target: &Path,
 ) -> Result<ActiveMount> {
+    let (layers, group) = group_layers(layers, target)?;
+    let layers = layers.as_slice();
     let mut held = Vec::new();
     let mut empty = None;
     let lower = if layers.is_empty() {
@@ -113,6 +178,7 @@ pub(super) fn mount_rw(
     );
     let res = do_mount(target, &options, MsFlags::empty());
     drop(held);
+    drop(group);
     if let Err(e) = res {
         if let Some(dir) = &empty {
             let _ = std::fs::remove_dir(dir);
@@ -160,9 +226,12 @@ pub(super) fn mount_ro(layers: &[PathBuf], target: &Path) -> Result<ActiveMount>
             }
         }
         _ => {
+            let (layers, group) = group_layers(layers, target)?;
             let mut held = Vec::new();
-            let lower = lowerdir(layers, &mut held)?;
+            let lower = lowerdir(&layers, &mut held)?;
             do_mount(target, &format!("lowerdir={lower}"), MsFlags::MS_RDONLY)?;
+            drop(held);
+            drop(group);
         }
     }
     Ok(ActiveMount {

@@ -497,12 +497,12 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    fn err(&self, p: &Path) -> impl FnOnce(nix::Error) -> Error + '_ {
-        let p = p.to_path_buf();
-        move |e| Error::Io {
+    /// An error on the entry `name` of `dir`; built only when something failed.
+    fn err(&self, dir: &Path, name: &std::ffi::OsStr, e: impl Into<std::io::Error>) -> Error {
+        Error::Io {
             op: "copy",
-            path: inside(self.root, &p),
-            source: std::io::Error::from(e),
+            path: inside(self.root, &dir.join(name)),
+            source: e.into(),
         }
     }
 
@@ -589,17 +589,18 @@ impl Walk<'_> {
     ) -> Result<()> {
         use nix::fcntl::{openat, readlinkat, AtFlags, OFlag};
         use nix::sys::stat::{fstat, fstatat, Mode};
-        let path = dir.join(name);
         put(h, rel.as_bytes());
         if ft.is_file() {
-            let fd = openat(
-                dirfd,
-                name,
-                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(self.err(&path))?;
-            let st = fstat(&fd).map_err(self.err(&path))?;
+            // O_NOATIME: reading must not dirty every inode (relatime would update the
+            // atime of each freshly written file); not permitted on others' files
+            // without CAP_FOWNER, so retried without it.
+            let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+            let fd = match openat(dirfd, name, flags | OFlag::O_NOATIME, Mode::empty()) {
+                Err(nix::errno::Errno::EPERM) => openat(dirfd, name, flags, Mode::empty()),
+                other => other,
+            }
+            .map_err(|e| self.err(dir, name, e))?;
+            let st = fstat(&fd).map_err(|e| self.err(dir, name, e))?;
             h.update((st.st_mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
             h.update((st.st_size as u64).to_le_bytes());
             let mut f = fs::File::from(fd);
@@ -608,7 +609,7 @@ impl Walk<'_> {
                 let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                 let n = f
                     .read(&mut buf[..want])
-                    .map_err(io_at("copy", self.root, &path))?;
+                    .map_err(|e| self.err(dir, name, e))?;
                 if n == 0 {
                     break;
                 }
@@ -617,10 +618,11 @@ impl Walk<'_> {
             }
             return Ok(());
         }
-        let st = fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(self.err(&path))?;
+        let st = fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| self.err(dir, name, e))?;
         h.update((st.st_mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
         if ft.is_symlink() {
-            let t = readlinkat(dirfd, name).map_err(self.err(&path))?;
+            let t = readlinkat(dirfd, name).map_err(|e| self.err(dir, name, e))?;
             put(h, t.as_bytes());
         } else if ft.is_dir() {
             let sub = openat(
@@ -629,7 +631,8 @@ impl Walk<'_> {
                 OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(self.err(&path))?;
+            .map_err(|e| self.err(dir, name, e))?;
+            let path = dir.join(name);
             for (child, child_rel, cft) in self.children(&path, &rel)? {
                 self.node(h, buf, &sub, &path, &child, child_rel, cft)?;
             }
