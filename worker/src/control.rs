@@ -185,6 +185,15 @@ impl Engine {
                     .await?
             }
         };
+        if definition.def.is_empty() {
+            // Nothing to build (an untouched scratch stage): the result is empty.
+            let mut response = BuildResponse::default();
+            for (i, exp) in req.exports.iter().enumerate() {
+                self.export(i, exp, &Ref::scratch(), &config, &progress, &mut response)
+                    .await?;
+            }
+            return Ok(response);
+        }
         let graph = llb::decode(&definition)?;
         let build = Arc::new(BuildCtx {
             worker: self.worker.clone(),
@@ -293,37 +302,46 @@ impl Engine {
                 opts.dockerignore = ignore.ok();
             }
         }
-        let needed = frontend::dockerfile::required_images(&src, &opts)?;
-        let resolved = futures::future::try_join_all(needed.into_iter().map(|r| {
-            let images = self.worker.images.clone();
-            let progress = progress.clone();
-            async move {
-                let step = Step::start(
-                    &progress,
-                    &format!("load-metadata-{}-{}", r.reference, r.platform),
-                    &format!("[internal] load metadata for {}", r.reference),
-                );
-                match images.resolve(&r.reference, &r.platform).await {
-                    Ok(img) => {
-                        step.finish(None);
-                        Ok((
-                            r,
-                            ResolvedImageMeta {
-                                canonical: img.canonical,
-                                digest: img.digest,
-                                config: img.config,
-                            },
-                        ))
-                    }
-                    Err(e) => {
-                        step.finish(Some(e.to_string()));
-                        Err(Error::Source(e))
+        // Base images can name more images (ONBUILD triggers), so resolve in rounds until
+        // the frontend needs nothing new.
+        let mut images = frontend::ResolvedImages::new();
+        let mut needed = frontend::dockerfile::required_images(&src, &opts)?;
+        for _round in 0..8 {
+            if needed.is_empty() {
+                break;
+            }
+            let resolved = futures::future::try_join_all(needed.into_iter().map(|r| {
+                let images = self.worker.images.clone();
+                let progress = progress.clone();
+                async move {
+                    let step = Step::start(
+                        &progress,
+                        &format!("load-metadata-{}-{}", r.reference, r.platform),
+                        &format!("[internal] load metadata for {}", r.reference),
+                    );
+                    match images.resolve(&r.reference, &r.platform).await {
+                        Ok(img) => {
+                            step.finish(None);
+                            Ok((
+                                r,
+                                ResolvedImageMeta {
+                                    canonical: img.canonical,
+                                    digest: img.digest,
+                                    config: img.config,
+                                },
+                            ))
+                        }
+                        Err(e) => {
+                            step.finish(Some(e.to_string()));
+                            Err(Error::Source(e))
+                        }
                     }
                 }
-            }
-        }))
-        .await?;
-        let images = resolved.into_iter().collect();
+            }))
+            .await?;
+            images.extend(resolved);
+            needed = frontend::dockerfile::missing_images(&src, &opts, &images)?;
+        }
         let converted = frontend::dockerfile::convert(&src, &opts, &images)?;
         for w in &converted.warnings {
             progress.warn(None, w.clone());

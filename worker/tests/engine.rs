@@ -388,7 +388,8 @@ async fn whiteouts_survive_export() -> anyhow::Result<()> {
 async fn bad_input_gives_one_clear_error() -> anyhow::Result<()> {
     let env = env()?;
     let missing = format!("{}/kiln/base:404", env.reg.addr());
-    let cases: Vec<(&str, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("ARG BASE\nFROM ${BASE}\nFRM x\n", vec![], "Dockerfile:3"),
         (
             "ARG BASE\nFROM ${BASE}\nCOPY missing.txt /x\n",
@@ -464,7 +465,6 @@ async fn raw_llb_definition_runs() -> anyhow::Result<()> {
             })),
             platform: Some(platform),
             constraints: Some(Default::default()),
-            ..Default::default()
         },
         None,
     );

@@ -76,10 +76,9 @@ pub fn convert(src: &str, opts: &BuildOpts, images: &ResolvedImages) -> Result<C
 /// Docker's normalized form of an image reference (`busybox` →
 /// `docker.io/library/busybox:latest`); `None` when it is not a valid reference.
 pub fn normalize_reference(reference: &str) -> Option<String> {
-    reference
-        .parse::<oci_client::Reference>()
+    crate::image::ImageName::parse(reference)
         .ok()
-        .map(|r| r.whole())
+        .map(|n| n.to_string())
 }
 
 // === impl Converter ===

