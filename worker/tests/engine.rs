@@ -2,166 +2,24 @@
 //! snapshotter where overlay is unavailable), and Debian's docker-registry on 127.0.0.1
 //! holding a busybox-static base image. Needs root (CI is root).
 
-use std::collections::{BTreeMap, HashMap};
+#[path = "engine/parity.rs"]
+mod parity;
+#[path = "engine/support.rs"]
+mod support;
+
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
 use std::time::SystemTime;
 
-use anyhow::{anyhow, Context};
-use kiln_e2e::registry::Registry;
-use kiln_worker::control::{
-    BuildRequest, BuildResponse, Engine, EngineConfig, ExportRequest, Frontend,
-};
-use kiln_worker::frontend::BuildOpts;
+use anyhow::anyhow;
+use kiln_worker::control::{BuildRequest, Frontend};
 use kiln_worker::image::Platform;
 use kiln_worker::progress::{Event, Progress, VertexState};
 use kiln_worker::source::image::{ImageResolver, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 
-struct Env {
-    reg: Registry,
-    base: String,
-    _root: tempfile::TempDir,
-    engine: Engine,
-}
-
-fn env() -> anyhow::Result<Env> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let base = format!("{}/kiln/base:1", reg.addr());
-    let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        max_parallelism: 4,
-        ..Default::default()
-    })?;
-    Ok(Env {
-        reg,
-        base,
-        _root: root,
-        engine,
-    })
-}
-
-/// A project directory with a Dockerfile and files.
-fn project(dockerfile: &str, files: &[(&str, &str)]) -> anyhow::Result<tempfile::TempDir> {
-    let d = tempfile::tempdir()?;
-    std::fs::write(d.path().join("Dockerfile"), dockerfile)?;
-    for (p, c) in files {
-        let path = d.path().join(p);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(path, c)?;
-    }
-    Ok(d)
-}
-
-struct Built {
-    resp: BuildResponse,
-    events: Vec<Event>,
-}
-
-impl Built {
-    /// The last state of every vertex, by digest.
-    fn vertices(&self) -> BTreeMap<String, VertexState> {
-        let mut m = BTreeMap::new();
-        for e in &self.events {
-            if let Event::Vertex(v) = e {
-                m.insert(v.digest.clone(), v.clone());
-            }
-        }
-        m
-    }
-
-    /// RUN vertices that executed (not cached), by name.
-    fn executed_runs(&self) -> Vec<String> {
-        self.vertices()
-            .values()
-            .filter(|v| v.name.contains("RUN") && !v.cached && v.completed.is_some())
-            .map(|v| v.name.clone())
-            .collect()
-    }
-}
-
-async fn build(
-    env: &Env,
-    dir: &Path,
-    args: &[(&str, &str)],
-    target: Option<&str>,
-    exports: Vec<ExportRequest>,
-) -> anyhow::Result<Built> {
-    let mut build_args: BTreeMap<String, String> = args
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    build_args
-        .entry("BASE".into())
-        .or_insert_with(|| env.base.clone());
-    let opts = BuildOpts {
-        filename: "Dockerfile".into(),
-        target: target.map(str::to_string),
-        build_args,
-        build_platform: Platform::host(),
-        context_name: "context".into(),
-        ..Default::default()
-    };
-    let mut locals = HashMap::new();
-    locals.insert("context".to_string(), dir.to_path_buf());
-    locals.insert("dockerfile".to_string(), dir.to_path_buf());
-    let req = BuildRequest {
-        frontend: Frontend::Dockerfile {
-            opts,
-            dockerfile_local: "dockerfile".into(),
-        },
-        locals,
-        exports,
-        secrets: HashMap::new(),
-    };
-    let (progress, mut rx) = Progress::channel();
-    let res = env
-        .engine
-        .build(req, progress, CancellationToken::new())
-        .await;
-    let mut events = Vec::new();
-    while let Ok(e) = rx.try_recv() {
-        events.push(e);
-    }
-    match res {
-        Ok(resp) => Ok(Built { resp, events }),
-        Err(e) => {
-            let logs: String = events
-                .iter()
-                .filter_map(|e| match e {
-                    Event::Log(l) => Some(String::from_utf8_lossy(&l.data).to_string()),
-                    _ => None,
-                })
-                .collect();
-            Err(anyhow!(kiln_worker::solver::error_chain(&e))).context(format!("logs:\n{logs}"))
-        }
-    }
-}
-
-fn image(name: &str, push: bool) -> ExportRequest {
-    let mut attrs = BTreeMap::new();
-    attrs.insert("name".to_string(), name.to_string());
-    if push {
-        attrs.insert("push".to_string(), "true".to_string());
-    }
-    ExportRequest {
-        typ: "image".into(),
-        attrs,
-        dest: None,
-    }
-}
-
-fn to(typ: &str, dest: &Path) -> ExportRequest {
-    ExportRequest {
-        typ: typ.into(),
-        attrs: BTreeMap::new(),
-        dest: Some(dest.to_path_buf()),
-    }
-}
+use support::{build, env, image, project, to};
 
 const MULTI: &str = r#"ARG BASE
 FROM ${BASE} AS a

@@ -1,0 +1,2 @@
+//! Dockerfile parity: each instruction and expansion rule against exact files, modes,
+//! owners and image config.
