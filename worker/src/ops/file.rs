@@ -219,8 +219,10 @@ fn tempdir(root: &std::path::Path) -> std::io::Result<tempfile::TempDir> {
 struct Chain {
     base: Ref,
     layer: NewLayer,
-    mount: ActiveMount,
-    _dir: tempfile::TempDir,
+    /// The writable view: an overlay mount, or the new layer itself over scratch.
+    root: PathBuf,
+    mount: Option<ActiveMount>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn run_actions(
@@ -275,29 +277,39 @@ fn run_actions(
             }
             let base = resolve(a.input, &results)?;
             let layer = worker.cache.new_layer()?;
-            let dir = tempdir(&worker.root)?;
-            let target = dir.path().join("rw");
-            std::fs::create_dir(&target)?;
-            let mount = worker.snapshotter.mount(
-                &base.layer_dirs(),
-                &layer.fs(),
-                &layer.work(),
-                &target,
-            )?;
-            chain = Some((
-                k,
+            let c = if base.layers().is_empty() {
+                // Over scratch the new layer is the whole tree: write it directly.
                 Chain {
+                    root: layer.fs(),
                     base,
                     layer,
-                    mount,
-                    _dir: dir,
-                },
-            ));
+                    mount: None,
+                    _dir: None,
+                }
+            } else {
+                let dir = tempdir(&worker.root)?;
+                let target = dir.path().join("rw");
+                std::fs::create_dir(&target)?;
+                let mount = worker.snapshotter.mount(
+                    &base.layer_dirs(),
+                    &layer.fs(),
+                    &layer.work(),
+                    &target,
+                )?;
+                Chain {
+                    root: mount.path().to_path_buf(),
+                    base,
+                    layer,
+                    mount: Some(mount),
+                    _dir: Some(dir),
+                }
+            };
+            chain = Some((k, c));
         }
         let Some((_, c)) = chain.as_ref() else {
             return Err("file op chain missing".into());
         };
-        let dest_root = c.mount.path().to_path_buf();
+        let dest_root = c.root.clone();
         match &a.action {
             Some(pb::file_action::Action::Copy(copy)) => {
                 let src = resolve(a.secondary_input, &results)?;
@@ -384,7 +396,9 @@ fn run_actions(
 }
 
 fn close_chain(worker: &super::Worker, c: Chain) -> Result<Ref, BoxError> {
-    c.mount.commit()?;
+    if let Some(m) = c.mount {
+        m.commit()?;
+    }
     let mut layers = worker.cache.commit_layers(vec![(c.layer, Vec::new())])?;
     let l = layers
         .pop()
