@@ -317,20 +317,10 @@ impl<O: Op> Build<O> {
     }
 
     fn key(self: &Arc<Self>, i: usize) -> SharedKey {
-        let Ok(mut slot) = self.keys[i].lock() else {
-            return futures::future::ready(Err(Arc::new(Error::Graph("poisoned".into()))))
-                .boxed()
-                .shared();
-        };
-        if let Some(f) = slot.as_ref() {
-            return f.clone();
-        }
         let this = self.clone();
-        let fut = async move { this.compute_key(i).await.map_err(Arc::new) }
-            .boxed()
-            .shared();
-        *slot = Some(fut.clone());
-        fut
+        memo(&self.keys[i], move || {
+            async move { this.compute_key(i).await.map_err(Arc::new) }.boxed()
+        })
     }
 
     async fn compute_key(self: Arc<Self>, i: usize) -> Result<String> {
@@ -398,20 +388,10 @@ impl<O: Op> Build<O> {
     }
 
     fn outputs(self: &Arc<Self>, i: usize) -> SharedOutputs<O::Output> {
-        let Ok(mut slot) = self.outputs[i].lock() else {
-            return futures::future::ready(Err(Arc::new(Error::Graph("poisoned".into()))))
-                .boxed()
-                .shared();
-        };
-        if let Some(f) = slot.as_ref() {
-            return f.clone();
-        }
         let this = self.clone();
-        let fut = async move { this.compute_outputs(i).await.map_err(Arc::new) }
-            .boxed()
-            .shared();
-        *slot = Some(fut.clone());
-        fut
+        memo(&self.outputs[i], move || {
+            async move { this.compute_outputs(i).await.map_err(Arc::new) }.boxed()
+        })
     }
 
     async fn compute_outputs(self: Arc<Self>, i: usize) -> Result<Vec<O::Output>> {
@@ -531,6 +511,19 @@ impl<O: Op> Build<O> {
         });
         res
     }
+}
+
+/// The shared future in `slot`, started by `start` the first time it is asked for.
+fn memo<T: Clone + Send + Sync + 'static>(
+    slot: &Mutex<Option<Shared<BoxFuture<'static, Result<T, Arc<Error>>>>>>,
+    start: impl FnOnce() -> BoxFuture<'static, Result<T, Arc<Error>>>,
+) -> Shared<BoxFuture<'static, Result<T, Arc<Error>>>> {
+    let Ok(mut slot) = slot.lock() else {
+        return futures::future::ready(Err(Arc::new(Error::Graph("poisoned lock".into()))))
+            .boxed()
+            .shared();
+    };
+    slot.get_or_insert_with(|| start().shared()).clone()
 }
 
 /// An error and its sources joined with `: `.

@@ -310,58 +310,26 @@ fn run_actions(
             return Err("file op chain missing".into());
         };
         let dest_root = c.root.clone();
+        let owner_opt = match &a.action {
+            Some(pb::file_action::Action::Copy(c)) => c.owner.as_ref(),
+            Some(pb::file_action::Action::Mkfile(f)) => f.owner.as_ref(),
+            Some(pb::file_action::Action::Mkdir(d)) => d.owner.as_ref(),
+            Some(pb::file_action::Action::Symlink(l)) => l.owner.as_ref(),
+            Some(pb::file_action::Action::Rm(_)) | None => None,
+        };
+        let owner = owner_for(
+            worker, owner_opt, &dest_root, a.input, n_inputs, inputs, &results,
+        )?;
         match &a.action {
             Some(pb::file_action::Action::Copy(copy)) => {
                 let src = resolve(a.secondary_input, &results)?;
                 let view = View::open(&worker.snapshotter, &worker.root, &src)?;
-                let owner = owner_for(
-                    worker,
-                    copy.owner.as_ref(),
-                    &dest_root,
-                    a.input,
-                    n_inputs,
-                    inputs,
-                    &results,
-                )?;
                 fsops::copy(view.path(), &dest_root, copy, owner)?;
             }
-            Some(pb::file_action::Action::Mkfile(f)) => {
-                let owner = owner_for(
-                    worker,
-                    f.owner.as_ref(),
-                    &dest_root,
-                    a.input,
-                    n_inputs,
-                    inputs,
-                    &results,
-                )?;
-                fsops::mkfile(&dest_root, f, owner)?;
-            }
-            Some(pb::file_action::Action::Mkdir(d)) => {
-                let owner = owner_for(
-                    worker,
-                    d.owner.as_ref(),
-                    &dest_root,
-                    a.input,
-                    n_inputs,
-                    inputs,
-                    &results,
-                )?;
-                fsops::mkdir(&dest_root, d, owner)?;
-            }
+            Some(pb::file_action::Action::Mkfile(f)) => fsops::mkfile(&dest_root, f, owner)?,
+            Some(pb::file_action::Action::Mkdir(d)) => fsops::mkdir(&dest_root, d, owner)?,
             Some(pb::file_action::Action::Rm(r)) => fsops::rm(&dest_root, r)?,
-            Some(pb::file_action::Action::Symlink(s)) => {
-                let owner = owner_for(
-                    worker,
-                    s.owner.as_ref(),
-                    &dest_root,
-                    a.input,
-                    n_inputs,
-                    inputs,
-                    &results,
-                )?;
-                fsops::symlink(&dest_root, s, owner)?;
-            }
+            Some(pb::file_action::Action::Symlink(l)) => fsops::symlink(&dest_root, l, owner)?,
             None => return Err("file action without action".into()),
         }
         let is_output = a.output >= 0;
