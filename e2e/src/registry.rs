@@ -66,6 +66,18 @@ impl Registry {
     pub fn addr(&self) -> String {
         self.addr.clone()
     }
+
+    /// Where the registry keeps a blob's bytes (distribution's filesystem layout), so
+    /// tests can corrupt it.
+    pub fn blob_path(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self._dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2.min(hex.len())])
+            .join(hex)
+            .join("data")
+    }
 }
 
 impl Drop for Registry {

@@ -353,3 +353,27 @@ async fn raw_llb_definition_runs() -> anyhow::Result<()> {
     assert_eq!(logs, "0\n");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_layer_blob_is_a_clear_error() -> anyhow::Result<()> {
+    let env = env()?;
+    let store = tempfile::tempdir()?;
+    let content = std::sync::Arc::new(kiln_worker::content::ContentStore::open(store.path())?);
+    let resolver = ImageResolver::new(RegistryConfig::default(), content);
+    let base = resolver.resolve(&env.base, &Platform::host()).await?;
+    let layer = &base.layers[0];
+    let path = env.reg.blob_path(&layer.digest);
+    let mut bytes = std::fs::read(&path)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, bytes)?;
+    let dir = project("ARG BASE\nFROM ${BASE}\nRUN true\n", &[])?;
+    let err = build(&env, dir.path(), &[], None, vec![])
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a corrupt base layer must fail the build"))?;
+    let msg = format!("{err:#}");
+    assert!(msg.contains(&layer.digest), "{msg}");
+    eprintln!("corrupt layer error: {msg}");
+    Ok(())
+}
