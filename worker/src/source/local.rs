@@ -196,38 +196,66 @@ impl Scan {
     /// Copies the scanned tree into the empty directory `dest`, keeping modes, owners and
     /// modification times.
     pub fn copy_into(&self, dest: &Path) -> Result<()> {
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        // Directories first (parents before children), then everything else in parallel.
         let mut dirs = Vec::new();
+        let mut others = Vec::new();
         for e in &self.entries {
-            let src = self.root.join(&e.rel);
-            let dst = dest.join(&e.rel);
-            let err = |er: std::io::Error| local_err(&self.name, &src, er);
-            match &e.kind {
-                EntryKind::Dir => {
-                    std::fs::create_dir(&dst).map_err(err)?;
-                    dirs.push(e);
-                }
-                EntryKind::File => {
-                    std::fs::copy(&src, &dst).map_err(err)?;
-                }
-                EntryKind::Symlink(t) => {
-                    std::os::unix::fs::symlink(t, &dst).map_err(err)?;
-                }
-            }
-            if !matches!(e.kind, EntryKind::Symlink(_)) {
-                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(e.mode))
-                    .map_err(err)?;
-            }
-            std::os::unix::fs::lchown(&dst, Some(e.uid), Some(e.gid)).map_err(err)?;
-            if !matches!(e.kind, EntryKind::Dir) {
-                set_mtime(&dst, e.mtime).map_err(err)?;
+            if e.kind == EntryKind::Dir {
+                let dst = dest.join(&e.rel);
+                std::fs::create_dir(&dst).map_err(|er| local_err(&self.name, &dst, er))?;
+                dirs.push(e);
+            } else {
+                others.push(e);
             }
         }
-        // Directory times last: writing into a directory changes its mtime.
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 8);
+        let chunk = others.len().div_ceil(threads).max(1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = others
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.iter().try_for_each(|e| self.copy_entry(e, dest, me))))
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(local_err(&self.name, &self.root, "copy panicked")))
+            })
+        })?;
+        // Directory metadata last: writing into a directory changes its mtime.
         for e in dirs.iter().rev() {
             let dst = dest.join(&e.rel);
-            set_mtime(&dst, e.mtime).map_err(|er| local_err(&self.name, &dst, er))?;
+            let err = |er: std::io::Error| local_err(&self.name, &dst, er);
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(e.mode)).map_err(err)?;
+            if (e.uid, e.gid) != me {
+                std::os::unix::fs::lchown(&dst, Some(e.uid), Some(e.gid)).map_err(err)?;
+            }
+            set_mtime(&dst, e.mtime).map_err(err)?;
         }
         Ok(())
+    }
+
+    /// Copies one file or symlink; `std::fs::copy` already carries the permission bits.
+    fn copy_entry(&self, e: &Entry, dest: &Path, me: (u32, u32)) -> Result<()> {
+        let src = self.root.join(&e.rel);
+        let dst = dest.join(&e.rel);
+        let err = |er: std::io::Error| local_err(&self.name, &src, er);
+        match &e.kind {
+            EntryKind::File => {
+                std::fs::copy(&src, &dst).map_err(err)?;
+            }
+            EntryKind::Symlink(t) => std::os::unix::fs::symlink(t, &dst).map_err(err)?,
+            EntryKind::Dir => return Ok(()),
+        }
+        if (e.uid, e.gid) != me {
+            std::os::unix::fs::lchown(&dst, Some(e.uid), Some(e.gid)).map_err(err)?;
+        }
+        set_mtime(&dst, e.mtime).map_err(err)
     }
 }
 
