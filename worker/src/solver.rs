@@ -146,8 +146,9 @@ pub struct Solved<R> {
     pub output: R,
 }
 
-type SharedKey = Shared<BoxFuture<'static, Result<String, Arc<Error>>>>;
-type SharedOutputs<R> = Shared<BoxFuture<'static, Result<Vec<R>, Arc<Error>>>>;
+type SharedResult<T> = Shared<BoxFuture<'static, Result<T, Arc<Error>>>>;
+type SharedKey = SharedResult<String>;
+type SharedOutputs<R> = SharedResult<Vec<R>>;
 
 /// The solver; one per engine, shared by all its builds.
 pub struct Solver<O: Op> {
@@ -515,9 +516,9 @@ impl<O: Op> Build<O> {
 
 /// The shared future in `slot`, started by `start` the first time it is asked for.
 fn memo<T: Clone + Send + Sync + 'static>(
-    slot: &Mutex<Option<Shared<BoxFuture<'static, Result<T, Arc<Error>>>>>>,
+    slot: &Mutex<Option<SharedResult<T>>>,
     start: impl FnOnce() -> BoxFuture<'static, Result<T, Arc<Error>>>,
-) -> Shared<BoxFuture<'static, Result<T, Arc<Error>>>> {
+) -> SharedResult<T> {
     let Ok(mut slot) = slot.lock() else {
         return futures::future::ready(Err(Arc::new(Error::Graph("poisoned lock".into()))))
             .boxed()
