@@ -1,6 +1,9 @@
 //! The engine's front: [`Engine`] opens a worker root and runs builds: frontend (Dockerfile
-//! → LLB) → solver → exporters. The daemonless CLI and (later) the daemon's Control service
-//! both call it. May use solver, export, progress and session-level inputs.
+//! → LLB) → solver → exporters. The daemonless CLI calls it directly; the daemon serves it as
+//! BuildKit's `moby.buildkit.v1.Control` gRPC service ([`service`]). May use solver, export,
+//! progress and session-level inputs.
+
+pub mod service;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,361 @@
+//! BuildKit's `moby.buildkit.v1.Control` service over the [`Engine`]: Solve (a raw LLB
+//! definition, exported to an image), Status (the job's progress, replayed from the start
+//! for late callers), ListWorkers, Info, and the gRPC health service. Errors become
+//! `tonic::Status` here and nowhere else.
+//!
+//! Partial: client sessions (the context files, `local`/`tar`/`oci`/`docker` outputs sent
+//! back to the client, credentials, secrets) and the LLBBridge gateway API are not served
+//! yet, so Dockerfile builds through the daemon fail with a message saying so.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures::Stream;
+use kiln_proto::grpc::health::v1 as health;
+use kiln_proto::moby::buildkit::v1 as api;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{BuildRequest, Engine, ExportRequest, Frontend};
+use crate::image::Platform;
+use crate::progress::{Event, Progress};
+
+type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How long Status waits for a build that has not started yet, and how long a finished
+/// build's progress stays available (BuildKit's tolerances).
+const STATUS_WAIT: Duration = Duration::from_secs(6);
+const KEEP_FINISHED: Duration = Duration::from_secs(10);
+
+/// One build's progress, kept whole so late Status callers see it from the start.
+#[derive(Default)]
+struct Job {
+    events: Mutex<Vec<Event>>,
+    done: std::sync::atomic::AtomicBool,
+    changed: Notify,
+}
+
+/// The Control service.
+#[derive(Clone)]
+pub struct ControlService {
+    engine: Arc<Engine>,
+    jobs: Arc<Mutex<HashMap<String, Arc<Job>>>>,
+    registered: Arc<Notify>,
+    worker_id: String,
+}
+
+// === impl ControlService ===
+
+impl ControlService {
+    /// A service over `engine`; `worker_id` names this worker in ListWorkers.
+    pub fn new(engine: Arc<Engine>, worker_id: impl Into<String>) -> ControlService {
+        ControlService {
+            engine,
+            jobs: Default::default(),
+            registered: Arc::new(Notify::new()),
+            worker_id: worker_id.into(),
+        }
+    }
+
+    /// The tonic server for this service.
+    pub fn into_server(self) -> api::control_server::ControlServer<ControlService> {
+        api::control_server::ControlServer::new(self)
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20)
+    }
+
+    fn job(&self, r#ref: &str) -> Option<Arc<Job>> {
+        self.jobs.lock().ok()?.get(r#ref).cloned()
+    }
+
+    fn request(req: &api::SolveRequest) -> Result<BuildRequest, Status> {
+        if !req.session.is_empty() {
+            tracing::debug!(session = %req.session, "solve names a session");
+        }
+        let frontend = match (req.frontend.as_str(), &req.definition) {
+            ("", Some(def)) if !def.def.is_empty() => Frontend::Llb(def.clone()),
+            ("", _) => {
+                return Err(Status::unimplemented(
+                    "solve without a definition (the LLBBridge gateway path of modern clients) is not implemented yet",
+                ))
+            }
+            ("dockerfile.v0", _) => {
+                return Err(Status::unimplemented(
+                    "dockerfile.v0 through kiln-worker needs the client's files over a session, which is not implemented yet; build daemonless with `kiln build` or send LLB",
+                ))
+            }
+            (other, _) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown frontend {other:?} (supported: none, with an LLB definition)"
+                )))
+            }
+        };
+        let mut exports = Vec::new();
+        if !req.exporter_deprecated.is_empty() {
+            exports.push(ExportRequest {
+                typ: req.exporter_deprecated.clone(),
+                attrs: req
+                    .exporter_attrs_deprecated
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                dest: None,
+            });
+        }
+        for e in &req.exporters {
+            exports.push(ExportRequest {
+                typ: e.r#type.clone(),
+                attrs: e.attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                dest: None,
+            });
+        }
+        for e in &exports {
+            if e.typ != "image" {
+                return Err(Status::unimplemented(format!(
+                    "exporter {:?} sends its output to the client over a session, which is not implemented yet (image works)",
+                    e.typ
+                )));
+            }
+        }
+        Ok(BuildRequest {
+            frontend,
+            locals: HashMap::new(),
+            exports,
+            secrets: HashMap::new(),
+        })
+    }
+}
+
+fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
+    t.map(prost_types::Timestamp::from)
+}
+
+/// Progress events in the shape of `StatusResponse`.
+pub fn status_response(events: &[Event]) -> api::StatusResponse {
+    let mut r = api::StatusResponse::default();
+    for e in events {
+        match e {
+            Event::Vertex(v) => r.vertexes.push(api::Vertex {
+                digest: v.digest.clone(),
+                inputs: v.inputs.clone(),
+                name: v.name.clone(),
+                cached: v.cached,
+                started: ts(v.started),
+                completed: ts(v.completed),
+                error: v.error.clone().unwrap_or_default(),
+                progress_group: None,
+            }),
+            Event::Status(s) => r.statuses.push(api::VertexStatus {
+                id: s.id.clone(),
+                vertex: s.vertex.clone(),
+                name: s.name.clone(),
+                current: s.current as i64,
+                total: s.total as i64,
+                timestamp: ts(Some(s.timestamp)),
+                started: ts(s.started),
+                completed: ts(s.completed),
+            }),
+            Event::Log(l) => r.logs.push(api::VertexLog {
+                vertex: l.vertex.clone(),
+                timestamp: ts(Some(l.timestamp)),
+                stream: l.stream as i64,
+                msg: l.data.to_vec(),
+            }),
+            Event::Warning(w) => r.warnings.push(api::VertexWarning {
+                vertex: w.vertex.clone().unwrap_or_default(),
+                level: 1,
+                short: w.message.clone().into_bytes(),
+                ..Default::default()
+            }),
+        }
+    }
+    r
+}
+
+#[tonic::async_trait]
+impl api::control_server::Control for ControlService {
+    async fn solve(
+        &self,
+        request: Request<api::SolveRequest>,
+    ) -> Result<Response<api::SolveResponse>, Status> {
+        let req = request.into_inner();
+        if req.r#ref.is_empty() {
+            return Err(Status::invalid_argument("solve: ref is required"));
+        }
+        let build = Self::request(&req)?;
+        let job = Arc::new(Job::default());
+        {
+            let mut jobs = self
+                .jobs
+                .lock()
+                .map_err(|_| Status::internal("job table poisoned"))?;
+            if jobs.contains_key(&req.r#ref) {
+                return Err(Status::already_exists(format!(
+                    "a build with ref {} is already running",
+                    req.r#ref
+                )));
+            }
+            jobs.insert(req.r#ref.clone(), job.clone());
+        }
+        self.registered.notify_waiters();
+        let (progress, mut rx) = Progress::channel();
+        let collector = {
+            let job = job.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    if let Ok(mut evs) = job.events.lock() {
+                        evs.push(ev);
+                    }
+                    job.changed.notify_waiters();
+                }
+            })
+        };
+        let span = tracing::info_span!("solve", r#ref = %req.r#ref);
+        let _enter = span.enter();
+        let res = self
+            .engine
+            .build(build, progress, CancellationToken::new())
+            .await;
+        drop(_enter);
+        let _ = collector.await;
+        job.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        job.changed.notify_waiters();
+        let jobs = self.jobs.clone();
+        let r = req.r#ref.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(KEEP_FINISHED).await;
+            if let Ok(mut j) = jobs.lock() {
+                j.remove(&r);
+            }
+        });
+        match res {
+            Ok(resp) => Ok(Response::new(api::SolveResponse {
+                exporter_response: resp.exporter_response.into_iter().collect(),
+            })),
+            Err(e) => {
+                tracing::error!(r#ref = %req.r#ref, error = %crate::solver::error_chain(&e), "build failed");
+                Err(Status::unknown(crate::solver::error_chain(&e)))
+            }
+        }
+    }
+
+    async fn status(
+        &self,
+        request: Request<api::StatusRequest>,
+    ) -> Result<Response<BoxStream<api::StatusResponse>>, Status> {
+        let r = request.into_inner().r#ref;
+        let deadline = tokio::time::Instant::now() + STATUS_WAIT;
+        let job = loop {
+            let notified = self.registered.notified();
+            if let Some(j) = self.job(&r) {
+                break j;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::not_found(format!("no such job {r}")));
+            }
+        };
+        let stream = async_stream(job);
+        let mut resp = Response::new(Box::pin(stream) as BoxStream<api::StatusResponse>);
+        if let Ok(v) = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos().to_string())
+            .unwrap_or_default()
+            .parse()
+        {
+            resp.metadata_mut().insert("buildkit-current-timestamp", v);
+        }
+        Ok(resp)
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<api::ListWorkersRequest>,
+    ) -> Result<Response<api::ListWorkersResponse>, Status> {
+        let mut labels = BTreeMap::new();
+        labels.insert("org.mobyproject.buildkit.worker.executor".to_string(), "oci".to_string());
+        labels.insert(
+            "org.mobyproject.buildkit.worker.snapshotter".to_string(),
+            match self.engine.worker().snapshotter.kind() {
+                crate::snapshot::Kind::Overlay => "overlayfs".to_string(),
+                crate::snapshot::Kind::Copy => "native".to_string(),
+            },
+        );
+        labels.insert(
+            "org.mobyproject.buildkit.worker.hostname".to_string(),
+            self.worker_id.clone(),
+        );
+        Ok(Response::new(api::ListWorkersResponse {
+            record: vec![api::types::WorkerRecord {
+                id: self.worker_id.clone(),
+                labels: labels.into_iter().collect(),
+                platforms: vec![Platform::host().to_pb()],
+                buildkit_version: Some(version()),
+                ..Default::default()
+            }],
+        }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<api::InfoRequest>,
+    ) -> Result<Response<api::InfoResponse>, Status> {
+        Ok(Response::new(api::InfoResponse {
+            buildkit_version: Some(version()),
+        }))
+    }
+}
+
+fn version() -> api::types::BuildkitVersion {
+    api::types::BuildkitVersion {
+        package: "github.com/kiln-build/kiln".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        revision: String::new(),
+        dockerfile_version: String::new(),
+    }
+}
+
+/// Replays a job's events, then follows them until the build is done.
+fn async_stream(job: Arc<Job>) -> impl Stream<Item = Result<api::StatusResponse, Status>> {
+    futures::stream::unfold((job, 0usize, false), |(job, seen, finished)| async move {
+        if finished {
+            return None;
+        }
+        loop {
+            let notified = job.changed.notified();
+            let done = job.done.load(std::sync::atomic::Ordering::SeqCst);
+            let batch: Vec<Event> = job
+                .events
+                .lock()
+                .map(|e| e.get(seen..).map(<[Event]>::to_vec).unwrap_or_default())
+                .unwrap_or_default();
+            if !batch.is_empty() {
+                drop(notified);
+                let next = seen + batch.len();
+                return Some((Ok(status_response(&batch)), (job, next, false)));
+            }
+            if done {
+                return None;
+            }
+            // Wake at least every second in case a notification raced the check above.
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+        }
+    })
+}
+
+/// The gRPC health service: the worker is serving while the process is up.
+#[derive(Debug, Clone, Default)]
+pub struct HealthService;
+
+#[tonic::async_trait]
+impl health::health_server::Health for HealthService {
+    async fn check(
+        &self,
+        _request: Request<health::HealthCheckRequest>,
+    ) -> Result<Response<health::HealthCheckResponse>, Status> {
+        Ok(Response::new(health::HealthCheckResponse {
+            status: health::health_check_response::ServingStatus::Serving as i32,
+        }))
+    }
+}
