@@ -140,12 +140,7 @@ impl Drop for Registry {
 }
 
 /// Waits for `GET /v2/` to answer 200, or 401 with a `Basic` challenge when `auth`.
-fn wait_ready(
-    child: &mut Child,
-    addr: &str,
-    auth: bool,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+fn wait_ready(child: &mut Child, addr: &str, auth: bool, timeout: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -221,7 +216,11 @@ mod tests {
             .is_some_and(|h| h.starts_with("Basic realm=\"kiln-test\"")));
         let basic = |creds: &str| {
             let b64 = base64::engine::general_purpose::STANDARD.encode(creds);
-            crate::http::get(&reg.addr(), "/v2/", &[("Authorization", &format!("Basic {b64}"))])
+            crate::http::get(
+                &reg.addr(),
+                "/v2/",
+                &[("Authorization", &format!("Basic {b64}"))],
+            )
         };
         assert_eq!(basic("kiln:s3cret")?.status, 200);
         assert_eq!(basic("kiln:wrong")?.status, 401);

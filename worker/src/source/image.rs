@@ -55,31 +55,109 @@ impl RegistryConfig {
     }
 
     fn config_path(&self) -> Option<PathBuf> {
-        if let Some(p) = &self.docker_config {
-            return Some(p.clone());
-        }
-        if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
-            return Some(PathBuf::from(dir).join("config.json"));
-        }
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+        config_path_from(
+            self.docker_config.as_deref(),
+            std::env::var_os("DOCKER_CONFIG"),
+            std::env::var_os("HOME"),
+        )
     }
 
     /// Credentials for `host` from the docker config, anonymous when there are none.
     pub fn auth_for(&self, host: &str) -> RegistryAuth {
+        self.lookup_auth(host).0
+    }
+
+    /// Credentials for `host` and where they came from (for error messages).
+    fn lookup_auth(&self, host: &str) -> (RegistryAuth, CredSource) {
         let Some(path) = self.config_path() else {
-            return RegistryAuth::Anonymous;
+            return (RegistryAuth::Anonymous, CredSource::NoConfig);
         };
-        let Ok(bytes) = std::fs::read(&path) else {
-            return RegistryAuth::Anonymous;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return (RegistryAuth::Anonymous, CredSource::Missing(path));
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read docker config");
+                return (
+                    RegistryAuth::Anonymous,
+                    CredSource::Invalid(path, e.to_string()),
+                );
+            }
         };
         match auth_from_docker_config(&bytes, host) {
-            Ok(auth) => auth,
+            Ok(RegistryAuth::Anonymous) => (RegistryAuth::Anonymous, CredSource::NoEntry(path)),
+            Ok(auth) => (auth, CredSource::Found(path)),
             Err(message) => {
                 tracing::warn!(path = %path.display(), %message, "ignoring docker config");
-                RegistryAuth::Anonymous
+                (RegistryAuth::Anonymous, CredSource::Invalid(path, message))
             }
         }
     }
+
+    /// What to tell the user when `host` answered 401: which credentials were sent (never
+    /// the secret) and from where.
+    fn unauthorized_message(&self, host: &str) -> String {
+        let (auth, source) = self.lookup_auth(host);
+        match (auth, source) {
+            (RegistryAuth::Basic(user, _), CredSource::Found(path)) => format!(
+                "unauthorized: {host} rejected the credentials of user {user:?} from {}",
+                path.display()
+            ),
+            (RegistryAuth::Bearer(_), CredSource::Found(path)) => format!(
+                "unauthorized: {host} rejected the registry token from {}",
+                path.display()
+            ),
+            (_, CredSource::NoConfig) => format!(
+                "unauthorized: authentication required (no credentials for {host}: \
+                 neither $DOCKER_CONFIG nor $HOME is set)"
+            ),
+            (_, CredSource::Missing(path)) => format!(
+                "unauthorized: authentication required (no credentials for {host}: {} does not exist)",
+                path.display()
+            ),
+            (_, CredSource::Invalid(path, why)) => format!(
+                "unauthorized: authentication required (no credentials for {host}: {} is unusable: {why})",
+                path.display()
+            ),
+            (_, CredSource::NoEntry(path) | CredSource::Found(path)) => format!(
+                "unauthorized: authentication required (no credentials for {host} in {})",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Where [`RegistryConfig::lookup_auth`] found (or did not find) credentials.
+#[derive(Debug)]
+enum CredSource {
+    /// No docker config location at all.
+    NoConfig,
+    /// The docker config does not exist.
+    Missing(PathBuf),
+    /// The docker config cannot be read or parsed.
+    Invalid(PathBuf, String),
+    /// The docker config has no entry for the host.
+    NoEntry(PathBuf),
+    /// Credentials came from this docker config.
+    Found(PathBuf),
+}
+
+/// The docker config to read: the explicit one, else `$DOCKER_CONFIG/config.json`, else
+/// `$HOME/.docker/config.json` (docker's order).
+fn config_path_from(
+    explicit: Option<&std::path::Path>,
+    docker_config_env: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(dir) = docker_config_env.filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    home.filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".docker/config.json"))
 }
 
 /// Normalizes a docker config `auths` key or a registry host to a bare host.
@@ -175,6 +253,23 @@ fn parse_ref(reference: &str) -> Result<Reference> {
         (Some(t), None) => Reference::with_tag(n.domain, n.path, t),
         (None, None) => Reference::with_tag(n.domain, n.path, "latest".to_string()),
     })
+}
+
+/// True when a registry call failed for want of (valid) credentials: HTTP 401 in any of
+/// the shapes oci-client reports it, or a failed token exchange.
+fn is_unauthorized(err: &OciDistributionError) -> bool {
+    use oci_client::errors::OciErrorCode;
+    match err {
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| matches!(e.code, OciErrorCode::Unauthorized)),
+        OciDistributionError::ServerError { code, .. } => *code == 401,
+        OciDistributionError::RequestError(e) => e.status().map(|s| s.as_u16()) == Some(401),
+        _ => false,
+    }
 }
 
 /// Says what went wrong in a registry call, briefly (`manifest unknown`,
@@ -362,6 +457,16 @@ impl ImageResolver {
         &self.config
     }
 
+    /// Says what went wrong in a registry call to the registry of `r`; a 401 names the
+    /// credentials used (or their absence) instead of the bare status.
+    fn explain(&self, r: &Reference, err: &OciDistributionError) -> String {
+        if is_unauthorized(err) {
+            self.config.unauthorized_message(r.registry())
+        } else {
+            describe(err)
+        }
+    }
+
     /// A client for the registry of `r` (one per registry, so tokens are reused), with
     /// its credentials stored.
     async fn client(&self, r: &Reference) -> Client {
@@ -403,7 +508,7 @@ impl ImageResolver {
         let (bytes, digest) = client
             .pull_manifest_raw(&r, &auth, ACCEPT)
             .await
-            .map_err(|e| reg_err(&canonical, describe(&e)))?;
+            .map_err(|e| reg_err(&canonical, self.explain(&r, &e)))?;
         Ok((bytes.to_vec(), digest))
     }
 
@@ -500,7 +605,7 @@ impl ImageResolver {
         let mut stream = client
             .pull_blob_stream(&r, desc.digest.as_str())
             .await
-            .map_err(|e| fail(describe(&e)))?;
+            .map_err(|e| fail(self.explain(&r, &e)))?;
         let total = if desc.size > 0 {
             desc.size
         } else {
@@ -531,10 +636,12 @@ impl ImageResolver {
     pub async fn blob_exists(&self, reference: &str, digest: &str) -> Result<bool> {
         let r = parse_ref(reference)?;
         let client = self.client(&r).await;
-        client
-            .blob_exists(&r, digest)
-            .await
-            .map_err(|e| reg_err(&r.whole(), format!("blob {digest}: {}", describe(&e))))
+        client.blob_exists(&r, digest).await.map_err(|e| {
+            reg_err(
+                &r.whole(),
+                format!("blob {digest}: {}", self.explain(&r, &e)),
+            )
+        })
     }
 
     /// Uploads the blob `digest` from the content store to the repository of `reference`
@@ -570,7 +677,12 @@ impl ImageResolver {
         client
             .push_blob_stream(&r, stream, digest, Some(size))
             .await
-            .map_err(|e| reg_err(&canonical, format!("push blob {digest}: {}", describe(&e))))?;
+            .map_err(|e| {
+                reg_err(
+                    &canonical,
+                    format!("push blob {digest}: {}", self.explain(&r, &e)),
+                )
+            })?;
         progress(size, size);
         Ok(true)
     }
@@ -591,7 +703,12 @@ impl ImageResolver {
         client
             .push_manifest_raw(&r, bytes.to_vec(), ct)
             .await
-            .map_err(|e| reg_err(&canonical, format!("push manifest: {}", describe(&e))))?;
+            .map_err(|e| {
+                reg_err(
+                    &canonical,
+                    format!("push manifest: {}", self.explain(&r, &e)),
+                )
+            })?;
         Ok(crate::content::digest_bytes(bytes))
     }
 }
@@ -681,6 +798,34 @@ mod tests {
         ));
         assert!(auth_from_docker_config(b"{not json", "x").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn docker_config_location_follows_docker() {
+        let p = |e: Option<&str>, dc: Option<&str>, home: Option<&str>| {
+            config_path_from(
+                e.map(std::path::Path::new),
+                dc.map(Into::into),
+                home.map(Into::into),
+            )
+        };
+        assert_eq!(
+            p(Some("/x/c.json"), Some("/d"), Some("/h")),
+            Some(PathBuf::from("/x/c.json"))
+        );
+        assert_eq!(
+            p(None, Some("/d"), Some("/h")),
+            Some(PathBuf::from("/d/config.json"))
+        );
+        assert_eq!(
+            p(None, Some(""), Some("/h")),
+            Some(PathBuf::from("/h/.docker/config.json"))
+        );
+        assert_eq!(
+            p(None, None, Some("/h")),
+            Some(PathBuf::from("/h/.docker/config.json"))
+        );
+        assert_eq!(p(None, None, None), None);
     }
 
     #[tokio::test]
@@ -884,6 +1029,181 @@ mod registry_format_tests {
             .symlink_metadata()?
             .file_type()
             .is_symlink());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use kiln_e2e::registry::Registry;
+
+    const USER: &str = "kiln-user";
+    const PASS: &str = "kiln-pass";
+
+    struct Setup {
+        reg: Registry,
+        dir: tempfile::TempDir,
+        cs: Arc<ContentStore>,
+        reference: String,
+    }
+
+    /// An auth registry holding the busybox base as `base/busybox:1`.
+    fn setup() -> anyhow::Result<Setup> {
+        let reg = Registry::start_with_auth(USER, PASS)?;
+        kiln_e2e::base::push_base_with_creds(&reg.addr(), "base/busybox:1", USER, PASS)?;
+        let dir = tempfile::tempdir()?;
+        let cs = Arc::new(ContentStore::open(&dir.path().join("cs"))?);
+        let reference = format!("{}/base/busybox:1", reg.addr());
+        Ok(Setup {
+            reg,
+            dir,
+            cs,
+            reference,
+        })
+    }
+
+    fn resolver_with(s: &Setup, user: &str, pass: &str) -> anyhow::Result<ImageResolver> {
+        let path = s
+            .reg
+            .write_docker_config(&s.dir.path().join("docker"), user, pass)?;
+        let config = RegistryConfig {
+            docker_config: Some(path),
+            ..Default::default()
+        };
+        Ok(ImageResolver::new(config, s.cs.clone()))
+    }
+
+    #[tokio::test]
+    async fn pull_from_auth_registry_with_docker_config() -> anyhow::Result<()> {
+        let s = setup()?;
+        let resolver = resolver_with(&s, USER, PASS)?;
+        let img = resolver.resolve(&s.reference, &Platform::host()).await?;
+        assert_eq!(img.layers.len(), 1);
+        assert_eq!(img.config.config.cmd, Some(vec!["sh".to_string()]));
+        let path = resolver
+            .fetch_blob(&s.reference, &img.layers[0], &|_, _| {})
+            .await?;
+        assert!(s.cs.has(&img.layers[0].digest));
+        let dest = s.dir.path().join("unpacked");
+        std::fs::create_dir(&dest)?;
+        let stats = crate::snapshot::layer::unpack_blob(
+            &path,
+            &img.layers[0].media_type,
+            &dest,
+            &Default::default(),
+        )?;
+        assert_eq!(Some(&stats.diff_id), img.config.rootfs.diff_ids.first());
+        assert!(dest.join("bin/busybox").is_file());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pull_without_credentials_is_a_clear_error() -> anyhow::Result<()> {
+        let s = setup()?;
+        // A docker config with no entry for this registry.
+        let path = s.dir.path().join("empty.json");
+        std::fs::write(&path, br#"{"auths":{"other.example.com":{"auth":"dTpw"}}}"#)?;
+        let config = RegistryConfig {
+            docker_config: Some(path.clone()),
+            ..Default::default()
+        };
+        let resolver = ImageResolver::new(config, s.cs.clone());
+        let err = resolver
+            .resolve(&s.reference, &Platform::host())
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with(&s.reference), "{err}");
+        assert!(
+            err.contains("unauthorized: authentication required"),
+            "{err}"
+        );
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(s.cs.list()?.is_empty());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pull_with_wrong_password_is_a_clear_error() -> anyhow::Result<()> {
+        let s = setup()?;
+        let resolver = resolver_with(&s, USER, "not-the-password")?;
+        let err = resolver
+            .resolve(&s.reference, &Platform::host())
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with(&s.reference), "{err}");
+        assert!(err.contains("unauthorized"), "{err}");
+        assert!(err.contains(&format!("user {USER:?}")), "{err}");
+        assert!(!err.contains("not-the-password"), "{err}");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn push_to_auth_registry_and_pull_back() -> anyhow::Result<()> {
+        let s = setup()?;
+        let layer_dir = s.dir.path().join("layer");
+        std::fs::create_dir_all(layer_dir.join("etc"))?;
+        std::fs::write(layer_dir.join("etc/hello"), "hello\n")?;
+        let mut config = ImageConfigFile {
+            architecture: Platform::host().architecture,
+            os: "linux".into(),
+            ..Default::default()
+        };
+        config.config.cmd = Some(vec!["sh".into()]);
+        let built = crate::export::image::build_image(
+            &s.cs,
+            &[crate::export::ExportLayer {
+                dir: layer_dir,
+                blobs: Vec::new(),
+            }],
+            &config,
+            &Default::default(),
+        )?;
+        let name = format!("{}/pushed/img:1", s.reg.addr());
+
+        // Without credentials the push fails, naming the image.
+        let anon = ImageResolver::new(
+            RegistryConfig {
+                docker_config: Some(s.dir.path().join("missing.json")),
+                ..Default::default()
+            },
+            s.cs.clone(),
+        );
+        let err = crate::export::image::push(&anon, &s.cs, &built, &name, &|_, _| {})
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with(&format!("push {name}")), "{err}");
+        assert!(
+            err.contains("unauthorized: authentication required"),
+            "{err}"
+        );
+
+        // With a wrong password it fails too, naming the user.
+        let wrong = resolver_with(&s, USER, "wrong")?;
+        let err = crate::export::image::push(&wrong, &s.cs, &built, &name, &|_, _| {})
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with(&format!("push {name}")), "{err}");
+        assert!(
+            err.contains(&format!("rejected the credentials of user {USER:?}")),
+            "{err}"
+        );
+
+        let resolver = resolver_with(&s, USER, PASS)?;
+        crate::export::image::push(&resolver, &s.cs, &built, &name, &|_, _| {}).await?;
+        let cs2 = Arc::new(ContentStore::open(&s.dir.path().join("cs2"))?);
+        let puller = ImageResolver::new(resolver.registry_config().clone(), cs2);
+        let img = puller.resolve(&name, &Platform::host()).await?;
+        assert_eq!(img.digest, built.manifest_digest);
+        assert_eq!(img.config_digest, built.config_digest);
         Ok(())
     }
 }
