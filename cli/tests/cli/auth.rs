@@ -1,6 +1,7 @@
-//! `kiln build` against a registry that wants HTTP Basic credentials, taken from the
-//! docker `config.json` in `$DOCKER_CONFIG`: the base is pulled and the result pushed
-//! with them; without them the build fails saying so.
+//! `kiln build` against registries that want credentials (HTTP Basic on every request,
+//! and bearer tokens from a token server), taken from the docker `config.json` in
+//! `$DOCKER_CONFIG`: the base is pulled and the result pushed with them; without them the
+//! build fails saying so.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -41,84 +42,88 @@ fn build_and_push(
 
 /// The manifest of `repo:tag` as the registry serves it to `USER`.
 fn manifest(reg: &Registry, repo: &str, tag: &str) -> anyhow::Result<kiln_e2e::http::Response> {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASS}"));
-    kiln_e2e::http::get(
-        &reg.addr(),
+    reg.get_authorized(
         &format!("/v2/{repo}/manifests/{tag}"),
-        &[
-            (
-                "Accept",
-                "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json",
-            ),
-            ("Authorization", &format!("Basic {b64}")),
-        ],
+        &[(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json",
+        )],
     )
+}
+
+/// A registry of each kind, wanting `USER`/`PASS`.
+fn registries() -> anyhow::Result<[Registry; 2]> {
+    Ok([
+        Registry::start_with_auth(USER, PASS)?,
+        Registry::start_with_token_auth(USER, PASS)?,
+    ])
 }
 
 #[test]
 fn build_pulls_and_pushes_with_docker_config_credentials() -> anyhow::Result<()> {
-    let reg = Registry::start_with_auth(USER, PASS)?;
-    kiln_e2e::base::push_base_with_creds(&reg.addr(), "kiln/base:1", USER, PASS)?;
-    let dir = tempfile::tempdir()?;
-    let ctx = dir.path().join("ctx");
-    std::fs::create_dir(&ctx)?;
-    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE)?;
-    let docker = dir.path().join("docker");
-    reg.write_docker_config(&docker, USER, PASS)?;
-    let root = dir.path().join("root");
-    let base = format!("{}/kiln/base:1", reg.addr());
-    let tag = format!("{}/kiln/auth:1", reg.addr());
+    for reg in registries()? {
+        kiln_e2e::base::push_base_with_creds(&reg.addr(), "kiln/base:1", USER, PASS)?;
+        let dir = tempfile::tempdir()?;
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir(&ctx)?;
+        std::fs::write(ctx.join("Dockerfile"), DOCKERFILE)?;
+        let docker = dir.path().join("docker");
+        reg.write_docker_config(&docker, USER, PASS)?;
+        let root = dir.path().join("root");
+        let base = format!("{}/kiln/base:1", reg.addr());
+        let tag = format!("{}/kiln/auth:1", reg.addr());
 
-    let out = build_and_push(&root, &ctx, &docker, &base, &tag)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "kiln failed: {}\n{stderr}",
-        out.status
-    );
-    let resp = manifest(&reg, "kiln/auth", "1")?;
-    assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
-    let m: serde_json::Value = serde_json::from_slice(&resp.body)?;
-    // The base layer plus the RUN layer.
-    assert_eq!(m["layers"].as_array().map(Vec::len), Some(2), "{m}");
+        let out = build_and_push(&root, &ctx, &docker, &base, &tag)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "kiln failed: {}\n{stderr}",
+            out.status
+        );
+        let resp = manifest(&reg, "kiln/auth", "1")?;
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
+        let m: serde_json::Value = serde_json::from_slice(&resp.body)?;
+        // The base layer plus the RUN layer.
+        assert_eq!(m["layers"].as_array().map(Vec::len), Some(2), "{m}");
+    }
     Ok(())
 }
 
 #[test]
 fn build_without_credentials_says_unauthorized() -> anyhow::Result<()> {
-    let reg = Registry::start_with_auth(USER, PASS)?;
-    kiln_e2e::base::push_base_with_creds(&reg.addr(), "kiln/base:1", USER, PASS)?;
-    let dir = tempfile::tempdir()?;
-    let ctx = dir.path().join("ctx");
-    std::fs::create_dir(&ctx)?;
-    std::fs::write(ctx.join("Dockerfile"), DOCKERFILE)?;
-    let base = format!("{}/kiln/base:1", reg.addr());
-    let tag = format!("{}/kiln/auth:1", reg.addr());
+    for reg in registries()? {
+        kiln_e2e::base::push_base_with_creds(&reg.addr(), "kiln/base:1", USER, PASS)?;
+        let dir = tempfile::tempdir()?;
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir(&ctx)?;
+        std::fs::write(ctx.join("Dockerfile"), DOCKERFILE)?;
+        let base = format!("{}/kiln/base:1", reg.addr());
+        let tag = format!("{}/kiln/auth:1", reg.addr());
 
-    // No config.json in $DOCKER_CONFIG: the pull of the base fails, naming the registry.
-    let empty = dir.path().join("empty");
-    std::fs::create_dir(&empty)?;
-    let out = build_and_push(&dir.path().join("root1"), &ctx, &empty, &base, &tag)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains(&reg.addr()), "{stderr}");
-    assert!(
-        stderr.contains("unauthorized: authentication required"),
-        "{stderr}"
-    );
+        // No config.json in $DOCKER_CONFIG: the pull of the base fails, naming the registry.
+        let empty = dir.path().join("empty");
+        std::fs::create_dir(&empty)?;
+        let out = build_and_push(&dir.path().join("root1"), &ctx, &empty, &base, &tag)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains(&reg.addr()), "{stderr}");
+        assert!(
+            stderr.contains("unauthorized: authentication required"),
+            "{stderr}"
+        );
 
-    // A wrong password: the registry rejects it, the user is named, the password is not.
-    let wrong = dir.path().join("wrong");
-    reg.write_docker_config(&wrong, USER, "not-hunter2")?;
-    let out = build_and_push(&dir.path().join("root2"), &ctx, &wrong, &base, &tag)?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("rejected the credentials of user {USER:?}")),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("not-hunter2"), "{stderr}");
-    assert_eq!(manifest(&reg, "kiln/auth", "1")?.status, 404);
+        // A wrong password: the registry rejects it, the user is named, the password is not.
+        let wrong = dir.path().join("wrong");
+        reg.write_docker_config(&wrong, USER, "not-hunter2")?;
+        let out = build_and_push(&dir.path().join("root2"), &ctx, &wrong, &base, &tag)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("rejected the credentials of user {USER:?}")),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("not-hunter2"), "{stderr}");
+        assert_eq!(manifest(&reg, "kiln/auth", "1")?.status, 404);
+    }
     Ok(())
 }

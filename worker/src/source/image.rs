@@ -1048,9 +1048,23 @@ mod auth_tests {
         reference: String,
     }
 
+    /// How the registry authenticates.
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        /// HTTP Basic on every request (htpasswd).
+        Basic,
+        /// Bearer tokens from a token server taking Basic credentials.
+        Token,
+    }
+
+    const KINDS: [Kind; 2] = [Kind::Basic, Kind::Token];
+
     /// An auth registry holding the busybox base as `base/busybox:1`.
-    fn setup() -> anyhow::Result<Setup> {
-        let reg = Registry::start_with_auth(USER, PASS)?;
+    fn setup(kind: Kind) -> anyhow::Result<Setup> {
+        let reg = match kind {
+            Kind::Basic => Registry::start_with_auth(USER, PASS)?,
+            Kind::Token => Registry::start_with_token_auth(USER, PASS)?,
+        };
         kiln_e2e::base::push_base_with_creds(&reg.addr(), "base/busybox:1", USER, PASS)?;
         let dir = tempfile::tempdir()?;
         let cs = Arc::new(ContentStore::open(&dir.path().join("cs"))?);
@@ -1076,134 +1090,142 @@ mod auth_tests {
 
     #[tokio::test]
     async fn pull_from_auth_registry_with_docker_config() -> anyhow::Result<()> {
-        let s = setup()?;
-        let resolver = resolver_with(&s, USER, PASS)?;
-        let img = resolver.resolve(&s.reference, &Platform::host()).await?;
-        assert_eq!(img.layers.len(), 1);
-        assert_eq!(img.config.config.cmd, Some(vec!["sh".to_string()]));
-        let path = resolver
-            .fetch_blob(&s.reference, &img.layers[0], &|_, _| {})
-            .await?;
-        assert!(s.cs.has(&img.layers[0].digest));
-        let dest = s.dir.path().join("unpacked");
-        std::fs::create_dir(&dest)?;
-        let stats = crate::snapshot::layer::unpack_blob(
-            &path,
-            &img.layers[0].media_type,
-            &dest,
-            &Default::default(),
-        )?;
-        assert_eq!(Some(&stats.diff_id), img.config.rootfs.diff_ids.first());
-        assert!(dest.join("bin/busybox").is_file());
+        for kind in KINDS {
+            let s = setup(kind)?;
+            let resolver = resolver_with(&s, USER, PASS)?;
+            let img = resolver.resolve(&s.reference, &Platform::host()).await?;
+            assert_eq!(img.layers.len(), 1);
+            assert_eq!(img.config.config.cmd, Some(vec!["sh".to_string()]));
+            let path = resolver
+                .fetch_blob(&s.reference, &img.layers[0], &|_, _| {})
+                .await?;
+            assert!(s.cs.has(&img.layers[0].digest));
+            let dest = s.dir.path().join("unpacked");
+            std::fs::create_dir(&dest)?;
+            let stats = crate::snapshot::layer::unpack_blob(
+                &path,
+                &img.layers[0].media_type,
+                &dest,
+                &Default::default(),
+            )?;
+            assert_eq!(Some(&stats.diff_id), img.config.rootfs.diff_ids.first());
+            assert!(dest.join("bin/busybox").is_file());
+        }
         Ok(())
     }
 
     #[tokio::test]
     async fn pull_without_credentials_is_a_clear_error() -> anyhow::Result<()> {
-        let s = setup()?;
-        // A docker config with no entry for this registry.
-        let path = s.dir.path().join("empty.json");
-        std::fs::write(&path, br#"{"auths":{"other.example.com":{"auth":"dTpw"}}}"#)?;
-        let config = RegistryConfig {
-            docker_config: Some(path.clone()),
-            ..Default::default()
-        };
-        let resolver = ImageResolver::new(config, s.cs.clone());
-        let err = resolver
-            .resolve(&s.reference, &Platform::host())
-            .await
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.starts_with(&s.reference), "{err}");
-        assert!(
-            err.contains("unauthorized: authentication required"),
-            "{err}"
-        );
-        assert!(err.contains(&path.display().to_string()), "{err}");
-        assert!(s.cs.list()?.is_empty());
+        for kind in KINDS {
+            let s = setup(kind)?;
+            // A docker config with no entry for this registry.
+            let path = s.dir.path().join("empty.json");
+            std::fs::write(&path, br#"{"auths":{"other.example.com":{"auth":"dTpw"}}}"#)?;
+            let config = RegistryConfig {
+                docker_config: Some(path.clone()),
+                ..Default::default()
+            };
+            let resolver = ImageResolver::new(config, s.cs.clone());
+            let err = resolver
+                .resolve(&s.reference, &Platform::host())
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&s.reference), "{kind:?}: {err}");
+            assert!(
+                err.contains("unauthorized: authentication required"),
+                "{kind:?}: {err}"
+            );
+            assert!(err.contains(&path.display().to_string()), "{kind:?}: {err}");
+            assert!(s.cs.list()?.is_empty());
+        }
         Ok(())
     }
 
     #[tokio::test]
     async fn pull_with_wrong_password_is_a_clear_error() -> anyhow::Result<()> {
-        let s = setup()?;
-        let resolver = resolver_with(&s, USER, "not-the-password")?;
-        let err = resolver
-            .resolve(&s.reference, &Platform::host())
-            .await
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.starts_with(&s.reference), "{err}");
-        assert!(err.contains("unauthorized"), "{err}");
-        assert!(err.contains(&format!("user {USER:?}")), "{err}");
-        assert!(!err.contains("not-the-password"), "{err}");
+        for kind in KINDS {
+            let s = setup(kind)?;
+            let resolver = resolver_with(&s, USER, "not-the-password")?;
+            let err = resolver
+                .resolve(&s.reference, &Platform::host())
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&s.reference), "{kind:?}: {err}");
+            assert!(err.contains("unauthorized"), "{kind:?}: {err}");
+            assert!(err.contains(&format!("user {USER:?}")), "{kind:?}: {err}");
+            assert!(!err.contains("not-the-password"), "{kind:?}: {err}");
+        }
         Ok(())
     }
 
     #[tokio::test]
     async fn push_to_auth_registry_and_pull_back() -> anyhow::Result<()> {
-        let s = setup()?;
-        let layer_dir = s.dir.path().join("layer");
-        std::fs::create_dir_all(layer_dir.join("etc"))?;
-        std::fs::write(layer_dir.join("etc/hello"), "hello\n")?;
-        let mut config = ImageConfigFile {
-            architecture: Platform::host().architecture,
-            os: "linux".into(),
-            ..Default::default()
-        };
-        config.config.cmd = Some(vec!["sh".into()]);
-        let built = crate::export::image::build_image(
-            &s.cs,
-            &[crate::export::ExportLayer {
-                dir: layer_dir,
-                blobs: Vec::new(),
-            }],
-            &config,
-            &Default::default(),
-        )?;
-        let name = format!("{}/pushed/img:1", s.reg.addr());
-
-        // Without credentials the push fails, naming the image.
-        let anon = ImageResolver::new(
-            RegistryConfig {
-                docker_config: Some(s.dir.path().join("missing.json")),
+        for kind in KINDS {
+            let s = setup(kind)?;
+            let layer_dir = s.dir.path().join("layer");
+            std::fs::create_dir_all(layer_dir.join("etc"))?;
+            std::fs::write(layer_dir.join("etc/hello"), "hello\n")?;
+            let mut config = ImageConfigFile {
+                architecture: Platform::host().architecture,
+                os: "linux".into(),
                 ..Default::default()
-            },
-            s.cs.clone(),
-        );
-        let err = crate::export::image::push(&anon, &s.cs, &built, &name, &|_, _| {})
-            .await
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.starts_with(&format!("push {name}")), "{err}");
-        assert!(
-            err.contains("unauthorized: authentication required"),
-            "{err}"
-        );
+            };
+            config.config.cmd = Some(vec!["sh".into()]);
+            let built = crate::export::image::build_image(
+                &s.cs,
+                &[crate::export::ExportLayer {
+                    dir: layer_dir,
+                    blobs: Vec::new(),
+                }],
+                &config,
+                &Default::default(),
+            )?;
+            let name = format!("{}/pushed/img:1", s.reg.addr());
 
-        // With a wrong password it fails too, naming the user.
-        let wrong = resolver_with(&s, USER, "wrong")?;
-        let err = crate::export::image::push(&wrong, &s.cs, &built, &name, &|_, _| {})
-            .await
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.starts_with(&format!("push {name}")), "{err}");
-        assert!(
-            err.contains(&format!("rejected the credentials of user {USER:?}")),
-            "{err}"
-        );
+            // Without credentials the push fails, naming the image.
+            let anon = ImageResolver::new(
+                RegistryConfig {
+                    docker_config: Some(s.dir.path().join("missing.json")),
+                    ..Default::default()
+                },
+                s.cs.clone(),
+            );
+            let err = crate::export::image::push(&anon, &s.cs, &built, &name, &|_, _| {})
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&format!("push {name}")), "{kind:?}: {err}");
+            assert!(
+                err.contains("unauthorized: authentication required"),
+                "{kind:?}: {err}"
+            );
 
-        let resolver = resolver_with(&s, USER, PASS)?;
-        crate::export::image::push(&resolver, &s.cs, &built, &name, &|_, _| {}).await?;
-        let cs2 = Arc::new(ContentStore::open(&s.dir.path().join("cs2"))?);
-        let puller = ImageResolver::new(resolver.registry_config().clone(), cs2);
-        let img = puller.resolve(&name, &Platform::host()).await?;
-        assert_eq!(img.digest, built.manifest_digest);
-        assert_eq!(img.config_digest, built.config_digest);
+            // With a wrong password it fails too, naming the user.
+            let wrong = resolver_with(&s, USER, "wrong")?;
+            let err = crate::export::image::push(&wrong, &s.cs, &built, &name, &|_, _| {})
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&format!("push {name}")), "{kind:?}: {err}");
+            assert!(
+                err.contains(&format!("rejected the credentials of user {USER:?}")),
+                "{kind:?}: {err}"
+            );
+
+            let resolver = resolver_with(&s, USER, PASS)?;
+            crate::export::image::push(&resolver, &s.cs, &built, &name, &|_, _| {}).await?;
+            let cs2 = Arc::new(ContentStore::open(&s.dir.path().join("cs2"))?);
+            let puller = ImageResolver::new(resolver.registry_config().clone(), cs2);
+            let img = puller.resolve(&name, &Platform::host()).await?;
+            assert_eq!(img.digest, built.manifest_digest);
+            assert_eq!(img.config_digest, built.config_digest);
+        }
         Ok(())
     }
 }
