@@ -62,7 +62,8 @@ impl RegistryConfig {
         )
     }
 
-    /// Credentials for `host` from the docker config, anonymous when there are none.
+    /// Credentials for `host` from the docker config (its credential helper for the
+    /// host, else its `auths` entry), anonymous when there are none.
     pub fn auth_for(&self, host: &str) -> RegistryAuth {
         self.lookup_auth(host).0
     }
@@ -85,9 +86,36 @@ impl RegistryConfig {
                 );
             }
         };
+        // Docker's order: a `credHelpers` entry for the host, else `credsStore`, else the
+        // `auths` entry. A helper that fails or knows nothing falls back to `auths`.
+        let mut helper_failure = None;
+        if let Some(helper) = credential_helper(&bytes, host) {
+            match run_credential_helper(&helper, host) {
+                Ok(Some(auth)) => {
+                    let from = format!("docker-credential-{helper} (per {})", path.display());
+                    return (auth, CredSource::Found(from));
+                }
+                Ok(None) => {
+                    helper_failure = Some(format!(
+                        "docker-credential-{helper} has none (per {})",
+                        path.display()
+                    ));
+                }
+                Err(why) => {
+                    tracing::warn!(%helper, %why, "docker credential helper failed");
+                    helper_failure = Some(format!(
+                        "docker-credential-{helper} (per {}) failed: {why}",
+                        path.display()
+                    ));
+                }
+            }
+        }
         match auth_from_docker_config(&bytes, host) {
-            Ok(RegistryAuth::Anonymous) => (RegistryAuth::Anonymous, CredSource::NoEntry(path)),
-            Ok(auth) => (auth, CredSource::Found(path)),
+            Ok(RegistryAuth::Anonymous) => match helper_failure {
+                Some(why) => (RegistryAuth::Anonymous, CredSource::Helper(why)),
+                None => (RegistryAuth::Anonymous, CredSource::NoEntry(path)),
+            },
+            Ok(auth) => (auth, CredSource::Found(path.display().to_string())),
             Err(message) => {
                 tracing::warn!(path = %path.display(), %message, "ignoring docker config");
                 (RegistryAuth::Anonymous, CredSource::Invalid(path, message))
@@ -95,36 +123,37 @@ impl RegistryConfig {
         }
     }
 
-    /// What to tell the user when `host` answered 401: which credentials were sent (never
-    /// the secret) and from where.
-    fn unauthorized_message(&self, host: &str) -> String {
+    /// Credentials for `host` and what to tell the user when it answers 401 with them.
+    fn auth_and_explanation(&self, host: &str) -> (RegistryAuth, String) {
         let (auth, source) = self.lookup_auth(host);
-        match (auth, source) {
-            (RegistryAuth::Basic(user, _), CredSource::Found(path)) => format!(
-                "unauthorized: {host} rejected the credentials of user {user:?} from {}",
-                path.display()
-            ),
-            (RegistryAuth::Bearer(_), CredSource::Found(path)) => format!(
-                "unauthorized: {host} rejected the registry token from {}",
-                path.display()
-            ),
-            (_, CredSource::NoConfig) => format!(
-                "unauthorized: authentication required (no credentials for {host}: \
-                 neither $DOCKER_CONFIG nor $HOME is set)"
-            ),
-            (_, CredSource::Missing(path)) => format!(
-                "unauthorized: authentication required (no credentials for {host}: {} does not exist)",
-                path.display()
-            ),
-            (_, CredSource::Invalid(path, why)) => format!(
-                "unauthorized: authentication required (no credentials for {host}: {} is unusable: {why})",
-                path.display()
-            ),
-            (_, CredSource::NoEntry(path) | CredSource::Found(path)) => format!(
-                "unauthorized: authentication required (no credentials for {host} in {})",
-                path.display()
-            ),
+        let message = unauthorized_message(host, &auth, source);
+        (auth, message)
+    }
+}
+
+/// What to tell the user when `host` answered 401 to a request made with `auth` from
+/// `source`: which credentials were sent (never the secret) and from where.
+fn unauthorized_message(host: &str, auth: &RegistryAuth, source: CredSource) -> String {
+    let missing = |why: String| {
+        format!("unauthorized: authentication required (no credentials for {host}{why})")
+    };
+    match (auth, source) {
+        (RegistryAuth::Basic(user, _), CredSource::Found(from)) => {
+            format!("unauthorized: {host} rejected the credentials of user {user:?} from {from}")
         }
+        (RegistryAuth::Bearer(_), CredSource::Found(from)) => {
+            format!("unauthorized: {host} rejected the registry token from {from}")
+        }
+        (_, CredSource::NoConfig) => {
+            missing(": neither $DOCKER_CONFIG nor $HOME is set".to_string())
+        }
+        (_, CredSource::Missing(path)) => missing(format!(": {} does not exist", path.display())),
+        (_, CredSource::Invalid(path, why)) => {
+            missing(format!(": {} is unusable: {why}", path.display()))
+        }
+        (_, CredSource::Helper(why)) => missing(format!(": {why}")),
+        (_, CredSource::NoEntry(path)) => missing(format!(" in {}", path.display())),
+        (_, CredSource::Found(from)) => missing(format!(" in {from}")),
     }
 }
 
@@ -139,8 +168,132 @@ enum CredSource {
     Invalid(PathBuf, String),
     /// The docker config has no entry for the host.
     NoEntry(PathBuf),
-    /// Credentials came from this docker config.
-    Found(PathBuf),
+    /// The host's credential helper failed or had nothing, and `auths` has nothing.
+    Helper(String),
+    /// Credentials came from here (a config path, or a helper and its config).
+    Found(String),
+}
+
+/// How long a credential helper may take (it may wait on a keychain).
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The credential helper docker would ask for `host` in a docker `config.json`: its
+/// `credHelpers` entry, else `credsStore`; `None` when neither is set (or the config is
+/// not JSON).
+pub fn credential_helper(bytes: &[u8], host: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let want = normalize_host(host);
+    let from_helpers = v
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| {
+            h.iter()
+                .find(|(k, _)| normalize_host(k) == want)
+                .and_then(|(_, name)| name.as_str())
+        });
+    let name = from_helpers.or_else(|| v.get("credsStore").and_then(|s| s.as_str()))?;
+    let name = name.trim();
+    // A helper name is a suffix of a program name, never a path.
+    (!name.is_empty() && !name.contains('/')).then(|| name.to_string())
+}
+
+/// Parses the JSON a `docker-credential-* get` prints (`Username`, `Secret`). A
+/// `<token>` user means an OAuth2 identity (refresh) token, which we cannot exchange.
+pub fn auth_from_helper_output(out: &[u8]) -> std::result::Result<RegistryAuth, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(out).map_err(|e| format!("output is not JSON: {e}"))?;
+    let user = v["Username"].as_str().unwrap_or_default();
+    let secret = v["Secret"].as_str().unwrap_or_default();
+    if user == "<token>" {
+        return Err("identity tokens (OAuth2 refresh tokens) are not supported".to_string());
+    }
+    if user.is_empty() && secret.is_empty() {
+        return Ok(RegistryAuth::Anonymous);
+    }
+    Ok(RegistryAuth::Basic(user.to_string(), secret.to_string()))
+}
+
+/// Runs `docker-credential-<helper> get` (found on `$PATH`) for `host`.
+fn run_credential_helper(
+    helper: &str,
+    host: &str,
+) -> std::result::Result<Option<RegistryAuth>, String> {
+    // Docker keys Docker Hub by its v1 URL.
+    let server = if normalize_host(host) == "docker.io" {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        host.to_string()
+    };
+    run_helper_program(
+        std::path::Path::new(&format!("docker-credential-{helper}")),
+        &server,
+        HELPER_TIMEOUT,
+    )
+}
+
+/// Runs the credential helper `program` with `get`, `server` on stdin, killed after
+/// `timeout`. `Ok(None)` when it has no credentials for `server`.
+fn run_helper_program(
+    program: &std::path::Path,
+    server: &str,
+    timeout: std::time::Duration,
+) -> std::result::Result<Option<RegistryAuth>, String> {
+    use std::process::{Command, Stdio};
+    let program = program.display().to_string();
+    let spawn = || {
+        Command::new(&program)
+            .arg("get")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    // A helper just written may still be open for writing in a child forked meanwhile.
+    let mut tries = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 5 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.map_err(|e| format!("run {program}: {e}"))?,
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading is judged by its exit status below.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(format!("{program}: {e}")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(format!(
+                "{program} did not answer within {HELPER_TIMEOUT:?}"
+            ));
+        }
+    };
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if msg.contains("credentials not found") {
+            return Ok(None);
+        }
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(format!(
+            "{program} get: {}: {}",
+            out.status,
+            if msg.is_empty() { err } else { msg }
+        ));
+    }
+    match auth_from_helper_output(&out.stdout)? {
+        RegistryAuth::Anonymous => Ok(None),
+        auth => Ok(Some(auth)),
+    }
 }
 
 /// The docker config to read: the explicit one, else `$DOCKER_CONFIG/config.json`, else
@@ -414,7 +567,18 @@ fn blob_desc(v: &serde_json::Value, reference: &str) -> Result<BlobDesc> {
 pub struct ImageResolver {
     config: RegistryConfig,
     content: Arc<ContentStore>,
-    clients: Arc<Mutex<HashMap<String, Client>>>,
+    /// One client per registry host, with the credentials stored in it.
+    clients: Arc<Mutex<HashMap<String, RegistryClient>>>,
+}
+
+/// A client for one registry host.
+#[derive(Clone)]
+struct RegistryClient {
+    client: Client,
+    /// The credentials stored in `client`.
+    auth: RegistryAuth,
+    /// What a 401 from this registry means (which credentials were sent, from where).
+    unauthorized: Arc<str>,
 }
 
 impl std::fmt::Debug for ImageResolver {
@@ -460,20 +624,29 @@ impl ImageResolver {
     /// Says what went wrong in a registry call to the registry of `r`; a 401 names the
     /// credentials used (or their absence) instead of the bare status.
     fn explain(&self, r: &Reference, err: &OciDistributionError) -> String {
-        if is_unauthorized(err) {
-            self.config.unauthorized_message(r.registry())
-        } else {
-            describe(err)
+        if !is_unauthorized(err) {
+            return describe(err);
+        }
+        let host = r.resolve_registry();
+        let known = self
+            .clients
+            .lock()
+            .ok()
+            .and_then(|m| m.get(host).map(|c| c.unauthorized.clone()));
+        match known {
+            Some(message) => message.to_string(),
+            None => format!("unauthorized: authentication required for {}", r.registry()),
         }
     }
 
-    /// A client for the registry of `r` (one per registry, so tokens are reused), with
-    /// its credentials stored.
-    async fn client(&self, r: &Reference) -> Client {
+    /// A client for the registry of `r` (one per registry, so tokens are reused and the
+    /// docker config and credential helpers are consulted once), with its credentials
+    /// stored; returns them too.
+    async fn client(&self, r: &Reference) -> (Client, RegistryAuth) {
         let host = r.resolve_registry().to_string();
         let existing = self.clients.lock().ok().and_then(|m| m.get(&host).cloned());
         if let Some(c) = existing {
-            return c;
+            return (c.client, c.auth);
         }
         let protocol = if self.config.is_insecure(r.registry()) || self.config.is_insecure(&host) {
             ClientProtocol::Http
@@ -490,12 +663,26 @@ impl ImageResolver {
             connect_timeout: Some(std::time::Duration::from_secs(30)),
             ..Default::default()
         });
-        let auth = self.config.auth_for(r.registry());
+        // A credential helper is a process: keep it off the async threads.
+        let config = self.config.clone();
+        let registry = r.registry().to_string();
+        let fallback = format!("unauthorized: authentication required for {}", r.registry());
+        let (auth, unauthorized) =
+            tokio::task::spawn_blocking(move || config.auth_and_explanation(&registry))
+                .await
+                .unwrap_or((RegistryAuth::Anonymous, fallback));
         client.store_auth_if_needed(&host, &auth).await;
         if let Ok(mut m) = self.clients.lock() {
-            m.insert(host, client.clone());
+            m.insert(
+                host,
+                RegistryClient {
+                    client: client.clone(),
+                    auth: auth.clone(),
+                    unauthorized: unauthorized.into(),
+                },
+            );
         }
-        client
+        (client, auth)
     }
 
     /// Fetches a manifest (or index) as raw bytes with its digest, without choosing a
@@ -503,8 +690,7 @@ impl ImageResolver {
     pub async fn fetch_manifest_raw(&self, reference: &str) -> Result<(Vec<u8>, String)> {
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
-        let auth = self.config.auth_for(r.registry());
+        let (client, auth) = self.client(&r).await;
         let (bytes, digest) = client
             .pull_manifest_raw(&r, &auth, ACCEPT)
             .await
@@ -600,7 +786,7 @@ impl ImageResolver {
         }
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
+        let (client, _) = self.client(&r).await;
         let fail = |m: String| reg_err(&canonical, format!("blob {}: {m}", desc.digest));
         let mut stream = client
             .pull_blob_stream(&r, desc.digest.as_str())
@@ -635,7 +821,7 @@ impl ImageResolver {
     /// True when the registry of `reference` already has the blob `digest`.
     pub async fn blob_exists(&self, reference: &str, digest: &str) -> Result<bool> {
         let r = parse_ref(reference)?;
-        let client = self.client(&r).await;
+        let (client, _) = self.client(&r).await;
         client.blob_exists(&r, digest).await.map_err(|e| {
             reg_err(
                 &r.whole(),
@@ -660,7 +846,7 @@ impl ImageResolver {
         }
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
+        let (client, _) = self.client(&r).await;
         let path = self.content.path(digest)?;
         let file = tokio::fs::File::open(&path)
             .await
@@ -696,7 +882,7 @@ impl ImageResolver {
     ) -> Result<String> {
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
+        let (client, _) = self.client(&r).await;
         let ct = media_type
             .parse()
             .map_err(|e| reg_err(&canonical, format!("media type {media_type:?}: {e}")))?;
@@ -797,6 +983,79 @@ mod tests {
             Ok(RegistryAuth::Anonymous)
         ));
         assert!(auth_from_docker_config(b"{not json", "x").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn credential_helper_is_chosen_like_docker() -> anyhow::Result<()> {
+        let cfg = br#"{"credsStore":"desktop","credHelpers":{
+            "gcr.io":"gcloud","https://reg.example.com:5000":"pass","bad.io":"../x"}}"#;
+        assert_eq!(credential_helper(cfg, "gcr.io").as_deref(), Some("gcloud"));
+        assert_eq!(
+            credential_helper(cfg, "reg.example.com:5000").as_deref(),
+            Some("pass")
+        );
+        assert_eq!(
+            credential_helper(cfg, "docker.io").as_deref(),
+            Some("desktop")
+        );
+        assert_eq!(credential_helper(cfg, "bad.io"), None);
+        assert_eq!(credential_helper(br#"{"auths":{}}"#, "gcr.io"), None);
+        assert_eq!(credential_helper(b"{not json", "gcr.io"), None);
+
+        let basic = auth_from_helper_output(br#"{"ServerURL":"x","Username":"u","Secret":"s"}"#)
+            .map_err(anyhow::Error::msg)?;
+        assert!(matches!(basic, RegistryAuth::Basic(u, s) if u == "u" && s == "s"));
+        let err = auth_from_helper_output(br#"{"Username":"<token>","Secret":"refresh"}"#)
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("identity tokens"), "{err}");
+        assert!(auth_from_helper_output(b"nope").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn credential_helper_program_runs_with_a_timeout() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let script = |name: &str, body: &str| -> anyhow::Result<PathBuf> {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n"))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+            Ok(p)
+        };
+        let secs = std::time::Duration::from_secs;
+        // Answers for one server only, echoing what it was asked.
+        let good = script(
+            "good",
+            r#"[ "$1" = get ] || exit 3
+server=$(cat)
+if [ "$server" = "reg:5000" ]; then
+  printf '{"ServerURL":"%s","Username":"u-%s","Secret":"s"}' "$server" "$server"
+else
+  echo "credentials not found in native keychain"; exit 1
+fi"#,
+        )?;
+        let got = run_helper_program(&good, "reg:5000", secs(10)).map_err(anyhow::Error::msg)?;
+        assert!(matches!(got, Some(RegistryAuth::Basic(u, _)) if u == "u-reg:5000"));
+        assert!(matches!(
+            run_helper_program(&good, "other:1", secs(10)),
+            Ok(None)
+        ));
+        let broken = script("broken", "echo keychain locked >&2; exit 2")?;
+        let err = run_helper_program(&broken, "reg:5000", secs(10))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("keychain locked"), "{err}");
+        let hangs = script("hangs", "exec sleep 30")?;
+        let err = run_helper_program(&hangs, "reg:5000", std::time::Duration::from_millis(300))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("did not answer"), "{err}");
+        let err = run_helper_program(&dir.path().join("absent"), "reg:5000", secs(10))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("absent"), "{err}");
         Ok(())
     }
 
