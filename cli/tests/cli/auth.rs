@@ -21,8 +21,27 @@ fn build_and_push(
     base: &str,
     tag: &str,
 ) -> anyhow::Result<Output> {
+    build_and_push_with_path(root, ctx, docker_config, base, tag, None)
+}
+
+/// [`build_and_push`] with `path_dir` first on `$PATH`.
+fn build_and_push_with_path(
+    root: &Path,
+    ctx: &Path,
+    docker_config: &Path,
+    base: &str,
+    tag: &str,
+    path_dir: Option<&Path>,
+) -> anyhow::Result<Output> {
     let arg = format!("BASE={base}");
-    Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kiln"));
+    if let Some(dir) = path_dir {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![dir.to_path_buf()];
+        dirs.extend(std::env::split_paths(&path));
+        cmd.env("PATH", std::env::join_paths(dirs)?);
+    }
+    Ok(cmd
         .env("DOCKER_CONFIG", docker_config)
         .args([
             "build",
@@ -124,6 +143,73 @@ fn build_without_credentials_says_unauthorized() -> anyhow::Result<()> {
         );
         assert!(!stderr.contains("not-hunter2"), "{stderr}");
         assert_eq!(manifest(&reg, "kiln/auth", "1")?.status, 404);
+    }
+    Ok(())
+}
+
+#[test]
+fn build_uses_the_docker_credential_helper() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for reg in registries()? {
+        kiln_e2e::base::push_base_with_creds(&reg.addr(), "kiln/base:1", USER, PASS)?;
+        let dir = tempfile::tempdir()?;
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir(&ctx)?;
+        std::fs::write(ctx.join("Dockerfile"), DOCKERFILE)?;
+        // `credHelpers` names `docker-credential-kilntest`, which knows this registry only;
+        // `auths` has a wrong password that must not be used.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin)?;
+        let helper = bin.join("docker-credential-kilntest");
+        std::fs::write(
+            &helper,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = get ] || exit 3\nserver=$(cat)\n\
+                 if [ \"$server\" = \"{addr}\" ]; then\n\
+                 printf '{{\"ServerURL\":\"%s\",\"Username\":\"{USER}\",\"Secret\":\"{PASS}\"}}' \"$server\"\n\
+                 else echo 'credentials not found in native keychain'; exit 1; fi\n",
+                addr = reg.addr()
+            ),
+        )?;
+        std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755))?;
+        let docker = dir.path().join("docker");
+        reg.write_docker_config(&docker, USER, "wrong")?;
+        let config = docker.join("config.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&config)?)?;
+        v["credHelpers"] = serde_json::json!({ reg.addr(): "kilntest" });
+        std::fs::write(&config, serde_json::to_vec(&v)?)?;
+        let base = format!("{}/kiln/base:1", reg.addr());
+        let tag = format!("{}/kiln/helper:1", reg.addr());
+
+        let out = build_and_push_with_path(
+            &dir.path().join("root"),
+            &ctx,
+            &docker,
+            &base,
+            &tag,
+            Some(&bin),
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "kiln failed: {}\n{stderr}",
+            out.status
+        );
+        assert_eq!(manifest(&reg, "kiln/helper", "1")?.status, 200);
+
+        // Without the helper on $PATH the wrong `auths` password is used, and the error
+        // says the helper failed.
+        let out = build_and_push(&dir.path().join("root2"), &ctx, &docker, &base, &tag)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("rejected the credentials of user {USER:?}")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains("after credential helper failed: run docker-credential-kilntest"),
+            "{stderr}"
+        );
     }
     Ok(())
 }

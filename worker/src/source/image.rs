@@ -96,26 +96,29 @@ impl RegistryConfig {
                     return (auth, CredSource::Found(from));
                 }
                 Ok(None) => {
-                    helper_failure = Some(format!(
-                        "docker-credential-{helper} has none (per {})",
-                        path.display()
-                    ));
+                    helper_failure = Some(format!("docker-credential-{helper} has none"));
                 }
                 Err(why) => {
                     tracing::warn!(%helper, %why, "docker credential helper failed");
-                    helper_failure = Some(format!(
-                        "docker-credential-{helper} (per {}) failed: {why}",
-                        path.display()
-                    ));
+                    helper_failure = Some(format!("credential helper failed: {why}"));
                 }
             }
         }
         match auth_from_docker_config(&bytes, host) {
             Ok(RegistryAuth::Anonymous) => match helper_failure {
-                Some(why) => (RegistryAuth::Anonymous, CredSource::Helper(why)),
+                Some(why) => {
+                    let why = format!("{why} (per {})", path.display());
+                    (RegistryAuth::Anonymous, CredSource::Helper(why))
+                }
                 None => (RegistryAuth::Anonymous, CredSource::NoEntry(path)),
             },
-            Ok(auth) => (auth, CredSource::Found(path.display().to_string())),
+            Ok(auth) => {
+                let from = match helper_failure {
+                    Some(why) => format!("{} after {why}", path.display()),
+                    None => path.display().to_string(),
+                };
+                (auth, CredSource::Found(from))
+            }
             Err(message) => {
                 tracing::warn!(path = %path.display(), %message, "ignoring docker config");
                 (RegistryAuth::Anonymous, CredSource::Invalid(path, message))
@@ -1057,6 +1060,60 @@ fi"#,
             .unwrap_or_default();
         assert!(err.contains("absent"), "{err}");
         Ok(())
+    }
+
+    #[test]
+    fn unauthorized_messages_name_the_credentials_never_the_secret() {
+        let basic = RegistryAuth::Basic("bob".into(), "s3cret".into());
+        let cases = [
+            (
+                unauthorized_message("r:1", &basic, CredSource::Found("/c.json".into())),
+                "unauthorized: r:1 rejected the credentials of user \"bob\" from /c.json",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Bearer("tok".into()),
+                    CredSource::Found("/c.json".into()),
+                ),
+                "unauthorized: r:1 rejected the registry token from /c.json",
+            ),
+            (
+                unauthorized_message("r:1", &RegistryAuth::Anonymous, CredSource::NoConfig),
+                "unauthorized: authentication required (no credentials for r:1: \
+                 neither $DOCKER_CONFIG nor $HOME is set)",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Anonymous,
+                    CredSource::Missing("/c.json".into()),
+                ),
+                "unauthorized: authentication required (no credentials for r:1: \
+                 /c.json does not exist)",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Anonymous,
+                    CredSource::NoEntry("/c.json".into()),
+                ),
+                "unauthorized: authentication required (no credentials for r:1 in /c.json)",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Anonymous,
+                    CredSource::Helper("docker-credential-x has none (per /c.json)".into()),
+                ),
+                "unauthorized: authentication required (no credentials for r:1: \
+                 docker-credential-x has none (per /c.json))",
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+            assert!(!got.contains("s3cret") && !got.contains("tok\""));
+        }
     }
 
     #[test]
