@@ -1,7 +1,9 @@
 //! Image sources: resolving a reference to a manifest (platform chosen from an index)
-//! and config, and fetching layer blobs into the content store, with docker
-//! `config.json` credentials, token auth, and plain HTTP for localhost and registries
-//! marked insecure. Built on `oci-client`. Pushing blobs and manifests (for the image
+//! and config, and fetching layer blobs into the content store, with credentials from
+//! docker's `config.json` (`auths` entries, `credHelpers`/`credsStore` helpers), HTTP
+//! Basic and bearer-token auth, and plain HTTP for localhost and registries marked
+//! insecure. A 401 is reported naming the registry and the credentials tried (never the
+//! secret). Built on `oci-client`. Pushing blobs and manifests (for the image
 //! exporter) lives here too, so all registry traffic goes through one client setup.
 
 use std::collections::HashMap;
