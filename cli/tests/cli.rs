@@ -6,6 +6,9 @@ use std::process::{Command, Output};
 use anyhow::{anyhow, bail};
 use kiln_e2e::registry::Registry;
 
+#[path = "cli/auth.rs"]
+mod auth;
+
 fn kiln(args: &[&str]) -> anyhow::Result<Output> {
     Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(args)

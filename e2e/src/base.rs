@@ -126,6 +126,25 @@ pub fn push_base(registry_addr: &str, name_tag: &str) -> anyhow::Result<()> {
     push_layout(&layout, registry_addr, name_tag, &[])
 }
 
+/// [`push_base`] into a registry that wants credentials (skopeo `--dest-creds`).
+pub fn push_base_with_creds(
+    registry_addr: &str,
+    name_tag: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let layout = dir.path().join("layout");
+    busybox_layout(&layout, host_arch())?;
+    let creds = format!("{user}:{password}");
+    push_layout(
+        &layout,
+        registry_addr,
+        name_tag,
+        &["--dest-creds", creds.as_str()],
+    )
+}
+
 /// Pushes the `latest` image of the OCI layout at `layout` to
 /// `<registry_addr>/<name_tag>` with skopeo; `extra` goes to `skopeo copy` (e.g.
 /// `["--format", "v2s2"]` for a Docker schema2 manifest).
@@ -270,6 +289,29 @@ mod tests {
         assert_eq!(m["layers"].as_array().map(Vec::len), Some(1));
         let missing = crate::http::get(&reg.addr(), "/v2/base/busybox/manifests/nope", &[])?;
         assert_eq!(missing.status, 404);
+        Ok(())
+    }
+
+    #[test]
+    fn push_with_creds_to_auth_registry() -> anyhow::Result<()> {
+        use base64::Engine;
+        let reg = Registry::start_with_auth("pusher", "pw")?;
+        let err = push_base(&reg.addr(), "base/busybox:1")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("skopeo copy to"), "{err}");
+        push_base_with_creds(&reg.addr(), "base/busybox:1", "pusher", "pw")?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode("pusher:pw");
+        let resp = crate::http::get(
+            &reg.addr(),
+            "/v2/base/busybox/manifests/1",
+            &[
+                ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+                ("Authorization", &format!("Basic {b64}")),
+            ],
+        )?;
+        assert_eq!(resp.status, 200, "{}", String::from_utf8_lossy(&resp.body));
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! Image sources: resolving a reference to a manifest (platform chosen from an index)
-//! and config, and fetching layer blobs into the content store, with docker
-//! `config.json` credentials, token auth, and plain HTTP for localhost and registries
-//! marked insecure. Built on `oci-client`. Pushing blobs and manifests (for the image
+//! and config, and fetching layer blobs into the content store, with credentials from
+//! docker's `config.json` (`auths` entries, `credHelpers`/`credsStore` helpers), HTTP
+//! Basic and bearer-token auth, and plain HTTP for localhost and registries marked
+//! insecure. A 401 is reported naming the registry and the credentials tried (never the
+//! secret). Built on `oci-client`. Pushing blobs and manifests (for the image
 //! exporter) lives here too, so all registry traffic goes through one client setup.
 
 use std::collections::HashMap;
@@ -55,31 +57,265 @@ impl RegistryConfig {
     }
 
     fn config_path(&self) -> Option<PathBuf> {
-        if let Some(p) = &self.docker_config {
-            return Some(p.clone());
-        }
-        if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
-            return Some(PathBuf::from(dir).join("config.json"));
-        }
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json"))
+        config_path_from(
+            self.docker_config.as_deref(),
+            std::env::var_os("DOCKER_CONFIG"),
+            std::env::var_os("HOME"),
+        )
     }
 
-    /// Credentials for `host` from the docker config, anonymous when there are none.
+    /// Credentials for `host` from the docker config (its credential helper for the
+    /// host, else its `auths` entry), anonymous when there are none.
     pub fn auth_for(&self, host: &str) -> RegistryAuth {
+        self.lookup_auth(host).0
+    }
+
+    /// Credentials for `host` and where they came from (for error messages).
+    fn lookup_auth(&self, host: &str) -> (RegistryAuth, CredSource) {
         let Some(path) = self.config_path() else {
-            return RegistryAuth::Anonymous;
+            return (RegistryAuth::Anonymous, CredSource::NoConfig);
         };
-        let Ok(bytes) = std::fs::read(&path) else {
-            return RegistryAuth::Anonymous;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return (RegistryAuth::Anonymous, CredSource::Missing(path));
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read docker config");
+                return (
+                    RegistryAuth::Anonymous,
+                    CredSource::Invalid(path, e.to_string()),
+                );
+            }
         };
+        // Docker's order: a `credHelpers` entry for the host, else `credsStore`, else the
+        // `auths` entry. A helper that fails or knows nothing falls back to `auths`.
+        let mut helper_failure = None;
+        if let Some(helper) = credential_helper(&bytes, host) {
+            match run_credential_helper(&helper, host) {
+                Ok(Some(auth)) => {
+                    let from = format!("docker-credential-{helper} (per {})", path.display());
+                    return (auth, CredSource::Found(from));
+                }
+                Ok(None) => {
+                    helper_failure = Some(format!("docker-credential-{helper} has none"));
+                }
+                Err(why) => {
+                    tracing::warn!(%helper, %why, "docker credential helper failed");
+                    helper_failure = Some(format!("credential helper failed: {why}"));
+                }
+            }
+        }
         match auth_from_docker_config(&bytes, host) {
-            Ok(auth) => auth,
+            Ok(RegistryAuth::Anonymous) => match helper_failure {
+                Some(why) => {
+                    let why = format!("{why} (per {})", path.display());
+                    (RegistryAuth::Anonymous, CredSource::Helper(why))
+                }
+                None => (RegistryAuth::Anonymous, CredSource::NoEntry(path)),
+            },
+            Ok(auth) => {
+                let from = match helper_failure {
+                    Some(why) => format!("{} after {why}", path.display()),
+                    None => path.display().to_string(),
+                };
+                (auth, CredSource::Found(from))
+            }
             Err(message) => {
                 tracing::warn!(path = %path.display(), %message, "ignoring docker config");
-                RegistryAuth::Anonymous
+                (RegistryAuth::Anonymous, CredSource::Invalid(path, message))
             }
         }
     }
+
+    /// Credentials for `host` and what to tell the user when it answers 401 with them.
+    fn auth_and_explanation(&self, host: &str) -> (RegistryAuth, String) {
+        let (auth, source) = self.lookup_auth(host);
+        let message = unauthorized_message(host, &auth, source);
+        (auth, message)
+    }
+}
+
+/// What to tell the user when `host` answered 401 to a request made with `auth` from
+/// `source`: which credentials were sent (never the secret) and from where.
+fn unauthorized_message(host: &str, auth: &RegistryAuth, source: CredSource) -> String {
+    let missing = |why: String| {
+        format!("unauthorized: authentication required (no credentials for {host}{why})")
+    };
+    match (auth, source) {
+        (RegistryAuth::Basic(user, _), CredSource::Found(from)) => {
+            format!("unauthorized: {host} rejected the credentials of user {user:?} from {from}")
+        }
+        (RegistryAuth::Bearer(_), CredSource::Found(from)) => {
+            format!("unauthorized: {host} rejected the registry token from {from}")
+        }
+        (_, CredSource::NoConfig) => {
+            missing(": neither $DOCKER_CONFIG nor $HOME is set".to_string())
+        }
+        (_, CredSource::Missing(path)) => missing(format!(": {} does not exist", path.display())),
+        (_, CredSource::Invalid(path, why)) => {
+            missing(format!(": {} is unusable: {why}", path.display()))
+        }
+        (_, CredSource::Helper(why)) => missing(format!(": {why}")),
+        (_, CredSource::NoEntry(path)) => missing(format!(" in {}", path.display())),
+        (_, CredSource::Found(from)) => missing(format!(" in {from}")),
+    }
+}
+
+/// Where [`RegistryConfig::lookup_auth`] found (or did not find) credentials.
+#[derive(Debug)]
+enum CredSource {
+    /// No docker config location at all.
+    NoConfig,
+    /// The docker config does not exist.
+    Missing(PathBuf),
+    /// The docker config cannot be read or parsed.
+    Invalid(PathBuf, String),
+    /// The docker config has no entry for the host.
+    NoEntry(PathBuf),
+    /// The host's credential helper failed or had nothing, and `auths` has nothing.
+    Helper(String),
+    /// Credentials came from here (a config path, or a helper and its config).
+    Found(String),
+}
+
+/// How long a credential helper may take (it may wait on a keychain).
+const HELPER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The credential helper docker would ask for `host` in a docker `config.json`: its
+/// `credHelpers` entry, else `credsStore`; `None` when neither is set (or the config is
+/// not JSON).
+pub fn credential_helper(bytes: &[u8], host: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let want = normalize_host(host);
+    let from_helpers = v
+        .get("credHelpers")
+        .and_then(|h| h.as_object())
+        .and_then(|h| {
+            h.iter()
+                .find(|(k, _)| normalize_host(k) == want)
+                .and_then(|(_, name)| name.as_str())
+        });
+    let name = from_helpers.or_else(|| v.get("credsStore").and_then(|s| s.as_str()))?;
+    let name = name.trim();
+    // A helper name is a suffix of a program name, never a path.
+    (!name.is_empty() && !name.contains('/')).then(|| name.to_string())
+}
+
+/// Parses the JSON a `docker-credential-* get` prints (`Username`, `Secret`). A
+/// `<token>` user means an OAuth2 identity (refresh) token, which we cannot exchange.
+pub fn auth_from_helper_output(out: &[u8]) -> std::result::Result<RegistryAuth, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(out).map_err(|e| format!("output is not JSON: {e}"))?;
+    let user = v["Username"].as_str().unwrap_or_default();
+    let secret = v["Secret"].as_str().unwrap_or_default();
+    if user == "<token>" {
+        return Err("identity tokens (OAuth2 refresh tokens) are not supported".to_string());
+    }
+    if user.is_empty() && secret.is_empty() {
+        return Ok(RegistryAuth::Anonymous);
+    }
+    Ok(RegistryAuth::Basic(user.to_string(), secret.to_string()))
+}
+
+/// Runs `docker-credential-<helper> get` (found on `$PATH`) for `host`.
+fn run_credential_helper(
+    helper: &str,
+    host: &str,
+) -> std::result::Result<Option<RegistryAuth>, String> {
+    // Docker keys Docker Hub by its v1 URL.
+    let server = if normalize_host(host) == "docker.io" {
+        "https://index.docker.io/v1/".to_string()
+    } else {
+        host.to_string()
+    };
+    run_helper_program(
+        std::path::Path::new(&format!("docker-credential-{helper}")),
+        &server,
+        HELPER_TIMEOUT,
+    )
+}
+
+/// Runs the credential helper `program` with `get`, `server` on stdin, killed after
+/// `timeout`. `Ok(None)` when it has no credentials for `server`.
+fn run_helper_program(
+    program: &std::path::Path,
+    server: &str,
+    timeout: std::time::Duration,
+) -> std::result::Result<Option<RegistryAuth>, String> {
+    use std::process::{Command, Stdio};
+    let program = program.display().to_string();
+    let spawn = || {
+        Command::new(&program)
+            .arg("get")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    };
+    // A helper just written may still be open for writing in a child forked meanwhile.
+    let mut tries = 0;
+    let mut child = loop {
+        match spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 5 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => break other.map_err(|e| format!("run {program}: {e}"))?,
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading is judged by its exit status below.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => return Err(format!("{program}: {e}")),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            return Err(format!(
+                "{program} did not answer within {HELPER_TIMEOUT:?}"
+            ));
+        }
+    };
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if msg.contains("credentials not found") {
+            return Ok(None);
+        }
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        return Err(format!(
+            "{program} get: {}: {}",
+            out.status,
+            if msg.is_empty() { err } else { msg }
+        ));
+    }
+    match auth_from_helper_output(&out.stdout)? {
+        RegistryAuth::Anonymous => Ok(None),
+        auth => Ok(Some(auth)),
+    }
+}
+
+/// The docker config to read: the explicit one, else `$DOCKER_CONFIG/config.json`, else
+/// `$HOME/.docker/config.json` (docker's order).
+fn config_path_from(
+    explicit: Option<&std::path::Path>,
+    docker_config_env: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_path_buf());
+    }
+    if let Some(dir) = docker_config_env.filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("config.json"));
+    }
+    home.filter(|h| !h.is_empty())
+        .map(|h| PathBuf::from(h).join(".docker/config.json"))
 }
 
 /// Normalizes a docker config `auths` key or a registry host to a bare host.
@@ -175,6 +411,23 @@ fn parse_ref(reference: &str) -> Result<Reference> {
         (Some(t), None) => Reference::with_tag(n.domain, n.path, t),
         (None, None) => Reference::with_tag(n.domain, n.path, "latest".to_string()),
     })
+}
+
+/// True when a registry call failed for want of (valid) credentials: HTTP 401 in any of
+/// the shapes oci-client reports it, or a failed token exchange.
+fn is_unauthorized(err: &OciDistributionError) -> bool {
+    use oci_client::errors::OciErrorCode;
+    match err {
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => true,
+        OciDistributionError::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| matches!(e.code, OciErrorCode::Unauthorized)),
+        OciDistributionError::ServerError { code, .. } => *code == 401,
+        OciDistributionError::RequestError(e) => e.status().map(|s| s.as_u16()) == Some(401),
+        _ => false,
+    }
 }
 
 /// Says what went wrong in a registry call, briefly (`manifest unknown`,
@@ -319,7 +572,18 @@ fn blob_desc(v: &serde_json::Value, reference: &str) -> Result<BlobDesc> {
 pub struct ImageResolver {
     config: RegistryConfig,
     content: Arc<ContentStore>,
-    clients: Arc<Mutex<HashMap<String, Client>>>,
+    /// One client per registry host, with the credentials stored in it.
+    clients: Arc<Mutex<HashMap<String, RegistryClient>>>,
+}
+
+/// A client for one registry host.
+#[derive(Clone)]
+struct RegistryClient {
+    client: Client,
+    /// The credentials stored in `client`.
+    auth: RegistryAuth,
+    /// What a 401 from this registry means (which credentials were sent, from where).
+    unauthorized: Arc<str>,
 }
 
 impl std::fmt::Debug for ImageResolver {
@@ -362,13 +626,32 @@ impl ImageResolver {
         &self.config
     }
 
-    /// A client for the registry of `r` (one per registry, so tokens are reused), with
-    /// its credentials stored.
-    async fn client(&self, r: &Reference) -> Client {
+    /// Says what went wrong in a registry call to the registry of `r`; a 401 names the
+    /// credentials used (or their absence) instead of the bare status.
+    fn explain(&self, r: &Reference, err: &OciDistributionError) -> String {
+        if !is_unauthorized(err) {
+            return describe(err);
+        }
+        let host = r.resolve_registry();
+        let known = self
+            .clients
+            .lock()
+            .ok()
+            .and_then(|m| m.get(host).map(|c| c.unauthorized.clone()));
+        match known {
+            Some(message) => message.to_string(),
+            None => format!("unauthorized: authentication required for {}", r.registry()),
+        }
+    }
+
+    /// A client for the registry of `r` (one per registry, so tokens are reused and the
+    /// docker config and credential helpers are consulted once), with its credentials
+    /// stored; returns them too.
+    async fn client(&self, r: &Reference) -> (Client, RegistryAuth) {
         let host = r.resolve_registry().to_string();
         let existing = self.clients.lock().ok().and_then(|m| m.get(&host).cloned());
         if let Some(c) = existing {
-            return c;
+            return (c.client, c.auth);
         }
         let protocol = if self.config.is_insecure(r.registry()) || self.config.is_insecure(&host) {
             ClientProtocol::Http
@@ -385,12 +668,26 @@ impl ImageResolver {
             connect_timeout: Some(std::time::Duration::from_secs(30)),
             ..Default::default()
         });
-        let auth = self.config.auth_for(r.registry());
+        // A credential helper is a process: keep it off the async threads.
+        let config = self.config.clone();
+        let registry = r.registry().to_string();
+        let fallback = format!("unauthorized: authentication required for {}", r.registry());
+        let (auth, unauthorized) =
+            tokio::task::spawn_blocking(move || config.auth_and_explanation(&registry))
+                .await
+                .unwrap_or((RegistryAuth::Anonymous, fallback));
         client.store_auth_if_needed(&host, &auth).await;
         if let Ok(mut m) = self.clients.lock() {
-            m.insert(host, client.clone());
+            m.insert(
+                host,
+                RegistryClient {
+                    client: client.clone(),
+                    auth: auth.clone(),
+                    unauthorized: unauthorized.into(),
+                },
+            );
         }
-        client
+        (client, auth)
     }
 
     /// Fetches a manifest (or index) as raw bytes with its digest, without choosing a
@@ -398,12 +695,11 @@ impl ImageResolver {
     pub async fn fetch_manifest_raw(&self, reference: &str) -> Result<(Vec<u8>, String)> {
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
-        let auth = self.config.auth_for(r.registry());
+        let (client, auth) = self.client(&r).await;
         let (bytes, digest) = client
             .pull_manifest_raw(&r, &auth, ACCEPT)
             .await
-            .map_err(|e| reg_err(&canonical, describe(&e)))?;
+            .map_err(|e| reg_err(&canonical, self.explain(&r, &e)))?;
         Ok((bytes.to_vec(), digest))
     }
 
@@ -495,12 +791,12 @@ impl ImageResolver {
         }
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
+        let (client, _) = self.client(&r).await;
         let fail = |m: String| reg_err(&canonical, format!("blob {}: {m}", desc.digest));
         let mut stream = client
             .pull_blob_stream(&r, desc.digest.as_str())
             .await
-            .map_err(|e| fail(describe(&e)))?;
+            .map_err(|e| fail(self.explain(&r, &e)))?;
         let total = if desc.size > 0 {
             desc.size
         } else {
@@ -530,11 +826,13 @@ impl ImageResolver {
     /// True when the registry of `reference` already has the blob `digest`.
     pub async fn blob_exists(&self, reference: &str, digest: &str) -> Result<bool> {
         let r = parse_ref(reference)?;
-        let client = self.client(&r).await;
-        client
-            .blob_exists(&r, digest)
-            .await
-            .map_err(|e| reg_err(&r.whole(), format!("blob {digest}: {}", describe(&e))))
+        let (client, _) = self.client(&r).await;
+        client.blob_exists(&r, digest).await.map_err(|e| {
+            reg_err(
+                &r.whole(),
+                format!("blob {digest}: {}", self.explain(&r, &e)),
+            )
+        })
     }
 
     /// Uploads the blob `digest` from the content store to the repository of `reference`
@@ -553,7 +851,7 @@ impl ImageResolver {
         }
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
+        let (client, _) = self.client(&r).await;
         let path = self.content.path(digest)?;
         let file = tokio::fs::File::open(&path)
             .await
@@ -570,7 +868,12 @@ impl ImageResolver {
         client
             .push_blob_stream(&r, stream, digest, Some(size))
             .await
-            .map_err(|e| reg_err(&canonical, format!("push blob {digest}: {}", describe(&e))))?;
+            .map_err(|e| {
+                reg_err(
+                    &canonical,
+                    format!("push blob {digest}: {}", self.explain(&r, &e)),
+                )
+            })?;
         progress(size, size);
         Ok(true)
     }
@@ -584,14 +887,19 @@ impl ImageResolver {
     ) -> Result<String> {
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let client = self.client(&r).await;
+        let (client, _) = self.client(&r).await;
         let ct = media_type
             .parse()
             .map_err(|e| reg_err(&canonical, format!("media type {media_type:?}: {e}")))?;
         client
             .push_manifest_raw(&r, bytes.to_vec(), ct)
             .await
-            .map_err(|e| reg_err(&canonical, format!("push manifest: {}", describe(&e))))?;
+            .map_err(|e| {
+                reg_err(
+                    &canonical,
+                    format!("push manifest: {}", self.explain(&r, &e)),
+                )
+            })?;
         Ok(crate::content::digest_bytes(bytes))
     }
 }
@@ -681,6 +989,161 @@ mod tests {
         ));
         assert!(auth_from_docker_config(b"{not json", "x").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn credential_helper_is_chosen_like_docker() -> anyhow::Result<()> {
+        let cfg = br#"{"credsStore":"desktop","credHelpers":{
+            "gcr.io":"gcloud","https://reg.example.com:5000":"pass","bad.io":"../x"}}"#;
+        assert_eq!(credential_helper(cfg, "gcr.io").as_deref(), Some("gcloud"));
+        assert_eq!(
+            credential_helper(cfg, "reg.example.com:5000").as_deref(),
+            Some("pass")
+        );
+        assert_eq!(
+            credential_helper(cfg, "docker.io").as_deref(),
+            Some("desktop")
+        );
+        assert_eq!(credential_helper(cfg, "bad.io"), None);
+        assert_eq!(credential_helper(br#"{"auths":{}}"#, "gcr.io"), None);
+        assert_eq!(credential_helper(b"{not json", "gcr.io"), None);
+
+        let basic = auth_from_helper_output(br#"{"ServerURL":"x","Username":"u","Secret":"s"}"#)
+            .map_err(anyhow::Error::msg)?;
+        assert!(matches!(basic, RegistryAuth::Basic(u, s) if u == "u" && s == "s"));
+        let err = auth_from_helper_output(br#"{"Username":"<token>","Secret":"refresh"}"#)
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("identity tokens"), "{err}");
+        assert!(auth_from_helper_output(b"nope").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn credential_helper_program_runs_with_a_timeout() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let script = |name: &str, body: &str| -> anyhow::Result<PathBuf> {
+            let p = dir.path().join(name);
+            std::fs::write(&p, format!("#!/bin/sh\n{body}\n"))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+            Ok(p)
+        };
+        let secs = std::time::Duration::from_secs;
+        // Answers for one server only, echoing what it was asked.
+        let good = script(
+            "good",
+            r#"[ "$1" = get ] || exit 3
+server=$(cat)
+if [ "$server" = "reg:5000" ]; then
+  printf '{"ServerURL":"%s","Username":"u-%s","Secret":"s"}' "$server" "$server"
+else
+  echo "credentials not found in native keychain"; exit 1
+fi"#,
+        )?;
+        let got = run_helper_program(&good, "reg:5000", secs(10)).map_err(anyhow::Error::msg)?;
+        assert!(matches!(got, Some(RegistryAuth::Basic(u, _)) if u == "u-reg:5000"));
+        assert!(matches!(
+            run_helper_program(&good, "other:1", secs(10)),
+            Ok(None)
+        ));
+        let broken = script("broken", "echo keychain locked >&2; exit 2")?;
+        let err = run_helper_program(&broken, "reg:5000", secs(10))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("keychain locked"), "{err}");
+        let hangs = script("hangs", "exec sleep 30")?;
+        let err = run_helper_program(&hangs, "reg:5000", std::time::Duration::from_millis(300))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("did not answer"), "{err}");
+        let err = run_helper_program(&dir.path().join("absent"), "reg:5000", secs(10))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("absent"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn unauthorized_messages_name_the_credentials_never_the_secret() {
+        let basic = RegistryAuth::Basic("bob".into(), "s3cret".into());
+        let cases = [
+            (
+                unauthorized_message("r:1", &basic, CredSource::Found("/c.json".into())),
+                "unauthorized: r:1 rejected the credentials of user \"bob\" from /c.json",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Bearer("tok".into()),
+                    CredSource::Found("/c.json".into()),
+                ),
+                "unauthorized: r:1 rejected the registry token from /c.json",
+            ),
+            (
+                unauthorized_message("r:1", &RegistryAuth::Anonymous, CredSource::NoConfig),
+                "unauthorized: authentication required (no credentials for r:1: \
+                 neither $DOCKER_CONFIG nor $HOME is set)",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Anonymous,
+                    CredSource::Missing("/c.json".into()),
+                ),
+                "unauthorized: authentication required (no credentials for r:1: \
+                 /c.json does not exist)",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Anonymous,
+                    CredSource::NoEntry("/c.json".into()),
+                ),
+                "unauthorized: authentication required (no credentials for r:1 in /c.json)",
+            ),
+            (
+                unauthorized_message(
+                    "r:1",
+                    &RegistryAuth::Anonymous,
+                    CredSource::Helper("docker-credential-x has none (per /c.json)".into()),
+                ),
+                "unauthorized: authentication required (no credentials for r:1: \
+                 docker-credential-x has none (per /c.json))",
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+            assert!(!got.contains("s3cret") && !got.contains("tok\""));
+        }
+    }
+
+    #[test]
+    fn docker_config_location_follows_docker() {
+        let p = |e: Option<&str>, dc: Option<&str>, home: Option<&str>| {
+            config_path_from(
+                e.map(std::path::Path::new),
+                dc.map(Into::into),
+                home.map(Into::into),
+            )
+        };
+        assert_eq!(
+            p(Some("/x/c.json"), Some("/d"), Some("/h")),
+            Some(PathBuf::from("/x/c.json"))
+        );
+        assert_eq!(
+            p(None, Some("/d"), Some("/h")),
+            Some(PathBuf::from("/d/config.json"))
+        );
+        assert_eq!(
+            p(None, Some(""), Some("/h")),
+            Some(PathBuf::from("/h/.docker/config.json"))
+        );
+        assert_eq!(
+            p(None, None, Some("/h")),
+            Some(PathBuf::from("/h/.docker/config.json"))
+        );
+        assert_eq!(p(None, None, None), None);
     }
 
     #[tokio::test]
@@ -884,6 +1347,203 @@ mod registry_format_tests {
             .symlink_metadata()?
             .file_type()
             .is_symlink());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+    use kiln_e2e::registry::Registry;
+
+    const USER: &str = "kiln-user";
+    const PASS: &str = "kiln-pass";
+
+    struct Setup {
+        reg: Registry,
+        dir: tempfile::TempDir,
+        cs: Arc<ContentStore>,
+        reference: String,
+    }
+
+    /// How the registry authenticates.
+    #[derive(Debug, Clone, Copy)]
+    enum Kind {
+        /// HTTP Basic on every request (htpasswd).
+        Basic,
+        /// Bearer tokens from a token server taking Basic credentials.
+        Token,
+    }
+
+    const KINDS: [Kind; 2] = [Kind::Basic, Kind::Token];
+
+    /// An auth registry holding the busybox base as `base/busybox:1`.
+    fn setup(kind: Kind) -> anyhow::Result<Setup> {
+        let reg = match kind {
+            Kind::Basic => Registry::start_with_auth(USER, PASS)?,
+            Kind::Token => Registry::start_with_token_auth(USER, PASS)?,
+        };
+        kiln_e2e::base::push_base_with_creds(&reg.addr(), "base/busybox:1", USER, PASS)?;
+        let dir = tempfile::tempdir()?;
+        let cs = Arc::new(ContentStore::open(&dir.path().join("cs"))?);
+        let reference = format!("{}/base/busybox:1", reg.addr());
+        Ok(Setup {
+            reg,
+            dir,
+            cs,
+            reference,
+        })
+    }
+
+    fn resolver_with(s: &Setup, user: &str, pass: &str) -> anyhow::Result<ImageResolver> {
+        let path = s
+            .reg
+            .write_docker_config(&s.dir.path().join("docker"), user, pass)?;
+        let config = RegistryConfig {
+            docker_config: Some(path),
+            ..Default::default()
+        };
+        Ok(ImageResolver::new(config, s.cs.clone()))
+    }
+
+    #[tokio::test]
+    async fn pull_from_auth_registry_with_docker_config() -> anyhow::Result<()> {
+        for kind in KINDS {
+            let s = setup(kind)?;
+            let resolver = resolver_with(&s, USER, PASS)?;
+            let img = resolver.resolve(&s.reference, &Platform::host()).await?;
+            assert_eq!(img.layers.len(), 1);
+            assert_eq!(img.config.config.cmd, Some(vec!["sh".to_string()]));
+            let path = resolver
+                .fetch_blob(&s.reference, &img.layers[0], &|_, _| {})
+                .await?;
+            assert!(s.cs.has(&img.layers[0].digest));
+            let dest = s.dir.path().join("unpacked");
+            std::fs::create_dir(&dest)?;
+            let stats = crate::snapshot::layer::unpack_blob(
+                &path,
+                &img.layers[0].media_type,
+                &dest,
+                &Default::default(),
+            )?;
+            assert_eq!(Some(&stats.diff_id), img.config.rootfs.diff_ids.first());
+            assert!(dest.join("bin/busybox").is_file());
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pull_without_credentials_is_a_clear_error() -> anyhow::Result<()> {
+        for kind in KINDS {
+            let s = setup(kind)?;
+            // A docker config with no entry for this registry.
+            let path = s.dir.path().join("empty.json");
+            std::fs::write(&path, br#"{"auths":{"other.example.com":{"auth":"dTpw"}}}"#)?;
+            let config = RegistryConfig {
+                docker_config: Some(path.clone()),
+                ..Default::default()
+            };
+            let resolver = ImageResolver::new(config, s.cs.clone());
+            let err = resolver
+                .resolve(&s.reference, &Platform::host())
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&s.reference), "{kind:?}: {err}");
+            assert!(
+                err.contains("unauthorized: authentication required"),
+                "{kind:?}: {err}"
+            );
+            assert!(err.contains(&path.display().to_string()), "{kind:?}: {err}");
+            assert!(s.cs.list()?.is_empty());
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pull_with_wrong_password_is_a_clear_error() -> anyhow::Result<()> {
+        for kind in KINDS {
+            let s = setup(kind)?;
+            let resolver = resolver_with(&s, USER, "not-the-password")?;
+            let err = resolver
+                .resolve(&s.reference, &Platform::host())
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&s.reference), "{kind:?}: {err}");
+            assert!(err.contains("unauthorized"), "{kind:?}: {err}");
+            assert!(err.contains(&format!("user {USER:?}")), "{kind:?}: {err}");
+            assert!(!err.contains("not-the-password"), "{kind:?}: {err}");
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn push_to_auth_registry_and_pull_back() -> anyhow::Result<()> {
+        for kind in KINDS {
+            let s = setup(kind)?;
+            let layer_dir = s.dir.path().join("layer");
+            std::fs::create_dir_all(layer_dir.join("etc"))?;
+            std::fs::write(layer_dir.join("etc/hello"), "hello\n")?;
+            let mut config = ImageConfigFile {
+                architecture: Platform::host().architecture,
+                os: "linux".into(),
+                ..Default::default()
+            };
+            config.config.cmd = Some(vec!["sh".into()]);
+            let built = crate::export::image::build_image(
+                &s.cs,
+                &[crate::export::ExportLayer {
+                    dir: layer_dir,
+                    blobs: Vec::new(),
+                }],
+                &config,
+                &Default::default(),
+            )?;
+            let name = format!("{}/pushed/img:1", s.reg.addr());
+
+            // Without credentials the push fails, naming the image.
+            let anon = ImageResolver::new(
+                RegistryConfig {
+                    docker_config: Some(s.dir.path().join("missing.json")),
+                    ..Default::default()
+                },
+                s.cs.clone(),
+            );
+            let err = crate::export::image::push(&anon, &s.cs, &built, &name, &|_, _| {})
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&format!("push {name}")), "{kind:?}: {err}");
+            assert!(
+                err.contains("unauthorized: authentication required"),
+                "{kind:?}: {err}"
+            );
+
+            // With a wrong password it fails too, naming the user.
+            let wrong = resolver_with(&s, USER, "wrong")?;
+            let err = crate::export::image::push(&wrong, &s.cs, &built, &name, &|_, _| {})
+                .await
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.starts_with(&format!("push {name}")), "{kind:?}: {err}");
+            assert!(
+                err.contains(&format!("rejected the credentials of user {USER:?}")),
+                "{kind:?}: {err}"
+            );
+
+            let resolver = resolver_with(&s, USER, PASS)?;
+            crate::export::image::push(&resolver, &s.cs, &built, &name, &|_, _| {}).await?;
+            let cs2 = Arc::new(ContentStore::open(&s.dir.path().join("cs2"))?);
+            let puller = ImageResolver::new(resolver.registry_config().clone(), cs2);
+            let img = puller.resolve(&name, &Platform::host()).await?;
+            assert_eq!(img.digest, built.manifest_digest);
+            assert_eq!(img.config_digest, built.config_digest);
+        }
         Ok(())
     }
 }
