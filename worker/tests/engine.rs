@@ -2,6 +2,8 @@
 //! snapshotter where overlay is unavailable), and Debian's docker-registry on 127.0.0.1
 //! holding a busybox-static base image. Needs root (CI is root).
 
+#[path = "engine/daemon.rs"]
+mod daemon;
 #[path = "engine/parity.rs"]
 mod parity;
 #[path = "engine/support.rs"]
@@ -279,57 +281,8 @@ async fn bad_input_gives_one_clear_error() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn raw_llb_definition_runs() -> anyhow::Result<()> {
-    use kiln_worker::llb::builder::{Builder, Output};
-    use kiln_worker::llb::pb;
     let env = env()?;
-    let platform = Platform::host().to_pb();
-    let mut b = Builder::new();
-    let src = b.add(
-        &pb::Op {
-            op: Some(pb::op::Op::Source(pb::SourceOp {
-                identifier: format!("docker-image://{}", env.base),
-                attrs: Default::default(),
-            })),
-            platform: Some(platform.clone()),
-            constraints: Some(Default::default()),
-            ..Default::default()
-        },
-        None,
-    );
-    let exec = b.add(
-        &pb::Op {
-            inputs: vec![pb::Input {
-                digest: src,
-                index: 0,
-            }],
-            op: Some(pb::op::Op::Exec(pb::ExecOp {
-                meta: Some(pb::Meta {
-                    args: vec![
-                        "/bin/sh".into(),
-                        "-c".into(),
-                        "echo hi > /hello && id -u".into(),
-                    ],
-                    env: vec!["PATH=/bin".into()],
-                    cwd: "/".into(),
-                    ..Default::default()
-                }),
-                mounts: vec![pb::Mount {
-                    input: 0,
-                    dest: "/".into(),
-                    output: 0,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })),
-            platform: Some(platform),
-            constraints: Some(Default::default()),
-        },
-        None,
-    );
-    let def = b.marshal(&Output {
-        digest: exec,
-        index: 0,
-    });
+    let def = support::exec_definition(&env.base, "echo hi > /hello && id -u");
     let out = tempfile::tempdir()?;
     let req = BuildRequest {
         frontend: Frontend::Llb(def),

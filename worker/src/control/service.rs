@@ -107,7 +107,11 @@ impl ControlService {
         for e in &req.exporters {
             exports.push(ExportRequest {
                 typ: e.r#type.clone(),
-                attrs: e.attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                attrs: e
+                    .attrs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 dest: None,
             });
         }
@@ -274,7 +278,10 @@ impl api::control_server::Control for ControlService {
         _request: Request<api::ListWorkersRequest>,
     ) -> Result<Response<api::ListWorkersResponse>, Status> {
         let mut labels = BTreeMap::new();
-        labels.insert("org.mobyproject.buildkit.worker.executor".to_string(), "oci".to_string());
+        labels.insert(
+            "org.mobyproject.buildkit.worker.executor".to_string(),
+            "oci".to_string(),
+        );
         labels.insert(
             "org.mobyproject.buildkit.worker.snapshotter".to_string(),
             match self.engine.worker().snapshotter.kind() {

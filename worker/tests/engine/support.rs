@@ -158,3 +158,53 @@ pub fn to(typ: &str, dest: &Path) -> ExportRequest {
         dest: Some(dest.to_path_buf()),
     }
 }
+
+/// An LLB definition: the image `base`, then `/bin/sh -c script` on it.
+pub fn exec_definition(base: &str, script: &str) -> kiln_worker::llb::pb::Definition {
+    use kiln_worker::llb::builder::{Builder, Output};
+    use kiln_worker::llb::pb;
+    let platform = Platform::host().to_pb();
+    let mut b = Builder::new();
+    let src = b.add(
+        &pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: format!("docker-image://{base}"),
+                attrs: Default::default(),
+            })),
+            platform: Some(platform.clone()),
+            constraints: Some(Default::default()),
+            ..Default::default()
+        },
+        None,
+    );
+    let exec = b.add(
+        &pb::Op {
+            inputs: vec![pb::Input {
+                digest: src,
+                index: 0,
+            }],
+            op: Some(pb::op::Op::Exec(pb::ExecOp {
+                meta: Some(pb::Meta {
+                    args: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    env: vec!["PATH=/bin".into()],
+                    cwd: "/".into(),
+                    ..Default::default()
+                }),
+                mounts: vec![pb::Mount {
+                    input: 0,
+                    dest: "/".into(),
+                    output: 0,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            platform: Some(platform),
+            constraints: Some(Default::default()),
+        },
+        None,
+    );
+    b.marshal(&Output {
+        digest: exec,
+        index: 0,
+    })
+}
