@@ -8,6 +8,10 @@
 #           pulled from a registry on 127.0.0.1
 #   cached  the same, rebuilt unchanged
 # Usage: bench/run.sh [N]   (root; builds release binaries first)
+# Build state lives on a fresh ext4 filesystem (a loop-mounted image) so every run starts
+# from the same disk state, as a worker's own volume would; BENCH_FS=host keeps it in
+# /var/tmp instead (a shared, churned filesystem measures the filesystem, not Kiln: ext4's
+# inode allocator slows down after many recent deletions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-5}
@@ -18,7 +22,16 @@ work=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
 log=$work/registry.addr
 target/release/kiln-testenv registry >"$log" &
 reg=$!
-trap 'kill $reg 2>/dev/null; rm -rf "$work"' EXIT
+cleanup() { kill $reg 2>/dev/null; umount "$work/fs" 2>/dev/null; rm -rf "$work"; }
+trap cleanup EXIT
+if [ "${BENCH_FS:-ext4}" = ext4 ]; then
+  truncate -s 8G "$work/fs.img"
+  mkfs.ext4 -q -F "$work/fs.img"
+  mkdir -p "$work/fs" && mount -o loop "$work/fs.img" "$work/fs"
+  state=$work/fs
+else
+  state=$work
+fi
 for _ in $(seq 1 100); do [ -s "$log" ] && break; sleep 0.1; done
 addr=$(head -n1 "$log")
 target/release/kiln-testenv push-base "$addr" base:1 >/dev/null
@@ -34,14 +47,14 @@ build() { local root=$1 dir=$2; shift 2; "$kiln" build --root "$root" --progress
 measure_fresh() { # name dir flags… : each run on a fresh root
   local name=$1 dir=$2; shift 2
   for i in $(seq 1 "$N"); do
-    local root=$work/root-$name-$i
+    local root=$state/root-$name-$i
     local t0; t0=$(now); build "$root" "$dir" "$@"; local t1; t1=$(now)
     echo "$t1 - $t0" | bc
   done | median
 }
 measure_again() { # name dir flags… : one warm-up build, then N rebuilds on the same root
   local name=$1 dir=$2; shift 2
-  local root=$work/root-$name-warm
+  local root=$state/root-$name-warm
   build "$root" "$dir" "$@"
   for i in $(seq 1 "$N"); do
     local t0; t0=$(now); build "$root" "$dir" "$@"; local t1; t1=$(now)
@@ -61,4 +74,4 @@ row ctx10k "$ctx_first" "12-20" "<= 2" 12
 row noop10k "$ctx_noop" "0.70" "<= 0.25" 0.70
 row cold "$cold" "0.73" "<= 0.6" 0.73
 row cached "$cached" "0.08" "<= 0.06" 0.08
-echo "(median of $N; buildkit/kiln uses the low end of BuildKit's range; $(nproc) cores, $(uname -r))"
+echo "(median of $N; state on ${BENCH_FS:-ext4}; buildkit/kiln uses the low end of BuildKit's range; $(nproc) cores, $(uname -r))"
