@@ -318,3 +318,461 @@ async fn parity_copy_and_add() -> anyhow::Result<()> {
     assert!(msg.contains("absent.txt"), "{msg}");
     Ok(())
 }
+
+impl Oci {
+    /// The content of `path` in the top-most layer holding it.
+    fn file(&self, path: &str) -> anyhow::Result<String> {
+        for layer in self.layers.iter().rev() {
+            if let Some((_, d)) = layer.iter().rev().find(|(n, _)| n == path) {
+                return Ok(String::from_utf8_lossy(d).to_string());
+            }
+        }
+        Err(anyhow!("{path} is in no layer"))
+    }
+
+    /// `config.config.Env` as a map.
+    fn env(&self) -> BTreeMap<String, String> {
+        self.cfg("Env")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+const RUN_DF: &str = r#"ARG BASE
+FROM ${BASE}
+RUN echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group
+ENV GREETING="hello world"
+RUN echo "$GREETING" > /env.txt
+RUN ["/bin/sh", "-c", "echo exec > /exec.txt"]
+RUN ["/bin/sh", "-c", "printf '%s' \"$1\" > /noexpand.txt", "sh", "${GREETING}"]
+SHELL ["/bin/sh", "-c", "echo \"$0\" > /shell.txt", "via-shell"]
+RUN ignored by the shell above
+SHELL ["/bin/sh", "-c"]
+RUN echo back > /back.txt
+RUN <<EOF
+echo line1 > /heredoc.txt
+echo line2 >> /heredoc.txt
+EOF
+USER app
+RUN id -u > /tmp/uid.txt && id -g > /tmp/gid.txt
+USER 0
+WORKDIR /work/dir
+RUN pwd > /pwd.txt
+RUN --network=none cat /proc/net/dev > /netdev.txt
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_run() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(RUN_DF, &[])?;
+    let out = build_local(&env, dir.path(), &[], None).await?;
+    let o = out.path();
+    assert_eq!(read(o, "env.txt")?, "hello world\n");
+    assert_eq!(read(o, "exec.txt")?, "exec\n");
+    // Exec form is not expanded by the frontend.
+    assert_eq!(read(o, "noexpand.txt")?, "${GREETING}");
+    assert_eq!(read(o, "shell.txt")?, "via-shell\n");
+    assert_eq!(read(o, "back.txt")?, "back\n");
+    assert_eq!(read(o, "heredoc.txt")?, "line1\nline2\n");
+    assert_eq!(read(o, "tmp/uid.txt")?, "1000\n");
+    assert_eq!(read(o, "tmp/gid.txt")?, "1000\n");
+    assert!(o.join("work/dir").is_dir(), "WORKDIR not created");
+    assert_eq!(read(o, "pwd.txt")?, "/work/dir\n");
+    let netdev = read(o, "netdev.txt")?;
+    let ifaces: Vec<&str> = netdev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(ifaces, ["lo"], "{netdev}");
+    Ok(())
+}
+
+const MOUNTS_DF: &str = r#"ARG BASE
+FROM ${BASE} AS other
+RUN mkdir /o && echo bound > /o/b.txt
+FROM ${BASE}
+RUN --mount=type=cache,target=/cache echo RUNTEXT >> /cache/log && cat /cache/log > /cache.txt
+RUN --mount=type=tmpfs,target=/scratch grep ' /scratch ' /proc/mounts | cut -d' ' -f3 > /tmpfs.txt && touch /scratch/x
+RUN --mount=type=bind,from=other,source=/o,target=/mnt/o cat /mnt/o/b.txt > /bind.txt && (touch /mnt/o/new 2>/dev/null && echo rw || echo ro) > /bindro.txt
+RUN --mount=type=secret,id=tok test "$(tr a-z A-Z < /run/secrets/tok)" = S3CR3T-VALUE && echo ok > /secret.txt
+RUN --mount=type=secret,id=tok,target=/etc/tok test "$(tr a-z A-Z < /etc/tok)" = S3CR3T-VALUE && echo ok > /secret-target.txt
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_run_mounts() -> anyhow::Result<()> {
+    let env = env()?;
+    let secret: &[u8] = b"s3cr3t-value";
+    let mut outs = Vec::new();
+    for text in ["v1", "v2"] {
+        let dir = project(&MOUNTS_DF.replace("RUNTEXT", text), &[])?;
+        let out = tempfile::tempdir()?;
+        let oci = out.path().join("image.tar");
+        build_with_secrets(
+            &env,
+            dir.path(),
+            &[("tok", secret)],
+            vec![to("local", &out.path().join("fs")), to("oci", &oci)],
+        )
+        .await?;
+        outs.push(out);
+    }
+    // The cache mount kept the first build's line.
+    assert_eq!(read(&outs[0].path().join("fs"), "cache.txt")?, "v1\n");
+    let o = outs[1].path().join("fs");
+    assert_eq!(read(&o, "cache.txt")?, "v1\nv2\n");
+    assert!(!o.join("cache/log").exists(), "cache content leaked");
+    assert_eq!(read(&o, "tmpfs.txt")?, "tmpfs\n");
+    assert!(!o.join("scratch/x").exists(), "tmpfs content leaked");
+    assert_eq!(read(&o, "bind.txt")?, "bound\n");
+    assert_eq!(read(&o, "bindro.txt")?, "ro\n");
+    assert!(!o.join("o").exists(), "the bound stage leaked");
+    assert_eq!(read(&o, "secret.txt")?, "ok\n");
+    assert_eq!(read(&o, "secret-target.txt")?, "ok\n");
+    assert!(!o.join("run/secrets/tok").exists(), "secret file leaked");
+    let img = Oci::open(&outs[1].path().join("image.tar"))?;
+    let needle = "s3cr3t-value";
+    assert!(
+        !img.config.to_string().contains(needle),
+        "secret in config: {}",
+        img.config
+    );
+    for (i, layer) in img.layers.iter().enumerate() {
+        for (name, data) in layer {
+            assert!(
+                !String::from_utf8_lossy(data).contains(needle),
+                "secret in layer {i} at {name}"
+            );
+        }
+    }
+    Ok(())
+}
+
+const EXPAND_DF: &str = r#"ARG BASE
+ARG TAGGED=${BASE}
+ARG GLOBAL=g
+FROM ${TAGGED} AS first
+ARG V=val
+ARG EMPTY=
+ARG OVER=default
+ARG GLOBAL
+ARG TARGETARCH
+ARG BUILDPLATFORM
+ARG TARGETPLATFORM
+ARG STAGEONLY=s1
+ENV A=${V} B=${V:-w} C=${UNSET:-w} D=${V:+w} F=${UNSET:+w} G=${EMPTY-w} H=${UNSET-w} I=${EMPTY+w} J=${UNSET+w} K=${EMPTY:-w}
+ENV ESC=\$V SQ='$V' DQ="$V" MIX=pre${V}post BRACE=$V.x
+ENV OVERV=${OVER} GLOBALV=${GLOBAL} TA=${TARGETARCH} BP=${BUILDPLATFORM} TP=${TARGETPLATFORM}
+ENV E1=one
+ENV E2=${E1}-two
+ENV E1=changed E3=${E1}
+RUN echo "$V $OVER" > /argrun.txt
+FROM ${BASE}
+ENV NOGLOBAL=x${GLOBAL}x NOSTAGE=x${STAGEONLY}x NOTA=x${TARGETARCH}x
+COPY --from=first /argrun.txt /argrun.txt
+"#;
+
+const ESCAPE_DF: &str = "# escape=`
+ARG BASE
+FROM ${BASE}
+ENV P=C:\\path\\x `
+    Q=q
+ENV R=`$notvar
+RUN echo ok `
+    > /cont.txt
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_expansion() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(EXPAND_DF, &[])?;
+    let img = build_oci(&env, dir.path(), &[("OVER", "cli")], Some("first")).await?;
+    let e = img.env();
+    let host = Platform::host();
+    let want: &[(&str, &str)] = &[
+        ("A", "val"),
+        ("B", "val"),
+        ("C", "w"),
+        ("D", "w"),
+        ("F", ""),
+        ("G", ""),
+        ("H", "w"),
+        ("I", "w"),
+        ("J", ""),
+        ("K", "w"),
+        ("ESC", "$V"),
+        ("SQ", "$V"),
+        ("DQ", "val"),
+        ("MIX", "prevalpost"),
+        ("BRACE", "val.x"),
+        ("OVERV", "cli"),
+        ("GLOBALV", "g"),
+        ("TA", host.architecture.as_str()),
+        ("E1", "changed"),
+        ("E2", "one-two"),
+        ("E3", "one"),
+    ];
+    for (k, v) in want {
+        assert_eq!(e.get(*k).map(String::as_str), Some(*v), "{k} in {e:?}");
+    }
+    let plat = format!("{}/{}", host.os, host.architecture);
+    assert_eq!(e.get("BP"), Some(&plat), "BP in {e:?}");
+    assert_eq!(e.get("TP"), Some(&plat), "TP in {e:?}");
+    assert_eq!(img.file("argrun.txt")?, "val cli\n");
+
+    // The last stage declares nothing: globals, other stages' ARGs and automatic ARGs
+    // are not in scope.
+    let img = build_oci(&env, dir.path(), &[("OVER", "cli")], None).await?;
+    let e = img.env();
+    for k in ["NOGLOBAL", "NOSTAGE", "NOTA"] {
+        assert_eq!(e.get(k).map(String::as_str), Some("xx"), "{k} in {e:?}");
+    }
+    assert!(!e.contains_key("A"), "stage env leaked: {e:?}");
+    assert_eq!(img.file("argrun.txt")?, "val cli\n");
+
+    let dir = project(ESCAPE_DF, &[])?;
+    let img = build_oci(&env, dir.path(), &[], None).await?;
+    let e = img.env();
+    assert_eq!(e.get("P").map(String::as_str), Some("C:\\path\\x"), "{e:?}");
+    assert_eq!(e.get("Q").map(String::as_str), Some("q"), "{e:?}");
+    assert_eq!(e.get("R").map(String::as_str), Some("$notvar"), "{e:?}");
+    assert_eq!(img.file("cont.txt")?, "ok\n");
+    Ok(())
+}
+
+const CONFIG_DF: &str = r#"ARG BASE
+FROM ${BASE} AS base
+ENV KEEP=1
+FROM ${BASE} AS other
+CMD ["other"]
+FROM ${BASE} AS entryonly
+ENTRYPOINT ["/bin/echo"]
+FROM ${BASE} AS shellform
+ENTRYPOINT echo "entry $HOME"
+CMD echo cmd
+FROM ${BASE} AS final
+ENV MY="a b" OTHER=x
+LABEL simple=v "with space"="has spaces" quoted="say \"hi\""
+LABEL multi=1 \
+      second=2
+EXPOSE 80 53/udp
+VOLUME /data
+VOLUME ["/v1", "/v2"]
+RUN echo layer > /layer.txt
+COPY f.txt /f.txt
+USER 1000:1000
+WORKDIR /app
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=4 CMD wget -q http://x/ || exit 1
+ONBUILD RUN echo onbuild
+SHELL ["/bin/ash", "-eo", "pipefail", "-c"]
+ENTRYPOINT ["/bin/echo"]
+CMD ["hi"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_config() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(CONFIG_DF, &[("f.txt", "f\n")])?;
+    let img = build_oci(&env, dir.path(), &[], None).await?;
+    let c = |k: &str| img.cfg(k).clone();
+    let host = Platform::host();
+    assert_eq!(img.config["os"], host.os.as_str());
+    assert_eq!(img.config["architecture"], host.architecture.as_str());
+    assert_eq!(
+        c("Env"),
+        serde_json::json!([kiln_e2e::base::BASE_PATH, "MY=a b", "OTHER=x"])
+    );
+    assert_eq!(
+        c("Labels"),
+        serde_json::json!({"simple": "v", "with space": "has spaces", "quoted": "say \"hi\"",
+            "multi": "1", "second": "2"})
+    );
+    assert_eq!(
+        c("ExposedPorts"),
+        serde_json::json!({"80/tcp": {}, "53/udp": {}})
+    );
+    assert_eq!(
+        c("Volumes"),
+        serde_json::json!({"/data": {}, "/v1": {}, "/v2": {}})
+    );
+    assert_eq!(c("User"), "1000:1000");
+    assert_eq!(c("WorkingDir"), "/app");
+    assert_eq!(c("StopSignal"), "SIGTERM");
+    assert_eq!(c("Entrypoint"), serde_json::json!(["/bin/echo"]));
+    assert_eq!(c("Cmd"), serde_json::json!(["hi"]));
+    assert_eq!(
+        c("Healthcheck"),
+        serde_json::json!({
+            "Test": ["CMD-SHELL", "wget -q http://x/ || exit 1"],
+            "Interval": 5_000_000_000u64,
+            "Timeout": 3_000_000_000u64,
+            "StartPeriod": 10_000_000_000u64,
+            "Retries": 4,
+        })
+    );
+    assert_eq!(c("OnBuild"), serde_json::json!(["RUN echo onbuild"]));
+    assert_eq!(
+        c("Shell"),
+        serde_json::json!(["/bin/ash", "-eo", "pipefail", "-c"])
+    );
+    // One history entry per instruction that made a layer, plus the base's.
+    let history = img.config["history"].as_array().cloned().unwrap_or_default();
+    let non_empty = history
+        .iter()
+        .filter(|h| h["empty_layer"] != Value::Bool(true))
+        .count();
+    assert_eq!(non_empty, img.layers.len(), "{history:?}");
+    assert_eq!(
+        img.config["rootfs"]["diff_ids"].as_array().map(Vec::len),
+        Some(img.layers.len())
+    );
+    assert_eq!(img.file("layer.txt")?, "layer\n");
+    assert_eq!(img.file("f.txt")?, "f\n");
+
+    // Shell forms are wrapped in /bin/sh -c.
+    let img = build_oci(&env, dir.path(), &[], Some("shellform")).await?;
+    assert_eq!(
+        img.cfg("Entrypoint"),
+        &serde_json::json!(["/bin/sh", "-c", "echo \"entry $HOME\""])
+    );
+    assert_eq!(img.cfg("Cmd"), &serde_json::json!(["/bin/sh", "-c", "echo cmd"]));
+    // ENTRYPOINT drops the base image's CMD.
+    let img = build_oci(&env, dir.path(), &[], Some("entryonly")).await?;
+    assert_eq!(img.cfg("Entrypoint"), &serde_json::json!(["/bin/echo"]));
+    assert_eq!(img.cfg("Cmd"), &Value::Null, "{}", img.config);
+    // --target picks the stage.
+    let img = build_oci(&env, dir.path(), &[], Some("other")).await?;
+    assert_eq!(img.cfg("Cmd"), &serde_json::json!(["other"]));
+    // The base image's Env and Cmd carry over when not overridden.
+    let img = build_oci(&env, dir.path(), &[], Some("base")).await?;
+    assert_eq!(
+        img.cfg("Env"),
+        &serde_json::json!([kiln_e2e::base::BASE_PATH, "KEEP=1"])
+    );
+    assert_eq!(img.cfg("Cmd"), &serde_json::json!(["sh"]));
+    Ok(())
+}
+
+const EDGE_DF: &str = r#"ARG BASE
+FROM ${BASE}
+RUN echo 'app:x:1000:1000::/home/app:/bin/sh' >> /etc/passwd && echo 'app:x:1000:' >> /etc/group \
+ && echo 'svc:x:2000:2001::/:/bin/sh' >> /etc/passwd && echo 'svcgrp:x:2001:' >> /etc/group
+ARG F=a.txt
+COPY ${F} /fromarg/
+COPY --chown=svc a.txt /svc-user/
+COPY --chown=3000 a.txt /uid-only/
+COPY --chown=svc:0 a.txt /svc-root/
+COPY --chown=app:svcgrp a.txt /app-svcgrp/
+COPY --chmod=0750 dir /chmoddir/
+COPY --chown=1000:1000 dir /chowndir/
+COPY d* /dirglob/
+COPY a.txt /etc
+COPY a.txt /deep/er/
+WORKDIR rel
+WORKDIR sub
+RUN pwd > /pwd.txt
+USER app
+WORKDIR /owned
+USER root
+ENV LEGACY value with spaces
+COPY <<EOF <<"QUOTED" /docs/
+expanded $F
+EOF
+literal $F
+QUOTED
+RUN <<-EOT
+	echo tabs > /tabs.txt
+	EOT
+RUN <<EOT
+#!/bin/sh
+echo "shebang $0" > /shebang.txt
+EOT
+EXPOSE 8000-8001
+HEALTHCHECK CMD ["/bin/true"]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_edges() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(
+        EDGE_DF,
+        &[
+            ("a.txt", "A\n"),
+            ("dir/top", "top\n"),
+            ("dir/sub/f", "f\n"),
+            ("dother/o", "o\n"),
+        ],
+    )?;
+    let p = dir.path();
+    for f in ["a.txt", "dir/top", "dir/sub/f", "dother/o"] {
+        std::fs::set_permissions(p.join(f), std::fs::Permissions::from_mode(0o644))?;
+    }
+    for d in ["dir", "dir/sub", "dother"] {
+        std::fs::set_permissions(p.join(d), std::fs::Permissions::from_mode(0o755))?;
+    }
+    let mtime = std::fs::metadata(p.join("a.txt"))?.mtime();
+    let out = tempfile::tempdir()?;
+    let oci = out.path().join("image.tar");
+    build(
+        &env,
+        p,
+        &[],
+        None,
+        vec![to("local", &out.path().join("fs")), to("oci", &oci)],
+    )
+    .await?;
+    let o = &out.path().join("fs");
+    assert_eq!(read(o, "fromarg/a.txt")?, "A\n");
+    // --chown by name alone takes the user's primary group; by id alone, gid = uid.
+    assert_eq!(meta(o, "svc-user/a.txt")?, (2000, 2001, 0o644));
+    assert_eq!(meta(o, "uid-only/a.txt")?, (3000, 3000, 0o644));
+    assert_eq!(meta(o, "svc-root/a.txt")?, (2000, 0, 0o644));
+    assert_eq!(meta(o, "app-svcgrp/a.txt")?, (1000, 2001, 0o644));
+    // The destination directory COPY creates gets the --chown owner too.
+    assert_eq!(meta(o, "svc-user")?, (2000, 2001, 0o755));
+    // --chmod applies to every file and directory copied.
+    assert_eq!(meta(o, "chmoddir/top")?.2, 0o750);
+    assert_eq!(meta(o, "chmoddir/sub")?.2, 0o750);
+    assert_eq!(meta(o, "chmoddir/sub/f")?.2, 0o750);
+    assert_eq!(meta(o, "chowndir/sub/f")?, (1000, 1000, 0o644));
+    assert_eq!(meta(o, "chowndir/sub")?, (1000, 1000, 0o755));
+    // A wildcard matching directories copies their contents, merged.
+    assert_eq!(list(o, "dirglob")?, ["o", "sub", "top"]);
+    // An existing directory as destination takes the file inside.
+    assert_eq!(read(o, "etc/a.txt")?, "A\n");
+    assert_eq!(read(o, "deep/er/a.txt")?, "A\n");
+    // COPY keeps the source's mtime.
+    assert_eq!(std::fs::metadata(o.join("deep/er/a.txt"))?.mtime(), mtime);
+    // Relative WORKDIRs nest.
+    assert_eq!(read(o, "pwd.txt")?, "/rel/sub\n");
+    // WORKDIR after USER creates the directory owned by that user.
+    assert_eq!(meta(o, "owned")?.0, 1000);
+    assert_eq!(read(o, "docs/EOF")?, "expanded a.txt\n");
+    assert_eq!(read(o, "docs/QUOTED")?, "literal $F\n");
+    assert_eq!(read(o, "tabs.txt")?, "tabs\n");
+    assert!(read(o, "shebang.txt")?.starts_with("shebang "), "shebang.txt");
+
+    let img = Oci::open(&oci)?;
+    let e = img.env();
+    assert_eq!(
+        e.get("LEGACY").map(String::as_str),
+        Some("value with spaces")
+    );
+    assert_eq!(
+        img.cfg("ExposedPorts"),
+        &serde_json::json!({"8000/tcp": {}, "8001/tcp": {}})
+    );
+    assert_eq!(
+        img.cfg("Healthcheck"),
+        &serde_json::json!({"Test": ["CMD", "/bin/true"]})
+    );
+    Ok(())
+}
