@@ -1071,3 +1071,156 @@ async fn parity_dockerignore() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+const SYNTAX_DF: &str = r#"# syntax=docker/dockerfile:1
+ARG BASE
+FROM ${BASE}
+MAINTAINER someone <a@b.c>
+ARG A=1 B=2
+ENV AB=${A}${B}
+run echo a \
+# a comment inside a continuation
+  b > /cont.txt
+RUN echo c \
+
+  d > /blank.txt
+ENV V=x
+RUN <<EOF
+echo $V > /h1.txt
+EOF
+RUN cat > /h2.txt <<'EOF'
+$V
+EOF
+EXPOSE 80/TCP
+SHELL ["/bin/ash", "-c"]
+ENTRYPOINT echo entry
+CMD echo cmd
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_syntax() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(SYNTAX_DF, &[])?;
+    let img = build_oci(&env, dir.path(), &[], None).await?;
+    assert_eq!(img.config["author"], "someone <a@b.c>", "{}", img.config);
+    assert_eq!(img.env().get("AB").map(String::as_str), Some("12"));
+    assert_eq!(img.file("cont.txt")?, "a b\n");
+    assert_eq!(img.file("blank.txt")?, "c d\n");
+    assert_eq!(img.file("h1.txt")?, "x\n");
+    assert_eq!(img.file("h2.txt")?, "$V\n");
+    assert_eq!(img.cfg("ExposedPorts"), &serde_json::json!({"80/tcp": {}}));
+    // Shell forms use the current SHELL.
+    assert_eq!(
+        img.cfg("Entrypoint"),
+        &serde_json::json!(["/bin/ash", "-c", "echo entry"])
+    );
+    assert_eq!(
+        img.cfg("Cmd"),
+        &serde_json::json!(["/bin/ash", "-c", "echo cmd"])
+    );
+
+    // JSON forms: escapes are decoded; a malformed array falls back to the shell form.
+    let df = "ARG BASE\nFROM ${BASE}\nENTRYPOINT [\"echo\", \"a\\\"b\", \"\\u0041\"]\nCMD [not json\n";
+    let dir = project(df, &[])?;
+    let img = build_oci(&env, dir.path(), &[], None).await?;
+    assert_eq!(
+        img.cfg("Entrypoint"),
+        &serde_json::json!(["echo", "a\"b", "A"])
+    );
+    assert_eq!(
+        img.cfg("Cmd"),
+        &serde_json::json!(["/bin/sh", "-c", "[not json"])
+    );
+    Ok(())
+}
+
+/// A tar with owners, a hardlink and unsafe paths.
+fn owned_archive() -> anyhow::Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o700);
+    h.set_uid(123);
+    h.set_gid(456);
+    h.set_mtime(1_000_000_000);
+    h.set_size(0);
+    b.append_data(&mut h, "o/", std::io::empty())?;
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o640);
+    h.set_uid(123);
+    h.set_gid(456);
+    h.set_mtime(1_000_000_000);
+    h.set_size(2);
+    b.append_data(&mut h, "o/file", &b"f\n"[..])?;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    h.set_mode(0o640);
+    b.append_link(&mut h, "o/hard", "o/file")?;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    b.append_link(&mut h, "o/sym", "file")?;
+    Ok(b.into_inner()?)
+}
+
+const FSOPS_DF: &str = r#"ARG BASE
+FROM ${BASE} AS src
+RUN mkdir -p /d/inner && echo in > /d/inner/x && ln -s /d /lnkdir
+FROM ${BASE}
+COPY dir/*/f /globsub/
+COPY hid/* /hid/
+COPY /a.txt ./b.txt /abs/
+COPY ../a.txt /clamped.txt
+COPY --from=src /lnkdir /followdir/
+ADD owned.tar /owned/
+ADD --chown=1000:1000 owned.tar /ownedch/
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_fsops() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(
+        FSOPS_DF,
+        &[
+            ("a.txt", "A\n"),
+            ("b.txt", "B\n"),
+            ("dir/sub/f", "f\n"),
+            ("hid/.secret", "s\n"),
+            ("hid/vis", "v\n"),
+        ],
+    )?;
+    std::fs::write(dir.path().join("owned.tar"), owned_archive()?)?;
+    let out = build_local(&env, dir.path(), &[], None).await?;
+    let o = out.path();
+    assert_eq!(list(o, "globsub")?, ["f"]);
+    // `*` matches dotfiles (Go's filepath.Match has no dot rule).
+    assert_eq!(list(o, "hid")?, [".secret", "vis"]);
+    // Sources are relative to the context root, whatever their leading `/` or `..`.
+    assert_eq!(list(o, "abs")?, ["a.txt", "b.txt"]);
+    assert_eq!(read(o, "clamped.txt")?, "A\n");
+    // A symlink named as the source is followed, then the directory's contents copied.
+    assert_eq!(list(o, "followdir")?, ["inner"]);
+    assert_eq!(read(o, "followdir/inner/x")?, "in\n");
+    // ADD keeps the archive's owners, modes, hardlinks and symlinks.
+    assert_eq!(meta(o, "owned/o")?, (123, 456, 0o700));
+    assert_eq!(meta(o, "owned/o/file")?, (123, 456, 0o640));
+    assert_eq!(
+        std::fs::metadata(o.join("owned/o/file"))?.mtime(),
+        1_000_000_000
+    );
+    assert_eq!(
+        std::fs::metadata(o.join("owned/o/hard"))?.ino(),
+        std::fs::metadata(o.join("owned/o/file"))?.ino(),
+        "hardlink not kept"
+    );
+    assert_eq!(
+        std::fs::read_link(o.join("owned/o/sym"))?.to_string_lossy(),
+        "file"
+    );
+    // ADD --chown owns every extracted entry.
+    assert_eq!(meta(o, "ownedch/o")?, (1000, 1000, 0o700));
+    assert_eq!(meta(o, "ownedch/o/file")?, (1000, 1000, 0o640));
+    Ok(())
+}
