@@ -305,11 +305,17 @@ async fn parity_copy_and_add() -> anyhow::Result<()> {
     let ctx = list(o, "ctx")?;
     assert!(ctx.contains(&"important.tmp".to_string()), "{ctx:?}");
     assert!(!ctx.contains(&"junk.tmp".to_string()), "{ctx:?}");
-    assert!(!o.join("ctx/deep/er/junk.tmp").exists(), "deep junk.tmp copied");
+    assert!(
+        !o.join("ctx/deep/er/junk.tmp").exists(),
+        "deep junk.tmp copied"
+    );
     assert!(ctx.contains(&"a.txt".to_string()), "{ctx:?}");
 
     // A missing source fails and names it.
-    let dir = project("ARG BASE\nFROM ${BASE}\nCOPY nope*.txt absent.txt /x/\n", &[])?;
+    let dir = project(
+        "ARG BASE\nFROM ${BASE}\nCOPY nope*.txt absent.txt /x/\n",
+        &[],
+    )?;
     let err = build(&env, dir.path(), &[], None, vec![])
         .await
         .err()
@@ -470,6 +476,8 @@ ARG STAGEONLY=s1
 ENV A=${V} B=${V:-w} C=${UNSET:-w} D=${V:+w} F=${UNSET:+w} G=${EMPTY-w} H=${UNSET-w} I=${EMPTY+w} J=${UNSET+w} K=${EMPTY:-w}
 ENV ESC=\$V SQ='$V' DQ="$V" MIX=pre${V}post BRACE=$V.x
 ENV OVERV=${OVER} GLOBALV=${GLOBAL} TA=${TARGETARCH} BP=${BUILDPLATFORM} TP=${TARGETPLATFORM}
+ARG F=/home/tux/book.tar.bz2
+ENV PFX=${F##*/} SPFX=${F#*/} SFX=${F%.*} LSFX=${F%%.*} REP=${F/tux/wilber} REPALL=${F//o/0}
 ENV E1=one
 ENV E2=${E1}-two
 ENV E1=changed E3=${E1}
@@ -515,6 +523,12 @@ async fn parity_expansion() -> anyhow::Result<()> {
         ("OVERV", "cli"),
         ("GLOBALV", "g"),
         ("TA", host.architecture.as_str()),
+        ("PFX", "book.tar.bz2"),
+        ("SPFX", "home/tux/book.tar.bz2"),
+        ("SFX", "/home/tux/book.tar"),
+        ("LSFX", "/home/tux/book"),
+        ("REP", "/home/wilber/book.tar.bz2"),
+        ("REPALL", "/h0me/tux/b00k.tar.bz2"),
         ("E1", "changed"),
         ("E2", "one-two"),
         ("E3", "one"),
@@ -624,7 +638,10 @@ async fn parity_config() -> anyhow::Result<()> {
         serde_json::json!(["/bin/ash", "-eo", "pipefail", "-c"])
     );
     // One history entry per instruction that made a layer, plus the base's.
-    let history = img.config["history"].as_array().cloned().unwrap_or_default();
+    let history = img.config["history"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let non_empty = history
         .iter()
         .filter(|h| h["empty_layer"] != Value::Bool(true))
@@ -643,7 +660,10 @@ async fn parity_config() -> anyhow::Result<()> {
         img.cfg("Entrypoint"),
         &serde_json::json!(["/bin/sh", "-c", "echo \"entry $HOME\""])
     );
-    assert_eq!(img.cfg("Cmd"), &serde_json::json!(["/bin/sh", "-c", "echo cmd"]));
+    assert_eq!(
+        img.cfg("Cmd"),
+        &serde_json::json!(["/bin/sh", "-c", "echo cmd"])
+    );
     // ENTRYPOINT drops the base image's CMD.
     let img = build_oci(&env, dir.path(), &[], Some("entryonly")).await?;
     assert_eq!(img.cfg("Entrypoint"), &serde_json::json!(["/bin/echo"]));
@@ -758,7 +778,10 @@ async fn parity_edges() -> anyhow::Result<()> {
     assert_eq!(read(o, "docs/EOF")?, "expanded a.txt\n");
     assert_eq!(read(o, "docs/QUOTED")?, "literal $F\n");
     assert_eq!(read(o, "tabs.txt")?, "tabs\n");
-    assert!(read(o, "shebang.txt")?.starts_with("shebang "), "shebang.txt");
+    assert!(
+        read(o, "shebang.txt")?.starts_with("shebang "),
+        "shebang.txt"
+    );
 
     let img = Oci::open(&oci)?;
     let e = img.env();
@@ -857,23 +880,26 @@ async fn parity_stages_and_onbuild() -> anyhow::Result<()> {
     // ONBUILD triggers run in the child build; labels are inherited.
     let name = format!("{}/kiln/onbuild:1", env.reg.addr());
     let dir = project(ONBUILD_DF, &[])?;
-    build(&env, dir.path(), &[], None, vec![super::support::image(&name, true)]).await?;
+    build(
+        &env,
+        dir.path(),
+        &[],
+        None,
+        vec![super::support::image(&name, true)],
+    )
+    .await?;
     let child = format!("ARG BASE\nFROM {name}\nLABEL over=child\n");
     let dir = project(&child, &[])?;
     let img = build_oci(&env, dir.path(), &[], None).await?;
     assert_eq!(img.file("trig.txt")?, "triggered\n");
-    assert_eq!(
-        img.env().get("FROM_TRIGGER").map(String::as_str),
-        Some("1")
-    );
+    assert_eq!(img.env().get("FROM_TRIGGER").map(String::as_str), Some("1"));
     assert_eq!(
         img.cfg("Labels"),
         &serde_json::json!({"base.label": "kept", "over": "child"})
     );
     // Triggers are consumed, not passed on.
     assert!(
-        matches!(img.cfg("OnBuild"), Value::Null)
-            || img.cfg("OnBuild") == &serde_json::json!([]),
+        matches!(img.cfg("OnBuild"), Value::Null) || img.cfg("OnBuild") == &serde_json::json!([]),
         "OnBuild: {}",
         img.cfg("OnBuild")
     );
@@ -964,8 +990,14 @@ async fn parity_more_copy_and_expansion() -> anyhow::Result<()> {
     assert_eq!(read(o, "catheredoc.txt")?, "hello\n");
     // A rw bind mount is writable but neither the image nor the context keep the write.
     assert_eq!(read(o, "bindsub.txt")?, "top\n");
-    assert!(!o.join("b/new").exists(), "bind write leaked into the image");
-    assert!(!p.join("dir/new").exists(), "bind write leaked into the context");
+    assert!(
+        !o.join("b/new").exists(),
+        "bind write leaked into the image"
+    );
+    assert!(
+        !p.join("dir/new").exists(),
+        "bind write leaked into the context"
+    );
     assert_eq!(read(o, "pwd.txt")?, "/b\n");
 
     let img = Oci::open(&oci)?;
@@ -1120,7 +1152,8 @@ async fn parity_syntax() -> anyhow::Result<()> {
     );
 
     // JSON forms: escapes are decoded; a malformed array falls back to the shell form.
-    let df = "ARG BASE\nFROM ${BASE}\nENTRYPOINT [\"echo\", \"a\\\"b\", \"\\u0041\"]\nCMD [not json\n";
+    let df =
+        "ARG BASE\nFROM ${BASE}\nENTRYPOINT [\"echo\", \"a\\\"b\", \"\\u0041\"]\nCMD [not json\n";
     let dir = project(df, &[])?;
     let img = build_oci(&env, dir.path(), &[], None).await?;
     assert_eq!(
