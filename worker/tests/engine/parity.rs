@@ -410,6 +410,7 @@ RUN --mount=type=tmpfs,target=/scratch grep ' /scratch ' /proc/mounts | cut -d' 
 RUN --mount=type=bind,from=other,source=/o,target=/mnt/o cat /mnt/o/b.txt > /bind.txt && (touch /mnt/o/new 2>/dev/null && echo rw || echo ro) > /bindro.txt
 RUN --mount=type=secret,id=tok test "$(tr a-z A-Z < /run/secrets/tok)" = S3CR3T-VALUE && echo ok > /secret.txt
 RUN --mount=type=secret,id=tok,target=/etc/tok test "$(tr a-z A-Z < /etc/tok)" = S3CR3T-VALUE && echo ok > /secret-target.txt
+RUN --mount=type=secret,id=tok,env=TOK test "$(echo "$TOK" | tr a-z A-Z)" = S3CR3T-VALUE && test ! -e /run/secrets/tok && echo ok > /secret-env.txt
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -442,6 +443,7 @@ async fn parity_run_mounts() -> anyhow::Result<()> {
     assert!(!o.join("o").exists(), "the bound stage leaked");
     assert_eq!(read(&o, "secret.txt")?, "ok\n");
     assert_eq!(read(&o, "secret-target.txt")?, "ok\n");
+    assert_eq!(read(&o, "secret-env.txt")?, "ok\n");
     assert!(!o.join("run/secrets/tok").exists(), "secret file leaked");
     let img = Oci::open(&outs[1].path().join("image.tar"))?;
     let needle = "s3cr3t-value";

@@ -1350,6 +1350,7 @@ impl<'a> Converter<'a> {
         let mut inputs: Vec<Output> = st.root.iter().cloned().collect();
         let mut extra: Vec<pb::Mount> = Vec::new();
         let mut name_suffix = String::new();
+        let mut secret_env: Vec<pb::SecretEnv> = Vec::new();
         let with_shell = |cmd: String| {
             let mut a = st.shell.clone();
             a.push(cmd);
@@ -1403,8 +1404,9 @@ impl<'a> Converter<'a> {
         let name = self.step_name(st, instr, &name_suffix);
         for m in mount_flags {
             let m = self.expand(&env, m, line)?;
-            let mount = self.parse_mount(st, &m, line, &mut inputs)?;
-            extra.push(mount);
+            if let Some(mount) = self.parse_mount(st, &m, line, &mut inputs, &mut secret_env)? {
+                extra.push(mount);
+            }
         }
         extra.sort_by(|a, b| a.dest.cmp(&b.dest));
         let mut mounts = vec![pb::Mount {
@@ -1435,6 +1437,7 @@ impl<'a> Converter<'a> {
             }),
             mounts,
             network: network as i32,
+            secretenv: secret_env,
             ..Default::default()
         };
         let md = self.metadata(name, Some(&instr.original));
@@ -1469,7 +1472,8 @@ impl<'a> Converter<'a> {
         value: &str,
         line: usize,
         inputs: &mut Vec<Output>,
-    ) -> Result<pb::Mount> {
+        secret_env: &mut Vec<pb::SecretEnv>,
+    ) -> Result<Option<pb::Mount>> {
         let mut typ = "bind".to_string();
         let mut target = None;
         let mut source = None;
@@ -1482,6 +1486,7 @@ impl<'a> Converter<'a> {
         let mut gid = None;
         let mut required = false;
         let mut size = 0i64;
+        let mut env_name: Option<String> = None;
         let bad = |msg: String| self.err(line, msg);
         for (k, v) in split_csv(value) {
             let val = v.clone().unwrap_or_default();
@@ -1524,6 +1529,7 @@ impl<'a> Converter<'a> {
                     )
                 }
                 "required" => required = flag(&v).map_err(bad)?,
+                "env" => env_name = Some(val),
                 "size" => {
                     size = parse_size(&val).ok_or_else(|| bad(format!("invalid size {val:?}")))?
                 }
@@ -1553,7 +1559,7 @@ impl<'a> Converter<'a> {
                     None | Some("") | Some("/") | Some(".") => String::new(),
                     Some(s) => join_path("/", s),
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input,
                     selector,
                     dest: abs_target(&t),
@@ -1561,7 +1567,7 @@ impl<'a> Converter<'a> {
                     readonly: readonly.unwrap_or(true),
                     mount_type: pb::MountType::Bind as i32,
                     ..Default::default()
-                })
+                }))
             }
             "cache" => {
                 let Some(t) = target else {
@@ -1611,7 +1617,7 @@ impl<'a> Converter<'a> {
                 } else {
                     (-1, String::new())
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input,
                     selector,
                     dest: dest.clone(),
@@ -1623,23 +1629,27 @@ impl<'a> Converter<'a> {
                         sharing: sharing as i32,
                     }),
                     ..Default::default()
-                })
+                }))
             }
             "tmpfs" => {
                 let Some(t) = target else {
                     return Err(bad("mount target is required".to_string()));
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input: -1,
                     dest: abs_target(&t),
                     output: -1,
                     mount_type: pb::MountType::Tmpfs as i32,
                     tmpfs_opt: Some(pb::TmpfsOpt { size }),
                     ..Default::default()
-                })
+                }))
             }
             "secret" => {
-                let id = match (id.filter(|i| !i.is_empty()), &target) {
+                // BuildKit: `source` names the secret over `id`; the target's base name
+                // when neither is given. `env=NAME` sets a variable, and then a file is
+                // mounted only when a target is given.
+                let named = source.or(id).filter(|i| !i.is_empty());
+                let id = match (named, &target) {
                     (Some(i), _) => i,
                     (None, Some(t)) => t.rsplit('/').next().unwrap_or_default().to_string(),
                     (None, None) => {
@@ -1649,11 +1659,21 @@ impl<'a> Converter<'a> {
                 if id.is_empty() {
                     return Err(bad("secret mount requires an id".to_string()));
                 }
+                if let Some(name) = env_name.filter(|n| !n.is_empty()) {
+                    secret_env.push(pb::SecretEnv {
+                        id: id.clone(),
+                        name,
+                        optional: !required,
+                    });
+                    if target.is_none() {
+                        return Ok(None);
+                    }
+                }
                 let dest = match target {
                     Some(t) => abs_target(&t),
-                    None => format!("/run/secrets/{id}"),
+                    None => format!("/run/secrets/{}", id.rsplit('/').next().unwrap_or(&id)),
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input: -1,
                     dest,
                     output: -1,
@@ -1667,7 +1687,7 @@ impl<'a> Converter<'a> {
                         optional: !required,
                     }),
                     ..Default::default()
-                })
+                }))
             }
             other => Err(bad(format!("unsupported mount type {other:?}"))),
         }

@@ -426,6 +426,30 @@ fn mounts_sorted_and_typed() -> anyhow::Result<()> {
 }
 
 #[test]
+fn secret_mounts_as_env_and_by_source() -> anyhow::Result<()> {
+    let src = "FROM b\nRUN --mount=type=secret,id=tok,env=TOKEN --mount=type=secret,id=both,env=BOTH,target=/etc/both,required --mount=type=secret,source=named make\n";
+    let c = conv(src, &opts())?;
+    let e = &execs(&c)?[0];
+    let envs: Vec<(&str, &str, bool)> = e
+        .secretenv
+        .iter()
+        .map(|s| (s.id.as_str(), s.name.as_str(), s.optional))
+        .collect();
+    assert_eq!(envs, vec![("tok", "TOKEN", true), ("both", "BOTH", false)]);
+    // `env=` alone mounts no file; with a target it does; `source` names the secret.
+    let secrets: Vec<(&str, &str)> = e
+        .mounts
+        .iter()
+        .filter_map(|m| Some((m.dest.as_str(), m.secret_opt.as_ref()?.id.as_str())))
+        .collect();
+    assert_eq!(
+        secrets,
+        vec![("/etc/both", "both"), ("/run/secrets/named", "named")]
+    );
+    Ok(())
+}
+
+#[test]
 fn image_ops_are_pinned_and_named() -> anyhow::Result<()> {
     let c = conv("FROM busybox\nRUN true\n", &opts())?;
     let ids = sources(&c)?;
