@@ -1367,3 +1367,83 @@ async fn parity_users_and_stage_pruning() -> anyhow::Result<()> {
     assert_eq!(meta(out.path(), "suid3")?.2, 0o4755);
     Ok(())
 }
+
+/// A tar whose first entry is named `name` verbatim (the tar crate refuses `..` paths).
+fn raw_entry(
+    b: &mut tar::Builder<Vec<u8>>,
+    name: &str,
+    kind: tar::EntryType,
+    link: &str,
+    data: &[u8],
+) -> anyhow::Result<()> {
+    let mut h = tar::Header::new_old();
+    {
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_entry_type(kind);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    b.append(&h, data)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_add_stays_inside_and_empty_wildcards() -> anyhow::Result<()> {
+    let env = env()?;
+    let host_dir = tempfile::tempdir()?;
+    let host = host_dir.path().to_string_lossy().to_string();
+    let climb = format!("../../../../../../../../../..{host}/climbed.txt");
+    let mut b = tar::Builder::new(Vec::new());
+    raw_entry(&mut b, "ok.txt", tar::EntryType::Regular, "", b"ok\n")?;
+    raw_entry(&mut b, "out", tar::EntryType::Symlink, &host, b"")?;
+    raw_entry(
+        &mut b,
+        "out/through-link.txt",
+        tar::EntryType::Regular,
+        "",
+        b"x\n",
+    )?;
+    let escape = b.into_inner()?;
+    let mut b = tar::Builder::new(Vec::new());
+    raw_entry(&mut b, &climb, tar::EntryType::Regular, "", b"x\n")?;
+    let climbing = b.into_inner()?;
+
+    let df = "ARG BASE\nFROM ${BASE}\nADD escape.tar /x/\nCOPY nomatch*.txt /nomatch/\nCOPY a.txt /new/deep/file.txt\nRUN test ! -e /nomatch && echo absent > /nomatch.txt\n";
+    let dir = project(df, &[("a.txt", "A\n")])?;
+    std::fs::write(dir.path().join("escape.tar"), &escape)?;
+    let res = build_local(&env, dir.path(), &[], None).await;
+    // Whatever the outcome, nothing was written through the symlink to the host.
+    assert!(
+        !host_dir.path().join("through-link.txt").exists(),
+        "ADD wrote through a symlink to the host"
+    );
+    let out = res?;
+    let o = out.path();
+    assert_eq!(read(o, "x/ok.txt")?, "ok\n");
+    // The write through the archive's absolute symlink lands inside the image root.
+    assert_eq!(read(o, &format!("{}/through-link.txt", &host[1..]))?, "x\n");
+    // A wildcard that matches nothing copies nothing and creates no destination.
+    assert_eq!(read(o, "nomatch.txt")?, "absent\n");
+    // Missing parents of the destination are created, root-owned, 0755.
+    assert_eq!(read(o, "new/deep/file.txt")?, "A\n");
+    assert_eq!(meta(o, "new/deep")?, (0, 0, 0o755));
+
+    // An entry climbing out with `..` is refused, naming the archive.
+    let dir = project("ARG BASE\nFROM ${BASE}\nADD climb.tar /y/\n", &[])?;
+    std::fs::write(dir.path().join("climb.tar"), &climbing)?;
+    let res = build_local(&env, dir.path(), &[], None).await;
+    assert!(
+        !host_dir.path().join("climbed.txt").exists(),
+        "ADD climbed out of the destination"
+    );
+    let msg = format!(
+        "{:#}",
+        res.err()
+            .ok_or_else(|| anyhow!("ADD of a climbing entry should fail"))?
+    );
+    assert!(msg.contains("climb.tar"), "{msg}");
+    Ok(())
+}

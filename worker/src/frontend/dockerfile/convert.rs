@@ -1829,7 +1829,8 @@ impl<'a> Converter<'a> {
                         && matches!(kind, SourceKind::Context),
                     create_dest_path: true,
                     allow_wildcard: true,
-                    allow_empty_wildcard: false,
+                    // BuildKit: `COPY maybe.* /d/` matching nothing is not an error.
+                    allow_empty_wildcard: true,
                     timestamp: -1,
                     exclude_patterns: exclude.clone(),
                     ..Default::default()

@@ -532,6 +532,26 @@ mod tests {
         assert!(e.to_string().contains("/d/*.rs: not found"), "{e}");
         a.allow_empty_wildcard = true;
         copy(&r.src, &r.dst, &a, None)?;
+        // An empty match copies nothing and creates no destination.
+        let mut a = cp("/d/*.rs", "/none/");
+        a.allow_wildcard = true;
+        a.allow_empty_wildcard = true;
+        a.create_dest_path = true;
+        copy(&r.src, &r.dst, &a, None)?;
+        assert!(
+            !r.dst.join("none").exists(),
+            "destination made for no match"
+        );
+        // Empty matches need the wildcard's directory; plain paths must exist.
+        for src in ["/nodir/*.txt", "/d/missing.txt"] {
+            let mut a = cp(src, "/out/");
+            a.allow_wildcard = true;
+            a.allow_empty_wildcard = true;
+            let e = copy(&r.src, &r.dst, &a, None)
+                .err()
+                .ok_or_else(|| anyhow::anyhow!("{src}: expected an error"))?;
+            assert!(e.to_string().contains(&format!("{src}: not found")), "{e}");
+        }
         let mut a = cp("/*/t*", "/deep/");
         a.allow_wildcard = true;
         copy(&r.src, &r.dst, &a, None)?;

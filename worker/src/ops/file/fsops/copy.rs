@@ -157,19 +157,32 @@ fn sources(src_root: &Path, action: &pb::FileActionCopy) -> Result<Vec<PathBuf>>
                 out.push(p);
             }
         }
-        if out.is_empty() && !action.allow_empty_wildcard {
+        if out.is_empty()
+            && (!action.allow_empty_wildcard || !wildcard_base_exists(src_root, &action.src))
+        {
             return Err(not_found());
         }
         return Ok(out);
     }
+    // As BuildKit: a path without wildcards must exist, whatever `allow_empty_wildcard`.
     let p = resolve_in_root(src_root, &action.src, action.follow_symlink)?;
     if exists(&p) {
         Ok(vec![p])
-    } else if action.allow_wildcard && action.allow_empty_wildcard {
-        Ok(Vec::new())
     } else {
         Err(not_found())
     }
+}
+
+/// Whether the directory holding the first wildcard component of `src` exists: BuildKit
+/// walks it, so an empty match is only allowed when it is there (`COPY nodir/*.txt`
+/// fails even with `allow_empty_wildcard`).
+fn wildcard_base_exists(src_root: &Path, src: &str) -> bool {
+    let base: Vec<&str> = src
+        .split('/')
+        .take_while(|c| !pattern::has_meta(c))
+        .collect();
+    let base = format!("/{}", base.join("/").trim_start_matches('/'));
+    resolve_in_root(src_root, &base, true).is_ok_and(|p| fs::metadata(p).is_ok_and(|m| m.is_dir()))
 }
 
 fn lstat(root: &Path, p: &Path) -> Result<Metadata> {
