@@ -1447,3 +1447,33 @@ async fn parity_add_stays_inside_and_empty_wildcards() -> anyhow::Result<()> {
     assert!(msg.contains("climb.tar"), "{msg}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_parser_details() -> anyhow::Result<()> {
+    let env = env()?;
+    // A BOM, CRLF line endings, indented instructions and comments, `#` inside a line.
+    let df = "\u{feff}# escape=\\\r\nARG BASE\r\nFROM ${BASE}\r\n  # indented comment\r\n  ENV A=1 \\\r\n      B=2\r\nARG Q=\"a b\"\r\nENV Q=${Q} HASH=x#y EMPTY= ESCQ=\"a\\\"b\"\r\nWORKDIR /app/\r\nRUN echo \"crlf\" > /crlf.txt\r\nHEALTHCHECK --start-interval=2s --interval=1m CMD true\r\nCMD [\"\u{e9}t\u{e9}\"]\r\n";
+    let dir = project(df, &[])?;
+    let img = build_oci(&env, dir.path(), &[], None).await?;
+    let e = img.env();
+    let want: &[(&str, &str)] = &[
+        ("A", "1"),
+        ("B", "2"),
+        ("Q", "a b"),
+        ("HASH", "x#y"),
+        ("EMPTY", ""),
+        ("ESCQ", "a\"b"),
+    ];
+    for (k, v) in want {
+        assert_eq!(e.get(*k).map(String::as_str), Some(*v), "{k} in {e:?}");
+    }
+    assert_eq!(img.cfg("WorkingDir"), "/app");
+    assert_eq!(img.file("crlf.txt")?, "crlf\n");
+    assert_eq!(
+        img.cfg("Healthcheck"),
+        &serde_json::json!({"Test": ["CMD-SHELL", "true"], "Interval": 60_000_000_000u64,
+            "StartInterval": 2_000_000_000u64})
+    );
+    assert_eq!(img.cfg("Cmd"), &serde_json::json!(["\u{e9}t\u{e9}"]));
+    Ok(())
+}
