@@ -1477,3 +1477,41 @@ async fn parity_parser_details() -> anyhow::Result<()> {
     assert_eq!(img.cfg("Cmd"), &serde_json::json!(["\u{e9}t\u{e9}"]));
     Ok(())
 }
+
+const STAGE_ONBUILD_DF: &str = r#"ARG BASE
+FROM ${BASE} AS parent
+ONBUILD RUN echo fromparent > /onb.txt
+FROM parent AS child
+RUN cat /onb.txt > /seen.txt
+FROM ${BASE} AS binder
+ARG BASE
+RUN --mount=type=bind,from=${BASE},source=/etc,target=/imgetc cat /imgetc/group > /fromimage.txt
+RUN --mount=type=cache,target=/pc,sharing=private echo p > /pc/f && cat /pc/f > /private.txt
+COPY --chmod=0600 <<one.txt <<two.txt /docs/
+first
+one.txt
+second
+two.txt
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_stage_onbuild_and_mount_sources() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(STAGE_ONBUILD_DF, &[])?;
+    // ONBUILD of a stage runs in a stage built FROM it, and is consumed there.
+    let img = build_oci(&env, dir.path(), &[], Some("child")).await?;
+    assert_eq!(img.file("seen.txt")?, "fromparent\n");
+    assert!(
+        matches!(img.cfg("OnBuild"), Value::Null) || img.cfg("OnBuild") == &serde_json::json!([]),
+        "OnBuild: {}",
+        img.cfg("OnBuild")
+    );
+    let out = build_local(&env, dir.path(), &[], Some("binder")).await?;
+    let o = out.path();
+    assert_eq!(read(o, "fromimage.txt")?, "root:x:0:\nnogroup:x:65534:\n");
+    assert_eq!(read(o, "private.txt")?, "p\n");
+    assert_eq!(read(o, "docs/one.txt")?, "first\n");
+    assert_eq!(read(o, "docs/two.txt")?, "second\n");
+    assert_eq!(meta(o, "docs/one.txt")?, (0, 0, 0o600));
+    Ok(())
+}
