@@ -1515,3 +1515,39 @@ async fn parity_stage_onbuild_and_mount_sources() -> anyhow::Result<()> {
     assert_eq!(meta(o, "docs/one.txt")?, (0, 0, 0o600));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_errors_name_the_problem() -> anyhow::Result<()> {
+    let env = env()?;
+    let cases: &[(&str, &str)] = &[
+        ("COPY --chown=nouser a.txt /x\n", "nouser"),
+        ("COPY --chown=0:nogrp a.txt /x\n", "nogrp"),
+        ("COPY --from=nostage /a /b\n", "nostage"),
+        ("COPY nodir/*.txt /x/\n", "nodir"),
+        ("ENV\n", "ENV"),
+        ("WORKDIR\n", "WORKDIR"),
+        ("RUN --mount=type=bogus true\n", "bogus"),
+        ("ADD --chmod=999 a.txt /x\n", "999"),
+    ];
+    for (line, want) in cases {
+        let dir = project(
+            &format!("ARG BASE\nFROM ${{BASE}}\n{line}"),
+            &[("a.txt", "A\n")],
+        )?;
+        let err = build(&env, dir.path(), &[], None, vec![])
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("{line:?} should fail"))?;
+        let msg = format!("{err:#}");
+        assert!(msg.contains(want), "{line:?}: {msg}");
+    }
+    // --target naming no stage fails and names it.
+    let dir = project("ARG BASE\nFROM ${BASE} AS a\n", &[])?;
+    let err = build(&env, dir.path(), &[], Some("nope"), vec![])
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("--target nope should fail"))?;
+    let msg = format!("{err:#}");
+    assert!(msg.contains("nope"), "{msg}");
+    Ok(())
+}
