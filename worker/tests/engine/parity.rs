@@ -927,6 +927,8 @@ COPY b.txt /ow.txt
 ADD data.bin /sniffed/
 ADD fake.tar.gz /fake/
 ADD arch.tar.zst /unzst/
+ADD arch.tar.bz2 /unbz2/
+ADD arch.tar.xz /unxz/
 COPY --chmod=0755 <<EOF /script.sh
 #!/bin/sh
 echo script
@@ -960,6 +962,12 @@ async fn parity_more_copy_and_expansion() -> anyhow::Result<()> {
     std::io::Write::write_all(&mut gz, &tar)?;
     std::fs::write(p.join("data.bin"), gz.finish()?)?;
     std::fs::write(p.join("arch.tar.zst"), zstd::encode_all(tar.as_slice(), 3)?)?;
+    let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+    std::io::Write::write_all(&mut bz, &tar)?;
+    std::fs::write(p.join("arch.tar.bz2"), bz.finish()?)?;
+    let mut xz = Vec::new();
+    lzma_rs::xz_compress(&mut std::io::Cursor::new(&tar), &mut xz)?;
+    std::fs::write(p.join("arch.tar.xz"), xz)?;
     let out = tempfile::tempdir()?;
     let oci = out.path().join("image.tar");
     build(
@@ -987,6 +995,8 @@ async fn parity_more_copy_and_expansion() -> anyhow::Result<()> {
     assert_eq!(list(o, "fake")?, ["fake.tar.gz"]);
     assert_eq!(read(o, "fake/fake.tar.gz")?, "not an archive\n");
     assert_eq!(read(o, "unzst/t/one.txt")?, "one\n");
+    assert_eq!(read(o, "unbz2/t/one.txt")?, "one\n");
+    assert_eq!(read(o, "unxz/t/one.txt")?, "one\n");
     assert_eq!(meta(o, "script.sh")?.2, 0o755);
     assert_eq!(read(o, "script.sh")?, "#!/bin/sh\necho script\n");
     assert_eq!(read(o, "catheredoc.txt")?, "hello\n");

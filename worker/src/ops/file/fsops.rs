@@ -672,6 +672,36 @@ mod tests {
     }
 
     #[test]
+    fn copy_unpacks_bzip2_and_xz() -> anyhow::Result<()> {
+        let r = roots()?;
+        let tar = tar_bytes(&[("b.txt", b"bz"), ("d/x.txt", b"xz")], None)?;
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        std::io::Write::write_all(&mut bz, &tar)?;
+        fs::write(r.src.join("a.tar.bz2"), bz.finish()?)?;
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut std::io::Cursor::new(&tar), &mut xz)?;
+        fs::write(r.src.join("a.txz"), &xz)?;
+        // xz magic, then garbage: not an archive, copied as it is.
+        let mut bad = xz[..6].to_vec();
+        bad.extend_from_slice(b"garbage");
+        fs::write(r.src.join("bad.tar.xz"), &bad)?;
+        for (src, dest) in [("/a.tar.bz2", "/bz"), ("/a.txz", "/xz")] {
+            let mut a = cp(src, dest);
+            a.attempt_unpack_docker_compatibility = true;
+            copy(&r.src, &r.dst, &a, None)?;
+            let d = r.dst.join(&dest[1..]);
+            assert_eq!(fs::read_to_string(d.join("b.txt"))?, "bz", "{src}");
+            assert_eq!(fs::read_to_string(d.join("d/x.txt"))?, "xz", "{src}");
+        }
+        let mut a = cp("/bad.tar.xz", "/bad/");
+        a.attempt_unpack_docker_compatibility = true;
+        a.create_dest_path = true;
+        copy(&r.src, &r.dst, &a, None)?;
+        assert_eq!(fs::read(r.dst.join("bad/bad.tar.xz"))?, bad);
+        Ok(())
+    }
+
+    #[test]
     fn copy_unpacks_tars_safely() -> anyhow::Result<()> {
         let r = roots()?;
         fs::write(
