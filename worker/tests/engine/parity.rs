@@ -1561,3 +1561,56 @@ async fn parity_errors_name_the_problem() -> anyhow::Result<()> {
     assert!(msg.contains("nope"), "{msg}");
     Ok(())
 }
+
+const PRECEDENCE_DF: &str = r#"ARG BASE
+FROM ${BASE}
+ARG X=arg
+ENV X=env
+ARG SPECIAL
+RUN echo "$X" > /x.txt && printf '%s' "$SPECIAL" > /special.txt
+ARG X
+RUN echo "$X" > /x2.txt
+ENV FROMX=${X}
+COPY --chmod=u=rwx,go=rx a.txt /sym.txt
+COPY --chown=1000:1000 --chmod=0640 a.txt /both.txt
+WORKDIR /w
+COPY a.txt .
+COPY a.txt ./sub/.
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_arg_env_precedence_and_modes() -> anyhow::Result<()> {
+    let env = env()?;
+    let dir = project(PRECEDENCE_DF, &[("a.txt", "A\n")])?;
+    std::fs::set_permissions(
+        dir.path().join("a.txt"),
+        std::fs::Permissions::from_mode(0o644),
+    )?;
+    let special = "a b \"q\" $HOME 'x' \\n";
+    let out = tempfile::tempdir()?;
+    let oci = out.path().join("image.tar");
+    build(
+        &env,
+        dir.path(),
+        &[("X", "cli"), ("SPECIAL", special)],
+        None,
+        vec![to("local", &out.path().join("fs")), to("oci", &oci)],
+    )
+    .await?;
+    let o = &out.path().join("fs");
+    // ENV beats an earlier ARG of the same name, even a build-arg; an ARG declared
+    // after the ENV sets the variable for later steps (BuildKit adds it to the state's
+    // env) but not in the image config.
+    assert_eq!(read(o, "x.txt")?, "env\n");
+    assert_eq!(read(o, "x2.txt")?, "cli\n");
+    // Build-arg values reach RUN untouched.
+    assert_eq!(read(o, "special.txt")?, special);
+    assert_eq!(meta(o, "sym.txt")?.2, 0o755);
+    assert_eq!(meta(o, "both.txt")?, (1000, 1000, 0o640));
+    assert_eq!(read(o, "w/a.txt")?, "A\n");
+    assert_eq!(read(o, "w/sub/a.txt")?, "A\n");
+    let img = Oci::open(&oci)?;
+    assert_eq!(img.env().get("FROMX").map(String::as_str), Some("cli"));
+    assert_eq!(img.env().get("X").map(String::as_str), Some("env"));
+    Ok(())
+}
