@@ -212,6 +212,7 @@ COPY --chown=1000:1000 a.txt /chown/
 COPY --chown=app:app a.txt /named/
 COPY --chmod=0640 a.txt /chmod/
 COPY exec.sh /exec.sh
+ADD a.txt /added.txt
 ADD arch.tar /untar/
 ADD arch.tar.gz /untargz/
 COPY arch.tar /copytar/
@@ -288,6 +289,7 @@ async fn parity_copy_and_add() -> anyhow::Result<()> {
     assert_eq!(meta(o, "named/a.txt")?, (1000, 1000, 0o644));
     assert_eq!(meta(o, "chmod/a.txt")?, (0, 0, 0o640));
     assert_eq!(meta(o, "exec.sh")?, (0, 0, 0o755));
+    assert_eq!(meta(o, "added.txt")?, (0, 0, 0o644));
     // ADD extracts local archives; COPY does not.
     assert_eq!(read(o, "untar/t/one.txt")?, "one\n");
     assert_eq!(meta(o, "untar/t/one.txt")?.2, 0o600);
@@ -1612,5 +1614,20 @@ async fn parity_arg_env_precedence_and_modes() -> anyhow::Result<()> {
     let img = Oci::open(&oci)?;
     assert_eq!(img.env().get("FROMX").map(String::as_str), Some("cli"));
     assert_eq!(img.env().get("X").map(String::as_str), Some("env"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_copy_from_keeps_owners() -> anyhow::Result<()> {
+    let env = env()?;
+    let df = "ARG BASE\nFROM ${BASE} AS s\nRUN mkdir -p /o/d && echo f > /o/d/f && chown -R 1234:5678 /o && chmod 0750 /o/d\nFROM ${BASE}\nCOPY --from=s /o /o\nCOPY --from=s --chown=1:2 /o /c\n";
+    let dir = project(df, &[])?;
+    let out = build_local(&env, dir.path(), &[], None).await?;
+    let o = out.path();
+    // Without --chown, COPY --from keeps the stage's owners and modes.
+    assert_eq!(meta(o, "o/d")?, (1234, 5678, 0o750));
+    assert_eq!(meta(o, "o/d/f")?, (1234, 5678, 0o644));
+    assert_eq!(meta(o, "c/d/f")?, (1, 2, 0o644));
+    assert_eq!(meta(o, "c/d")?, (1, 2, 0o750));
     Ok(())
 }

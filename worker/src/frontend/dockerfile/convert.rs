@@ -406,6 +406,17 @@ fn chown_opt(chown: &str, base_index: i64) -> Option<pb::ChownOpt> {
     })
 }
 
+/// `--chown=0:0`, for copies from the context.
+fn root_owner() -> pb::ChownOpt {
+    let root = || pb::UserOpt {
+        user: Some(pb::user_opt::User::ById(0)),
+    };
+    pb::ChownOpt {
+        user: Some(root()),
+        group: Some(root()),
+    }
+}
+
 fn json_list(v: &[String]) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
@@ -1820,7 +1831,14 @@ impl<'a> Converter<'a> {
                 action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
                     src,
                     dest: dest.clone(),
-                    owner: chown.clone(),
+                    // A copy keeps its sources' owners unless told; the context's files
+                    // count as root's (BuildKit's client sends them as 0:0). ADD leaves
+                    // it to the copy, which keeps archive entries' owners.
+                    owner: match (&chown, &kind) {
+                        (Some(ch), _) => Some(ch.clone()),
+                        (None, SourceKind::Context) if !c.add => Some(root_owner()),
+                        (None, _) => None,
+                    },
                     mode,
                     mode_str: mode_str.clone(),
                     follow_symlink: true,

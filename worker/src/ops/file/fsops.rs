@@ -460,12 +460,21 @@ mod tests {
         copy(&r.src, &r.dst, &a, None)?;
         copy(&r.src, &r.dst, &cp("a.txt", "/existing"), None)?;
         copy(&r.src, &r.dst, &cp("/a.txt", "/renamed.txt"), None)?;
+        // Without an owner the source's is kept (BuildKit); made directories are root's.
         for p in ["new/dir/a.txt", "existing/a.txt", "renamed.txt"] {
             let m = fs::metadata(r.dst.join(p))?;
             assert_eq!(fs::read_to_string(r.dst.join(p))?, "A", "{p}");
-            assert_eq!((m.uid(), m.gid()), (0, 0), "{p} not owned by root");
+            assert_eq!((m.uid(), m.gid()), (1234, 1234), "{p} owner not kept");
             assert_eq!(m.mtime(), 1_000_000, "{p} mtime not kept");
         }
+        let m = fs::metadata(r.dst.join("new/dir"))?;
+        assert_eq!((m.uid(), m.gid()), (0, 0), "made directory not root's");
+        // Docker ADD mode: a non-archive file without an owner becomes root's.
+        let mut a = cp("/a.txt", "/added.txt");
+        a.attempt_unpack_docker_compatibility = true;
+        copy(&r.src, &r.dst, &a, None)?;
+        let m = fs::metadata(r.dst.join("added.txt"))?;
+        assert_eq!((m.uid(), m.gid()), (0, 0), "ADD of a plain file not root's");
         // No parent and no createDestPath.
         let e = copy(&r.src, &r.dst, &cp("/a.txt", "/missing/x"), None)
             .err()

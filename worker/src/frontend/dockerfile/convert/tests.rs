@@ -450,6 +450,33 @@ fn secret_mounts_as_env_and_by_source() -> anyhow::Result<()> {
 }
 
 #[test]
+fn copies_from_the_context_are_root_owned_others_keep_owners() -> anyhow::Result<()> {
+    let src = "FROM a AS s\nFROM b\nCOPY x /x\nCOPY --from=s /y /y\nADD z.tar /z/\nCOPY --chown=5:6 w /w\n";
+    let c = conv(src, &opts())?;
+    let owners: Vec<Option<(u32, u32)>> = ops(&c)?
+        .into_iter()
+        .filter_map(|o| match o.op {
+            Some(pb::op::Op::File(f)) => Some(f.actions),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|a| match a.action {
+            Some(pb::file_action::Action::Copy(cp)) => Some(cp.owner),
+            _ => None,
+        })
+        .map(|o| {
+            let id = |u: Option<pb::UserOpt>| match u.and_then(|u| u.user) {
+                Some(pb::user_opt::User::ById(i)) => i,
+                _ => u32::MAX,
+            };
+            o.map(|o| (id(o.user), id(o.group)))
+        })
+        .collect();
+    assert_eq!(owners, vec![Some((0, 0)), None, None, Some((5, 6))]);
+    Ok(())
+}
+
+#[test]
 fn image_ops_are_pinned_and_named() -> anyhow::Result<()> {
     let c = conv("FROM busybox\nRUN true\n", &opts())?;
     let ids = sources(&c)?;

@@ -6,8 +6,11 @@
 //! named like it into an existing destination directory, or as the destination itself;
 //! with `dirCopyContents` its contents go into the destination. A file goes into an
 //! existing directory or a destination ending in `/`, else becomes the destination.
-//! Everything copied is owned by the given owner (root when none), with the given
-//! permission bits and time when set.
+//! Everything copied is owned by the given owner; without one, copied entries keep their
+//! source's owners (BuildKit's copy with no chown user), except that the Docker `ADD`
+//! mode (`attemptUnpackDockerCompatibility`) makes non-archive files root's while an
+//! extracted archive keeps its entries' owners. Directories the copy creates are the
+//! owner's (root when none). Permission bits and time are set when given.
 
 use std::collections::HashMap;
 use std::fs::{self, Metadata};
@@ -210,7 +213,8 @@ fn join_rel(rel: &str, name: &std::ffi::OsStr) -> String {
 // === copy ===
 
 /// Copies `src` (in `src_root`) to `dest` (in `dest_root`) as BuildKit's file op does;
-/// `owner` applies to everything copied (root when `None`).
+/// `owner` applies to everything copied; `None` keeps the sources' owners (see the
+/// module docs for the `ADD` exception).
 pub fn copy(
     src_root: &Path,
     dest_root: &Path,
@@ -246,7 +250,11 @@ pub fn copy(
     let mut c = Copier {
         dest_root,
         src_root,
-        owner: owner_or_root,
+        owner: if owner.is_none() && action.attempt_unpack_docker_compatibility {
+            Some((0, 0))
+        } else {
+            owner
+        },
         mode,
         mtime,
         filter: Filter::new(&action.include_patterns, &action.exclude_patterns),
@@ -295,7 +303,8 @@ pub fn copy(
 struct Copier<'a> {
     src_root: &'a Path,
     dest_root: &'a Path,
-    owner: (u32, u32),
+    /// Owner of everything copied; `None` keeps the source's.
+    owner: Option<(u32, u32)>,
     mode: ModeSpec,
     mtime: Option<(i64, i64)>,
     filter: Filter,
@@ -308,7 +317,7 @@ struct Copier<'a> {
 impl Copier<'_> {
     fn opts(&self, meta: &Metadata) -> MetaOpts {
         MetaOpts {
-            owner: Some(self.owner),
+            owner: self.owner,
             mode: self.mode.apply(meta.mode(), meta.is_dir()),
             mtime: self.mtime,
             xattrs: true,
