@@ -1624,7 +1624,9 @@ async fn parity_copy_from_keeps_owners() -> anyhow::Result<()> {
     let dir = project(df, &[])?;
     let out = build_local(&env, dir.path(), &[], None).await?;
     let o = out.path();
-    // Without --chown, COPY --from keeps the stage's owners and modes.
+    // Without --chown, COPY --from keeps the stage's owners and modes, the created
+    // destination directory included.
+    assert_eq!(meta(o, "o")?, (1234, 5678, 0o755));
     assert_eq!(meta(o, "o/d")?, (1234, 5678, 0o750));
     assert_eq!(meta(o, "o/d/f")?, (1234, 5678, 0o644));
     assert_eq!(meta(o, "c/d/f")?, (1, 2, 0o644));
