@@ -1633,3 +1633,31 @@ async fn parity_copy_from_keeps_owners() -> anyhow::Result<()> {
     assert_eq!(meta(o, "c/d")?, (1, 2, 0o750));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_context_symlinks_stay_inside() -> anyhow::Result<()> {
+    let env = env()?;
+    let df =
+        "ARG BASE\nFROM ${BASE}\nCOPY linkdir/f /via-link.txt\nCOPY linkdir /linkdir-contents/\n";
+    let dir = project(df, &[("realdir/f", "real\n")])?;
+    std::os::unix::fs::symlink("realdir", dir.path().join("linkdir"))?;
+    let out = build_local(&env, dir.path(), &[], None).await?;
+    assert_eq!(read(out.path(), "via-link.txt")?, "real\n");
+    assert_eq!(list(out.path(), "linkdir-contents")?, ["f"]);
+
+    // An absolute symlink in the context resolves inside the context, never to the host.
+    let secret = tempfile::tempdir()?;
+    std::fs::write(secret.path().join("host.txt"), "host secret\n")?;
+    let df = "ARG BASE\nFROM ${BASE}\nCOPY abslink /z\n";
+    let dir = project(df, &[])?;
+    std::os::unix::fs::symlink(secret.path().join("host.txt"), dir.path().join("abslink"))?;
+    let res = build_local(&env, dir.path(), &[], None).await;
+    let msg = format!(
+        "{:#}",
+        res.err()
+            .ok_or_else(|| anyhow!("COPY of a symlink leaving the context should fail"))?
+    );
+    assert!(msg.contains("/abslink: not found"), "{msg}");
+    assert!(!msg.contains("host secret"), "{msg}");
+    Ok(())
+}
