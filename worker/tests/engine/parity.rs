@@ -1661,3 +1661,37 @@ async fn parity_context_symlinks_stay_inside() -> anyhow::Result<()> {
     assert!(!msg.contains("host secret"), "{msg}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parity_heredoc_stdin_and_ignore_file_precedence() -> anyhow::Result<()> {
+    let env = env()?;
+    let df = "ARG BASE\nFROM ${BASE}\nRUN sh <<EOF\necho viastdin > /stdin.txt\nEOF\nRUN <<A cat > /f1.txt && <<B cat > /f2.txt\nfirst\nA\nsecond\nB\nCOPY . /ctx/\n";
+    let dir = project(
+        df,
+        &[
+            (".dockerignore", "a.txt\n"),
+            ("Dockerfile.dockerignore", "b.txt\n"),
+            ("a.txt", "a\n"),
+            ("b.txt", "b\n"),
+        ],
+    )?;
+    let out = build_local(&env, dir.path(), &[], None).await?;
+    let o = out.path();
+    assert_eq!(read(o, "stdin.txt")?, "viastdin\n");
+    assert_eq!(read(o, "f1.txt")?, "first\n");
+    assert_eq!(read(o, "f2.txt")?, "second\n");
+    // `<Dockerfile>.dockerignore` beside the Dockerfile wins over the context's.
+    let ctx = list(o, "ctx")?;
+    assert!(ctx.contains(&"a.txt".to_string()), "{ctx:?}");
+    assert!(!ctx.contains(&"b.txt".to_string()), "{ctx:?}");
+
+    // FROM with a variable that expands to nothing fails and says so.
+    let dir = project("FROM ${UNDEF}\n", &[])?;
+    let err = build(&env, dir.path(), &[], None, vec![])
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("FROM of an empty name should fail"))?;
+    let msg = format!("{err:#}");
+    assert!(msg.contains("${UNDEF}"), "{msg}");
+    Ok(())
+}
