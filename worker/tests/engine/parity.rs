@@ -1631,6 +1631,10 @@ async fn parity_copy_from_keeps_owners() -> anyhow::Result<()> {
     assert_eq!(meta(o, "o/d/f")?, (1234, 5678, 0o644));
     assert_eq!(meta(o, "c/d/f")?, (1, 2, 0o644));
     assert_eq!(meta(o, "c/d")?, (1, 2, 0o750));
+    // Same content, other owners in the stage: the copy is not served from cache.
+    let dir = project(&df.replace("1234:5678", "4321:8765"), &[])?;
+    let out = build_local(&env, dir.path(), &[], None).await?;
+    assert_eq!(meta(out.path(), "o/d/f")?, (4321, 8765, 0o644));
     Ok(())
 }
 
@@ -1722,6 +1726,9 @@ async fn parity_run_env_from_args() -> anyhow::Result<()> {
     eprintln!("KNOWN BUG (proxy build-args not in RUN env): {args:?}");
     let img = Oci::open(&oci)?;
     let cfg = img.config.to_string();
-    assert!(!cfg.contains("proxy:3128"), "proxy leaked into the config: {cfg}");
+    assert!(
+        !cfg.contains("proxy:3128"),
+        "proxy leaked into the config: {cfg}"
+    );
     Ok(())
 }

@@ -981,6 +981,14 @@ mod tests {
         }
         let mut a = cp("/tree", "/");
         a.dir_copy_contents = true;
+        // With an owner given, the sources' owners do not matter.
+        let root = || pb::UserOpt {
+            user: Some(pb::user_opt::User::ById(0)),
+        };
+        a.owner = Some(pb::ChownOpt {
+            user: Some(root()),
+            group: Some(root()),
+        });
         // Speed is measured by the bench harness, not asserted here.
         let c1 = copy_checksum(&r.src, &a)?;
         assert!(c1.starts_with("sha256:") && c1.len() == 71, "{c1}");
@@ -996,6 +1004,12 @@ mod tests {
         let c3 = copy_checksum(&r.src, &a)?;
         fs::write(r.src.join("tree/d5/f5"), "excluded change")?;
         assert_eq!(copy_checksum(&r.src, &a)?, c3);
+        // Without one the copy keeps them, so they are part of the checksum.
+        a.owner = None;
+        let c4 = copy_checksum(&r.src, &a)?;
+        assert_ne!(c4, c3);
+        std::os::unix::fs::chown(r.src.join("tree/d7/f7"), Some(5), Some(5))?;
+        assert_ne!(copy_checksum(&r.src, &a)?, c4);
         Ok(())
     }
 }

@@ -450,8 +450,9 @@ fn put(h: &mut Sha256, field: &[u8]) {
 }
 
 /// sha256 digest of everything `copy` would read from `src_root` for this action (paths relative to
-/// the matched source, file type, mode bits, symlink targets, file contents; never times/owners
-/// of the source) — the content part of the copy's cache key.
+/// the matched source, file type, mode bits, symlink targets, file contents, and the owners
+/// when the copy keeps them, i.e. without an owner outside the `ADD` mode; never times) —
+/// the content part of the copy's cache key.
 ///
 /// Entries are opened and stat'ed relative to their open directory (no repeated path
 /// lookups), and the subtrees of a source directory are hashed on a few threads, their
@@ -459,7 +460,11 @@ fn put(h: &mut Sha256, field: &[u8]) {
 pub fn copy_checksum(src_root: &Path, action: &pb::FileActionCopy) -> Result<String> {
     let srcs = sources(src_root, action)?;
     let filter = Filter::new(&action.include_patterns, &action.exclude_patterns);
+    let owners = action.owner.is_none() && !action.attempt_unpack_docker_compatibility;
     let mut h = Sha256::new();
+    if owners {
+        put(&mut h, b"owners");
+    }
     let mut buf = vec![0u8; 64 << 10];
     for src in &srcs {
         let top = src.file_name().filter(|_| src.as_path() != src_root);
@@ -473,6 +478,7 @@ pub fn copy_checksum(src_root: &Path, action: &pb::FileActionCopy) -> Result<Str
                 let w = Walk {
                     root: src_root,
                     filter: &filter,
+                    owners,
                 };
                 w.node(
                     &mut h,
@@ -487,9 +493,14 @@ pub fn copy_checksum(src_root: &Path, action: &pb::FileActionCopy) -> Result<Str
             _ => {
                 put(&mut h, b"");
                 h.update((meta.mode() & (libc::S_IFMT | 0o7777)).to_le_bytes());
+                if owners {
+                    h.update(meta.uid().to_le_bytes());
+                    h.update(meta.gid().to_le_bytes());
+                }
                 let w = Walk {
                     root: src_root,
                     filter: &filter,
+                    owners,
                 };
                 for d in w.children_parallel(src, "")? {
                     h.update(d);
@@ -516,6 +527,8 @@ fn open_dir(root: &Path, dir: &Path) -> Result<std::os::fd::OwnedFd> {
 struct Walk<'a> {
     root: &'a Path,
     filter: &'a Filter,
+    /// Hash owners too (the copy keeps them).
+    owners: bool,
 }
 
 impl Walk<'_> {
@@ -624,6 +637,10 @@ impl Walk<'_> {
             .map_err(|e| self.err(dir, name, e))?;
             let st = fstat(&fd).map_err(|e| self.err(dir, name, e))?;
             h.update((st.st_mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
+            if self.owners {
+                h.update(st.st_uid.to_le_bytes());
+                h.update(st.st_gid.to_le_bytes());
+            }
             h.update((st.st_size as u64).to_le_bytes());
             let mut f = fs::File::from(fd);
             let mut left = st.st_size as u64;
@@ -643,6 +660,10 @@ impl Walk<'_> {
         let st = fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| self.err(dir, name, e))?;
         h.update((st.st_mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
+        if self.owners {
+            h.update(st.st_uid.to_le_bytes());
+            h.update(st.st_gid.to_le_bytes());
+        }
         if ft.is_symlink() {
             let t = readlinkat(dirfd, name).map_err(|e| self.err(dir, name, e))?;
             put(h, t.as_bytes());
