@@ -1540,6 +1540,9 @@ async fn parity_errors_name_the_problem() -> anyhow::Result<()> {
         ("WORKDIR\n", "WORKDIR"),
         ("RUN --mount=type=bogus true\n", "bogus"),
         ("ADD --chmod=999 a.txt /x\n", "999"),
+        ("ADD http://127.0.0.1:1/x /x\n", "http://127.0.0.1:1/x"),
+        ("ONBUILD ONBUILD RUN true\n", "ONBUILD"),
+        ("FROM ${BASE} AS dup\nFROM ${BASE} AS dup\n", "dup"),
     ];
     for (line, want) in cases {
         let dir = project(
