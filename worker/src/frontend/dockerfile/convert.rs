@@ -1444,6 +1444,9 @@ impl<'a> Converter<'a> {
                 cwd: st.cwd.clone(),
                 user: st.config.config.user.clone(),
                 proxy_env: self.proxy_env(),
+                // As BuildKit's LLB client sets on every exec: mount-point directories
+                // the run had to create (and their created parents) are removed after.
+                remove_mount_stubs_recursive: true,
                 ..Default::default()
             }),
             mounts,

@@ -408,6 +408,10 @@ fn mounts_sorted_and_typed() -> anyhow::Result<()> {
         vec!["/", "/in", "/run/secrets/tok", "/tmp", "/var/cache"]
     );
     assert_eq!(e.network, pb::NetMode::None as i32);
+    assert!(e
+        .meta
+        .as_ref()
+        .is_some_and(|m| m.remove_mount_stubs_recursive));
     assert_eq!(e.mounts[1].selector, "/out");
     assert!(e.mounts[1].readonly);
     assert_eq!(e.mounts[2].secret_opt.as_ref().map(|s| s.mode), Some(0o400));
