@@ -406,6 +406,17 @@ fn chown_opt(chown: &str, base_index: i64) -> Option<pb::ChownOpt> {
     })
 }
 
+/// `--chown=0:0`, for copies from the context.
+fn root_owner() -> pb::ChownOpt {
+    let root = || pb::UserOpt {
+        user: Some(pb::user_opt::User::ById(0)),
+    };
+    pb::ChownOpt {
+        user: Some(root()),
+        group: Some(root()),
+    }
+}
+
 fn json_list(v: &[String]) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
@@ -1350,6 +1361,7 @@ impl<'a> Converter<'a> {
         let mut inputs: Vec<Output> = st.root.iter().cloned().collect();
         let mut extra: Vec<pb::Mount> = Vec::new();
         let mut name_suffix = String::new();
+        let mut secret_env: Vec<pb::SecretEnv> = Vec::new();
         let with_shell = |cmd: String| {
             let mut a = st.shell.clone();
             a.push(cmd);
@@ -1403,8 +1415,9 @@ impl<'a> Converter<'a> {
         let name = self.step_name(st, instr, &name_suffix);
         for m in mount_flags {
             let m = self.expand(&env, m, line)?;
-            let mount = self.parse_mount(st, &m, line, &mut inputs)?;
-            extra.push(mount);
+            if let Some(mount) = self.parse_mount(st, &m, line, &mut inputs, &mut secret_env)? {
+                extra.push(mount);
+            }
         }
         extra.sort_by(|a, b| a.dest.cmp(&b.dest));
         let mut mounts = vec![pb::Mount {
@@ -1431,10 +1444,14 @@ impl<'a> Converter<'a> {
                 cwd: st.cwd.clone(),
                 user: st.config.config.user.clone(),
                 proxy_env: self.proxy_env(),
+                // As BuildKit's LLB client sets on every exec: mount-point directories
+                // the run had to create (and their created parents) are removed after.
+                remove_mount_stubs_recursive: true,
                 ..Default::default()
             }),
             mounts,
             network: network as i32,
+            secretenv: secret_env,
             ..Default::default()
         };
         let md = self.metadata(name, Some(&instr.original));
@@ -1469,7 +1486,8 @@ impl<'a> Converter<'a> {
         value: &str,
         line: usize,
         inputs: &mut Vec<Output>,
-    ) -> Result<pb::Mount> {
+        secret_env: &mut Vec<pb::SecretEnv>,
+    ) -> Result<Option<pb::Mount>> {
         let mut typ = "bind".to_string();
         let mut target = None;
         let mut source = None;
@@ -1482,6 +1500,7 @@ impl<'a> Converter<'a> {
         let mut gid = None;
         let mut required = false;
         let mut size = 0i64;
+        let mut env_name: Option<String> = None;
         let bad = |msg: String| self.err(line, msg);
         for (k, v) in split_csv(value) {
             let val = v.clone().unwrap_or_default();
@@ -1524,6 +1543,7 @@ impl<'a> Converter<'a> {
                     )
                 }
                 "required" => required = flag(&v).map_err(bad)?,
+                "env" => env_name = Some(val),
                 "size" => {
                     size = parse_size(&val).ok_or_else(|| bad(format!("invalid size {val:?}")))?
                 }
@@ -1553,7 +1573,7 @@ impl<'a> Converter<'a> {
                     None | Some("") | Some("/") | Some(".") => String::new(),
                     Some(s) => join_path("/", s),
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input,
                     selector,
                     dest: abs_target(&t),
@@ -1561,7 +1581,7 @@ impl<'a> Converter<'a> {
                     readonly: readonly.unwrap_or(true),
                     mount_type: pb::MountType::Bind as i32,
                     ..Default::default()
-                })
+                }))
             }
             "cache" => {
                 let Some(t) = target else {
@@ -1611,7 +1631,7 @@ impl<'a> Converter<'a> {
                 } else {
                     (-1, String::new())
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input,
                     selector,
                     dest: dest.clone(),
@@ -1623,23 +1643,27 @@ impl<'a> Converter<'a> {
                         sharing: sharing as i32,
                     }),
                     ..Default::default()
-                })
+                }))
             }
             "tmpfs" => {
                 let Some(t) = target else {
                     return Err(bad("mount target is required".to_string()));
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input: -1,
                     dest: abs_target(&t),
                     output: -1,
                     mount_type: pb::MountType::Tmpfs as i32,
                     tmpfs_opt: Some(pb::TmpfsOpt { size }),
                     ..Default::default()
-                })
+                }))
             }
             "secret" => {
-                let id = match (id.filter(|i| !i.is_empty()), &target) {
+                // BuildKit: `source` names the secret over `id`; the target's base name
+                // when neither is given. `env=NAME` sets a variable, and then a file is
+                // mounted only when a target is given.
+                let named = source.or(id).filter(|i| !i.is_empty());
+                let id = match (named, &target) {
                     (Some(i), _) => i,
                     (None, Some(t)) => t.rsplit('/').next().unwrap_or_default().to_string(),
                     (None, None) => {
@@ -1649,11 +1673,21 @@ impl<'a> Converter<'a> {
                 if id.is_empty() {
                     return Err(bad("secret mount requires an id".to_string()));
                 }
+                if let Some(name) = env_name.filter(|n| !n.is_empty()) {
+                    secret_env.push(pb::SecretEnv {
+                        id: id.clone(),
+                        name,
+                        optional: !required,
+                    });
+                    if target.is_none() {
+                        return Ok(None);
+                    }
+                }
                 let dest = match target {
                     Some(t) => abs_target(&t),
-                    None => format!("/run/secrets/{id}"),
+                    None => format!("/run/secrets/{}", id.rsplit('/').next().unwrap_or(&id)),
                 };
-                Ok(pb::Mount {
+                Ok(Some(pb::Mount {
                     input: -1,
                     dest,
                     output: -1,
@@ -1667,7 +1701,7 @@ impl<'a> Converter<'a> {
                         optional: !required,
                     }),
                     ..Default::default()
-                })
+                }))
             }
             other => Err(bad(format!("unsupported mount type {other:?}"))),
         }
@@ -1800,7 +1834,14 @@ impl<'a> Converter<'a> {
                 action: Some(pb::file_action::Action::Copy(pb::FileActionCopy {
                     src,
                     dest: dest.clone(),
-                    owner: chown.clone(),
+                    // A copy keeps its sources' owners unless told; the context's files
+                    // count as root's (BuildKit's client sends them as 0:0). ADD leaves
+                    // it to the copy, which keeps archive entries' owners.
+                    owner: match (&chown, &kind) {
+                        (Some(ch), _) => Some(ch.clone()),
+                        (None, SourceKind::Context) if !c.add => Some(root_owner()),
+                        (None, _) => None,
+                    },
                     mode,
                     mode_str: mode_str.clone(),
                     follow_symlink: true,
@@ -1809,7 +1850,8 @@ impl<'a> Converter<'a> {
                         && matches!(kind, SourceKind::Context),
                     create_dest_path: true,
                     allow_wildcard: true,
-                    allow_empty_wildcard: false,
+                    // BuildKit: `COPY maybe.* /d/` matching nothing is not an error.
+                    allow_empty_wildcard: true,
                     timestamp: -1,
                     exclude_patterns: exclude.clone(),
                     ..Default::default()

@@ -1,6 +1,8 @@
 //! Docker's shell-word lexer: quote removal, escapes and `$VAR` expansion as the
 //! Dockerfile frontend applies them to instruction arguments (not a real shell: no
-//! globbing, no command substitution). Pure functions.
+//! globbing, no command substitution), including the pattern forms `${V#p}`, `${V##p}`,
+//! `${V%p}`, `${V%%p}`, `${V/p/r}` and `${V//p/r}` (`*`, `?` and `\` escapes in `p`).
+//! Pure functions.
 
 use std::collections::BTreeMap;
 
@@ -114,6 +116,8 @@ struct Word<'a> {
     escape: char,
     raw: bool,
     display: bool,
+    /// Inside a `${V#…}`/`${V/…}` pattern: escapes are kept for the pattern compiler.
+    keep_escapes: bool,
     env: &'a Env,
 }
 
@@ -125,6 +129,7 @@ impl<'a> Word<'a> {
             escape: lex.escape,
             raw: lex.raw,
             display: lex.display,
+            keep_escapes: false,
             env,
         }
     }
@@ -178,6 +183,10 @@ impl<'a> Word<'a> {
                                 _ => result.push(ch),
                             }
                             continue;
+                        }
+                        if self.keep_escapes {
+                            words.add_raw_char(ch);
+                            result.push(ch);
                         }
                         let Some(n) = self.next() else { break };
                         words.add_raw_char(n);
@@ -240,6 +249,9 @@ impl<'a> Word<'a> {
             }
             self.next();
             if ch == self.escape {
+                if self.keep_escapes {
+                    out.push(ch);
+                }
                 match self.peek() {
                     None => continue,
                     Some(n) if n == '"' || n == '$' || n == self.escape => {
@@ -342,8 +354,33 @@ impl<'a> Word<'a> {
                             Ok(value)
                         }
                     }
-                    m => Err(format!("unsupported modifier ({m}) in substitution")),
+                    m => Err(format!("unsupported modifier (:{m}) in substitution")),
                 }
+            }
+            '#' | '%' => {
+                let word = self.pattern_word('}')?;
+                let (greedy, word) = match word.strip_prefix(ch) {
+                    Some(rest) => (true, rest.to_string()),
+                    None => (false, word),
+                };
+                let pattern = Pattern::compile(&word)?;
+                let value: Vec<char> = value.unwrap_or_default().chars().collect();
+                Ok(if ch == '#' {
+                    pattern.trim_prefix(&value, greedy)
+                } else {
+                    pattern.trim_suffix(&value, greedy)
+                })
+            }
+            '/' => {
+                let all = self.peek() == Some('/');
+                if all {
+                    self.next();
+                }
+                let pattern = self.pattern_word('/')?;
+                let replacement = self.pattern_word('}')?;
+                let pattern = Pattern::compile(&pattern)?;
+                let value: Vec<char> = value.unwrap_or_default().chars().collect();
+                Ok(pattern.replace(&value, &replacement, all))
             }
             '+' | '-' | '?' => {
                 let (word, _) = self.process_stop_on(Some('}'))?;
@@ -361,6 +398,135 @@ impl<'a> Word<'a> {
             }
             m => Err(format!("unsupported modifier ({m}) in substitution")),
         }
+    }
+}
+
+impl Word<'_> {
+    /// The text of a substitution pattern up to `stop`, variables expanded and escapes
+    /// kept for [`Pattern::compile`].
+    fn pattern_word(&mut self, stop: char) -> Result<String, String> {
+        let before = self.keep_escapes;
+        self.keep_escapes = true;
+        let res = self.process_stop_on(Some(stop));
+        self.keep_escapes = before;
+        Ok(res?.0)
+    }
+}
+
+/// One element of a substitution pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok {
+    /// `*`: any run of characters.
+    Star,
+    /// `?`: any one character.
+    Any,
+    /// A character matched as itself.
+    Lit(char),
+}
+
+/// A shell pattern as BuildKit reads it in `${V#p}` and `${V/p/r}`: `*`, `?`, `\*`,
+/// `\?`, `\\`, and `\}` / `\/` for a literal `}` / `/`; brackets are plain characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pattern(Vec<Tok>);
+
+impl Pattern {
+    fn compile(text: &str) -> Result<Pattern, String> {
+        let mut toks = Vec::new();
+        let mut it = text.chars().peekable();
+        while let Some(c) = it.next() {
+            toks.push(match c {
+                '*' => Tok::Star,
+                '?' => Tok::Any,
+                '\\' => match it.next() {
+                    Some(n @ ('}' | '/' | '*' | '?' | '\\')) => Tok::Lit(n),
+                    Some(n) => {
+                        return Err(format!(
+                            "invalid pattern ({text}) in substitution: invalid escape '\\{n}'"
+                        ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "invalid pattern ({text}) in substitution: trailing escape"
+                        ))
+                    }
+                },
+                c => Tok::Lit(c),
+            });
+        }
+        Ok(Pattern(toks))
+    }
+
+    /// Whether the whole of `s` matches.
+    fn matches(&self, s: &[char]) -> bool {
+        fn go(p: &[Tok], s: &[char]) -> bool {
+            match p.split_first() {
+                None => s.is_empty(),
+                Some((Tok::Star, rest)) => (0..=s.len()).any(|i| go(rest, &s[i..])),
+                Some((Tok::Any, rest)) => !s.is_empty() && go(rest, &s[1..]),
+                Some((Tok::Lit(c), rest)) => s.first() == Some(c) && go(rest, &s[1..]),
+            }
+        }
+        go(&self.0, s)
+    }
+
+    /// `${V#p}` (shortest) or `${V##p}` (longest): `value` without a matching prefix.
+    fn trim_prefix(&self, value: &[char], greedy: bool) -> String {
+        let mut ends: Box<dyn Iterator<Item = usize>> = if greedy {
+            Box::new((0..=value.len()).rev())
+        } else {
+            Box::new(0..=value.len())
+        };
+        match ends.find(|&e| self.matches(&value[..e])) {
+            Some(e) => value[e..].iter().collect(),
+            None => value.iter().collect(),
+        }
+    }
+
+    /// `${V%p}` (shortest) or `${V%%p}` (longest): `value` without a matching suffix.
+    fn trim_suffix(&self, value: &[char], greedy: bool) -> String {
+        let mut starts: Box<dyn Iterator<Item = usize>> = if greedy {
+            Box::new(0..=value.len())
+        } else {
+            Box::new((0..=value.len()).rev())
+        };
+        match starts.find(|&b| self.matches(&value[b..])) {
+            Some(b) => value[..b].iter().collect(),
+            None => value.iter().collect(),
+        }
+    }
+
+    /// The leftmost match starting at or after `from`, longest at that start.
+    fn find(&self, value: &[char], from: usize) -> Option<(usize, usize)> {
+        (from..=value.len()).find_map(|b| {
+            (b..=value.len())
+                .rev()
+                .find(|&e| self.matches(&value[b..e]))
+                .map(|e| (b, e))
+        })
+    }
+
+    /// `${V/p/r}` (first match) or `${V//p/r}` (every match; an empty match right after
+    /// another match is not replaced, as Go's `ReplaceAllString` does).
+    fn replace(&self, value: &[char], replacement: &str, all: bool) -> String {
+        let mut out = String::new();
+        let mut last = 0;
+        let mut pos = 0;
+        while pos <= value.len() {
+            let Some((b, e)) = self.find(value, pos) else {
+                break;
+            };
+            out.extend(&value[last..b]);
+            if e > last || b == 0 {
+                out.push_str(replacement);
+            }
+            last = e;
+            if !all {
+                break;
+            }
+            pos = if e > pos { e } else { pos + 1 };
+        }
+        out.extend(&value[last.min(value.len())..]);
+        out
     }
 }
 
@@ -439,9 +605,43 @@ mod tests {
             Err("syntax error: bad substitution".to_string())
         );
         assert_eq!(word("${A:-x"), Err("syntax error: missing '}'".to_string()));
-        assert!(word("${A%x}").is_err_and(|e| e.contains("unsupported modifier")));
+        assert!(word("${A:%x}").is_err_and(|e| e.contains("unsupported modifier (:%)")));
+        assert!(word("${A:#x}").is_err_and(|e| e.contains("unsupported modifier (:#)")));
+        assert!(word("${A#\\x}").is_err_and(|e| e.contains("invalid escape")));
+        assert!(word("${A/x}").is_err_and(|e| e.contains("missing")));
         assert!(word("'abc").is_err_and(|e| e.contains("single-quote")));
         assert!(word("\"abc").is_err_and(|e| e.contains("double-quote")));
+    }
+
+    #[test]
+    fn pattern_trims_and_replacements() {
+        let mut e = env();
+        e.insert("F".into(), "/home/tux/book.tar.bz2".into());
+        e.insert("S".into(), "a*b?c".into());
+        let w = |s: &str| Lexer::new('\\').process_word(s, &e);
+        assert_eq!(w("${F#*/}").as_deref(), Ok("home/tux/book.tar.bz2"));
+        assert_eq!(w("${F##*/}").as_deref(), Ok("book.tar.bz2"));
+        assert_eq!(w("${F%.*}").as_deref(), Ok("/home/tux/book.tar"));
+        assert_eq!(w("${F%%.*}").as_deref(), Ok("/home/tux/book"));
+        assert_eq!(w("${F#nomatch}").as_deref(), Ok("/home/tux/book.tar.bz2"));
+        assert_eq!(w("${F#/h?me}").as_deref(), Ok("/tux/book.tar.bz2"));
+        assert_eq!(w("${P#$P}").as_deref(), Ok(""));
+        assert_eq!(w("${U#x}").as_deref(), Ok(""));
+        assert_eq!(
+            w("${F/tux/wilber}").as_deref(),
+            Ok("/home/wilber/book.tar.bz2")
+        );
+        assert_eq!(w("${F//o/0}").as_deref(), Ok("/h0me/tux/b00k.tar.bz2"));
+        assert_eq!(w("${F/o*/X}").as_deref(), Ok("/hX"));
+        assert_eq!(w("${F/\\//_}").as_deref(), Ok("_home/tux/book.tar.bz2"));
+        assert_eq!(w("${F//\\//_}").as_deref(), Ok("_home_tux_book.tar.bz2"));
+        assert_eq!(w("${S/\\*/star}").as_deref(), Ok("astarb?c"));
+        assert_eq!(w("${S/\\?/q}").as_deref(), Ok("a*bqc"));
+        assert_eq!(w("${S/[/x}").as_deref(), Ok("a*b?c"));
+        assert_eq!(w("${A//x*/y}").as_deref(), Ok("a"));
+        assert_eq!(w("${P//x/}").as_deref(), Ok("/usr/bin"));
+        assert_eq!(w("${P/\\/usr/}").as_deref(), Ok("/bin"));
+        assert!(w("${P//}").is_err());
     }
 
     #[test]

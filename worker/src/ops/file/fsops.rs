@@ -460,12 +460,21 @@ mod tests {
         copy(&r.src, &r.dst, &a, None)?;
         copy(&r.src, &r.dst, &cp("a.txt", "/existing"), None)?;
         copy(&r.src, &r.dst, &cp("/a.txt", "/renamed.txt"), None)?;
+        // Without an owner the source's is kept (BuildKit); made directories are root's.
         for p in ["new/dir/a.txt", "existing/a.txt", "renamed.txt"] {
             let m = fs::metadata(r.dst.join(p))?;
             assert_eq!(fs::read_to_string(r.dst.join(p))?, "A", "{p}");
-            assert_eq!((m.uid(), m.gid()), (0, 0), "{p} not owned by root");
+            assert_eq!((m.uid(), m.gid()), (1234, 1234), "{p} owner not kept");
             assert_eq!(m.mtime(), 1_000_000, "{p} mtime not kept");
         }
+        let m = fs::metadata(r.dst.join("new/dir"))?;
+        assert_eq!((m.uid(), m.gid()), (0, 0), "made directory not root's");
+        // Docker ADD mode: a non-archive file without an owner becomes root's.
+        let mut a = cp("/a.txt", "/added.txt");
+        a.attempt_unpack_docker_compatibility = true;
+        copy(&r.src, &r.dst, &a, None)?;
+        let m = fs::metadata(r.dst.join("added.txt"))?;
+        assert_eq!((m.uid(), m.gid()), (0, 0), "ADD of a plain file not root's");
         // No parent and no createDestPath.
         let e = copy(&r.src, &r.dst, &cp("/a.txt", "/missing/x"), None)
             .err()
@@ -532,6 +541,26 @@ mod tests {
         assert!(e.to_string().contains("/d/*.rs: not found"), "{e}");
         a.allow_empty_wildcard = true;
         copy(&r.src, &r.dst, &a, None)?;
+        // An empty match copies nothing and creates no destination.
+        let mut a = cp("/d/*.rs", "/none/");
+        a.allow_wildcard = true;
+        a.allow_empty_wildcard = true;
+        a.create_dest_path = true;
+        copy(&r.src, &r.dst, &a, None)?;
+        assert!(
+            !r.dst.join("none").exists(),
+            "destination made for no match"
+        );
+        // Empty matches need the wildcard's directory; plain paths must exist.
+        for src in ["/nodir/*.txt", "/d/missing.txt"] {
+            let mut a = cp(src, "/out/");
+            a.allow_wildcard = true;
+            a.allow_empty_wildcard = true;
+            let e = copy(&r.src, &r.dst, &a, None)
+                .err()
+                .ok_or_else(|| anyhow::anyhow!("{src}: expected an error"))?;
+            assert!(e.to_string().contains(&format!("{src}: not found")), "{e}");
+        }
         let mut a = cp("/*/t*", "/deep/");
         a.allow_wildcard = true;
         copy(&r.src, &r.dst, &a, None)?;
@@ -649,6 +678,36 @@ mod tests {
             b.append(&h, &b"evil"[..])?;
         }
         Ok(b.into_inner()?)
+    }
+
+    #[test]
+    fn copy_unpacks_bzip2_and_xz() -> anyhow::Result<()> {
+        let r = roots()?;
+        let tar = tar_bytes(&[("b.txt", b"bz"), ("d/x.txt", b"xz")], None)?;
+        let mut bz = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        std::io::Write::write_all(&mut bz, &tar)?;
+        fs::write(r.src.join("a.tar.bz2"), bz.finish()?)?;
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut std::io::Cursor::new(&tar), &mut xz)?;
+        fs::write(r.src.join("a.txz"), &xz)?;
+        // xz magic, then garbage: not an archive, copied as it is.
+        let mut bad = xz[..6].to_vec();
+        bad.extend_from_slice(b"garbage");
+        fs::write(r.src.join("bad.tar.xz"), &bad)?;
+        for (src, dest) in [("/a.tar.bz2", "/bz"), ("/a.txz", "/xz")] {
+            let mut a = cp(src, dest);
+            a.attempt_unpack_docker_compatibility = true;
+            copy(&r.src, &r.dst, &a, None)?;
+            let d = r.dst.join(&dest[1..]);
+            assert_eq!(fs::read_to_string(d.join("b.txt"))?, "bz", "{src}");
+            assert_eq!(fs::read_to_string(d.join("d/x.txt"))?, "xz", "{src}");
+        }
+        let mut a = cp("/bad.tar.xz", "/bad/");
+        a.attempt_unpack_docker_compatibility = true;
+        a.create_dest_path = true;
+        copy(&r.src, &r.dst, &a, None)?;
+        assert_eq!(fs::read(r.dst.join("bad/bad.tar.xz"))?, bad);
+        Ok(())
     }
 
     #[test]
@@ -922,6 +981,14 @@ mod tests {
         }
         let mut a = cp("/tree", "/");
         a.dir_copy_contents = true;
+        // With an owner given, the sources' owners do not matter.
+        let root = || pb::UserOpt {
+            user: Some(pb::user_opt::User::ById(0)),
+        };
+        a.owner = Some(pb::ChownOpt {
+            user: Some(root()),
+            group: Some(root()),
+        });
         // Speed is measured by the bench harness, not asserted here.
         let c1 = copy_checksum(&r.src, &a)?;
         assert!(c1.starts_with("sha256:") && c1.len() == 71, "{c1}");
@@ -937,6 +1004,12 @@ mod tests {
         let c3 = copy_checksum(&r.src, &a)?;
         fs::write(r.src.join("tree/d5/f5"), "excluded change")?;
         assert_eq!(copy_checksum(&r.src, &a)?, c3);
+        // Without one the copy keeps them, so they are part of the checksum.
+        a.owner = None;
+        let c4 = copy_checksum(&r.src, &a)?;
+        assert_ne!(c4, c3);
+        std::os::unix::fs::chown(r.src.join("tree/d7/f7"), Some(5), Some(5))?;
+        assert_ne!(copy_checksum(&r.src, &a)?, c4);
         Ok(())
     }
 }

@@ -408,6 +408,10 @@ fn mounts_sorted_and_typed() -> anyhow::Result<()> {
         vec!["/", "/in", "/run/secrets/tok", "/tmp", "/var/cache"]
     );
     assert_eq!(e.network, pb::NetMode::None as i32);
+    assert!(e
+        .meta
+        .as_ref()
+        .is_some_and(|m| m.remove_mount_stubs_recursive));
     assert_eq!(e.mounts[1].selector, "/out");
     assert!(e.mounts[1].readonly);
     assert_eq!(e.mounts[2].secret_opt.as_ref().map(|s| s.mode), Some(0o400));
@@ -422,6 +426,57 @@ fn mounts_sorted_and_typed() -> anyhow::Result<()> {
             .map(|c| (c.id.as_str(), c.sharing)),
         Some(("/var/cache", pb::CacheSharingOpt::Locked as i32))
     );
+    Ok(())
+}
+
+#[test]
+fn secret_mounts_as_env_and_by_source() -> anyhow::Result<()> {
+    let src = "FROM b\nRUN --mount=type=secret,id=tok,env=TOKEN --mount=type=secret,id=both,env=BOTH,target=/etc/both,required --mount=type=secret,source=named make\n";
+    let c = conv(src, &opts())?;
+    let e = &execs(&c)?[0];
+    let envs: Vec<(&str, &str, bool)> = e
+        .secretenv
+        .iter()
+        .map(|s| (s.id.as_str(), s.name.as_str(), s.optional))
+        .collect();
+    assert_eq!(envs, vec![("tok", "TOKEN", true), ("both", "BOTH", false)]);
+    // `env=` alone mounts no file; with a target it does; `source` names the secret.
+    let secrets: Vec<(&str, &str)> = e
+        .mounts
+        .iter()
+        .filter_map(|m| Some((m.dest.as_str(), m.secret_opt.as_ref()?.id.as_str())))
+        .collect();
+    assert_eq!(
+        secrets,
+        vec![("/etc/both", "both"), ("/run/secrets/named", "named")]
+    );
+    Ok(())
+}
+
+#[test]
+fn copies_from_the_context_are_root_owned_others_keep_owners() -> anyhow::Result<()> {
+    let src = "FROM a AS s\nFROM b\nCOPY x /x\nCOPY --from=s /y /y\nADD z.tar /z/\nCOPY --chown=5:6 w /w\n";
+    let c = conv(src, &opts())?;
+    let owners: Vec<Option<(u32, u32)>> = ops(&c)?
+        .into_iter()
+        .filter_map(|o| match o.op {
+            Some(pb::op::Op::File(f)) => Some(f.actions),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|a| match a.action {
+            Some(pb::file_action::Action::Copy(cp)) => Some(cp.owner),
+            _ => None,
+        })
+        .map(|o| {
+            let id = |u: Option<pb::UserOpt>| match u.and_then(|u| u.user) {
+                Some(pb::user_opt::User::ById(i)) => i,
+                _ => u32::MAX,
+            };
+            o.map(|o| (id(o.user), id(o.group)))
+        })
+        .collect();
+    assert_eq!(owners, vec![Some((0, 0)), None, None, Some((5, 6))]);
     Ok(())
 }
 

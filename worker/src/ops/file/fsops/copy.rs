@@ -6,8 +6,11 @@
 //! named like it into an existing destination directory, or as the destination itself;
 //! with `dirCopyContents` its contents go into the destination. A file goes into an
 //! existing directory or a destination ending in `/`, else becomes the destination.
-//! Everything copied is owned by the given owner (root when none), with the given
-//! permission bits and time when set.
+//! Everything copied is owned by the given owner; without one, copied entries keep their
+//! source's owners (BuildKit's copy with no chown user), except that the Docker `ADD`
+//! mode (`attemptUnpackDockerCompatibility`) makes non-archive files root's while an
+//! extracted archive keeps its entries' owners. Directories the copy creates are the
+//! owner's (root when none). Permission bits and time are set when given.
 
 use std::collections::HashMap;
 use std::fs::{self, Metadata};
@@ -157,19 +160,32 @@ fn sources(src_root: &Path, action: &pb::FileActionCopy) -> Result<Vec<PathBuf>>
                 out.push(p);
             }
         }
-        if out.is_empty() && !action.allow_empty_wildcard {
+        if out.is_empty()
+            && (!action.allow_empty_wildcard || !wildcard_base_exists(src_root, &action.src))
+        {
             return Err(not_found());
         }
         return Ok(out);
     }
+    // As BuildKit: a path without wildcards must exist, whatever `allow_empty_wildcard`.
     let p = resolve_in_root(src_root, &action.src, action.follow_symlink)?;
     if exists(&p) {
         Ok(vec![p])
-    } else if action.allow_wildcard && action.allow_empty_wildcard {
-        Ok(Vec::new())
     } else {
         Err(not_found())
     }
+}
+
+/// Whether the directory holding the first wildcard component of `src` exists: BuildKit
+/// walks it, so an empty match is only allowed when it is there (`COPY nodir/*.txt`
+/// fails even with `allow_empty_wildcard`).
+fn wildcard_base_exists(src_root: &Path, src: &str) -> bool {
+    let base: Vec<&str> = src
+        .split('/')
+        .take_while(|c| !pattern::has_meta(c))
+        .collect();
+    let base = format!("/{}", base.join("/").trim_start_matches('/'));
+    resolve_in_root(src_root, &base, true).is_ok_and(|p| fs::metadata(p).is_ok_and(|m| m.is_dir()))
 }
 
 fn lstat(root: &Path, p: &Path) -> Result<Metadata> {
@@ -197,7 +213,8 @@ fn join_rel(rel: &str, name: &std::ffi::OsStr) -> String {
 // === copy ===
 
 /// Copies `src` (in `src_root`) to `dest` (in `dest_root`) as BuildKit's file op does;
-/// `owner` applies to everything copied (root when `None`).
+/// `owner` applies to everything copied; `None` keeps the sources' owners (see the
+/// module docs for the `ADD` exception).
 pub fn copy(
     src_root: &Path,
     dest_root: &Path,
@@ -233,7 +250,11 @@ pub fn copy(
     let mut c = Copier {
         dest_root,
         src_root,
-        owner: owner_or_root,
+        owner: if owner.is_none() && action.attempt_unpack_docker_compatibility {
+            Some((0, 0))
+        } else {
+            owner
+        },
         mode,
         mtime,
         filter: Filter::new(&action.include_patterns, &action.exclude_patterns),
@@ -282,7 +303,8 @@ pub fn copy(
 struct Copier<'a> {
     src_root: &'a Path,
     dest_root: &'a Path,
-    owner: (u32, u32),
+    /// Owner of everything copied; `None` keeps the source's.
+    owner: Option<(u32, u32)>,
     mode: ModeSpec,
     mtime: Option<(i64, i64)>,
     filter: Filter,
@@ -295,7 +317,7 @@ struct Copier<'a> {
 impl Copier<'_> {
     fn opts(&self, meta: &Metadata) -> MetaOpts {
         MetaOpts {
-            owner: Some(self.owner),
+            owner: self.owner,
             mode: self.mode.apply(meta.mode(), meta.is_dir()),
             mtime: self.mtime,
             xattrs: true,
@@ -428,8 +450,9 @@ fn put(h: &mut Sha256, field: &[u8]) {
 }
 
 /// sha256 digest of everything `copy` would read from `src_root` for this action (paths relative to
-/// the matched source, file type, mode bits, symlink targets, file contents; never times/owners
-/// of the source) — the content part of the copy's cache key.
+/// the matched source, file type, mode bits, symlink targets, file contents, and the owners
+/// when the copy keeps them, i.e. without an owner outside the `ADD` mode; never times) —
+/// the content part of the copy's cache key.
 ///
 /// Entries are opened and stat'ed relative to their open directory (no repeated path
 /// lookups), and the subtrees of a source directory are hashed on a few threads, their
@@ -437,7 +460,11 @@ fn put(h: &mut Sha256, field: &[u8]) {
 pub fn copy_checksum(src_root: &Path, action: &pb::FileActionCopy) -> Result<String> {
     let srcs = sources(src_root, action)?;
     let filter = Filter::new(&action.include_patterns, &action.exclude_patterns);
+    let owners = action.owner.is_none() && !action.attempt_unpack_docker_compatibility;
     let mut h = Sha256::new();
+    if owners {
+        put(&mut h, b"owners");
+    }
     let mut buf = vec![0u8; 64 << 10];
     for src in &srcs {
         let top = src.file_name().filter(|_| src.as_path() != src_root);
@@ -451,6 +478,7 @@ pub fn copy_checksum(src_root: &Path, action: &pb::FileActionCopy) -> Result<Str
                 let w = Walk {
                     root: src_root,
                     filter: &filter,
+                    owners,
                 };
                 w.node(
                     &mut h,
@@ -465,9 +493,14 @@ pub fn copy_checksum(src_root: &Path, action: &pb::FileActionCopy) -> Result<Str
             _ => {
                 put(&mut h, b"");
                 h.update((meta.mode() & (libc::S_IFMT | 0o7777)).to_le_bytes());
+                if owners {
+                    h.update(meta.uid().to_le_bytes());
+                    h.update(meta.gid().to_le_bytes());
+                }
                 let w = Walk {
                     root: src_root,
                     filter: &filter,
+                    owners,
                 };
                 for d in w.children_parallel(src, "")? {
                     h.update(d);
@@ -494,6 +527,8 @@ fn open_dir(root: &Path, dir: &Path) -> Result<std::os::fd::OwnedFd> {
 struct Walk<'a> {
     root: &'a Path,
     filter: &'a Filter,
+    /// Hash owners too (the copy keeps them).
+    owners: bool,
 }
 
 impl Walk<'_> {
@@ -602,6 +637,10 @@ impl Walk<'_> {
             .map_err(|e| self.err(dir, name, e))?;
             let st = fstat(&fd).map_err(|e| self.err(dir, name, e))?;
             h.update((st.st_mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
+            if self.owners {
+                h.update(st.st_uid.to_le_bytes());
+                h.update(st.st_gid.to_le_bytes());
+            }
             h.update((st.st_size as u64).to_le_bytes());
             let mut f = fs::File::from(fd);
             let mut left = st.st_size as u64;
@@ -621,6 +660,10 @@ impl Walk<'_> {
         let st = fstatat(dirfd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
             .map_err(|e| self.err(dir, name, e))?;
         h.update((st.st_mode & (libc::S_IFMT | 0o7777)).to_le_bytes());
+        if self.owners {
+            h.update(st.st_uid.to_le_bytes());
+            h.update(st.st_gid.to_le_bytes());
+        }
         if ft.is_symlink() {
             let t = readlinkat(dirfd, name).map_err(|e| self.err(dir, name, e))?;
             put(h, t.as_bytes());

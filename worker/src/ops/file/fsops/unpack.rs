@@ -1,5 +1,5 @@
 //! Docker-compatible auto-extraction (`ADD local.tar /dest`): a source file that is a
-//! tar archive (plain, gzip or zstd) is extracted into the destination directory
+//! tar archive (plain, gzip, bzip2, xz or zstd) is extracted into the destination directory
 //! instead of copied. Entries that would climb out of the destination (`../x`) are
 //! refused; every path is resolved inside the destination root, so symlinks from the
 //! archive or already in place never lead writes outside it.
@@ -17,23 +17,68 @@ use crate::snapshot::{fsutil, resolve_in_root};
 
 const GZIP: &[u8] = &[0x1f, 0x8b];
 const ZSTD: &[u8] = &[0x28, 0xb5, 0x2f, 0xfd];
+const BZIP2: &[u8] = b"BZh";
+const XZ: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
 
-/// Opens `src` decompressed, or `None` for a compression we do not read.
-fn open(src: &Path) -> io::Result<Option<Box<dyn Read>>> {
+/// Opens `src` decompressed by its magic bytes (gzip, bzip2, xz, zstd or none), as
+/// Docker's archive reader does.
+fn open(src: &Path) -> io::Result<Box<dyn Read>> {
     let mut f = fs::File::open(src)?;
     let mut magic = [0u8; 6];
     let n = read_full(&mut f, &mut magic)?;
     let magic = &magic[..n];
     let f = fs::File::open(src)?;
     Ok(if magic.starts_with(GZIP) {
-        Some(Box::new(GzDecoder::new(f)))
+        Box::new(GzDecoder::new(f))
     } else if magic.starts_with(ZSTD) {
-        Some(Box::new(zstd::Decoder::new(f)?))
-    } else if magic.starts_with(b"BZh") || magic.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        None
+        Box::new(zstd::Decoder::new(f)?)
+    } else if magic.starts_with(BZIP2) {
+        Box::new(bzip2::read::MultiBzDecoder::new(f))
+    } else if magic.starts_with(XZ) {
+        Box::new(XzReader::spawn(f)?)
     } else {
-        Some(Box::new(f))
+        Box::new(f)
     })
+}
+
+/// A streaming view of an xz file: `lzma-rs` decompresses on a thread into a pipe; its
+/// error, if any, is returned at the end of the stream.
+struct XzReader {
+    pipe: fs::File,
+    worker: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl XzReader {
+    fn spawn(f: fs::File) -> io::Result<XzReader> {
+        let (r, w) = nix::unistd::pipe().map_err(io::Error::from)?;
+        let mut w = fs::File::from(w);
+        let worker = std::thread::Builder::new()
+            .name("kiln-xz".into())
+            .spawn(move || {
+                let mut input = io::BufReader::new(f);
+                lzma_rs::xz_decompress(&mut input, &mut w).map_err(|e| match e {
+                    lzma_rs::error::Error::IoError(e) => e,
+                    other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+                })
+            })?;
+        Ok(XzReader {
+            pipe: fs::File::from(r),
+            worker: Some(worker),
+        })
+    }
+}
+
+impl Read for XzReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.pipe.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            if let Some(w) = self.worker.take() {
+                w.join()
+                    .map_err(|_| io::Error::other("xz decompressor panicked"))??;
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -79,7 +124,7 @@ fn is_tar_header(block: &[u8; 512]) -> bool {
 
 /// Is `src` a (possibly compressed) tar archive?
 fn is_archive(src: &Path) -> bool {
-    let Ok(Some(mut r)) = open(src) else {
+    let Ok(mut r) = open(src) else {
         return false;
     };
     let mut block = [0u8; 512];
@@ -129,9 +174,7 @@ pub(super) fn try_unpack(
     }
     mkdir_all(dest_root, dest, owner.unwrap_or((0, 0)), mtime)?;
     let dest_in_root = inside(dest_root, dest);
-    let r = open(src)
-        .map_err(io_at("unpack", src_root, src))?
-        .ok_or_else(|| tar_err("unsupported compression".into()))?;
+    let r = open(src).map_err(io_at("unpack", src_root, src))?;
     let mut archive = tar::Archive::new(r);
     let mut dir_times = Vec::new();
     let entries = archive
