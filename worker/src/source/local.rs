@@ -42,6 +42,8 @@ pub struct Entry {
     pub mtime: (i64, i64),
     /// Size of a file.
     pub size: u64,
+    /// For a file hard-linked to an earlier entry of the scan: that entry's path.
+    pub link_to: Option<String>,
 }
 
 /// A scanned local directory.
@@ -73,6 +75,8 @@ pub fn scan(name: &str, root: &Path, excludes: &[String]) -> Result<Scan> {
     let matcher = PatternMatcher::new(excludes).map_err(|e| local_err(name, root, e))?;
     let has_exceptions = excludes.iter().any(|p| p.trim_start().starts_with('!'));
     let mut entries = Vec::new();
+    let mut emitted_dirs = std::collections::HashSet::new();
+    let mut inodes: std::collections::HashMap<(u64, u64), String> = Default::default();
     let mut walker = walkdir::WalkDir::new(root)
         .follow_links(false)
         .sort_by_file_name()
@@ -107,25 +111,64 @@ pub fn scan(name: &str, root: &Path, excludes: &[String]) -> Result<Scan> {
             // Sockets, fifos and devices are not build context.
             continue;
         };
-        entries.push(Entry {
-            rel,
-            kind,
-            mode: md.permissions().mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime: (md.mtime(), md.mtime_nsec()),
-            size: md.len(),
-        });
-    }
-    if has_exceptions {
-        // Drop directories left empty only because everything in them was excluded
-        // is not needed: Docker keeps such directories too.
+        // A path re-included by an exception inside an excluded directory still needs
+        // its parents.
+        if has_exceptions {
+            let mut missing = Vec::new();
+            let mut parent = Path::new(&rel).parent();
+            while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
+                let key = p.to_string_lossy().to_string();
+                if emitted_dirs.contains(&key) {
+                    break;
+                }
+                missing.push(key);
+                parent = p.parent();
+            }
+            for dir in missing.into_iter().rev() {
+                let full = root.join(&dir);
+                let dm = full
+                    .symlink_metadata()
+                    .map_err(|e| local_err(name, &full, e))?;
+                emitted_dirs.insert(dir.clone());
+                entries.push(entry(dir, EntryKind::Dir, &dm, None));
+            }
+        }
+        if kind == EntryKind::Dir {
+            emitted_dirs.insert(rel.clone());
+        }
+        let link_to = if kind == EntryKind::File && md.nlink() > 1 {
+            match inodes.entry((md.dev(), md.ino())) {
+                std::collections::hash_map::Entry::Occupied(first) => Some(first.get().clone()),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(rel.clone());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        entries.push(entry(rel, kind, &md, link_to));
     }
     Ok(Scan {
         name: name.to_string(),
         root: root.to_path_buf(),
         entries,
     })
+}
+
+/// An entry as the client sends it: owners are reset to root, as BuildKit's clients do
+/// for the build context.
+fn entry(rel: String, kind: EntryKind, md: &std::fs::Metadata, link_to: Option<String>) -> Entry {
+    Entry {
+        rel,
+        kind,
+        mode: md.permissions().mode() & 0o7777,
+        uid: 0,
+        gid: 0,
+        mtime: (md.mtime(), md.mtime_nsec()),
+        size: md.len(),
+        link_to,
+    }
 }
 
 impl Scan {
@@ -203,8 +246,11 @@ impl Scan {
         // Directories first (parents before children), then everything else in parallel.
         let mut dirs = Vec::new();
         let mut others = Vec::new();
+        let mut links = Vec::new();
         for e in &self.entries {
-            if e.kind == EntryKind::Dir {
+            if e.link_to.is_some() {
+                links.push(e);
+            } else if e.kind == EntryKind::Dir {
                 let dst = dest.join(&e.rel);
                 std::fs::create_dir(&dst).map_err(|er| local_err(&self.name, &dst, er))?;
                 dirs.push(e);
@@ -227,14 +273,21 @@ impl Scan {
                     .unwrap_or_else(|_| Err(local_err(&self.name, &self.root, "copy panicked")))
             })
         })?;
-        // Directory metadata last: writing into a directory changes its mtime.
+        // Hard links within the context stay hard links.
+        for e in links {
+            let dst = dest.join(&e.rel);
+            let first = dest.join(e.link_to.as_deref().unwrap_or_default());
+            std::fs::hard_link(&first, &dst).map_err(|er| local_err(&self.name, &dst, er))?;
+        }
+        // Directory metadata last: writing into a directory changes its mtime. Owners before
+        // modes: a chown clears setuid/setgid bits.
         for e in dirs.iter().rev() {
             let dst = dest.join(&e.rel);
             let err = |er: std::io::Error| local_err(&self.name, &dst, er);
-            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(e.mode)).map_err(err)?;
             if (e.uid, e.gid) != me {
                 std::os::unix::fs::lchown(&dst, Some(e.uid), Some(e.gid)).map_err(err)?;
             }
+            std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(e.mode)).map_err(err)?;
             set_mtime(&dst, e.mtime).map_err(err)?;
         }
         Ok(())
@@ -254,6 +307,11 @@ impl Scan {
         }
         if (e.uid, e.gid) != me {
             std::os::unix::fs::lchown(&dst, Some(e.uid), Some(e.gid)).map_err(err)?;
+            if e.kind == EntryKind::File {
+                // The chown cleared setuid/setgid; put the mode back.
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(e.mode))
+                    .map_err(err)?;
+            }
         }
         set_mtime(&dst, e.mtime).map_err(err)
     }

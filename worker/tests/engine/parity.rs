@@ -1123,15 +1123,8 @@ async fn parity_dockerignore() -> anyhow::Result<()> {
         ],
     )?;
     let res = build_local(&env, dir.path(), &[], None).await;
-    // KNOWN BUG: source/local.rs `scan` skips the excluded directory's own entry but keeps
-    // the re-included child, so `Scan::copy_into` fails creating `excluded/keep` (ENOENT,
-    // "local context (…/excluded/keep): No such file or directory"). BuildKit copies
-    // `excluded/keep` (and the directory holding it) and leaves out `excluded/drop`.
-    // let out = res?;
-    // assert_eq!(list(out.path(), "ctx/excluded")?, ["keep"]);
-    if let Err(e) = res {
-        eprintln!("KNOWN BUG (dockerignore exception in excluded dir): {e:#}");
-    }
+    let out = res?;
+    assert_eq!(list(out.path(), "ctx/excluded")?, ["keep"]);
     Ok(())
 }
 
@@ -1366,11 +1359,8 @@ async fn parity_users_and_stage_pruning() -> anyhow::Result<()> {
     assert_eq!(meta(o, "privdir")?.2, 0o700);
     assert_eq!(meta(o, "suid2")?.2, 0o4755);
     let in_run = read(o, "tmp/suid-in-run.txt")?;
-    // KNOWN BUG: source/local.rs `Scan::copy_into` sets the mode before `lchown`, and the
-    // chown clears setuid/setgid, so context files lose those bits ("755" here).
-    // assert_eq!(in_run, "4755\n");
-    // assert_eq!(meta(o, "suid")?.2, 0o4755);
-    eprintln!("KNOWN BUG (setuid lost from the context): mode in RUN {in_run}");
+    assert_eq!(in_run, "4755\n");
+    assert_eq!(meta(o, "suid")?.2, 0o4755);
 
     let img = Oci::open(&oci)?;
     let host = Platform::host();
@@ -1820,10 +1810,6 @@ async fn parity_context_hardlinks_kept() -> anyhow::Result<()> {
         .iter()
         .filter(|n| kinds.get(**n) == Some(&tar::EntryType::Link))
         .count();
-    // KNOWN BUG: source/local.rs `Scan::copy_into` copies each context file with
-    // `fs::copy`, so hard links in the context become separate files (BuildKit's
-    // context transfer keeps them, and the layer stores one as a link).
-    // assert_eq!(links, 1, "{kinds:?}");
-    eprintln!("KNOWN BUG (context hard links split): {links} of ctx/h1, ctx/h2 are links");
+    assert_eq!(links, 1, "{kinds:?}");
     Ok(())
 }
