@@ -147,11 +147,27 @@ fn runtime_error(log: &Path) -> Option<String> {
 fn missing_mount_points(rootfs: &Path, spec: &ProcessSpec) -> Vec<PathBuf> {
     let mut dests: Vec<&str> = vec!["/etc/hosts", "/etc/resolv.conf", "/etc/hostname"];
     dests.extend(spec.mounts.iter().map(|m| m.dest.as_str()));
-    dests
+    // Every missing component counts, not just the last: the runtime creates parents too
+    // (BuildKit's removeMountStubsRecursive, which current frontends always set).
+    let mut stubs: Vec<PathBuf> = Vec::new();
+    for p in dests
         .into_iter()
         .filter_map(|d| resolve_in_root(rootfs, d, false).ok())
-        .filter(|p| std::fs::symlink_metadata(p).is_err())
-        .collect()
+    {
+        let mut cur = Some(p.as_path());
+        while let Some(c) = cur.filter(|c| c.starts_with(rootfs) && *c != rootfs) {
+            if std::fs::symlink_metadata(c).is_ok() {
+                break;
+            }
+            if !stubs.iter().any(|s| s == c) {
+                stubs.push(c.to_path_buf());
+            }
+            cur = c.parent();
+        }
+    }
+    // Parents first, so removal in reverse goes deepest first.
+    stubs.sort_by_key(|p| p.components().count());
+    stubs
 }
 
 fn remove_stub(p: &Path) {

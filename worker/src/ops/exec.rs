@@ -163,7 +163,14 @@ impl ExecOpImpl {
                         .root
                         .join("cachemounts")
                         .join(hex::encode(sha2_of(&id)));
-                    std::fs::create_dir_all(&dir)?;
+                    if !dir.exists() {
+                        std::fs::create_dir_all(&dir)?;
+                        // A new cache starts from its seed (the frontend's mkdir carrying
+                        // uid/gid/mode): take the seed directory's owner and mode.
+                        if m.input >= 0 {
+                            seed_cache_dir(&base, &m.selector, &dir)?;
+                        }
+                    }
                     if opt.sharing() == pb::CacheSharingOpt::Locked {
                         let lock = {
                             let mut locks = worker
@@ -223,6 +230,21 @@ impl ExecOpImpl {
         let root_readonly = self.op.mounts.iter().any(|m| m.dest == "/" && m.readonly);
 
         let mut env = meta.env.clone();
+        if let Some(p) = &meta.proxy_env {
+            // Both spellings, as BuildKit sets them.
+            for (name, value) in [
+                ("HTTP_PROXY", &p.http_proxy),
+                ("HTTPS_PROXY", &p.https_proxy),
+                ("FTP_PROXY", &p.ftp_proxy),
+                ("NO_PROXY", &p.no_proxy),
+                ("ALL_PROXY", &p.all_proxy),
+            ] {
+                if !value.is_empty() {
+                    env.push(format!("{name}={value}"));
+                    env.push(format!("{}={value}", name.to_ascii_lowercase()));
+                }
+            }
+        }
         for se in &self.op.secretenv {
             match build.secrets.get(&se.id) {
                 Some(v) => env.push(format!("{}={}", se.name, String::from_utf8_lossy(v))),
@@ -302,6 +324,26 @@ impl ExecOpImpl {
         drop(tmp);
         Ok(outs.into_iter().map(|(_, r)| r).collect())
     }
+}
+
+/// Gives a new cache directory the owner and mode of the seed path in `base`.
+fn seed_cache_dir(base: &Ref, selector: &str, dir: &std::path::Path) -> Result<(), BoxError> {
+    use std::os::unix::fs::MetadataExt;
+    let layers = base.layer_dirs();
+    // The seed is a small file-op result; look the path up from the top layer down.
+    let sel = if selector.is_empty() { "/" } else { selector };
+    for layer in layers.iter().rev() {
+        let p = resolve_in_root(layer, sel, true)?;
+        if let Ok(md) = std::fs::metadata(&p) {
+            std::os::unix::fs::chown(dir, Some(md.uid()), Some(md.gid()))?;
+            std::fs::set_permissions(
+                dir,
+                std::os::unix::fs::PermissionsExt::from_mode(md.mode() & 0o7777),
+            )?;
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 fn sha2_of(s: &str) -> Vec<u8> {

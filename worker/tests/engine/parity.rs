@@ -454,16 +454,8 @@ async fn parity_run_mounts() -> anyhow::Result<()> {
             "mount stub /{stub} left in the image"
         );
     }
-    // KNOWN BUG: executor/runc.rs `missing_mount_points` removes only the mount point
-    // itself, not the parents it had to create, although the frontend sets
-    // `Meta.remove_mount_stubs_recursive` (ops/exec.rs does not pass it on); BuildKit
-    // removes `/run/secrets` and `/run` here, and `/mnt` above.
-    // assert!(!o.join("run").exists(), "mount stub /run left in the image");
-    eprintln!(
-        "KNOWN BUG (mount stub parents kept): /run exists: {}, /mnt exists: {}",
-        o.join("run").exists(),
-        o.join("mnt").exists()
-    );
+    assert!(!o.join("run").exists(), "mount stub /run left in the image");
+    assert!(!o.join("mnt").exists(), "mount stub /mnt left in the image");
     let img = Oci::open(&outs[1].path().join("image.tar"))?;
     let needle = "s3cr3t-value";
     assert!(
@@ -868,11 +860,7 @@ async fn parity_stages_and_onbuild() -> anyhow::Result<()> {
     assert_eq!(read(o, "tmp/ctx.txt")?, "A\n");
     assert_eq!(read(o, "tmp/shared.txt")?, "one\n");
     let cache_owner = read(o, "tmp/cacheowner.txt")?;
-    // KNOWN BUG: ops/exec.rs (MountType::Cache) makes a new cache directory empty and
-    // root-owned, ignoring the mount's input/selector that the frontend seeds with the
-    // uid/gid/mode; BuildKit gives "1000:1000 700" here.
-    // assert_eq!(cache_owner, "1000:1000 700\n");
-    eprintln!("cache mount owner (want 1000:1000 700): {cache_owner}");
+    assert_eq!(cache_owner, "1000:1000 700\n");
     assert_eq!(read(o, "tmp/nosecret.txt")?, "absent\n");
     let img = build_oci(&env, dir.path(), &[], Some("child")).await?;
     let e = img.env();
@@ -1729,11 +1717,7 @@ async fn parity_run_env_from_args() -> anyhow::Result<()> {
     // the predefined proxy ones.
     let args = read(&out.path().join("fs"), "args.txt")?;
     assert!(args.starts_with("unset v unset "), "{args}");
-    // KNOWN BUG: ops/exec.rs never adds `Meta.proxy_env` (which the frontend fills from
-    // the HTTP_PROXY/http_proxy… build-args) to the process environment; BuildKit adds
-    // both spellings (HTTP_PROXY= and http_proxy=), so this reads "… http://proxy:3128".
-    // assert_eq!(args, "unset v unset http://proxy:3128\n");
-    eprintln!("KNOWN BUG (proxy build-args not in RUN env): {args:?}");
+    assert_eq!(args, "unset v unset http://proxy:3128\n");
     let img = Oci::open(&oci)?;
     let cfg = img.config.to_string();
     assert!(
