@@ -3,8 +3,8 @@
 # skopeo (see .ci/run for the packages). Registries are started by the tests themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for bin in runc busybox docker-registry skopeo; do
-  command -v "$bin" >/dev/null || { echo "missing $bin: apt-get install -y runc busybox-static docker-registry skopeo" >&2; exit 1; }
+for bin in runc crun busybox docker-registry skopeo openssl; do
+  command -v "$bin" >/dev/null || { echo "missing $bin: apt-get install -y runc crun busybox-static docker-registry skopeo openssl" >&2; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "the worker tests run containers: run as root" >&2; exit 1; }
 exec cargo test --workspace --locked "$@"

@@ -330,3 +330,29 @@ async fn corrupt_layer_blob_is_a_clear_error() -> anyhow::Result<()> {
     eprintln!("corrupt layer error: {msg}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crun_is_selectable() -> anyhow::Result<()> {
+    use kiln_worker::control::{Engine, EngineConfig};
+    use kiln_worker::executor::Runtime;
+    let env = env()?;
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        runtime: Runtime::Crun,
+        ..Default::default()
+    })?;
+    let out = tempfile::tempdir()?;
+    let req = BuildRequest {
+        frontend: Frontend::Llb(support::exec_definition(&env.base, "echo crun > /by")),
+        locals: HashMap::new(),
+        exports: vec![to("local", out.path())],
+        secrets: HashMap::new(),
+    };
+    engine
+        .build(req, Progress::discard(), CancellationToken::new())
+        .await
+        .map_err(|e| anyhow!(kiln_worker::solver::error_chain(&e)))?;
+    assert_eq!(std::fs::read_to_string(out.path().join("by"))?, "crun\n");
+    Ok(())
+}

@@ -62,6 +62,24 @@ fn find_binary(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// True on a hybrid cgroup host: v1 controllers plus a cgroup2 mount at
+/// `/sys/fs/cgroup/unified`.
+fn hybrid_cgroups() -> bool {
+    static HYBRID: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HYBRID.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|info| {
+                info.lines().any(|l| {
+                    let mut f = l.split(' ');
+                    let point = f.nth(4);
+                    let fstype = l.split(" - ").nth(1).and_then(|r| r.split(' ').next());
+                    point == Some("/sys/fs/cgroup/unified") && fstype == Some("cgroup2")
+                })
+            })
+            .unwrap_or(false)
+    })
+}
+
 /// The runtime invocation with its global flags.
 struct Runc {
     binary: PathBuf,
@@ -71,7 +89,17 @@ struct Runc {
 
 impl Runc {
     fn command(&self, log: Option<&Path>) -> Command {
-        let mut c = Command::new(&self.binary);
+        let mut c = if self.name == "crun" && hybrid_cgroups() {
+            // crun refuses a host that mounts cgroup v2 beside v1 controllers; in a private
+            // mount namespace without the v2 mount it sees plain cgroup v1.
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg("umount /sys/fs/cgroup/unified 2>/dev/null; exec \"$0\" \"$@\"")
+                .arg(&self.binary);
+            c
+        } else {
+            Command::new(&self.binary)
+        };
         c.arg("--root").arg(&self.state);
         if let Some(log) = log {
             c.arg("--log").arg(log).arg("--log-format").arg("json");
