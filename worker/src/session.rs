@@ -139,14 +139,15 @@ impl SessionHeaders {
     /// Whether the client serves `method` (`/package.Service/Method`, any case).
     pub fn supports(&self, method: &str) -> bool {
         let method = method.to_ascii_lowercase();
-        self.methods.iter().any(|m| *m == method)
+        self.methods.contains(&method)
     }
 
     /// Writes the headers into request metadata, as a client opening a session does.
     pub fn to_metadata(&self, meta: &mut MetadataMap) -> Result<(), SessionError> {
         let value = |v: &str| {
-            v.parse()
-                .map_err(|_| SessionError::protocol(format!("session header value {v:?} is not ascii")))
+            v.parse().map_err(|_| {
+                SessionError::protocol(format!("session header value {v:?} is not ascii"))
+            })
         };
         meta.insert(md::SESSION_UUID, value(&self.id)?);
         meta.insert(md::SESSION_SHARED_KEY, value(&self.shared_key)?);

@@ -70,7 +70,11 @@ fn printable(s: &str) -> bool {
     s.bytes().all(|b| (0x20..0x7f).contains(&b))
 }
 
-fn put_values(meta: &mut MetadataMap, key: &'static str, values: &[String]) -> Result<(), SessionError> {
+fn put_values(
+    meta: &mut MetadataMap,
+    key: &'static str,
+    values: &[String],
+) -> Result<(), SessionError> {
     let encode = !values.iter().all(|v| printable(v));
     for v in values {
         let text = if encode { query_escape(v) } else { v.clone() };

@@ -235,7 +235,9 @@ mod tests {
     #[tokio::test]
     async fn pipe_carries_bytes_and_half_closes() -> anyhow::Result<()> {
         let (mut a, mut b) = pair();
-        let payload: Vec<u8> = (0..3 * MAX_MESSAGE_DATA + 17).map(|i| (i % 251) as u8).collect();
+        let payload: Vec<u8> = (0..3 * MAX_MESSAGE_DATA + 17)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let expect = payload.clone();
         let writer = tokio::spawn(async move {
             a.write_all(&payload).await?;
@@ -256,8 +258,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn inbound_error_is_an_io_error_and_writes_to_a_dropped_peer_fail(
-    ) -> anyhow::Result<()> {
+    async fn inbound_error_is_an_io_error_and_writes_to_a_dropped_peer_fail() -> anyhow::Result<()>
+    {
         let (tx, rx) = mpsc::channel(1);
         drop(rx);
         let mut p = pipe(
@@ -265,9 +267,17 @@ mod tests {
             tx,
         );
         let mut buf = [0u8; 8];
-        let err = p.read(&mut buf).await.err().ok_or_else(|| anyhow::anyhow!("no error"))?;
+        let err = p
+            .read(&mut buf)
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("no error"))?;
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
-        let err = p.write(b"x").await.err().ok_or_else(|| anyhow::anyhow!("no error"))?;
+        let err = p
+            .write(b"x")
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("no error"))?;
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
         Ok(())
     }

@@ -215,19 +215,23 @@ async fn exchange(
 
     // 4. FIN both ways.
     let _ = tx.send(packet(PacketType::PacketFin));
-    loop {
-        match next(inbound).await? {
-            None => break,
-            Some(p) => match PacketType::try_from(p.r#type) {
-                Ok(PacketType::PacketFin) => break,
-                Ok(PacketType::PacketErr) => return Err(peer_error(&p)),
-                _ => {
-                    return Err(SessionError::protocol(format!(
-                        "unexpected {} after all files were received",
-                        kind_name(p.r#type)
-                    )))
-                }
-            },
+    // The sender answers with FIN (or just ends the stream).
+    if let Some(p) = next(inbound).await? {
+        match PacketType::try_from(p.r#type) {
+            Ok(PacketType::PacketFin) => {}
+            Ok(PacketType::PacketErr) => return Err(peer_error(&p)),
+            Ok(PacketType::PacketData) => {
+                return Err(SessionError::protocol(format!(
+                    "data for unrequested entry id {}",
+                    p.id
+                )))
+            }
+            _ => {
+                return Err(SessionError::protocol(format!(
+                    "unexpected {} after all files were received",
+                    kind_name(p.r#type)
+                )))
+            }
         }
     }
     Ok(entries)
@@ -301,7 +305,9 @@ impl Listing {
             Kind::Dir
         } else if m & mode::SYMLINK != 0 {
             if stat.linkname.is_empty() {
-                return Err(SessionError::protocol(format!("symlink {p:?} has no target")));
+                return Err(SessionError::protocol(format!(
+                    "symlink {p:?} has no target"
+                )));
             }
             Kind::Symlink
         } else if m & (mode::DEVICE | mode::NAMED_PIPE) != 0 {
@@ -355,7 +361,8 @@ fn create_skeleton(dest: &Path, entries: &[Entry]) -> Result<(), SessionError> {
                 let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
                 if !is_dir {
                     clear(&path)?;
-                    std::fs::create_dir(&path).map_err(|err| SessionError::io("mkdir", &path, err))?;
+                    std::fs::create_dir(&path)
+                        .map_err(|err| SessionError::io("mkdir", &path, err))?;
                 }
             }
             Kind::File => {

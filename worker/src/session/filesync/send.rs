@@ -301,7 +301,10 @@ fn walk(root: &Path, sel: &Selection, keep_ownership: bool) -> Result<Vec<Entry>
         .into_iter();
     while let Some(item) = it.next() {
         let item = item.map_err(|e| {
-            let path = e.path().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf());
+            let path = e
+                .path()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.to_path_buf());
             SessionError::io("walk", path, std::io::Error::other(e))
         })?;
         let depth = item.depth();
