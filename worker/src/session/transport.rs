@@ -18,6 +18,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -25,6 +26,7 @@ use futures::{Stream, StreamExt};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use kiln_proto::grpc::health::v1::health_check_response::ServingStatus;
+use kiln_proto::grpc::health::v1::health_client::HealthClient;
 use kiln_proto::grpc::health::v1::health_server::{Health, HealthServer};
 use kiln_proto::grpc::health::v1::{HealthCheckRequest, HealthCheckResponse};
 use kiln_proto::moby::buildkit::v1::BytesMessage;
@@ -195,6 +197,57 @@ pub async fn serve(pipe: SessionPipe, routes: Routes) -> Result<(), SessionError
         .map_err(SessionError::Serve)
 }
 
+/// One `grpc.health.v1.Health/Check` over the session, failing after `timeout`.
+pub async fn check_health(channel: Channel, timeout: Duration) -> Result<(), SessionError> {
+    let call = || "Health.Check".to_string();
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let response = tokio::time::timeout(timeout, HealthClient::new(channel).check(request))
+        .await
+        .map_err(|_| SessionError::Rpc {
+            call: call(),
+            source: Status::deadline_exceeded(format!("no answer within {timeout:?}")),
+        })?
+        .map_err(|source| SessionError::Rpc {
+            call: call(),
+            source,
+        })?
+        .into_inner();
+    if response.status == ServingStatus::Serving as i32 {
+        Ok(())
+    } else {
+        Err(SessionError::Rpc {
+            call: call(),
+            source: Status::unavailable(format!("client reports status {}", response.status)),
+        })
+    }
+}
+
+/// The daemon's liveness loop (§4.2): checks the client's health every `interval`
+/// (BuildKit: 5 s) with a timeout of 3 × `interval`, or 1.5 × the previous check's
+/// duration if longer; returns the error once two checks in a row have failed. Run it
+/// beside the session and close the session when it returns.
+pub async fn monitor_health(channel: Channel, interval: Duration) -> SessionError {
+    let mut timeout = interval * 3;
+    let mut failed_before = false;
+    loop {
+        tokio::time::sleep(interval).await;
+        let started = tokio::time::Instant::now();
+        match check_health(channel.clone(), timeout).await {
+            Ok(()) => {
+                failed_before = false;
+                timeout = timeout.max(started.elapsed().mul_f64(1.5));
+            }
+            Err(e) if failed_before => return e,
+            Err(e) => {
+                tracing::debug!(error = %e, "session health check failed");
+                failed_before = true;
+            }
+        }
+    }
+}
+
 /// The standard health service a session client always serves (§4.1): every service
 /// is reported `SERVING`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -220,7 +273,6 @@ pub fn health_service() -> HealthServer<AlwaysServing> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_proto::grpc::health::v1::health_client::HealthClient;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Two pipes wired back to back, as the two ends of a `Control.Session` call.
@@ -287,7 +339,7 @@ mod tests {
         let (daemon, cli) = pair();
         let server = tokio::spawn(serve(cli, Routes::new(health_service())));
         let channel = connect_client(daemon).await?;
-        let mut health = HealthClient::new(channel);
+        let mut health = HealthClient::new(channel.clone());
         for _ in 0..3 {
             let resp = health
                 .check(HealthCheckRequest {
@@ -297,9 +349,31 @@ mod tests {
                 .into_inner();
             assert_eq!(resp.status, ServingStatus::Serving as i32);
         }
+        check_health(channel.clone(), Duration::from_secs(5)).await?;
         drop(health);
+        drop(channel);
         // Dropping the daemon's channel ends the connection and the server returns.
         tokio::time::timeout(std::time::Duration::from_secs(10), server).await???;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn monitor_reports_a_dead_client_after_two_failed_checks() -> anyhow::Result<()> {
+        let (a_tx, a_rx) = mpsc::channel(4);
+        let (b_tx, b_rx) = mpsc::channel(4);
+        let daemon = pipe(ReceiverStream::new(b_rx).map(Ok), a_tx);
+        let cli = pipe(ReceiverStream::new(a_rx).map(Ok), b_tx);
+        let server = tokio::spawn(serve(cli, Routes::new(health_service())));
+        let channel = connect_client(daemon).await?;
+        let monitor = tokio::spawn(monitor_health(channel.clone(), Duration::from_millis(20)));
+        // Healthy: the monitor keeps running.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!monitor.is_finished());
+        check_health(channel, Duration::from_secs(5)).await?;
+        // The client goes away: the monitor returns an error.
+        server.abort();
+        let err = tokio::time::timeout(Duration::from_secs(20), monitor).await??;
+        assert!(err.to_string().contains("Health.Check"), "{err}");
         Ok(())
     }
 }

@@ -53,7 +53,10 @@ impl Control for SessionOnly {
 async fn session_over_unix_socket(
     dirs: LocalDirs,
     tmp: &Path,
-) -> anyhow::Result<tonic::transport::Channel> {
+) -> anyhow::Result<(
+    tonic::transport::Channel,
+    tokio::task::JoinHandle<Result<(), SessionError>>,
+)> {
     let sock = tmp.join("kiln.sock");
     let listener = tokio::net::UnixListener::bind(&sock)?;
     let (tx, mut rx) = mpsc::channel(1);
@@ -90,13 +93,13 @@ async fn session_over_unix_socket(
     let inbound = client.session(request).await?.into_inner();
     let cli_pipe = pipe(inbound, out_tx);
     let routes = Routes::new(dirs.into_service()).add_service(health_service());
-    tokio::spawn(serve(cli_pipe, routes));
+    let cli = tokio::spawn(serve(cli_pipe, routes));
 
     // Daemon side.
     let (headers, daemon_pipe) = rx.recv().await.context("no session arrived")?;
     assert_eq!(headers.id, "testsession");
     assert!(headers.supports("/moby.filesync.v1.filesync/diffcopy"));
-    Ok(connect_client(daemon_pipe).await?)
+    Ok((connect_client(daemon_pipe).await?, cli))
 }
 
 /// Two pipes back to back (no socket), serving `service` on one end.
@@ -226,12 +229,15 @@ async fn tree_arrives_intact_through_control_session_http2_and_diffcopy() -> any
     let dirs = LocalDirs::new()
         .with_dir("context", &src)
         .keep_ownership(true);
-    let channel = session_over_unix_socket(dirs, tmp.path()).await?;
+    let (channel, cli) = session_over_unix_socket(dirs, tmp.path()).await?;
     let stats = tokio::time::timeout(
         LIMIT,
         receive(channel, "context", &dest, &ReceiveOptions::default()),
     )
     .await??;
+    // `receive` consumed the daemon's only channel: the nested connection closes and
+    // the client's server returns cleanly.
+    tokio::time::timeout(LIMIT, cli).await???;
 
     let want = snapshot(&src)?;
     let got = snapshot(&dest)?;
