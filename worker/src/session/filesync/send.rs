@@ -116,12 +116,33 @@ async fn send(tx: &Out, p: Packet) -> Result<(), SessionError> {
         .map_err(|_| SessionError::protocol("receiver closed the stream"))
 }
 
-/// Streams the listing, then serves REQs until the receiver's FIN.
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Streams the listing, then serves REQs until the receiver's FIN. The inbound stream
+/// is drained by its own task from the start: a receiver may send requests while the
+/// listing is still arriving and must never block on them.
 async fn run(
     entries: Vec<Entry>,
     mut inbound: Streaming<Packet>,
     tx: &Out,
 ) -> Result<(), SessionError> {
+    let (req_tx, mut requests) = mpsc::unbounded_channel();
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let next = inbound.message().await;
+            let done = !matches!(next, Ok(Some(_)));
+            if req_tx.send(next).is_err() || done {
+                break;
+            }
+        }
+    }));
     for e in &entries {
         send(
             tx,
@@ -135,13 +156,15 @@ async fn run(
     send(tx, Packet::default()).await?;
     let mut served = vec![false; entries.len()];
     loop {
-        let p = inbound
-            .message()
+        let p = requests
+            .recv()
             .await
+            .transpose()
             .map_err(|source| SessionError::Rpc {
                 call: "FileSync.DiffCopy (receiving requests)".into(),
                 source,
             })?
+            .flatten()
             .ok_or_else(|| SessionError::protocol("receiver ended the stream without FIN"))?;
         match PacketType::try_from(p.r#type) {
             Ok(PacketType::PacketReq) => {
