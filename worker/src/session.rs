@@ -10,11 +10,14 @@
 //! * [`filesync`]: [`filesync::LocalDirs`] is the sender (a `FileSync` server that
 //!   walks local directories), [`filesync::receive`] the receiver that writes the
 //!   listing into a destination directory without ever leaving it.
+//! * [`manager`]: [`manager::SessionManager`] is the daemon's table of open sessions;
+//!   its `handle` is the whole daemon side of `Control.Session`, its `get` the lookup
+//!   a solve does by session ID.
 //!
-//! The module does not know about builds: the Control service looks sessions up by ID
-//! ([`SessionHeaders`]) and hands the pipe to these functions.
+//! The module does not know about builds.
 
 pub mod filesync;
+pub mod manager;
 pub mod transport;
 
 use std::path::PathBuf;

@@ -185,7 +185,8 @@ pub async fn connect_client(pipe: SessionPipe) -> Result<Channel, SessionError> 
 }
 
 /// CLI side: serves `routes` over the pipe as an HTTP/2 server until the connection
-/// ends (the daemon closes it or the stream breaks). Build the routes with
+/// ends (the daemon closes it or the stream breaks). To close the session, drop (abort)
+/// this future: dropping the pipe half-closes the `Control.Session` request stream. Build the routes with
 /// `Routes::new(FileSyncServer::new(dirs)).add_service(health_service())`.
 pub async fn serve(pipe: SessionPipe, routes: Routes) -> Result<(), SessionError> {
     let service = TowerToHyperService::new(routes.prepare());
