@@ -43,6 +43,7 @@ pub mod image;
 pub mod llb;
 pub mod ops;
 pub mod progress;
+pub mod session;
 pub mod snapshot;
 pub mod solver;
 pub mod source;
