@@ -11,7 +11,6 @@ use clap::Args;
 use kiln_worker::control::{BuildRequest, Engine, EngineConfig, ExportRequest, Frontend};
 use kiln_worker::executor::Runtime;
 use kiln_worker::frontend::BuildOpts;
-use kiln_worker::image::Platform;
 use kiln_worker::llb::pb;
 use kiln_worker::progress::Progress;
 use kiln_worker::snapshot;
@@ -330,40 +329,7 @@ pub fn parse_output(s: &str) -> anyhow::Result<ExportRequest> {
 
 /// Frontend options → `BuildOpts`.
 pub fn build_opts(opts: &BTreeMap<String, String>) -> anyhow::Result<BuildOpts> {
-    let mut b = BuildOpts {
-        filename: opts
-            .get("filename")
-            .cloned()
-            .unwrap_or_else(|| "Dockerfile".into()),
-        target: opts.get("target").filter(|t| !t.is_empty()).cloned(),
-        build_platform: Platform::host(),
-        context_name: opts
-            .get("contextkey")
-            .cloned()
-            .unwrap_or_else(|| "context".into()),
-        no_cache: opts.contains_key("no-cache"),
-        ..Default::default()
-    };
-    for (k, v) in opts {
-        if let Some(name) = k.strip_prefix("build-arg:") {
-            b.build_args.insert(name.to_string(), v.clone());
-        } else if let Some(name) = k.strip_prefix("label:") {
-            b.labels.insert(name.to_string(), v.clone());
-        }
-    }
-    if let Some(p) = opts.get("platform") {
-        let list: Vec<&str> = p.split(',').filter(|s| !s.is_empty()).collect();
-        if list.len() > 1 {
-            bail!("platform={p}: multi-platform builds are not implemented yet");
-        }
-        if let Some(one) = list.first() {
-            b.platform = Some(
-                Platform::parse(one)
-                    .ok_or_else(|| anyhow!("platform={one}: expected os/arch[/variant]"))?,
-            );
-        }
-    }
-    Ok(b)
+    BuildOpts::from_attrs(opts).map_err(|e| anyhow!("--opt {e}"))
 }
 
 /// Runs `kiln build`.

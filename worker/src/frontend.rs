@@ -69,6 +69,50 @@ pub struct BuildOpts {
     pub no_cache: bool,
 }
 
+impl BuildOpts {
+    /// Options from `dockerfile.v0` frontend attributes (buildctl's `--opt K=V`):
+    /// `filename`, `target`, `build-arg:*`, `label:*`, `platform`, `no-cache`,
+    /// `contextkey`. The error names the attribute.
+    pub fn from_attrs(attrs: &BTreeMap<String, String>) -> Result<BuildOpts, String> {
+        let mut b = BuildOpts {
+            filename: attrs
+                .get("filename")
+                .cloned()
+                .unwrap_or_else(|| "Dockerfile".into()),
+            target: attrs.get("target").filter(|t| !t.is_empty()).cloned(),
+            build_platform: Platform::host(),
+            context_name: attrs
+                .get("contextkey")
+                .cloned()
+                .unwrap_or_else(|| "context".into()),
+            no_cache: attrs.contains_key("no-cache"),
+            ..Default::default()
+        };
+        for (k, v) in attrs {
+            if let Some(name) = k.strip_prefix("build-arg:") {
+                b.build_args.insert(name.to_string(), v.clone());
+            } else if let Some(name) = k.strip_prefix("label:") {
+                b.labels.insert(name.to_string(), v.clone());
+            }
+        }
+        if let Some(p) = attrs.get("platform") {
+            let list: Vec<&str> = p.split(',').filter(|s| !s.is_empty()).collect();
+            if list.len() > 1 {
+                return Err(format!(
+                    "platform={p}: multi-platform builds are not implemented yet"
+                ));
+            }
+            if let Some(one) = list.first() {
+                b.platform = Some(
+                    Platform::parse(one)
+                        .ok_or_else(|| format!("platform={one}: expected os/arch[/variant]"))?,
+                );
+            }
+        }
+        Ok(b)
+    }
+}
+
 /// An image the Dockerfile refers to (FROM or COPY --from), to be resolved before conversion.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageRef {

@@ -2,9 +2,9 @@
 //! the gRPC health service over the embedded engine on a unix socket (default
 //! `/run/kiln/kiln.sock`) or TCP.
 //!
-//! Partial (see `control::service`): no client sessions or LLBBridge yet, so only raw LLB
-//! builds with image outputs work through the daemon; TCP needs `--insecure-tcp` until mTLS
-//! is implemented.
+//! Partial (see `control::service`): raw LLB, and `dockerfile.v0` with the context fetched
+//! over the client's session, exported to images; no LLBBridge, no outputs back to the
+//! client yet; TCP needs `--insecure-tcp` until mTLS is implemented.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,11 +1,12 @@
-//! BuildKit's `moby.buildkit.v1.Control` service over the [`Engine`]: Solve (a raw LLB
-//! definition, exported to an image), Status (the job's progress, replayed from the start
-//! for late callers), ListWorkers, Info, and the gRPC health service. Errors become
-//! `tonic::Status` here and nowhere else.
+//! BuildKit's `moby.buildkit.v1.Control` service over the [`Engine`]: Session (the client's
+//! nested connection, see [`crate::session`]), Solve (a raw LLB definition, or
+//! `dockerfile.v0` with the context and Dockerfile fetched over the build's session),
+//! Status (the job's progress, replayed from the start for late callers), ListWorkers, Info,
+//! and the gRPC health service. Errors become `tonic::Status` here and nowhere else.
 //!
-//! Partial: client sessions (the context files, `local`/`tar`/`oci`/`docker` outputs sent
-//! back to the client, credentials, secrets) and the LLBBridge gateway API are not served
-//! yet, so Dockerfile builds through the daemon fail with a message saying so.
+//! Partial: outputs sent back to the client (`local`/`tar`/`oci`/`docker` over FileSend),
+//! credentials and secrets from the session, and the LLBBridge gateway API that current
+//! buildctl/buildx use are not served yet; requests that need them fail saying so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -19,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{BuildRequest, Engine, ExportRequest, Frontend};
+use crate::frontend::BuildOpts;
 use crate::image::Platform;
-use crate::progress::{Event, Progress};
+use crate::progress::{Event, Progress, Step};
+use crate::session::filesync::{receive, ReceiveOptions};
+use crate::session::manager::{SessionManager, LOOKUP_WAIT};
 
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -44,6 +48,7 @@ pub struct ControlService {
     jobs: Arc<Mutex<HashMap<String, Arc<Job>>>>,
     registered: Arc<Notify>,
     worker_id: String,
+    sessions: SessionManager,
 }
 
 // === impl ControlService ===
@@ -56,6 +61,7 @@ impl ControlService {
             jobs: Default::default(),
             registered: Arc::new(Notify::new()),
             worker_id: worker_id.into(),
+            sessions: SessionManager::new(),
         }
     }
 
@@ -64,6 +70,105 @@ impl ControlService {
         api::control_server::ControlServer::new(self)
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20)
+    }
+
+    /// Marks a job done; its progress stays readable for a while.
+    fn finish(&self, r#ref: &str, job: &Job) {
+        job.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        job.changed.notify_waiters();
+        let jobs = self.jobs.clone();
+        let r = r#ref.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(KEEP_FINISHED).await;
+            if let Ok(mut j) = jobs.lock() {
+                j.remove(&r);
+            }
+        });
+    }
+
+    /// Fetches the Dockerfile and the context (minus `.dockerignore`d paths) from the
+    /// client's session into a temporary directory and points the build's locals at it.
+    async fn fetch_locals(
+        &self,
+        session_id: &str,
+        build: &mut BuildRequest,
+        progress: &Progress,
+    ) -> Result<tempfile::TempDir, Status> {
+        let Frontend::Dockerfile {
+            opts,
+            dockerfile_local,
+        } = &mut build.frontend
+        else {
+            return Err(Status::internal("not a Dockerfile build"));
+        };
+        let session = self
+            .sessions
+            .get(session_id, LOOKUP_WAIT)
+            .await
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("no active session for {session_id}"))
+            })?;
+        let base = self.engine.worker().root.join("mounts");
+        std::fs::create_dir_all(&base).map_err(|e| Status::internal(e.to_string()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("session-")
+            .tempdir_in(&base)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let step = Step::start(
+            progress,
+            &format!("{session_id}-context"),
+            "[internal] load build context from the client",
+        );
+        let fetch = async {
+            let df_dir = tmp.path().join("dockerfile");
+            let wanted = ReceiveOptions {
+                include_patterns: vec![
+                    opts.filename.clone(),
+                    format!("{}.dockerignore", opts.filename),
+                ],
+                ..Default::default()
+            };
+            receive(session.channel.clone(), dockerfile_local, &df_dir, &wanted).await?;
+            let ignore_dir = tmp.path().join("ignore");
+            let ignore = ReceiveOptions {
+                include_patterns: vec![".dockerignore".into()],
+                ..Default::default()
+            };
+            receive(
+                session.channel.clone(),
+                &opts.context_name,
+                &ignore_dir,
+                &ignore,
+            )
+            .await?;
+            let specific =
+                std::fs::read_to_string(df_dir.join(format!("{}.dockerignore", opts.filename)));
+            let text = specific
+                .or_else(|_| std::fs::read_to_string(ignore_dir.join(".dockerignore")))
+                .unwrap_or_default();
+            let ctx_dir = tmp.path().join("context");
+            let ctx = ReceiveOptions {
+                exclude_patterns: crate::source::local::patterns::parse_dockerignore(&text),
+                ..Default::default()
+            };
+            receive(session.channel.clone(), &opts.context_name, &ctx_dir, &ctx).await?;
+            opts.dockerignore = Some(text);
+            Ok::<_, crate::session::SessionError>((df_dir, ctx_dir))
+        };
+        match fetch.await {
+            Ok((df_dir, ctx_dir)) => {
+                step.finish(None);
+                build.locals.insert(dockerfile_local.clone(), df_dir);
+                build.locals.insert(opts.context_name.clone(), ctx_dir);
+                Ok(tmp)
+            }
+            Err(e) => {
+                step.finish(Some(e.to_string()));
+                Err(Status::failed_precondition(format!(
+                    "fetching the build context over session {session_id}: {e}"
+                )))
+            }
+        }
     }
 
     fn job(&self, r#ref: &str) -> Option<Arc<Job>> {
@@ -82,9 +187,24 @@ impl ControlService {
                 ))
             }
             ("dockerfile.v0", _) => {
-                return Err(Status::unimplemented(
-                    "dockerfile.v0 through kiln-worker needs the client's files over a session, which is not implemented yet; build daemonless with `kiln build` or send LLB",
-                ))
+                if req.session.is_empty() {
+                    return Err(Status::failed_precondition(
+                        "dockerfile.v0 needs the client's files: the solve names no session",
+                    ));
+                }
+                let attrs: BTreeMap<String, String> = req
+                    .frontend_attrs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let opts = BuildOpts::from_attrs(&attrs).map_err(Status::invalid_argument)?;
+                Frontend::Dockerfile {
+                    opts,
+                    dockerfile_local: attrs
+                        .get("dockerfilekey")
+                        .cloned()
+                        .unwrap_or_else(|| "dockerfile".into()),
+                }
             }
             (other, _) => {
                 return Err(Status::invalid_argument(format!(
@@ -218,22 +338,30 @@ impl api::control_server::Control for ControlService {
         };
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
         let _enter = span.enter();
+        let mut build = build;
+        // The Dockerfile and context come from the client over the build's session.
+        let fetched = match &build.frontend {
+            Frontend::Dockerfile { .. } => {
+                match self.fetch_locals(&req.session, &mut build, &progress).await {
+                    Ok(dir) => Some(dir),
+                    Err(e) => {
+                        drop(progress);
+                        let _ = collector.await;
+                        self.finish(&req.r#ref, &job);
+                        return Err(e);
+                    }
+                }
+            }
+            Frontend::Llb(_) => None,
+        };
         let res = self
             .engine
             .build(build, progress, CancellationToken::new())
             .await;
+        drop(fetched);
         drop(_enter);
         let _ = collector.await;
-        job.done.store(true, std::sync::atomic::Ordering::SeqCst);
-        job.changed.notify_waiters();
-        let jobs = self.jobs.clone();
-        let r = req.r#ref.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(KEEP_FINISHED).await;
-            if let Ok(mut j) = jobs.lock() {
-                j.remove(&r);
-            }
-        });
+        self.finish(&req.r#ref, &job);
         match res {
             Ok(resp) => Ok(Response::new(api::SolveResponse {
                 exporter_response: resp.exporter_response.into_iter().collect(),
@@ -271,6 +399,13 @@ impl api::control_server::Control for ControlService {
             resp.metadata_mut().insert("buildkit-current-timestamp", v);
         }
         Ok(resp)
+    }
+
+    async fn session(
+        &self,
+        request: Request<tonic::Streaming<api::BytesMessage>>,
+    ) -> Result<Response<BoxStream<api::BytesMessage>>, Status> {
+        self.sessions.handle(request).await
     }
 
     async fn list_workers(

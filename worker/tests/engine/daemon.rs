@@ -100,7 +100,7 @@ async fn control_api_solves_llb_and_streams_status() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("no exec vertex in {vertexes:?}"))?;
     assert!(run.completed.is_some() && run.error.is_empty(), "{run:?}");
 
-    // What is not served yet says so.
+    // A Dockerfile build needs a session for its files.
     let err = client
         .solve(api::SolveRequest {
             r#ref: "build-2".into(),
@@ -110,7 +110,7 @@ async fn control_api_solves_llb_and_streams_status() -> anyhow::Result<()> {
         .await
         .err()
         .ok_or_else(|| anyhow!("dockerfile.v0 without a session must fail"))?;
-    assert_eq!(err.code(), tonic::Code::Unimplemented);
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     assert!(err.message().contains("session"), "{}", err.message());
     let err = client
         .status(api::StatusRequest {
@@ -120,5 +120,91 @@ async fn control_api_solves_llb_and_streams_status() -> anyhow::Result<()> {
         .err()
         .ok_or_else(|| anyhow!("unknown ref must fail"))?;
     assert_eq!(err.code(), tonic::Code::NotFound);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dockerfile_build_over_a_session() -> anyhow::Result<()> {
+    use kiln_worker::session::filesync::LocalDirs;
+    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
+    use kiln_worker::session::SessionHeaders;
+
+    let env = env()?;
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        ..Default::default()
+    })?;
+    let (_dir, channel) = serve(engine).await?;
+    let mut client = api::control_client::ControlClient::new(channel);
+
+    // The client side: a context with a Dockerfile, a file and an ignored file, served
+    // over Control.Session as buildctl does.
+    let ctx = tempfile::tempdir()?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nCOPY . /ctx\nRUN ls /ctx > /listing && cat /ctx/hello.txt\n",
+    )?;
+    std::fs::write(ctx.path().join("hello.txt"), "hello over a session\n")?;
+    std::fs::write(ctx.path().join("secret.key"), "nope\n")?;
+    std::fs::write(ctx.path().join(".dockerignore"), "*.key\n")?;
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    SessionHeaders {
+        id: "sess-1".into(),
+        ..Default::default()
+    }
+    .to_metadata(request.metadata_mut())?;
+    let inbound = client.session(request).await?.into_inner();
+    let routes = tonic::service::Routes::new(
+        LocalDirs::new()
+            .with_dir("context", ctx.path())
+            .with_dir("dockerfile", ctx.path())
+            .into_service(),
+    )
+    .add_service(health_service());
+    let session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
+
+    let name = format!("{}/kiln/session:1", env.reg.addr());
+    let mut attrs = std::collections::HashMap::new();
+    attrs.insert("name".to_string(), name.clone());
+    attrs.insert("push".to_string(), "true".to_string());
+    let mut frontend_attrs = std::collections::HashMap::new();
+    frontend_attrs.insert("build-arg:BASE".to_string(), env.base.clone());
+    let resp = client
+        .solve(api::SolveRequest {
+            r#ref: "build-s".into(),
+            session: "sess-1".into(),
+            frontend: "dockerfile.v0".into(),
+            frontend_attrs,
+            exporters: vec![api::Exporter {
+                r#type: "image".into(),
+                attrs,
+            }],
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(resp.exporter_response.contains_key("containerimage.digest"));
+
+    // Pull the result back and read the listing the RUN wrote.
+    let store = tempfile::tempdir()?;
+    let content = std::sync::Arc::new(kiln_worker::content::ContentStore::open(store.path())?);
+    let resolver = kiln_worker::source::image::ImageResolver::new(Default::default(), content);
+    let img = resolver
+        .resolve(&name, &kiln_worker::image::Platform::host())
+        .await?;
+    let top = img.layers.last().ok_or_else(|| anyhow!("no layers"))?;
+    let blob = resolver.fetch_blob(&name, top, &|_, _| {}).await?;
+    let unpacked = tempfile::tempdir()?;
+    kiln_worker::snapshot::layer::unpack_blob(
+        &blob,
+        &top.media_type,
+        unpacked.path(),
+        &Default::default(),
+    )?;
+    let listing = std::fs::read_to_string(unpacked.path().join("listing"))?;
+    assert_eq!(listing, "Dockerfile\nhello.txt\n");
+    session.abort();
     Ok(())
 }
