@@ -87,6 +87,3 @@ pub struct ExportLayer {
     /// reused when its compression matches.
     pub blobs: Vec<LayerBlob>,
 }
-
-#[cfg(test)]
-pub(crate) mod testutil;

@@ -47,5 +47,7 @@ pub mod session;
 pub mod snapshot;
 pub mod solver;
 pub mod source;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 pub use error::{Error, Result};

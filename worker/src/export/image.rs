@@ -580,9 +580,9 @@ pub fn descriptor(built: &BuiltImage) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::testutil::{describe, sample_tree};
     use crate::image::Platform;
     use crate::source::image::RegistryConfig;
+    use crate::testutil::{describe, sample_tree};
     use std::path::Path;
 
     fn layer(dir: &Path) -> ExportLayer {

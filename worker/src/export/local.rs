@@ -144,7 +144,7 @@ fn copy_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::testutil::{describe, sample_tree};
+    use crate::testutil::{describe, sample_tree};
 
     #[test]
     fn copies_tree_exactly() -> anyhow::Result<()> {

@@ -160,7 +160,7 @@ pub(crate) mod tests {
         let t = tempfile::tempdir()?;
         let l = t.path().join("l");
         std::fs::create_dir(&l)?;
-        crate::export::testutil::sample_tree(&l, true)?;
+        crate::testutil::sample_tree(&l, true)?;
         let cs = ContentStore::open(&t.path().join("cs"))?;
         let config = crate::image::ImageConfigFile {
             created: Some("2024-05-01T10:00:00Z".into()),

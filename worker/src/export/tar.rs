@@ -16,7 +16,7 @@ pub fn export_tar(view: &Path, w: &mut dyn Write) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::export::testutil::{describe, sample_tree};
+    use crate::testutil::{describe, sample_tree};
 
     #[test]
     fn tar_stream_round_trips_and_is_deterministic() -> anyhow::Result<()> {

@@ -698,62 +698,9 @@ impl WriteState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use std::os::unix::fs::symlink;
 
-    /// Everything about a tree that a layer must keep, by relative path.
-    fn describe(root: &Path) -> anyhow::Result<BTreeMap<String, String>> {
-        let mut out = BTreeMap::new();
-        let mut inodes: HashMap<u64, String> = HashMap::new();
-        for e in walkdir::WalkDir::new(root).min_depth(1).sort_by_file_name() {
-            let e = e?;
-            let rel = e.path().strip_prefix(root)?.to_string_lossy().into_owned();
-            let m = std::fs::symlink_metadata(e.path())?;
-            let ft = m.file_type();
-            let kind = if ft.is_dir() {
-                "dir".to_string()
-            } else if ft.is_symlink() {
-                format!("link->{}", std::fs::read_link(e.path())?.display())
-            } else if ft.is_file() {
-                let first = inodes.entry(m.ino()).or_insert_with(|| rel.clone()).clone();
-                format!(
-                    "file {} ino-of {first}",
-                    hex::encode(Sha256::digest(std::fs::read(e.path())?))
-                )
-            } else if ft.is_char_device() {
-                format!("chr {}", m.rdev())
-            } else if ft.is_block_device() {
-                format!("blk {}", m.rdev())
-            } else {
-                "fifo".to_string()
-            };
-            let mut xs: Vec<String> = Vec::new();
-            for n in xattr::list(e.path())? {
-                let v = xattr::get(e.path(), &n)?.unwrap_or_default();
-                xs.push(format!(
-                    "{}={}",
-                    n.to_string_lossy(),
-                    String::from_utf8_lossy(&v)
-                ));
-            }
-            xs.sort();
-            let mode = if ft.is_symlink() {
-                0
-            } else {
-                m.mode() & 0o7777
-            };
-            out.insert(
-                rel,
-                format!(
-                    "{kind} mode={mode:o} {}:{} mtime={} xattrs={xs:?}",
-                    m.uid(),
-                    m.gid(),
-                    m.mtime()
-                ),
-            );
-        }
-        Ok(out)
-    }
+    use crate::testutil::describe;
 
     fn set_times(p: &Path, t: i64) -> anyhow::Result<()> {
         set_mtime(p, t)?;

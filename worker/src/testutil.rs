@@ -1,4 +1,5 @@
-//! Test helpers for the exporters: a sample tree and a description of a tree to compare.
+//! Test helpers shared by the layer and exporter tests: a sample tree and a description
+//! of a tree to compare.
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
