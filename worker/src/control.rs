@@ -500,8 +500,13 @@ impl Engine {
                 if opts.push {
                     for name in &opts.names {
                         let id = format!("pushing {name}");
-                        let report =
-                            |done: u64, total: u64| step.status(&id, &id, done, total, false);
+                        let last = std::sync::Mutex::new((0u64, 0u64));
+                        let report = |done: u64, total: u64| {
+                            if let Ok(mut l) = last.lock() {
+                                *l = (done, total);
+                            }
+                            step.status(&id, &id, done, total, false)
+                        };
                         let resolver = if opts.insecure {
                             worker.images.with_insecure_host(registry_host(name))
                         } else {
@@ -509,7 +514,8 @@ impl Engine {
                         };
                         export::image::push(&resolver, &worker.content, &built, name, &report)
                             .await?;
-                        step.status(&id, &id, 0, 0, true);
+                        let (done, total) = last.lock().map(|l| *l).unwrap_or_default();
+                        step.status(&id, &id, done, total, true);
                     }
                 }
             }
