@@ -8,7 +8,7 @@
 //!
 //! Daemon side, inside the `Control.Session` handler:
 //!
-//! ```ignore
+//! ```text
 //! let (pipe, response) = transport::accept(request.into_inner());
 //! tokio::spawn(async move { let channel = transport::connect_client(pipe).await?; … });
 //! Ok(Response::new(response))
