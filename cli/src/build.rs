@@ -143,8 +143,8 @@ fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))
 }
 
-/// Turns flags into a build request.
-pub fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
+/// Turns flags into a build request, with the frontend attributes as sent on the wire.
+pub fn request(args: &BuildArgs) -> anyhow::Result<(BuildRequest, BTreeMap<String, String>)> {
     let mut locals: HashMap<String, PathBuf> = HashMap::new();
     for l in &args.locals {
         let (k, v) = split_kv("--local", l)?;
@@ -289,12 +289,15 @@ pub fn request(args: &BuildArgs) -> anyhow::Result<BuildRequest> {
             Frontend::Llb(def)
         }
     };
-    Ok(BuildRequest {
-        frontend,
-        locals,
-        exports,
-        secrets,
-    })
+    Ok((
+        BuildRequest {
+            frontend,
+            locals,
+            exports,
+            secrets,
+        },
+        opts,
+    ))
 }
 
 /// `--output type=…,k=v`.
@@ -334,13 +337,42 @@ pub fn build_opts(opts: &BTreeMap<String, String>) -> anyhow::Result<BuildOpts> 
 
 /// Runs `kiln build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
-    if let Some(addr) = &args.addr {
-        bail!("--addr {addr}: building against a daemon or gateway is not implemented yet; omit --addr to build in this process");
-    }
     if !args.export_cache.is_empty() || !args.import_cache.is_empty() {
         bail!("--export-cache/--import-cache are not implemented yet");
     }
-    let req = request(&args)?;
+    let (req, attrs) = request(&args)?;
+    let stdout_used = req
+        .exports
+        .iter()
+        .any(|e| e.dest.as_deref() == Some(Path::new("-")));
+    let mode = Mode::parse(&args.progress)?;
+    let (progress, rx) = Progress::channel();
+    let renderer = Renderer::spawn(mode, rx);
+    let res = match &args.addr {
+        Some(addr) => crate::remote::build(addr, req, attrs, progress).await,
+        None => embedded(&args, req, progress).await,
+    };
+    renderer.finish(res.is_ok()).await;
+    let resp = res?;
+    if let Some(path) = &args.metadata_file {
+        let json = metadata_json(&resp);
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing metadata file {}", path.display()))?;
+    }
+    if !stdout_used {
+        if let Some(d) = resp.get("containerimage.digest") {
+            println!("{d}");
+        }
+    }
+    Ok(())
+}
+
+/// Builds with the engine inside this process.
+async fn embedded(
+    args: &BuildArgs,
+    req: BuildRequest,
+    progress: Progress,
+) -> anyhow::Result<BTreeMap<String, String>> {
     let runtime = match args.runtime.as_str() {
         "runc" => Runtime::Runc,
         "crun" => Runtime::Crun,
@@ -365,16 +397,10 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     if let Some(n) = args.max_parallelism {
         config.max_parallelism = n;
     }
-    let stdout_used = req
-        .exports
-        .iter()
-        .any(|e| e.dest.as_deref() == Some(Path::new("-")));
-    let mode = Mode::parse(&args.progress)?;
+    let root = args.root.clone();
     let engine = tokio::task::spawn_blocking(move || Engine::open(config))
         .await?
-        .with_context(|| format!("opening state in {}", args.root.display()))?;
-    let (progress, rx) = Progress::channel();
-    let renderer = Renderer::spawn(mode, rx);
+        .with_context(|| format!("opening state in {}", root.display()))?;
     let cancel = CancellationToken::new();
     let c2 = cancel.clone();
     tokio::spawn(async move {
@@ -382,21 +408,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
             c2.cancel();
         }
     });
-    let res = engine.build(req, progress, cancel).await;
-    let summary_ok = res.is_ok();
-    renderer.finish(summary_ok).await;
-    let resp = res?;
-    if let Some(path) = &args.metadata_file {
-        let json = metadata_json(&resp.exporter_response);
-        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
-            .with_context(|| format!("writing metadata file {}", path.display()))?;
-    }
-    if !stdout_used {
-        if let Some(d) = resp.exporter_response.get("containerimage.digest") {
-            println!("{d}");
-        }
-    }
-    Ok(())
+    Ok(engine.build(req, progress, cancel).await?.exporter_response)
 }
 
 /// The exporter response as buildctl writes it: values that are base64 of a JSON object

@@ -4,6 +4,7 @@
 
 mod build;
 mod progress;
+mod remote;
 mod timefmt;
 
 use clap::{Parser, Subcommand};

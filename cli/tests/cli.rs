@@ -162,7 +162,12 @@ fn bad_flags_are_named() -> anyhow::Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("type=nope"), "{err}");
     let out = kiln(&["build", "--addr", "tcp://127.0.0.1:1", "."])?;
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("connecting to tcp://127.0.0.1:1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = Path::new(".");
     Ok(())
 }
@@ -217,5 +222,69 @@ fn kill_9_mid_run_leaves_a_store_that_builds_correctly() -> anyhow::Result<()> {
     assert!(log.contains("CACHED"), "{log}");
     assert_eq!(std::fs::read_to_string(out.join("slow"))?, "slow\n");
     assert_eq!(std::fs::read_to_string(out.join("before"))?, "before\n");
+    Ok(())
+}
+
+#[test]
+fn addr_builds_on_a_daemon_over_a_session() -> anyhow::Result<()> {
+    use kiln_worker::control::service::ControlService;
+    use kiln_worker::control::{Engine, EngineConfig};
+
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let state = tempfile::tempdir()?;
+    let sock = state.path().join("kiln.sock");
+    // The daemon runs in this test process, as `kiln-worker --addr unix://…` would.
+    let rt = tokio::runtime::Runtime::new()?;
+    let engine = Engine::open(EngineConfig {
+        root: state.path().join("root"),
+        ..Default::default()
+    })?;
+    let listener = rt.block_on(async { tokio::net::UnixListener::bind(&sock) })?;
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(ControlService::new(std::sync::Arc::new(engine), "w0").into_server())
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("Dockerfile"), DOCKERFILE)?;
+    std::fs::write(dir.path().join("f.txt"), "f\n")?;
+    let addr = format!("unix://{}", sock.display());
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let name = format!("{}/kiln/remote:1", reg.addr());
+    let out = ok(kiln(&[
+        "build",
+        "--addr",
+        &addr,
+        "--progress",
+        "rawjson",
+        "--build-arg",
+        &arg,
+        "-t",
+        &name,
+        "--push",
+        dir.path().to_str().unwrap_or_default(),
+    ])?)?;
+    let digest = String::from_utf8(out.stdout)?.trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let vertices = rawjson_vertices(&out.stderr)?;
+    assert!(
+        vertices
+            .iter()
+            .any(|v| v["name"].as_str().unwrap_or_default().contains("RUN cat")),
+        "{vertices:?}"
+    );
+    // The image is in the registry under that digest.
+    let manifest = kiln_e2e::http::get(
+        &reg.addr(),
+        &format!("/v2/kiln/remote/manifests/{digest}"),
+        &[(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json",
+        )],
+    )?;
+    assert_eq!(manifest.status, 200);
+    drop(rt);
     Ok(())
 }

@@ -1,0 +1,196 @@
+//! `kiln build --addr`: the build runs on a `kiln-worker` (or anything serving BuildKit's
+//! Control API). The CLI opens a session serving the context and Dockerfile directories
+//! (FileSync), sends the Solve, and renders the Status stream.
+//!
+//! Partial, like the daemon it talks to: only `dockerfile.v0` (or LLB from stdin) with
+//! `image` outputs; plain TCP only (no TLS yet).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, Context};
+use kiln_proto::moby::buildkit::v1 as api;
+use kiln_worker::control::{BuildRequest, Frontend};
+use kiln_worker::progress::{self, Event, Progress, VertexState};
+use kiln_worker::session::filesync::LocalDirs;
+use kiln_worker::session::transport::{health_service, pipe, serve};
+use kiln_worker::session::SessionHeaders;
+use sha2::{Digest as _, Sha256};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A fresh random-enough identifier (time, pid and a counter, hashed).
+fn new_id(kind: &str) -> String {
+    let t = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let h = Sha256::digest(format!("{kind}-{t}-{}", std::process::id()).as_bytes());
+    hex::encode(&h[..13])
+}
+
+async fn connect(addr: &str) -> anyhow::Result<Channel> {
+    if let Some(path) = addr.strip_prefix("unix://") {
+        let path = path.to_string();
+        return Endpoint::try_from("http://kiln.sock")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .with_context(|| format!("connecting to {addr}"));
+    }
+    if let Some(hostport) = addr.strip_prefix("tcp://") {
+        return Endpoint::try_from(format!("http://{hostport}"))?
+            .connect()
+            .await
+            .with_context(|| {
+                format!("connecting to {addr} (plain TCP; TLS is not implemented yet)")
+            });
+    }
+    bail!("--addr {addr}: expected unix:///path or tcp://host:port")
+}
+
+fn time(t: Option<prost_types::Timestamp>) -> Option<SystemTime> {
+    t.and_then(|t| SystemTime::try_from(t).ok())
+}
+
+/// Status messages as progress events for the renderer.
+fn events(msg: api::StatusResponse) -> Vec<Event> {
+    let mut out = Vec::new();
+    for v in msg.vertexes {
+        out.push(Event::Vertex(VertexState {
+            digest: v.digest,
+            inputs: v.inputs,
+            name: v.name,
+            started: time(v.started),
+            completed: time(v.completed),
+            cached: v.cached,
+            error: (!v.error.is_empty()).then_some(v.error),
+        }));
+    }
+    for s in msg.statuses {
+        out.push(Event::Status(progress::VertexStatus {
+            vertex: s.vertex,
+            id: s.id,
+            name: s.name,
+            current: s.current.max(0) as u64,
+            total: s.total.max(0) as u64,
+            timestamp: time(s.timestamp).unwrap_or_else(SystemTime::now),
+            started: time(s.started),
+            completed: time(s.completed),
+        }));
+    }
+    for l in msg.logs {
+        out.push(Event::Log(progress::VertexLog {
+            vertex: l.vertex,
+            stream: l.stream.clamp(0, 255) as u8,
+            data: l.msg.into(),
+            timestamp: time(l.timestamp).unwrap_or_else(SystemTime::now),
+        }));
+    }
+    for w in msg.warnings {
+        out.push(Event::Warning(progress::Warning {
+            vertex: (!w.vertex.is_empty()).then_some(w.vertex),
+            message: String::from_utf8_lossy(&w.short).to_string(),
+        }));
+    }
+    out
+}
+
+/// Runs the build on the daemon at `addr`; returns the exporter response.
+pub async fn build(
+    addr: &str,
+    req: BuildRequest,
+    attrs: BTreeMap<String, String>,
+    progress: Progress,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    if !req.secrets.is_empty() {
+        bail!("--secret with --addr is not implemented yet (secrets go over the session)");
+    }
+    let mut exporters = Vec::new();
+    for e in &req.exports {
+        if e.typ != "image" {
+            bail!(
+                "--output type={} with --addr is not implemented yet (only image outputs; the others come back over the session)",
+                e.typ
+            );
+        }
+        exporters.push(api::Exporter {
+            r#type: e.typ.clone(),
+            attrs: e
+                .attrs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        });
+    }
+    let channel = connect(addr).await?;
+    let mut control = api::control_client::ControlClient::new(channel);
+
+    // The session: this process serves its local directories to the daemon.
+    let session_id = new_id("session");
+    let mut dirs = LocalDirs::new();
+    for (name, path) in &req.locals {
+        dirs = dirs.with_dir(name, path);
+    }
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut open = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    SessionHeaders {
+        id: session_id.clone(),
+        shared_key: String::new(),
+        methods: vec![
+            "/moby.filesync.v1.FileSync/DiffCopy".into(),
+            "/moby.filesync.v1.FileSync/TarStream".into(),
+            "/grpc.health.v1.Health/Check".into(),
+        ],
+        name: None,
+    }
+    .to_metadata(open.metadata_mut())?;
+    let inbound = control
+        .session(open)
+        .await
+        .context("opening a session")?
+        .into_inner();
+    let routes = tonic::service::Routes::new(dirs.into_service()).add_service(health_service());
+    let session = tokio::spawn(serve(pipe(inbound, out_tx), routes));
+
+    let build_ref = new_id("build");
+    let (frontend, definition) = match req.frontend {
+        Frontend::Dockerfile { .. } => ("dockerfile.v0".to_string(), None),
+        Frontend::Llb(def) => (String::new(), Some(def)),
+    };
+    let solve = api::SolveRequest {
+        r#ref: build_ref.clone(),
+        definition,
+        session: session_id,
+        frontend,
+        frontend_attrs: attrs.into_iter().collect::<HashMap<_, _>>(),
+        exporters,
+        ..Default::default()
+    };
+    let mut status_client = control.clone();
+    let sink = progress.clone();
+    let status = tokio::spawn(async move {
+        let mut stream = status_client
+            .status(api::StatusRequest { r#ref: build_ref })
+            .await?
+            .into_inner();
+        while let Some(msg) = stream.message().await? {
+            for e in events(msg) {
+                sink.send(e);
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    let res = control.solve(solve).await;
+    // Let the last progress arrive before the renderer finishes.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), status).await;
+    drop(progress);
+    session.abort();
+    let resp = res.map_err(|s| anyhow!("{}", s.message()))?.into_inner();
+    Ok(resp.exporter_response.into_iter().collect())
+}
