@@ -252,6 +252,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_root_in_use_is_a_clear_error() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let _first = Cache::open(root.path())?;
+        let err = Cache::open(root.path())
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("a second open must fail"))?;
+        assert!(err.to_string().contains("in use by another kiln"), "{err}");
+        Ok(())
+    }
+
+    #[test]
     fn reopen_after_crash_keeps_only_complete_records() -> anyhow::Result<()> {
         let root = tempfile::tempdir()?;
         let (kept, lost_key) = {

@@ -97,7 +97,12 @@ impl Metadata {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        let db = Database::create(path).map_err(|e| err(&e))?;
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => err(
+                &"in use by another kiln or kiln-worker process (one process per state directory: pass another --root, or build through the daemon)",
+            ),
+            e => err(&e),
+        })?;
         let md = Metadata {
             db,
             path: path.to_path_buf(),
