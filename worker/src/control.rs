@@ -547,7 +547,7 @@ impl Engine {
                 })
                 .await
                 .map_err(|e| export::Error::Attr {
-                    exporter: typ_name(exp),
+                    exporter: exp.typ.clone(),
                     message: e.to_string(),
                 })??;
             }
@@ -644,10 +644,6 @@ fn registry_host(name: &str) -> &str {
         Some((host, _)) if host.contains('.') || host.contains(':') || host == "localhost" => host,
         _ => "docker.io",
     }
-}
-
-fn typ_name(exp: &ExportRequest) -> String {
-    exp.typ.clone()
 }
 
 /// The display name of a vertex: `llb.customname`, else derived from the op.

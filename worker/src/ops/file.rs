@@ -170,7 +170,8 @@ impl View {
                     _dir: Some(dir),
                 })
             }
-            [only] if !has_whiteouts(&only.fs()) => Ok(View {
+            // A lone layer sits over nothing, so it has nothing to white out: read it as is.
+            [only] => Ok(View {
                 path: only.fs(),
                 _mount: None,
                 _dir: None,
@@ -201,12 +202,6 @@ impl Drop for View {
             let _ = m.commit();
         }
     }
-}
-
-/// A bottom layer never holds whiteouts that matter, but a single upper layer produced
-/// over scratch may; only the top-level check is cheap enough to do here.
-fn has_whiteouts(_dir: &std::path::Path) -> bool {
-    false
 }
 
 fn tempdir(root: &std::path::Path) -> std::io::Result<tempfile::TempDir> {
