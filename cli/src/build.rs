@@ -23,9 +23,8 @@ use crate::progress::{Mode, Renderer};
 /// Flags of `kiln build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Daemon or gateway address; without it the engine runs in this process.
-    #[arg(long, env = "BUILDKIT_HOST")]
-    addr: Option<String>,
+    #[command(flatten)]
+    conn: crate::conn::ConnArgs,
     /// State directory of the embedded engine.
     #[arg(long, env = "KILN_ROOT", default_value = "/var/lib/kiln")]
     root: PathBuf,
@@ -348,8 +347,8 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let mode = Mode::parse(&args.progress)?;
     let (progress, rx) = Progress::channel();
     let renderer = Renderer::spawn(mode, rx);
-    let res = match &args.addr {
-        Some(addr) => crate::remote::build(addr, req, attrs, progress).await,
+    let res = match &args.conn.addr {
+        Some(addr) => crate::remote::build(&args.conn, addr, req, attrs, progress).await,
         None => embedded(&args, req, progress).await,
     };
     renderer.finish(res.is_ok()).await;

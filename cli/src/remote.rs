@@ -3,7 +3,7 @@
 //! (FileSync), sends the Solve, and renders the Status stream.
 //!
 //! Partial, like the daemon it talks to: only `dockerfile.v0` (or LLB from stdin) with
-//! `image` outputs; plain TCP only (no TLS yet).
+//! `image` outputs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
@@ -16,7 +16,6 @@ use kiln_worker::session::filesync::LocalDirs;
 use kiln_worker::session::transport::{health_service, pipe, serve};
 use kiln_worker::session::SessionHeaders;
 use sha2::{Digest as _, Sha256};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 /// A fresh random-enough identifier (time, pid and a counter, hashed).
 fn new_id(kind: &str) -> String {
@@ -26,32 +25,6 @@ fn new_id(kind: &str) -> String {
         .as_nanos();
     let h = Sha256::digest(format!("{kind}-{t}-{}", std::process::id()).as_bytes());
     hex::encode(&h[..13])
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    if let Some(path) = addr.strip_prefix("unix://") {
-        let path = path.to_string();
-        return Endpoint::try_from("http://kiln.sock")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .with_context(|| format!("connecting to {addr}"));
-    }
-    if let Some(hostport) = addr.strip_prefix("tcp://") {
-        return Endpoint::try_from(format!("http://{hostport}"))?
-            .connect()
-            .await
-            .with_context(|| {
-                format!("connecting to {addr} (plain TCP; TLS is not implemented yet)")
-            });
-    }
-    bail!("--addr {addr}: expected unix:///path or tcp://host:port")
 }
 
 fn time(t: Option<prost_types::Timestamp>) -> Option<SystemTime> {
@@ -103,6 +76,7 @@ fn events(msg: api::StatusResponse) -> Vec<Event> {
 
 /// Runs the build on the daemon at `addr`; returns the exporter response.
 pub async fn build(
+    conn: &crate::conn::ConnArgs,
     addr: &str,
     req: BuildRequest,
     attrs: BTreeMap<String, String>,
@@ -128,7 +102,7 @@ pub async fn build(
                 .collect(),
         });
     }
-    let channel = connect(addr).await?;
+    let channel = conn.connect(addr).await?;
     let mut control = api::control_client::ControlClient::new(channel);
 
     // The session: this process serves its local directories to the daemon.
@@ -153,7 +127,7 @@ pub async fn build(
     let inbound = control
         .session(open)
         .await
-        .context("opening a session")?
+        .with_context(|| format!("opening a session with {addr}"))?
         .into_inner();
     let routes = tonic::service::Routes::new(dirs.into_service()).add_service(health_service());
     let session = tokio::spawn(serve(pipe(inbound, out_tx), routes));

@@ -8,6 +8,8 @@ use kiln_e2e::registry::Registry;
 
 #[path = "cli/auth.rs"]
 mod auth;
+#[path = "cli/daemon.rs"]
+mod daemon;
 
 fn kiln(args: &[&str]) -> anyhow::Result<Output> {
     Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))

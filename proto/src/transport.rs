@@ -362,6 +362,11 @@ impl ServeTls {
         Ok(ServeTls { tls, insecure_tcp })
     }
 
+    /// True when TCP listeners use TLS.
+    pub fn has_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Checks that `addr` can be served with these settings (TCP needs TLS or the opt-out).
     pub fn check(&self, addr: &Addr) -> Result<()> {
         if matches!(addr, Addr::Tcp(_)) && self.tls.is_none() && !self.insecure_tcp {

@@ -49,6 +49,7 @@ pub struct ControlService {
     registered: Arc<Notify>,
     worker_id: String,
     sessions: SessionManager,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 // === impl ControlService ===
@@ -62,7 +63,14 @@ impl ControlService {
             registered: Arc::new(Notify::new()),
             worker_id: worker_id.into(),
             sessions: SessionManager::new(),
+            metrics: None,
         }
+    }
+
+    /// Counts builds and sessions in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> ControlService {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The tonic server for this service.
@@ -252,6 +260,40 @@ impl ControlService {
     }
 }
 
+/// Counts a build as in flight while it lives; a build dropped before it finished (its
+/// client went away) is counted as cancelled.
+struct InFlight {
+    metrics: Arc<crate::metrics::Metrics>,
+    started: std::time::Instant,
+    finished: bool,
+}
+
+impl InFlight {
+    fn new(metrics: Arc<crate::metrics::Metrics>, started: std::time::Instant) -> InFlight {
+        metrics.builds_in_flight.inc();
+        InFlight {
+            metrics,
+            started,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.builds_in_flight.dec();
+        self.metrics
+            .build_seconds
+            .observe(self.started.elapsed().as_secs_f64());
+        if !self.finished {
+            self.metrics
+                .builds_total
+                .with_label_values(&["cancelled"])
+                .inc();
+        }
+    }
+}
+
 fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
     t.map(prost_types::Timestamp::from)
 }
@@ -354,10 +396,21 @@ impl api::control_server::Control for ControlService {
             }
             Frontend::Llb(_) => None,
         };
-        let res = self
-            .engine
-            .build(build, progress, CancellationToken::new())
-            .await;
+        // A client that goes away drops this future; the guard then cancels the build, which
+        // stops its containers and releases its mounts.
+        let cancel = CancellationToken::new();
+        let _cancel_on_drop = cancel.clone().drop_guard();
+        let started = std::time::Instant::now();
+        let mut in_flight = self
+            .metrics
+            .as_ref()
+            .map(|m| InFlight::new(m.clone(), started));
+        let res = self.engine.build(build, progress, cancel).await;
+        if let Some(f) = in_flight.as_mut() {
+            let result = if res.is_ok() { "ok" } else { "error" };
+            f.metrics.builds_total.with_label_values(&[result]).inc();
+            f.finished = true;
+        }
         drop(fetched);
         drop(_enter);
         let _ = collector.await;
