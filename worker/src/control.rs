@@ -101,6 +101,15 @@ pub struct BuildResponse {
     pub exporter_response: BTreeMap<String, String>,
 }
 
+/// A solved build, not yet exported: its result and the image config that goes with it.
+#[derive(Debug, Clone)]
+pub struct SolvedBuild {
+    /// The result's layers.
+    pub output: Ref,
+    /// The image config (from the Dockerfile, or the host platform for raw LLB).
+    pub config: ImageConfigFile,
+}
+
 /// The build engine over one worker root.
 pub struct Engine {
     worker: Arc<Worker>,
@@ -165,13 +174,24 @@ impl Engine {
         &self.worker
     }
 
-    /// Runs one build.
+    /// Runs one build: solves it, then writes its outputs.
     pub async fn build(
         &self,
         req: BuildRequest,
         progress: Progress,
         cancel: CancellationToken,
     ) -> Result<BuildResponse> {
+        let solved = self.solve(&req, &progress, cancel).await?;
+        self.export_result(&solved, &req.exports, &progress).await
+    }
+
+    /// Solves a build's frontend to a result without exporting it.
+    pub async fn solve(
+        &self,
+        req: &BuildRequest,
+        progress: &Progress,
+        cancel: CancellationToken,
+    ) -> Result<SolvedBuild> {
         let (definition, config) = match &req.frontend {
             Frontend::Llb(def) => {
                 let mut cfg = ImageConfigFile::default();
@@ -183,19 +203,14 @@ impl Engine {
             Frontend::Dockerfile {
                 opts,
                 dockerfile_local,
-            } => {
-                self.dockerfile(&req, opts, dockerfile_local, &progress)
-                    .await?
-            }
+            } => self.dockerfile(req, opts, dockerfile_local, progress).await?,
         };
         if definition.def.is_empty() {
             // Nothing to build (an untouched scratch stage): the result is empty.
-            let mut response = BuildResponse::default();
-            for (i, exp) in req.exports.iter().enumerate() {
-                self.export(i, exp, &Ref::scratch(), &config, &progress, &mut response)
-                    .await?;
-            }
-            return Ok(response);
+            return Ok(SolvedBuild {
+                output: Ref::scratch(),
+                config,
+            });
         }
         let graph = llb::decode(&definition)?;
         let build = Arc::new(BuildCtx {
@@ -250,10 +265,30 @@ impl Engine {
                 cancel,
             )
             .await?;
+        Ok(SolvedBuild {
+            output: solved.output,
+            config,
+        })
+    }
+
+    /// Writes a solved result to `exports`, in order.
+    pub async fn export_result(
+        &self,
+        solved: &SolvedBuild,
+        exports: &[ExportRequest],
+        progress: &Progress,
+    ) -> Result<BuildResponse> {
         let mut response = BuildResponse::default();
-        for (i, exp) in req.exports.iter().enumerate() {
-            self.export(i, exp, &solved.output, &config, &progress, &mut response)
-                .await?;
+        for (i, exp) in exports.iter().enumerate() {
+            self.export(
+                i,
+                exp,
+                &solved.output,
+                &solved.config,
+                progress,
+                &mut response,
+            )
+            .await?;
         }
         Ok(response)
     }
