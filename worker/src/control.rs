@@ -203,7 +203,10 @@ impl Engine {
             Frontend::Dockerfile {
                 opts,
                 dockerfile_local,
-            } => self.dockerfile(req, opts, dockerfile_local, progress).await?,
+            } => {
+                self.dockerfile(req, opts, dockerfile_local, progress)
+                    .await?
+            }
         };
         if definition.def.is_empty() {
             // Nothing to build (an untouched scratch stage): the result is empty.

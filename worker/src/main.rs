@@ -5,8 +5,8 @@
 //! Settings come from flags, then the `--config` TOML file, then defaults.
 //!
 //! Partial (see `control::service`): raw LLB, and `dockerfile.v0` with the context fetched
-//! over the client's session, exported to images; no LLBBridge and no outputs back to the
-//! client yet.
+//! over the client's session, on the classic and the LLBBridge path, exported to images; no
+//! outputs back to the client yet.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -201,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
         let incoming = serve_tls.listen(addr).await?;
         let router = tonic::transport::Server::builder()
             .add_service(control.clone().into_server())
+            .add_service(control.clone().into_bridge_server())
             .add_service(
                 kiln_proto::grpc::health::v1::health_server::HealthServer::new(HealthService),
             );
