@@ -212,8 +212,10 @@ async fn dockerfile_build_over_a_session() -> anyhow::Result<()> {
 
 fn bridge_call<T>(build: &str, msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert(kiln_proto::metadata::BUILD_ID, build.parse().unwrap());
+    r.metadata_mut().insert(
+        kiln_proto::metadata::BUILD_ID,
+        build.parse().expect("ascii build id"),
+    );
     r
 }
 
