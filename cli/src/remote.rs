@@ -3,8 +3,11 @@
 //! (FileSync), sends the Solve, drives the frontend over LLBBridge as buildctl does, and
 //! renders the Status stream.
 //!
-//! Partial, like the daemon it talks to: only `dockerfile.v0` (or LLB from stdin) with
-//! `image` outputs.
+//! Outputs other than `image` (`local`, `tar`, `oci`, `docker`) come back over the
+//! session's FileSend and are written where `--output` says.
+//!
+//! Partial, like the daemon it talks to: no secrets, SSH or registry credentials over the
+//! session yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
@@ -14,6 +17,7 @@ use kiln_proto::moby::buildkit::v1 as api;
 use kiln_proto::moby::buildkit::v1::frontend as gw;
 use kiln_worker::control::{BuildRequest, Frontend};
 use kiln_worker::progress::{self, Event, Progress, VertexState};
+use kiln_worker::session::filesend::{FileSendTargets, OutputTarget};
 use kiln_worker::session::filesync::LocalDirs;
 use kiln_worker::session::transport::{health_service, pipe, serve};
 use kiln_worker::session::SessionHeaders;
@@ -88,11 +92,22 @@ pub async fn build(
         bail!("--secret with --addr is not implemented yet (secrets go over the session)");
     }
     let mut exporters = Vec::new();
-    for e in &req.exports {
+    let mut targets = HashMap::new();
+    for (i, e) in req.exports.iter().enumerate() {
         if e.typ != "image" {
-            bail!(
-                "--output type={} with --addr is not implemented yet (only image outputs; the others come back over the session)",
-                e.typ
+            // The daemon streams this output back over the session's FileSend.
+            let dest = e
+                .dest
+                .clone()
+                .or_else(|| e.attrs.get("dest").map(std::path::PathBuf::from))
+                .ok_or_else(|| anyhow!("--output type={}: dest is required", e.typ))?;
+            targets.insert(
+                i,
+                if e.typ == "local" {
+                    OutputTarget::Dir(dest)
+                } else {
+                    OutputTarget::File(dest)
+                },
             );
         }
         exporters.push(api::Exporter {
@@ -121,6 +136,7 @@ pub async fn build(
         methods: vec![
             "/moby.filesync.v1.FileSync/DiffCopy".into(),
             "/moby.filesync.v1.FileSync/TarStream".into(),
+            kiln_worker::session::filesend::DIFF_COPY.into(),
             "/grpc.health.v1.Health/Check".into(),
         ],
         name: None,
@@ -131,7 +147,9 @@ pub async fn build(
         .await
         .with_context(|| format!("opening a session with {addr}"))?
         .into_inner();
-    let routes = tonic::service::Routes::new(dirs.into_service()).add_service(health_service());
+    let routes = tonic::service::Routes::new(dirs.into_service())
+        .add_service(health_service())
+        .add_service(FileSendTargets::new(targets));
     let session = tokio::spawn(serve(pipe(inbound, out_tx), routes));
 
     let build_ref = new_id("build");

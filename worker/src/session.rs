@@ -16,6 +16,7 @@
 //!
 //! The module does not know about builds.
 
+pub mod filesend;
 pub mod filesync;
 pub mod manager;
 pub mod transport;

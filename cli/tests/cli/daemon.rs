@@ -226,3 +226,58 @@ fn daemon_refuses_plain_tcp_and_bad_flags() -> anyhow::Result<()> {
     assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
     Ok(())
 }
+
+#[test]
+fn daemon_sends_local_and_tar_outputs_to_the_client() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
+    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let dir = context_dir()?;
+    let ctx = dir.path().to_str().context("path")?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let out_dir = run.path().join("out/dir");
+    let tar = run.path().join("out/image.tar");
+    let local = format!("type=local,dest={}", out_dir.display());
+    let tarball = format!("type=tar,dest={}", tar.display());
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "-o",
+        &local,
+        "-o",
+        &tarball,
+        ctx,
+    ])?)?;
+    assert_eq!(std::fs::read_to_string(out_dir.join("both"))?, "a\nf\n");
+    assert!(out_dir.join("bin/busybox").exists());
+    let mut names = Vec::new();
+    for e in tar::Archive::new(std::fs::File::open(&tar)?).entries()? {
+        names.push(e?.path()?.to_string_lossy().to_string());
+    }
+    assert!(
+        names.iter().any(|n| n.trim_start_matches("./") == "both"),
+        "{names:?}"
+    );
+    // An oci tarball to stdout.
+    let out = ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "-o",
+        "type=oci,dest=-",
+        ctx,
+    ])?)?;
+    let mut found_index = false;
+    for e in tar::Archive::new(&out.stdout[..]).entries()? {
+        found_index |= e?.path()?.to_string_lossy() == "index.json";
+    }
+    assert!(found_index, "no index.json in the oci tarball on stdout");
+    Ok(())
+}

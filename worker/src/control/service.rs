@@ -12,6 +12,7 @@
 //! fail saying so.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -329,7 +330,8 @@ impl ControlService {
     /// The outputs a Solve asks for.
     fn exports(req: &api::SolveRequest) -> Result<Vec<ExportRequest>, Status> {
         let mut exports = Vec::new();
-        if !req.exporter_deprecated.is_empty() {
+        // Clients send the first exporter twice: in Exporters and in the deprecated fields.
+        if req.exporters.is_empty() && !req.exporter_deprecated.is_empty() {
             exports.push(ExportRequest {
                 typ: req.exporter_deprecated.clone(),
                 attrs: req
@@ -352,15 +354,101 @@ impl ControlService {
             });
         }
         for e in &exports {
-            if e.typ != "image" {
+            let to_client = matches!(e.typ.as_str(), "oci" | "docker");
+            if to_client && e.attrs.get("tar").map(String::as_str) == Some("false") {
                 return Err(Status::unimplemented(format!(
-                    "exporter {:?} sends its output to the client over a session, which is not implemented yet (image works)",
+                    "exporter {:?} with tar=false writes through the session content store, which is not implemented yet (tar=true works)",
                     e.typ
                 )));
             }
         }
         Ok(exports)
     }
+
+    /// Points every output that goes back to the client (`local`, `tar`, `oci`, `docker`)
+    /// at a scratch path on this worker, from where [`Self::deliver`] sends it.
+    fn client_outputs(
+        &self,
+        exports: &mut [ExportRequest],
+    ) -> Result<Option<ClientOutputs>, Status> {
+        if exports.iter().all(|e| e.typ == "image") {
+            return Ok(None);
+        }
+        let base = self.engine.worker().root.join("mounts");
+        std::fs::create_dir_all(&base).map_err(|e| Status::internal(e.to_string()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("outputs-")
+            .tempdir_in(&base)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut sends = Vec::new();
+        for (i, e) in exports.iter_mut().enumerate() {
+            if e.typ == "image" {
+                continue;
+            }
+            let path = tmp.path().join(format!("output-{i}"));
+            e.dest = Some(path.clone());
+            sends.push((i, e.typ == "local", path));
+        }
+        Ok(Some(ClientOutputs { _tmp: tmp, sends }))
+    }
+
+    /// Sends the outputs prepared by [`Self::client_outputs`] to the client over FileSend.
+    async fn deliver(
+        &self,
+        session_id: &str,
+        outputs: &ClientOutputs,
+        response: &super::BuildResponse,
+        progress: &Progress,
+    ) -> Result<(), Status> {
+        let session = self
+            .sessions
+            .get(session_id, LOOKUP_WAIT)
+            .await
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "outputs go back to the client over its session, and there is no active session {session_id:?}"
+                ))
+            })?;
+        if !session
+            .headers
+            .supports(crate::session::filesend::DIFF_COPY)
+        {
+            return Err(Status::failed_precondition(
+                "the client's session does not accept outputs (it serves no FileSend)",
+            ));
+        }
+        let step = Step::start(progress, "send-outputs", "sending outputs to the client");
+        let mut res = Ok(());
+        for (index, is_dir, path) in &outputs.sends {
+            let sent = if *is_dir {
+                crate::session::filesend::send_dir(session.channel.clone(), *index, path).await
+            } else {
+                crate::session::filesend::send_file(
+                    session.channel.clone(),
+                    *index,
+                    &response.exporter_response,
+                    path,
+                )
+                .await
+            };
+            if let Err(e) = sent {
+                res = Err(Status::unavailable(format!(
+                    "sending output {index} to the client: {}",
+                    crate::solver::error_chain(&e)
+                )));
+                break;
+            }
+        }
+        step.finish(res.as_ref().err().map(|e| e.message().to_string()));
+        res
+    }
+}
+
+/// Outputs staged on the worker on their way to the client.
+struct ClientOutputs {
+    _tmp: tempfile::TempDir,
+    /// (exporter index, is a directory, staged path)
+    sends: Vec<(usize, bool, PathBuf)>,
 }
 
 /// Counts a build as in flight while it lives; a build dropped before it finished (its
@@ -467,7 +555,8 @@ impl api::control_server::Control for ControlService {
         } else {
             Some(Self::request(&req)?)
         };
-        let exports = Self::exports(&req)?;
+        let mut exports = Self::exports(&req)?;
+        let outputs = self.client_outputs(&mut exports)?;
         let (job, progress, collector) = self.start_job(&req.r#ref)?;
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
         let _enter = span.enter();
@@ -486,6 +575,13 @@ impl api::control_server::Control for ControlService {
                     .await
             }
             None => self.solve_bridged(&req, &exports, &progress, cancel).await,
+        };
+        let res = match (res, &outputs) {
+            (Ok(resp), Some(outputs)) => self
+                .deliver(&req.session, outputs, &resp, &progress)
+                .await
+                .map(|()| resp),
+            (res, _) => res,
         };
         if let Some(f) = in_flight.as_mut() {
             let result = if res.is_ok() { "ok" } else { "error" };

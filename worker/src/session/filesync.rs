@@ -15,7 +15,9 @@
 mod receive;
 mod send;
 
+pub(crate) use receive::receive_stream;
 pub use receive::{receive, ReceiveOptions};
+pub(crate) use send::send_dir;
 pub(crate) use send::stat_of;
 pub use send::LocalDirs;
 

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Request, Streaming};
+use tonic::Request;
 
 use super::{kind_name, packet, Selection};
 use crate::session::transport::MAX_GRPC_MESSAGE;
@@ -64,16 +64,34 @@ pub async fn receive(
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
     let mut inbound = client.diff_copy(request).await.map_err(rpc)?.into_inner();
+    receive_stream(&mut inbound, tx, dest)
+        .await
+        .map_err(|e| match e {
+            SessionError::Rpc { source, .. } => rpc(source),
+            other => other,
+        })
+}
 
-    let result = exchange(&mut inbound, &tx, dest).await;
+/// The receiver side of a transfer over any packet stream: validates the listing, requests
+/// the files, writes everything into `dest` and applies metadata. Sends an ERR packet to
+/// the sender when it fails.
+pub(crate) async fn receive_stream<S>(
+    inbound: &mut S,
+    tx: mpsc::UnboundedSender<Packet>,
+    dest: &Path,
+) -> Result<Vec<Stat>, SessionError>
+where
+    S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
+    tokio::fs::create_dir_all(dest)
+        .await
+        .map_err(|e| SessionError::io("create", dest, e))?;
+    let result = exchange(inbound, &tx, dest).await;
     if let Err(e) = &result {
         let _ = tx.send(super::err_packet(&e.to_string()));
     }
     drop(tx);
-    let entries = result.map_err(|e| match e {
-        SessionError::Rpc { source, .. } => rpc(source),
-        other => other,
-    })?;
+    let entries = result?;
     let dest = dest.to_path_buf();
     let stats = tokio::task::spawn_blocking(move || {
         apply_metadata(&dest, &entries)?;
@@ -84,11 +102,19 @@ pub async fn receive(
     Ok(stats)
 }
 
-async fn next(inbound: &mut Streaming<Packet>) -> Result<Option<Packet>, SessionError> {
-    inbound.message().await.map_err(|source| SessionError::Rpc {
-        call: String::new(),
-        source,
-    })
+async fn next<S>(inbound: &mut S) -> Result<Option<Packet>, SessionError>
+where
+    S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
+    use futures::StreamExt;
+    inbound
+        .next()
+        .await
+        .transpose()
+        .map_err(|source| SessionError::Rpc {
+            call: String::new(),
+            source,
+        })
 }
 
 fn peer_error(p: &Packet) -> SessionError {
@@ -114,11 +140,14 @@ enum Kind {
     Skipped,
 }
 
-async fn exchange(
-    inbound: &mut Streaming<Packet>,
+async fn exchange<S>(
+    inbound: &mut S,
     tx: &mpsc::UnboundedSender<Packet>,
     dest: &Path,
-) -> Result<Vec<Entry>, SessionError> {
+) -> Result<Vec<Entry>, SessionError>
+where
+    S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
     // 1. The listing, validated as it arrives.
     let mut listing = Listing::default();
     loop {

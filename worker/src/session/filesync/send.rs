@@ -128,15 +128,14 @@ impl Drop for AbortOnDrop {
 /// Streams the listing, then serves REQs until the receiver's FIN. The inbound stream
 /// is drained by its own task from the start: a receiver may send requests while the
 /// listing is still arriving and must never block on them.
-async fn run(
-    entries: Vec<Entry>,
-    mut inbound: Streaming<Packet>,
-    tx: &Out,
-) -> Result<(), SessionError> {
+async fn run<S>(entries: Vec<Entry>, mut inbound: S, tx: &Out) -> Result<(), SessionError>
+where
+    S: futures::Stream<Item = Result<Packet, Status>> + Send + Unpin + 'static,
+{
     let (req_tx, mut requests) = mpsc::unbounded_channel();
     let _reader = AbortOnDrop(tokio::spawn(async move {
         loop {
-            let next = inbound.message().await;
+            let next = inbound.next().await.transpose();
             let done = !matches!(next, Ok(Some(_)));
             if req_tx.send(next).is_err() || done {
                 break;
@@ -438,4 +437,22 @@ fn entry(
 pub(crate) fn stat_of(rel: &str, path: &Path) -> Result<Stat, SessionError> {
     let md = std::fs::symlink_metadata(path).map_err(|e| SessionError::io("stat", path, e))?;
     Ok(entry(rel, path, &md, true)?.stat)
+}
+
+/// The sender side of a directory transfer over any packet stream: lists `root` (owners
+/// kept) and serves the receiver's requests until its FIN. Used for `local` outputs, where
+/// the daemon sends over `FileSend` and the client receives.
+pub(crate) async fn send_dir<S>(root: PathBuf, inbound: S, tx: Out) -> Result<(), SessionError>
+where
+    S: futures::Stream<Item = Result<Packet, Status>> + Send + Unpin + 'static,
+{
+    let selection = Selection::default();
+    let entries = tokio::task::spawn_blocking(move || walk(&root, &selection, true))
+        .await
+        .map_err(|e| SessionError::protocol(format!("directory walk failed: {e}")))??;
+    let res = run(entries, inbound, &tx).await;
+    if let Err(e) = &res {
+        let _ = tx.send(Ok(err_packet(&error_chain(e)))).await;
+    }
+    res
 }
