@@ -4,5 +4,6 @@
 //! tests alike.
 
 pub mod base;
+pub mod fleet;
 pub mod http;
 pub mod registry;
