@@ -186,7 +186,10 @@ fn twelve_projects_stick_to_their_workers() -> anyhow::Result<()> {
             eprintln!("after the kill: project {i} on {w} (cached: {cached})");
             if home[i] == victim {
                 assert_ne!(w, victim, "project {i} still routed to the dead worker");
-                assert!(!cached, "project {i} moved to {w}, which never built it, yet was cached");
+                assert!(
+                    !cached,
+                    "project {i} moved to {w}, which never built it, yet was cached"
+                );
             } else {
                 assert_eq!(w, home[i], "project {i} moved although its worker lives");
                 assert!(cached, "project {i}: not cached on its worker {w}");

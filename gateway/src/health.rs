@@ -138,6 +138,7 @@ impl Drop for InflightGuard {
 #[derive(Debug, Clone)]
 pub struct Pool {
     inner: Arc<RwLock<Inner>>,
+    picking: Arc<std::sync::Mutex<()>>,
     vnodes: usize,
     load_bound: f64,
     metrics: Metrics,
@@ -156,6 +157,7 @@ impl Pool {
     pub fn new(vnodes: usize, load_bound: f64, metrics: Metrics) -> Pool {
         Pool {
             inner: Arc::default(),
+            picking: Arc::default(),
             vnodes,
             load_bound,
             metrics,
@@ -223,6 +225,9 @@ impl Pool {
     /// The worker for `key` under bounded load, skipping `exclude`d names; counts the build
     /// on it until the returned guard drops.
     pub fn pick(&self, key: &str, exclude: &[String]) -> Option<(Arc<Worker>, InflightGuard)> {
+        // One decision at a time, so concurrent builds cannot both take the last slot
+        // under the load bound.
+        let _one = self.picking.lock().ok()?;
         let inner = self.inner.read().ok()?;
         let load = |n: &str| {
             let w = inner.workers.get(n)?;

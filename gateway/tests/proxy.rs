@@ -712,3 +712,91 @@ async fn worker_dying_mid_build_fails_the_build_naming_it() {
     );
     assert_eq!(header(err.metadata(), WORKER_HEADER), "w0");
 }
+
+#[tokio::test]
+async fn concurrent_builds_of_one_hot_project_respect_the_load_bound() {
+    let backends = [
+        Backend::start("w0").await,
+        Backend::start("w1").await,
+        Backend::start("w2").await,
+    ];
+    let s = setup(
+        backends.iter().map(Backend::member).collect(),
+        Timeouts::default(),
+    )
+    .await;
+    const BUILDS: usize = 9;
+    let mut calls = Vec::new();
+    for i in 0..BUILDS {
+        let mut req = solve(&format!("hot-{i}"), "", "hot-project");
+        req.frontend_attrs.insert("hang".into(), "1".into());
+        let mut client = s.client.clone();
+        calls.push(tokio::spawn(async move { client.solve(req).await }));
+    }
+    let total = || {
+        backends
+            .iter()
+            .map(|b| b.fake.state.solves.lock().expect("lock").len())
+            .sum::<usize>()
+    };
+    within("all builds placed", async {
+        while total() < BUILDS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // c = 1.25 over 3 workers: at most ceil(1.25 × 9 / 3) = 4 on any one.
+    let cap = kiln_gateway::ring::capacity(1.25, BUILDS - 1, 3);
+    assert_eq!(cap, 4);
+    let home = s.gateway.pool().home("hot-project").expect("home");
+    for b in &backends {
+        let n = b.fake.state.solves.lock().expect("lock").len();
+        assert!(n <= cap, "{} runs {n} builds > bound {cap}", b.fake.name);
+        let inflight = s.gateway.pool().get(&b.fake.name).map(|w| w.inflight());
+        assert_eq!(inflight, Some(n));
+        if b.fake.name == home {
+            assert_eq!(n, cap, "the hot project's home is not filled first");
+        }
+    }
+    for c in calls {
+        c.abort();
+    }
+}
+
+#[tokio::test]
+async fn ejected_worker_rejoins_when_healthy() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let pool = kiln_gateway::health::Pool::new(40, 1.25, Metrics::new().expect("metrics"));
+    pool.set_members(&[Member {
+        name: "late".into(),
+        addr: format!("tcp://127.0.0.1:{port}"),
+    }])
+    .expect("members");
+    pool.check_all().await;
+    assert!(
+        pool.available().is_empty(),
+        "a dead worker passed its check"
+    );
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the same port");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health::health_server::HealthServer::new(Healthy))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    within("rejoin", async {
+        loop {
+            pool.check_all().await;
+            if !pool.available().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(pool.pick("k", &[]).is_some());
+}
