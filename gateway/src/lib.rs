@@ -9,7 +9,9 @@
 //! * [`route`]: routing keys and the session/ref pin tables.
 //! * [`proxy`]: the gRPC services that forward calls.
 //! * [`metrics`]: Prometheus metrics and their HTTP endpoint.
+//! * [`admin`]: the operator's drain/undrain endpoint.
 
+pub mod admin;
 pub mod discovery;
 pub mod error;
 pub mod health;

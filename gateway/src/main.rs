@@ -1,8 +1,8 @@
 //! `kiln-gateway`: one BuildKit endpoint that consistent-hashes builds over the workers.
 //!
 //! Partial: mTLS (to clients and to workers) is not wired yet, so TCP needs
-//! `--insecure-tcp`; EndpointSlice discovery, the admin (drain) API and OTLP traces are
-//! not implemented yet.
+//! `--insecure-tcp`; EndpointSlice discovery and OTLP traces are not implemented yet; the admin
+//! endpoint has no authentication, so it listens on loopback only.
 
 use std::time::Duration;
 
@@ -38,6 +38,10 @@ struct Args {
     /// Prometheus metrics (and /healthz, /readyz) on HOST:PORT, plain HTTP.
     #[arg(long)]
     metrics_addr: Option<String>,
+    /// Admin endpoint (drain/undrain workers, list the pool) on a loopback HOST:PORT,
+    /// plain HTTP; off by default.
+    #[arg(long)]
+    admin_addr: Option<String>,
     /// Serve TCP without TLS (mTLS is not wired yet, so this is required for now).
     #[arg(long)]
     insecure_tcp: bool,
@@ -110,6 +114,19 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(addr = %maddr, "serving metrics");
         let pool = gateway.pool().clone();
         tokio::spawn(metrics.serve(listener, move || !pool.available().is_empty()));
+    }
+
+    if let Some(aaddr) = &args.admin_addr {
+        let a: std::net::SocketAddr = aaddr
+            .parse()
+            .with_context(|| format!("--admin-addr {aaddr}: expected IP:PORT"))?;
+        if !a.ip().is_loopback() {
+            bail!("--admin-addr {aaddr}: the admin endpoint has no authentication yet, so it only listens on loopback");
+        }
+        let listener = tokio::net::TcpListener::bind(a)
+            .await
+            .with_context(|| format!("--admin-addr {aaddr}: cannot listen"))?;
+        tokio::spawn(kiln_gateway::admin::serve(gateway.pool().clone(), listener));
     }
 
     let listener = tokio::net::TcpListener::bind(sock)

@@ -184,42 +184,62 @@ impl Metrics {
     where
         F: Fn() -> bool + Send + Sync + Clone + 'static,
     {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let me = self.clone();
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let mut n = 0;
-                // Read until the end of the request head (requests here have no body).
-                while n < buf.len() {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => n += k,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
+        serve_http(listener, move |_method: &str, path: &str| match path {
+            "/metrics" => (200, self.render()),
+            "/healthz" => (200, "ok\n".to_string()),
+            "/readyz" if ready() => (200, "ready\n".to_string()),
+            "/readyz" => (503, "no healthy worker\n".to_string()),
+            _ => (404, "not found\n".to_string()),
+        })
+        .await
+    }
+}
+
+/// A minimal plaintext HTTP/1.1 server (one request per connection, no request bodies):
+/// `handler(method, path_and_query)` returns the status code and a text body.
+pub async fn serve_http<H>(listener: tokio::net::TcpListener, handler: H)
+where
+    H: Fn(&str, &str) -> (u16, String) + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read until the end of the request head.
+            while n < buf.len() {
+                match sock.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => n += k,
                 }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let path = head.split_whitespace().nth(1).unwrap_or("/");
-                let (code, body) = match path {
-                    "/metrics" => ("200 OK", me.render()),
-                    "/healthz" => ("200 OK", "ok\n".to_string()),
-                    "/readyz" if ready() => ("200 OK", "ready\n".to_string()),
-                    "/readyz" => ("503 Service Unavailable", "no healthy worker\n".to_string()),
-                    _ => ("404 Not Found", "not found\n".to_string()),
-                };
-                let resp = format!(
-                    "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut words = head.split_whitespace();
+            let method = words.next().unwrap_or("GET");
+            let path = words.next().unwrap_or("/");
+            let (code, body) = handler(method, path);
+            let reason = match code {
+                200 => "OK",
+                400 => "Bad Request",
+                404 => "Not Found",
+                405 => "Method Not Allowed",
+                503 => "Service Unavailable",
+                _ => "",
+            };
+            let resp = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
     }
 }
 

@@ -49,6 +49,8 @@ struct FakeState {
     solves: Mutex<Vec<api::SolveRequest>>,
     bridge_ids: Mutex<Vec<String>>,
     changed: Notify,
+    /// Lets one solve with the `wait` attribute finish.
+    release: Notify,
 }
 
 #[derive(Clone)]
@@ -155,6 +157,9 @@ impl api::control_server::Control for Fake {
         let req = request.into_inner();
         self.state.solves.lock().expect("lock").push(req.clone());
         self.state.changed.notify_waiters();
+        if req.frontend_attrs.contains_key("wait") {
+            self.state.release.notified().await;
+        }
         if req.frontend_attrs.contains_key("hang") {
             futures::future::pending::<()>().await;
         }
@@ -799,4 +804,64 @@ async fn ejected_worker_rejoins_when_healthy() {
     })
     .await;
     assert!(pool.pick("k", &[]).is_some());
+}
+
+#[tokio::test]
+async fn draining_and_leaving_workers_finish_running_builds_and_take_no_new_ones() {
+    let backends = [Backend::start("w0").await, Backend::start("w1").await];
+    let s = setup(
+        backends.iter().map(Backend::member).collect(),
+        Timeouts::default(),
+    )
+    .await;
+    let pool = s.gateway.pool().clone();
+    let key = (0..100)
+        .map(|i| format!("key-{i}"))
+        .find(|k| pool.home(k).as_deref() == Some("w0"))
+        .expect("a key homed on w0");
+    for how in ["drain", "leave"] {
+        let mut req = solve(&format!("running-{how}"), "", &key);
+        req.frontend_attrs.insert("wait".into(), "1".into());
+        let mut client = s.client.clone();
+        let running = tokio::spawn(async move { client.solve(req).await });
+        let before = backends[0].fake.state.solves.lock().expect("lock").len();
+        backends[0]
+            .fake
+            .wait_for("the build reached w0", |f| {
+                f.state.solves.lock().expect("lock").len() > before
+            })
+            .await;
+        match how {
+            "drain" => {
+                assert_eq!(
+                    kiln_gateway::admin::handle(&pool, "POST", "/drain?worker=w0").0,
+                    200
+                );
+            }
+            _ => pool.set_members(&[backends[1].member()]).expect("members"),
+        }
+        // New builds of the same project go elsewhere...
+        let mut client = s.client.clone();
+        let resp = client
+            .solve(solve(&format!("new-{how}"), "", &key))
+            .await
+            .expect("new build");
+        assert_eq!(header(resp.metadata(), WORKER_HEADER), "w1", "{how}");
+        // ...while the running one finishes on w0.
+        backends[0].fake.state.release.notify_one();
+        let done = within("running build", running)
+            .await
+            .expect("join")
+            .expect("running build failed");
+        assert_eq!(header(done.metadata(), WORKER_HEADER), "w0", "{how}");
+        assert_eq!(done.get_ref().exporter_response["worker"], "w0");
+        if how == "drain" {
+            kiln_gateway::admin::handle(&pool, "POST", "/undrain?worker=w0");
+            let resp = client
+                .solve(solve("after-undrain", "", &key))
+                .await
+                .expect("build after undrain");
+            assert_eq!(header(resp.metadata(), WORKER_HEADER), "w0");
+        }
+    }
 }
