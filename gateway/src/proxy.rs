@@ -21,6 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{http, BoxFuture, BoxStream, Service};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::health::{InflightGuard, Pool, Worker};
 use crate::metrics::Metrics;
@@ -419,8 +420,10 @@ impl api::control_server::Control for Proxy {
             }
         }
         let build = req.r#ref.clone();
+        let span = tracing::info_span!("proxy.solve", r#ref = %build, worker = %worker.name);
         let res = control(&worker)
             .solve(request_with(&metadata, req, false))
+            .instrument(span)
             .await;
         self.metrics.latency("solve", start.elapsed());
         drop(guard);
@@ -460,8 +463,10 @@ impl api::control_server::Control for Proxy {
             .worker_for_ref("status", &request.get_ref().r#ref)
             .await?;
         let (metadata, _, msg) = request.into_parts();
+        let span = tracing::info_span!("proxy.status", r#ref = %msg.r#ref, worker = %worker.name);
         let up = control(&worker)
             .status(request_with(&metadata, msg, false))
+            .instrument(span)
             .await
             .map_err(|s| name_worker(&worker, "status", s))?;
         self.metrics.latency("status", start.elapsed());
@@ -564,7 +569,10 @@ impl api::control_server::Control for Proxy {
                     Err(_) => futures::future::pending().await,
                 }
             };
-            Proxy::run_session(worker, metadata, in_rx, out_tx, opened, cancelled).await;
+            let span = tracing::info_span!("proxy.session", session = %id, worker = %worker.name);
+            Proxy::run_session(worker, metadata, in_rx, out_tx, opened, cancelled)
+                .instrument(span)
+                .await;
             routes.session_ended(&id);
         });
         let stream = ReceiverStream::new(out_rx).map(move |m| {
@@ -781,11 +789,14 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
                 Err(s) => return Ok(status_response(s)),
             };
             let mut channel = worker.channel.clone();
-            let res =
-                match futures::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await {
-                    Ok(()) => Service::call(&mut channel, req).await,
-                    Err(e) => Err(e),
-                };
+            let span =
+                tracing::info_span!("proxy.llbbridge", r#ref = %build, worker = %worker.name);
+            let res = async {
+                futures::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
+                Service::call(&mut channel, req).await
+            }
+            .instrument(span)
+            .await;
             proxy.metrics.latency("llbbridge", start.elapsed());
             Ok(match res {
                 Ok(r) => r,
