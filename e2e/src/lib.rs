@@ -5,6 +5,7 @@
 //! tests alike.
 
 pub mod base;
+pub mod fleet;
 pub mod http;
 pub mod pki;
 pub mod registry;

@@ -1,0 +1,274 @@
+//! The gateway's Prometheus metrics and the small plaintext HTTP endpoint serving them
+//! (`/metrics`, `/healthz`, `/readyz`). Used by every other module; uses none of them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// All gateway metrics. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    builds: IntCounterVec,
+    inflight: IntGaugeVec,
+    healthy: IntGaugeVec,
+    ejections: IntCounterVec,
+    decisions: IntCounterVec,
+    pin_waits: IntCounterVec,
+    pin_wait_seconds: HistogramVec,
+    latency: HistogramVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+// === impl Metrics ===
+
+impl Metrics {
+    /// A fresh registry with every gateway metric registered (fails only on an invalid
+    /// metric definition, i.e. a programming error the unit test catches).
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        type R<T> = Result<T, prometheus::Error>;
+        let registry = Registry::new();
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> R<T> {
+            r.register(Box::new(m.clone()))?;
+            Ok(m)
+        }
+        fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> R<IntCounterVec> {
+            reg(r, IntCounterVec::new(Opts::new(name, help), labels)?)
+        }
+        fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> R<IntGaugeVec> {
+            reg(r, IntGaugeVec::new(Opts::new(name, help), labels)?)
+        }
+        fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> R<HistogramVec> {
+            let buckets = vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+            ];
+            reg(
+                r,
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?,
+            )
+        }
+        let inner = Inner {
+            builds: counter(
+                &registry,
+                "kiln_gateway_builds_total",
+                "Builds (Solve calls) sent to each worker.",
+                &["worker"],
+            )?,
+            inflight: gauge(
+                &registry,
+                "kiln_gateway_inflight_builds",
+                "Builds running on each worker through this gateway.",
+                &["worker"],
+            )?,
+            healthy: gauge(
+                &registry,
+                "kiln_gateway_worker_healthy",
+                "1 when the worker passes its health checks.",
+                &["worker"],
+            )?,
+            ejections: counter(
+                &registry,
+                "kiln_gateway_worker_ejections_total",
+                "Times a worker was taken out of rotation.",
+                &["worker"],
+            )?,
+            decisions: counter(
+                &registry,
+                "kiln_gateway_routing_decisions_total",
+                "Builds routed, by the kind of key that chose the worker.",
+                &["kind"],
+            )?,
+            pin_waits: counter(
+                &registry,
+                "kiln_gateway_pinning_waits_total",
+                "Calls that waited for their build's worker to be known, by RPC and outcome.",
+                &["rpc", "outcome"],
+            )?,
+            pin_wait_seconds: histogram(
+                &registry,
+                "kiln_gateway_pinning_wait_seconds",
+                "Time calls waited for their build's worker to be known.",
+                &["rpc"],
+            )?,
+            latency: histogram(
+                &registry,
+                "kiln_gateway_proxy_latency_seconds",
+                "Time from a call's arrival to the worker's response headers, by RPC.",
+                &["rpc"],
+            )?,
+            registry,
+        };
+        Ok(Metrics {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// One build routed to `worker` by a key of `kind`.
+    pub fn routed(&self, worker: &str, kind: &str) {
+        self.inner.builds.with_label_values(&[worker]).inc();
+        self.inner.decisions.with_label_values(&[kind]).inc();
+    }
+
+    /// Sets the in-flight build count of `worker`.
+    pub fn set_inflight(&self, worker: &str, n: usize) {
+        self.inner
+            .inflight
+            .with_label_values(&[worker])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the health gauge of `worker`.
+    pub fn set_healthy(&self, worker: &str, healthy: bool) {
+        self.inner
+            .healthy
+            .with_label_values(&[worker])
+            .set(i64::from(healthy));
+    }
+
+    /// Counts one ejection of `worker`.
+    pub fn ejection(&self, worker: &str) {
+        self.inner.ejections.with_label_values(&[worker]).inc();
+    }
+
+    /// Drops the per-worker gauges of a worker that left the pool.
+    pub fn forget_worker(&self, worker: &str) {
+        let _ = self.inner.healthy.remove_label_values(&[worker]);
+        let _ = self.inner.inflight.remove_label_values(&[worker]);
+    }
+
+    /// A call of `rpc` waited `waited` for its pin; `outcome` is `found` or `timeout`.
+    pub fn pin_wait(&self, rpc: &str, outcome: &str, waited: Duration) {
+        self.inner
+            .pin_waits
+            .with_label_values(&[rpc, outcome])
+            .inc();
+        self.inner
+            .pin_wait_seconds
+            .with_label_values(&[rpc])
+            .observe(waited.as_secs_f64());
+    }
+
+    /// Proxy latency of one `rpc` call.
+    pub fn latency(&self, rpc: &str, d: Duration) {
+        self.inner
+            .latency
+            .with_label_values(&[rpc])
+            .observe(d.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.inner.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` (ready when `ready()` says so) over
+    /// plaintext HTTP/1.1 on `listener`, forever.
+    pub async fn serve<F>(self, listener: tokio::net::TcpListener, ready: F)
+    where
+        F: Fn() -> bool + Send + Sync + Clone + 'static,
+    {
+        serve_http(listener, move |_method: &str, path: &str| match path {
+            "/metrics" => (200, self.render()),
+            "/healthz" => (200, "ok\n".to_string()),
+            "/readyz" if ready() => (200, "ready\n".to_string()),
+            "/readyz" => (503, "no healthy worker\n".to_string()),
+            _ => (404, "not found\n".to_string()),
+        })
+        .await
+    }
+}
+
+/// A minimal plaintext HTTP/1.1 server (one request per connection, no request bodies):
+/// `handler(method, path_and_query)` returns the status code and a text body.
+pub async fn serve_http<H>(listener: tokio::net::TcpListener, handler: H)
+where
+    H: Fn(&str, &str) -> (u16, String) + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // Read until the end of the request head.
+            while n < buf.len() {
+                match sock.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => n += k,
+                }
+                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut words = head.split_whitespace();
+            let method = words.next().unwrap_or("GET");
+            let path = words.next().unwrap_or("/");
+            let (code, body) = handler(method, path);
+            let reason = match code {
+                200 => "OK",
+                400 => "Bad Request",
+                404 => "Not Found",
+                405 => "Method Not Allowed",
+                503 => "Service Unavailable",
+                _ => "",
+            };
+            let resp = format!(
+                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_renders() {
+        let m = Metrics::new().expect("metrics");
+        m.routed("w0", "explicit");
+        m.set_inflight("w0", 2);
+        m.set_healthy("w0", true);
+        m.ejection("w0");
+        m.pin_wait("status", "found", Duration::from_millis(3));
+        m.latency("solve", Duration::from_micros(300));
+        let text = m.render();
+        for name in [
+            "kiln_gateway_builds_total{worker=\"w0\"} 1",
+            "kiln_gateway_inflight_builds{worker=\"w0\"} 2",
+            "kiln_gateway_worker_healthy{worker=\"w0\"} 1",
+            "kiln_gateway_worker_ejections_total{worker=\"w0\"} 1",
+            "kiln_gateway_routing_decisions_total{kind=\"explicit\"} 1",
+            "kiln_gateway_pinning_waits_total{outcome=\"found\",rpc=\"status\"} 1",
+            "kiln_gateway_pinning_wait_seconds_count{rpc=\"status\"} 1",
+            "kiln_gateway_proxy_latency_seconds_count{rpc=\"solve\"} 1",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        assert!(!text.contains("invalid"), "{text}");
+    }
+}

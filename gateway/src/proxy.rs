@@ -1,0 +1,840 @@
+//! Per-RPC forwarding: the gateway's `moby.buildkit.v1.Control` service (Session held and
+//! late-bound, Solve routed by key, Status and history by ref, node-wide calls fanned out),
+//! a byte-level pass-through of `moby.buildkit.v1.frontend.LLBBridge` routed by the
+//! `buildkit-controlapi-buildid` header, and the gateway's own gRPC health service.
+//! Errors become `tonic::Status` here and nowhere else.
+//!
+//! Uses [`crate::route`], [`crate::health`] and [`crate::metrics`].
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kiln_proto::grpc::health::v1 as health;
+use kiln_proto::metadata as md;
+use kiln_proto::moby::buildkit::v1 as api;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{http, BoxFuture, BoxStream, Service};
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
+
+use crate::health::{InflightGuard, Pool, Worker};
+use crate::metrics::Metrics;
+use crate::route::{self, BindOutcome, KeyKind, Routes, SessionStart};
+
+/// Timeouts of the proxy (defaults follow BuildKit's own tolerances, see [`crate::route`]).
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// How long Status/LLBBridge/history calls wait for their build's worker.
+    pub pin_wait: Duration,
+    /// How long a Session stream is held waiting for its Solve.
+    pub session_hold: Duration,
+    /// How long a Solve without an explicit or VCS key waits for its Session stream, to
+    /// read the session's shared key.
+    pub session_key_wait: Duration,
+    /// How long a Solve waits for its released Session stream to be accepted by the worker.
+    pub session_open: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            pin_wait: route::DEFAULT_PIN_WAIT,
+            session_hold: route::DEFAULT_SESSION_HOLD,
+            session_key_wait: Duration::from_secs(2),
+            session_open: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything the services share. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    /// The workers.
+    pub pool: Pool,
+    /// The pin tables.
+    pub routes: Routes,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// How long the end of a client's Session stream is watched for a reset before it is
+/// forwarded as a half-close.
+const RESET_GRACE: Duration = Duration::from_millis(50);
+
+/// Headers never copied from one hop to the next by the typed services: the transport
+/// sets its own, and the gateway re-encodes messages uncompressed.
+const HOP_HEADERS: &[&str] = &[
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "content-length",
+    "user-agent",
+];
+
+fn forward_metadata(from: &MetadataMap, drop_timeout: bool) -> MetadataMap {
+    let mut headers = from.clone().into_headers();
+    for h in HOP_HEADERS {
+        headers.remove(*h);
+    }
+    if drop_timeout {
+        headers.remove("grpc-timeout");
+    }
+    MetadataMap::from_headers(headers)
+}
+
+fn request_with<T>(metadata: &MetadataMap, msg: T, drop_timeout: bool) -> Request<T> {
+    Request::from_parts(
+        forward_metadata(metadata, drop_timeout),
+        Default::default(),
+        msg,
+    )
+}
+
+fn response_with<T>(upstream: Response<impl Sized>, msg: T) -> Response<T> {
+    let (metadata, _, ext) = upstream.into_parts();
+    Response::from_parts(forward_metadata(&metadata, true), msg, ext)
+}
+
+/// True when `s` says the worker could not be reached or the connection broke, as
+/// opposed to an answer from the worker.
+fn is_transport_error(s: &Status) -> bool {
+    use std::error::Error as _;
+    match s.code() {
+        Code::Unavailable => true,
+        Code::Unknown | Code::Cancelled | Code::Internal => {
+            s.source().is_some()
+                || s.message().contains("transport error")
+                || s.message().contains("h2 protocol error")
+                || s.message().contains("connection")
+        }
+        _ => false,
+    }
+}
+
+/// The worker's error with the worker named when the fault is the connection's.
+fn name_worker(worker: &Worker, what: &str, s: Status) -> Status {
+    if is_transport_error(&s) {
+        Status::unavailable(format!(
+            "worker {} failed during {what}: {}",
+            worker.describe(),
+            s.message()
+        ))
+    } else {
+        s
+    }
+}
+
+fn control(worker: &Worker) -> api::control_client::ControlClient<tonic::transport::Channel> {
+    api::control_client::ControlClient::new(worker.channel.clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+// === impl Proxy ===
+
+impl Proxy {
+    /// The tonic Control server.
+    pub fn control_server(&self) -> api::control_server::ControlServer<Proxy> {
+        api::control_server::ControlServer::new(self.clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// The LLBBridge pass-through service.
+    pub fn bridge_server(&self) -> BridgeProxy {
+        BridgeProxy {
+            proxy: self.clone(),
+        }
+    }
+
+    /// The gateway's own health service (SERVING while some worker takes builds).
+    pub fn health_server(&self) -> health::health_server::HealthServer<GatewayHealth> {
+        health::health_server::HealthServer::new(GatewayHealth {
+            pool: self.pool.clone(),
+        })
+    }
+
+    /// The worker of build `r#ref`, waiting for its Solve if needed.
+    async fn worker_for_ref(&self, rpc: &str, r#ref: &str) -> Result<Arc<Worker>, Status> {
+        if r#ref.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "{rpc}: no build ref to route by"
+            )));
+        }
+        let start = Instant::now();
+        let found = self.routes.ref_worker(r#ref, Duration::ZERO).await;
+        if let Some(w) = found {
+            return Ok(w);
+        }
+        let found = self.routes.ref_worker(r#ref, self.timeouts.pin_wait).await;
+        let outcome = if found.is_some() { "found" } else { "timeout" };
+        self.metrics.pin_wait(rpc, outcome, start.elapsed());
+        found.ok_or_else(|| {
+            Status::not_found(format!(
+                "{rpc}: no build with ref {build} reached the gateway within {:?}",
+                self.timeouts.pin_wait,
+                build = r#ref
+            ))
+        })
+    }
+
+    /// Picks a live worker for `key`, checking it first; workers that fail the check are
+    /// ejected and the key walks on.
+    async fn pick(&self, key: &str) -> Result<(Arc<Worker>, InflightGuard), Status> {
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let Some((w, guard)) = self.pool.pick(key, &tried) else {
+                let detail = if tried.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (unreachable: {})", tried.join(", "))
+                };
+                return Err(Status::unavailable(format!(
+                    "no healthy worker can take the build{detail}"
+                )));
+            };
+            match w.check().await {
+                Ok(()) => return Ok((w, guard)),
+                Err(e) => {
+                    self.pool.eject(&w, &format!("before solve: {e}"));
+                    tried.push(w.name.clone());
+                }
+            }
+        }
+    }
+
+    /// Forwards a Session stream to `worker` and pumps both directions until either side
+    /// ends; reports the open result on `opened`. When the client cancels (`cancelled`
+    /// fires) or goes away (`out` closes), the worker's stream is reset (RST_STREAM).
+    async fn run_session(
+        worker: Arc<Worker>,
+        metadata: MetadataMap,
+        inbound: mpsc::Receiver<api::BytesMessage>,
+        out: mpsc::Sender<Result<api::BytesMessage, Status>>,
+        opened: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        cancelled: impl std::future::Future<Output = Status>,
+    ) {
+        tokio::pin!(cancelled);
+        let mut req = request_with(&metadata, ReceiverStream::new(inbound), true);
+        let cancel = req.cancellation_handle();
+        let mut client = control(&worker);
+        let upstream = tokio::select! {
+            r = client.session(req) => r,
+            _ = out.closed() => {
+                cancel.cancel();
+                if let Some(o) = opened {
+                    let _ = o.send(Err("the client closed the session".into()));
+                }
+                return;
+            }
+        };
+        let mut upstream = match upstream {
+            Ok(r) => {
+                if let Some(o) = opened {
+                    let _ = o.send(Ok(()));
+                }
+                r.into_inner()
+            }
+            Err(s) => {
+                let s = name_worker(&worker, "the session", s);
+                if let Some(o) = opened {
+                    let _ = o.send(Err(s.message().to_string()));
+                }
+                let _ = out.send(Err(s)).await;
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                msg = upstream.next() => match msg {
+                    Some(Ok(m)) => {
+                        if out.send(Ok(m)).await.is_err() {
+                            cancel.cancel();
+                            return;
+                        }
+                    }
+                    Some(Err(s)) => {
+                        let _ = out.send(Err(name_worker(&worker, "the session", s))).await;
+                        return;
+                    }
+                    None => return, // the worker ended the stream: so do we (OK)
+                },
+                _ = out.closed() => {
+                    cancel.cancel();
+                    return;
+                }
+                s = &mut cancelled => {
+                    tracing::debug!(worker = %worker.name, status = %s, "client cancelled the session");
+                    cancel.cancel();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The routing decision of a Solve: worker, in-flight guard, key kind and key.
+    async fn choose(
+        &self,
+        req: &api::SolveRequest,
+    ) -> Result<(Arc<Worker>, InflightGuard, KeyKind, String), Status> {
+        if !req.session.is_empty() {
+            if let Some(w) = self.routes.session_worker(&req.session) {
+                // An earlier Solve bound this session; the build must reach it there.
+                let key = route::session_key(&req.session).to_string();
+                if w.is_healthy() {
+                    if let Some(g) = self.pool.pin(&w) {
+                        return Ok((w, g, KeyKind::SessionPinned, key));
+                    }
+                }
+            }
+        }
+        let (kind, key) = match route::request_key(req) {
+            Some(k) => k,
+            None => {
+                let shared = if req.session.is_empty() {
+                    None
+                } else {
+                    self.routes
+                        .held_shared_key(&req.session, self.timeouts.session_key_wait)
+                        .await
+                };
+                route::route_key(req, shared.as_deref())
+            }
+        };
+        if key.is_empty() {
+            // Raw LLB without a session: any consistent choice will do.
+            let (w, g) = self.pick(&req.r#ref).await?;
+            return Ok((w, g, KeyKind::Session, req.r#ref.clone()));
+        }
+        let (w, g) = self.pick(&key).await?;
+        Ok((w, g, kind, key))
+    }
+
+    /// Fans a unary call out to every healthy worker.
+    async fn fan_out<T, F, Fut>(&self, call: F) -> Vec<(Arc<Worker>, Result<T, Status>)>
+    where
+        F: Fn(Arc<Worker>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let workers: Vec<Arc<Worker>> = self
+            .pool
+            .workers()
+            .into_iter()
+            .filter(|w| w.is_healthy())
+            .collect();
+        let calls = workers.into_iter().map(|w| {
+            let fut = call(w.clone());
+            async move { (w, fut.await) }
+        });
+        futures::future::join_all(calls).await
+    }
+}
+
+/// One combined error for a fan-out in which every worker failed.
+fn all_failed<T>(rpc: &str, results: Vec<(Arc<Worker>, Result<T, Status>)>) -> Status {
+    if results.is_empty() {
+        return Status::unavailable(format!("{rpc}: no healthy worker"));
+    }
+    if results
+        .iter()
+        .all(|(_, r)| matches!(r, Err(s) if s.code() == Code::Unimplemented))
+    {
+        return Status::unimplemented(format!("{rpc}: no worker implements it"));
+    }
+    let detail: Vec<String> = results
+        .into_iter()
+        .filter_map(|(w, r)| {
+            r.err()
+                .map(|e| format!("{}: {}", w.describe(), e.message()))
+        })
+        .collect();
+    Status::unavailable(format!(
+        "{rpc} failed on every worker: {}",
+        detail.join("; ")
+    ))
+}
+
+/// Label put on every record of an aggregated ListWorkers answer: the worker's name.
+pub const WORKER_LABEL: &str = "org.kiln.gateway.worker";
+
+#[tonic::async_trait]
+impl api::control_server::Control for Proxy {
+    async fn solve(
+        &self,
+        request: Request<api::SolveRequest>,
+    ) -> Result<Response<api::SolveResponse>, Status> {
+        let start = Instant::now();
+        let metadata = request.metadata().clone();
+        let req = request.into_inner();
+        if req.r#ref.is_empty() {
+            return Err(Status::invalid_argument("solve: ref is required"));
+        }
+        let (worker, guard, kind, key) = self.choose(&req).await?;
+        // Pins first, so Status/LLBBridge calls waiting for this ref proceed at once.
+        self.routes.pin_ref(&req.r#ref, &worker);
+        self.metrics.routed(&worker.name, kind.as_str());
+        tracing::info!(
+            r#ref = %req.r#ref,
+            worker = %worker.name,
+            key_kind = kind.as_str(),
+            %key,
+            "routed build"
+        );
+        if !req.session.is_empty() {
+            match self.routes.bind_session(&req.session, &worker) {
+                BindOutcome::Released(opened) => {
+                    match tokio::time::timeout(self.timeouts.session_open, opened).await {
+                        Ok(Ok(Ok(()))) => {}
+                        Ok(Ok(Err(e))) => {
+                            self.routes.ref_done(&req.r#ref);
+                            return Err(Status::unavailable(format!(
+                                "build {}: session {} could not be opened on worker {}: {e}",
+                                req.r#ref,
+                                req.session,
+                                worker.describe()
+                            )));
+                        }
+                        Ok(Err(_)) | Err(_) => tracing::warn!(
+                            r#ref = %req.r#ref,
+                            session = %req.session,
+                            "session stream did not confirm; forwarding the solve anyway"
+                        ),
+                    }
+                }
+                BindOutcome::Prebound => {}
+                BindOutcome::AlreadyBound(w) if w.name != worker.name => tracing::warn!(
+                    r#ref = %req.r#ref,
+                    session = %req.session,
+                    session_worker = %w.name,
+                    worker = %worker.name,
+                    "the build's session lives on another worker"
+                ),
+                BindOutcome::AlreadyBound(_) => {}
+            }
+        }
+        let build = req.r#ref.clone();
+        let span = tracing::info_span!("proxy.solve", r#ref = %build, worker = %worker.name);
+        let res = control(&worker)
+            .solve(request_with(&metadata, req, false))
+            .instrument(span)
+            .await;
+        self.metrics.latency("solve", start.elapsed());
+        drop(guard);
+        self.routes.ref_done(&build);
+        let up = match res {
+            Ok(r) => r,
+            Err(s) => {
+                if is_transport_error(&s) {
+                    self.pool
+                        .eject(&worker, &format!("build {build} failed: {}", s.message()));
+                }
+                let mut s = name_worker(&worker, &format!("build {build}"), s);
+                if let Ok(v) = MetadataValue::try_from(worker.name.as_str()) {
+                    s.metadata_mut().insert(route::WORKER_HEADER, v);
+                }
+                return Err(s);
+            }
+        };
+        let (meta, msg, ext) = up.into_parts();
+        let mut resp = Response::from_parts(forward_metadata(&meta, true), msg, ext);
+        if let Ok(v) = MetadataValue::try_from(worker.name.as_str()) {
+            resp.metadata_mut().insert(route::WORKER_HEADER, v);
+        }
+        resp.metadata_mut().insert(
+            route::KEY_KIND_HEADER,
+            MetadataValue::from_static(kind.as_str()),
+        );
+        Ok(resp)
+    }
+
+    async fn status(
+        &self,
+        request: Request<api::StatusRequest>,
+    ) -> Result<Response<BoxStream<api::StatusResponse>>, Status> {
+        let start = Instant::now();
+        let worker = self
+            .worker_for_ref("status", &request.get_ref().r#ref)
+            .await?;
+        let (metadata, _, msg) = request.into_parts();
+        let span = tracing::info_span!("proxy.status", r#ref = %msg.r#ref, worker = %worker.name);
+        let up = control(&worker)
+            .status(request_with(&metadata, msg, false))
+            .instrument(span)
+            .await
+            .map_err(|s| name_worker(&worker, "status", s))?;
+        self.metrics.latency("status", start.elapsed());
+        let (meta, stream, ext) = up.into_parts();
+        let w = worker.clone();
+        let stream = stream.map(move |m| m.map_err(|s| name_worker(&w, "status", s)));
+        Ok(Response::from_parts(
+            forward_metadata(&meta, true),
+            Box::pin(stream) as BoxStream<_>,
+            ext,
+        ))
+    }
+
+    async fn session(
+        &self,
+        request: Request<tonic::Streaming<api::BytesMessage>>,
+    ) -> Result<Response<BoxStream<api::BytesMessage>>, Status> {
+        let metadata = request.metadata().clone();
+        let id = metadata
+            .get(md::SESSION_UUID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!("session request without {}", md::SESSION_UUID))
+            })?
+            .to_string();
+        let shared_key = metadata
+            .get(md::SESSION_SHARED_KEY)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut inbound = request.into_inner();
+        // Early bytes wait here until the stream is bound; half-close (end of the inbound
+        // stream) closes the channel, cancellation aborts the forwarder.
+        let (in_tx, in_rx) = mpsc::channel::<api::BytesMessage>(64);
+        let (out_tx, out_rx) = mpsc::channel::<Result<api::BytesMessage, Status>>(64);
+        let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<Status>();
+        // Closed when the server drops the response stream (the client reset the call).
+        let (gone_tx, mut gone_rx) = tokio::sync::watch::channel(());
+        tokio::spawn(async move {
+            let cancelled = loop {
+                match inbound.next().await {
+                    Some(Ok(m)) => {
+                        if in_tx.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(s)) => break s,
+                    None => {
+                        // hyper reports a client's RST_STREAM(CANCEL) as the end of the
+                        // body, like a half-close; the reset also drops the response
+                        // stream at once, so a moment's look tells the two apart.
+                        tokio::select! {
+                            _ = gone_rx.changed() => {}
+                            _ = tokio::time::sleep(RESET_GRACE) => return,
+                        }
+                        break Status::cancelled("the client reset the session");
+                    }
+                }
+            };
+            let _ = cancel_tx.send(cancelled);
+            // Keep the worker-bound side open until the forwarder has reset it, so the
+            // worker sees a cancellation, not a half-close.
+            in_tx.closed().await;
+        });
+        let routes = self.routes.clone();
+        let hold = self.timeouts.session_hold;
+        tokio::spawn(async move {
+            let start = routes.session_arrived(&id, &shared_key);
+            let (worker, opened) = match start {
+                SessionStart::Bound(w) => (w, None),
+                SessionStart::Held(rx) => {
+                    let waited = tokio::select! {
+                        r = tokio::time::timeout(hold, rx) => r,
+                        _ = out_tx.closed() => {
+                            routes.session_abandoned(&id);
+                            return;
+                        }
+                    };
+                    match waited {
+                        Ok(Ok(b)) => (b.worker, Some(b.opened)),
+                        Ok(Err(_)) | Err(_) => {
+                            routes.session_abandoned(&id);
+                            tracing::warn!(session = %id, ?hold, "no solve named the session; released");
+                            let _ = out_tx
+                                .send(Err(Status::deadline_exceeded(format!(
+                                    "session {id}: no Solve named this session within {hold:?}; the gateway released it"
+                                ))))
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            };
+            tracing::debug!(session = %id, worker = %worker.name, "session bound");
+            // A dropped sender means the client half-closed: keep forwarding.
+            let cancelled = async move {
+                match cancel_rx.await {
+                    Ok(s) => s,
+                    Err(_) => futures::future::pending().await,
+                }
+            };
+            let span = tracing::info_span!("proxy.session", session = %id, worker = %worker.name);
+            Proxy::run_session(worker, metadata, in_rx, out_tx, opened, cancelled)
+                .instrument(span)
+                .await;
+            routes.session_ended(&id);
+        });
+        let stream = ReceiverStream::new(out_rx).map(move |m| {
+            let _alive = &gone_tx;
+            m
+        });
+        Ok(Response::new(Box::pin(stream) as BoxStream<_>))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<api::ListWorkersRequest>,
+    ) -> Result<Response<api::ListWorkersResponse>, Status> {
+        let start = Instant::now();
+        let (metadata, _, msg) = request.into_parts();
+        let results = self
+            .fan_out(|w| {
+                let req = request_with(&metadata, msg.clone(), false);
+                async move { control(&w).list_workers(req).await }
+            })
+            .await;
+        let mut out = api::ListWorkersResponse::default();
+        let mut any = false;
+        for (w, r) in &results {
+            if let Ok(r) = r {
+                any = true;
+                for mut rec in r.get_ref().record.clone() {
+                    rec.labels.insert(WORKER_LABEL.to_string(), w.name.clone());
+                    out.record.push(rec);
+                }
+            }
+        }
+        self.metrics.latency("list_workers", start.elapsed());
+        if !any {
+            return Err(all_failed("list workers", results));
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn disk_usage(
+        &self,
+        request: Request<api::DiskUsageRequest>,
+    ) -> Result<Response<api::DiskUsageResponse>, Status> {
+        let (metadata, _, msg) = request.into_parts();
+        let results = self
+            .fan_out(|w| {
+                let req = request_with(&metadata, msg.clone(), false);
+                async move { control(&w).disk_usage(req).await }
+            })
+            .await;
+        let mut out = api::DiskUsageResponse::default();
+        let mut any = false;
+        for (_, r) in &results {
+            if let Ok(r) = r {
+                any = true;
+                out.record.extend(r.get_ref().record.iter().cloned());
+            }
+        }
+        if !any {
+            return Err(all_failed("disk usage", results));
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn prune(
+        &self,
+        request: Request<api::PruneRequest>,
+    ) -> Result<Response<BoxStream<api::UsageRecord>>, Status> {
+        let (metadata, _, msg) = request.into_parts();
+        let results = self
+            .fan_out(|w| {
+                let req = request_with(&metadata, msg.clone(), false);
+                async move { control(&w).prune(req).await }
+            })
+            .await;
+        let mut streams = Vec::new();
+        let mut failed = Vec::new();
+        for (w, r) in results {
+            match r {
+                Ok(r) => {
+                    let w2 = w.clone();
+                    streams.push(
+                        r.into_inner()
+                            .map(move |m| m.map_err(|s| name_worker(&w2, "prune", s)))
+                            .boxed(),
+                    );
+                }
+                Err(s) => failed.push((w, Err::<(), _>(s))),
+            }
+        }
+        if streams.is_empty() {
+            return Err(all_failed("prune", failed));
+        }
+        Ok(Response::new(
+            Box::pin(futures::stream::select_all(streams)) as BoxStream<_>,
+        ))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<api::InfoRequest>,
+    ) -> Result<Response<api::InfoResponse>, Status> {
+        Ok(Response::new(api::InfoResponse {
+            buildkit_version: Some(api::types::BuildkitVersion {
+                package: "github.com/kiln-build/kiln/gateway".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                revision: String::new(),
+                dockerfile_version: String::new(),
+            }),
+        }))
+    }
+
+    async fn listen_build_history(
+        &self,
+        request: Request<api::BuildHistoryRequest>,
+    ) -> Result<Response<BoxStream<api::BuildHistoryEvent>>, Status> {
+        let (metadata, _, msg) = request.into_parts();
+        let workers = if msg.r#ref.is_empty() {
+            self.pool
+                .workers()
+                .into_iter()
+                .filter(|w| w.is_healthy())
+                .collect()
+        } else {
+            vec![self.worker_for_ref("history", &msg.r#ref).await?]
+        };
+        let mut streams = Vec::new();
+        let mut failed = Vec::new();
+        let mut first_meta = None;
+        for w in workers {
+            match control(&w)
+                .listen_build_history(request_with(&metadata, msg.clone(), false))
+                .await
+            {
+                Ok(r) => {
+                    let (meta, s, _) = r.into_parts();
+                    first_meta.get_or_insert(meta);
+                    let w2 = w.clone();
+                    streams.push(
+                        s.map(move |m| m.map_err(|s| name_worker(&w2, "history", s)))
+                            .boxed(),
+                    );
+                }
+                Err(s) => failed.push((w, Err::<(), _>(s))),
+            }
+        }
+        if streams.is_empty() {
+            return Err(all_failed("listen build history", failed));
+        }
+        let mut resp =
+            Response::new(Box::pin(futures::stream::select_all(streams)) as BoxStream<_>);
+        if let Some(meta) = first_meta {
+            *resp.metadata_mut() = forward_metadata(&meta, true);
+        }
+        Ok(resp)
+    }
+
+    async fn update_build_history(
+        &self,
+        request: Request<api::UpdateBuildHistoryRequest>,
+    ) -> Result<Response<api::UpdateBuildHistoryResponse>, Status> {
+        let worker = self
+            .worker_for_ref("history", &request.get_ref().r#ref)
+            .await?;
+        let (metadata, _, msg) = request.into_parts();
+        let up = control(&worker)
+            .update_build_history(request_with(&metadata, msg, false))
+            .await
+            .map_err(|s| name_worker(&worker, "history", s))?;
+        let msg = *up.get_ref();
+        Ok(response_with(up, msg))
+    }
+}
+
+// === LLBBridge pass-through ===
+
+/// Forwards every `moby.buildkit.v1.frontend.LLBBridge` call, bytes untouched (headers,
+/// messages and trailers), to the worker of the build named by its
+/// `buildkit-controlapi-buildid` header.
+#[derive(Debug, Clone)]
+pub struct BridgeProxy {
+    proxy: Proxy,
+}
+
+impl tonic::server::NamedService for BridgeProxy {
+    const NAME: &'static str = "moby.buildkit.v1.frontend.LLBBridge";
+}
+
+fn status_response(s: Status) -> http::Response<tonic::body::Body> {
+    s.into_http()
+}
+
+impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            let build = req
+                .headers()
+                .get(md::BUILD_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let worker = match proxy.worker_for_ref("llbbridge", &build).await {
+                Ok(w) => w,
+                Err(s) => return Ok(status_response(s)),
+            };
+            let mut channel = worker.channel.clone();
+            let span =
+                tracing::info_span!("proxy.llbbridge", r#ref = %build, worker = %worker.name);
+            let res = async {
+                futures::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
+                Service::call(&mut channel, req).await
+            }
+            .instrument(span)
+            .await;
+            proxy.metrics.latency("llbbridge", start.elapsed());
+            Ok(match res {
+                Ok(r) => r,
+                Err(e) => {
+                    proxy
+                        .pool
+                        .eject(&worker, &format!("llbbridge call failed: {e}"));
+                    status_response(Status::unavailable(format!(
+                        "worker {} failed during an LLBBridge call of build {build}: {e}",
+                        worker.describe()
+                    )))
+                }
+            })
+        })
+    }
+}
+
+// === health ===
+
+/// The gateway's `grpc.health.v1.Health`: SERVING while some worker takes builds.
+#[derive(Debug, Clone)]
+pub struct GatewayHealth {
+    pool: Pool,
+}
+
+#[tonic::async_trait]
+impl health::health_server::Health for GatewayHealth {
+    async fn check(
+        &self,
+        _request: Request<health::HealthCheckRequest>,
+    ) -> Result<Response<health::HealthCheckResponse>, Status> {
+        let serving = if self.pool.available().is_empty() {
+            health::health_check_response::ServingStatus::NotServing
+        } else {
+            health::health_check_response::ServingStatus::Serving
+        };
+        Ok(Response::new(health::HealthCheckResponse {
+            status: serving as i32,
+        }))
+    }
+}
