@@ -44,6 +44,7 @@ pub const QUANTITY_PATTERN: &str = r"^[0-9]+(\.[0-9]+)?([KMGTPE]i?|[mkE])?$";
     status = "BuildWorkerPoolStatus",
     derive = "PartialEq",
     doc = "A pool of Kiln build workers (a StatefulSet) with its gateway, storage, GC policy and TLS",
+    validation = Rule::new("size(self.metadata.name) <= 40").message("a BuildWorkerPool name has at most 40 characters (names of what it owns derive from it)"),
     printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".spec.replicas"}"#,
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Runtime","type":"string","jsonPath":".spec.runtime"}"#,
@@ -268,7 +269,9 @@ pub struct TlsSpec {
     /// Who issues the certificates.
     #[serde(default)]
     pub mode: TlsMode,
-    /// Secret holding `ca.crt`, `tls.crt` and `tls.key` (required for `existingSecret`).
+    /// Secret holding `ca.crt`, `tls.crt` and `tls.key` (required for `existingSecret`). Its
+    /// certificate serves workers and gateway and is the gateway's client certificate towards
+    /// the workers, so it needs both serverAuth and clientAuth usages and all the names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
     /// Validity of the certificates the controller issues.

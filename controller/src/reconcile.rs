@@ -44,9 +44,11 @@ impl Context {
 /// Runs the `BuildWorkerPool` controller in every namespace until SIGTERM or Ctrl-C.
 pub async fn run(client: Client) {
     let pools = Api::<BuildWorkerPool>::all(client.clone());
-    let cfg = watcher::Config::default();
+    // Owned objects carry this label; watching only them keeps the controller off every
+    // Secret and Service in the cluster.
+    let cfg = watcher::Config::default().labels("app.kubernetes.io/managed-by=kiln-controller");
     let ctx = Arc::new(Context::new(client.clone()));
-    Controller::new(pools, cfg.clone())
+    Controller::new(pools, watcher::Config::default())
         .owns(Api::<StatefulSet>::all(client.clone()), cfg.clone())
         .owns(Api::<Deployment>::all(client.clone()), cfg.clone())
         .owns(Api::<Service>::all(client.clone()), cfg.clone())

@@ -281,3 +281,214 @@ impl<'a> Context<'a> {
             .map(|p| p.as_str().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::BuildWorkerPoolSpec;
+
+    fn pool(spec: serde_json::Value) -> BuildWorkerPool {
+        let spec: BuildWorkerPoolSpec = serde_json::from_value(spec).unwrap();
+        let mut p = BuildWorkerPool::new("p", spec);
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.uid = Some("uid-1".into());
+        p
+    }
+
+    fn args(c: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+        c.args.clone().unwrap_or_default()
+    }
+
+    #[test]
+    fn default_pool_renders_the_documented_interface() {
+        let r = render(&pool(serde_json::json!({}))).unwrap();
+        if std::env::var_os("KILN_PRINT_RENDER").is_some() {
+            eprintln!("{}", r.to_yaml().unwrap());
+        }
+        let sts = r.stateful_set.spec.as_ref().unwrap();
+        assert_eq!(r.stateful_set.metadata.name.as_deref(), Some("p-worker"));
+        assert_eq!(sts.service_name.as_deref(), Some("p-workers"));
+        assert_eq!(sts.replicas, Some(3));
+        let pod = sts.template.spec.as_ref().unwrap();
+        let worker = &pod.containers[0];
+        let a = args(worker);
+        for want in [
+            "--addr=tcp://0.0.0.0:1234",
+            "--oci-runtime=runc",
+            "--metrics-addr=0.0.0.0:9090",
+            "--tlscacert=/etc/kiln/tls/ca.crt",
+            "--tlscert=/etc/kiln/tls/tls.crt",
+            "--tlskey=/etc/kiln/tls/tls.key",
+            "--config=/etc/kiln/config/worker.toml",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
+        }
+        assert!(!a.iter().any(|x| x.starts_with("--max-parallelism")));
+        assert_eq!(
+            worker.security_context.as_ref().unwrap().privileged,
+            Some(true)
+        );
+        let probe = worker
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(probe.path.as_deref(), Some("/readyz"));
+        let claim = &sts.volume_claim_templates.as_ref().unwrap()[0];
+        let size = &claim
+            .spec
+            .as_ref()
+            .unwrap()
+            .resources
+            .as_ref()
+            .unwrap()
+            .requests
+            .as_ref()
+            .unwrap()["storage"];
+        assert_eq!(size.0, "50Gi");
+        // Every object is owned by the pool and labelled.
+        for v in r.to_values().unwrap() {
+            assert_eq!(v["metadata"]["ownerReferences"][0]["uid"], "uid-1", "{v}");
+            assert_eq!(
+                v["metadata"]["ownerReferences"][0]["controller"], true,
+                "{v}"
+            );
+            assert_eq!(
+                v["metadata"]["labels"]["app.kubernetes.io/name"], "kiln",
+                "{v}"
+            );
+            assert_eq!(
+                v["metadata"]["labels"]["app.kubernetes.io/instance"], "p",
+                "{v}"
+            );
+        }
+        let gw = &r
+            .gateway_deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        let a = args(gw);
+        for want in [
+            "--workers-dns=p-workers.ns.svc:1234",
+            "--load-bound=1.25",
+            "--metrics-addr=0.0.0.0:9090",
+            "--tlscert=/etc/kiln/tls/tls.crt",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
+        }
+        let svc = r.gateway_service.spec.as_ref().unwrap();
+        assert_eq!(svc.type_.as_deref(), Some("ClusterIP"));
+        assert_eq!(
+            r.workers_service
+                .spec
+                .as_ref()
+                .unwrap()
+                .cluster_ip
+                .as_deref(),
+            Some("None")
+        );
+    }
+
+    #[test]
+    fn options_reach_the_pods() {
+        let r = render(&pool(serde_json::json!({
+            "runtime": "crun", "rootless": true, "maxParallelism": 4,
+            "cache": {"registry": "reg/cache", "credentialsSecret": "regcred"},
+            "storage": {"size": "10Gi", "storageClassName": "fast"},
+            "tls": {"mode": "existingSecret", "secretName": "mine"},
+            "gateway": {"serviceType": "NodePort", "port": 443, "loadBound": "2"}
+        })))
+        .unwrap();
+        let sts = r.stateful_set.spec.as_ref().unwrap();
+        let pod = sts.template.spec.as_ref().unwrap();
+        let a = args(&pod.containers[0]);
+        for want in [
+            "--oci-runtime=crun",
+            "--max-parallelism=4",
+            "--cache-registry=reg/cache",
+            "--rootless",
+        ] {
+            assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
+        }
+        let sc = pod.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.privileged, None);
+        assert_eq!(sc.run_as_non_root, Some(true));
+        let vols = pod.volumes.as_ref().unwrap();
+        assert_eq!(
+            vols[0].secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("mine")
+        );
+        assert!(vols
+            .iter()
+            .any(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("regcred")));
+        let claim = &sts.volume_claim_templates.as_ref().unwrap()[0];
+        assert_eq!(
+            claim.spec.as_ref().unwrap().storage_class_name.as_deref(),
+            Some("fast")
+        );
+        let svc = r.gateway_service.spec.as_ref().unwrap();
+        assert_eq!(svc.type_.as_deref(), Some("NodePort"));
+        assert_eq!(svc.ports.as_ref().unwrap()[0].port, 443);
+        let gw = &r
+            .gateway_deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert!(args(&gw.containers[0])
+            .iter()
+            .any(|x| x == "--load-bound=2"));
+        let gw_vols = gw.volumes.as_ref().unwrap();
+        assert!(gw_vols
+            .iter()
+            .all(|v| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("mine")));
+    }
+
+    #[test]
+    fn invalid_specs_name_the_field() {
+        let cases = [
+            (
+                serde_json::json!({"gateway": {"loadBound": "1"}}),
+                "spec.gateway.loadBound",
+            ),
+            (
+                serde_json::json!({"gc": {"keepDuration": "forever"}}),
+                "spec.gc.keepDuration",
+            ),
+            (
+                serde_json::json!({"tls": {"lifetime": "1d", "renewBefore": "2d"}}),
+                "spec.tls.renewBefore",
+            ),
+            (
+                serde_json::json!({"tls": {"mode": "existingSecret"}}),
+                "spec.tls.secretName",
+            ),
+        ];
+        for (spec, field) in cases {
+            let e = render(&pool(spec)).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        }
+        let mut long = pool(serde_json::json!({}));
+        long.metadata.name = Some("x".repeat(MAX_POOL_NAME + 1));
+        assert!(render(&long)
+            .unwrap_err()
+            .to_string()
+            .contains("metadata.name"));
+        let mut orphan = pool(serde_json::json!({}));
+        orphan.metadata.uid = None;
+        assert!(render(&orphan)
+            .unwrap_err()
+            .to_string()
+            .contains("metadata.uid"));
+    }
+}
