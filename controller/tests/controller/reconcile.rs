@@ -354,10 +354,30 @@ async fn scaling_reissues_only_the_server_certificate() {
     let fake = Shared::default();
     let p = new_pool(json!({})).unwrap();
     seed_pool(&fake, &p).unwrap();
-    run(&fake, &p, start()).await.unwrap();
+    let before = run(&fake, &p, start()).await.unwrap();
     let mut scaled = with_stored_status(&fake, p);
     scaled.spec.replicas = 4;
     let sent = run(&fake, &scaled, start()).await.unwrap();
+    // Of the workload applies, only the StatefulSet's body changed.
+    let bodies = |v: &[Sent]| -> BTreeMap<String, Value> {
+        v.iter()
+            .filter(|s| {
+                s.method == "PATCH" && !s.path.contains("/secrets/") && !s.path.ends_with("/status")
+            })
+            .map(|s| (s.path.clone(), s.body.clone().unwrap_or_default()))
+            .collect()
+    };
+    let (old, new) = (bodies(&before), bodies(&sent));
+    assert_eq!(old.len(), 6);
+    let changed: Vec<_> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(
+        changed,
+        [format!("/apis/apps/v1{NS}/statefulsets/p-worker")]
+    );
     let secret_patches: Vec<_> = sent
         .iter()
         .filter(|s| s.method == "PATCH" && s.path.contains("/secrets/"))
