@@ -20,6 +20,8 @@ use time::OffsetDateTime;
 pub const CA_CERT_KEY: &str = "ca.crt";
 /// Key of the CA's private key, only in the CA Secret.
 pub const CA_KEY_KEY: &str = "ca.key";
+/// Key of the previous CA certificate, only in the CA Secret during a rollover.
+pub const PREVIOUS_CA_KEY: &str = "previous-ca.crt";
 /// Key of the certificate.
 pub const CERT_KEY: &str = "tls.crt";
 /// Key of the private key.
@@ -28,7 +30,10 @@ pub const KEY_KEY: &str = "tls.key";
 /// The CA outlives the certificates it signs by this factor, so leaves rotate many times per CA.
 const CA_LIFETIME_FACTOR: u32 = 4;
 /// Certificates are valid from a little before issue, for clocks that lag.
-const BACKDATE: Duration = Duration::from_secs(300);
+pub const BACKDATE: Duration = Duration::from_secs(300);
+/// After a new CA is issued, certificates signed by the previous one are kept this long, while
+/// the kubelet delivers the two-CA `ca.crt` to every pod.
+pub const CA_SWITCH_GRACE: Duration = Duration::from_secs(600);
 
 /// Failures issuing or reading certificates.
 #[derive(Debug, thiserror::Error)]
@@ -228,15 +233,20 @@ pub fn tls_secret(metadata: ObjectMeta, issued: &Issued) -> Secret {
     }
 }
 
-/// An `Opaque` Secret with the CA certificate and key (`ca.crt`, `ca.key`).
-pub fn ca_secret(metadata: ObjectMeta, ca: &Ca) -> Secret {
+/// An `Opaque` Secret with the CA certificate and key (`ca.crt`, `ca.key`) and, after a
+/// rollover, the previous CA certificate (`previous-ca.crt`).
+pub fn ca_secret(metadata: ObjectMeta, ca: &Ca, previous: Option<&str>) -> Secret {
+    let mut data = BTreeMap::from([
+        (CA_CERT_KEY.to_string(), bytes(&ca.cert_pem)),
+        (CA_KEY_KEY.to_string(), bytes(&ca.key_pem)),
+    ]);
+    if let Some(p) = previous {
+        data.insert(PREVIOUS_CA_KEY.to_string(), bytes(p));
+    }
     Secret {
         metadata,
         type_: Some("Opaque".to_string()),
-        data: Some(BTreeMap::from([
-            (CA_CERT_KEY.to_string(), bytes(&ca.cert_pem)),
-            (CA_KEY_KEY.to_string(), bytes(&ca.key_pem)),
-        ])),
+        data: Some(data),
         ..Secret::default()
     }
 }
@@ -371,8 +381,90 @@ impl std::fmt::Display for RotateReason {
     }
 }
 
-/// Decides whether the certificate in `secret` must be reissued: `None` keeps it.
+/// What clients and servers of a pool trust: the current CA and, during a CA rollover, the
+/// previous one.
+#[derive(Clone, Debug)]
+pub struct Trust<'a> {
+    /// The CA that signs new certificates.
+    pub ca: &'a Ca,
+    /// The previous CA certificate (PEM) while it is still valid.
+    pub previous: Option<&'a str>,
+    /// Whether certificates signed by `previous` must now be reissued. Until then they are
+    /// kept, and only their `ca.crt` gains the new CA, so every component trusts both CAs
+    /// before any presents a certificate from the new one.
+    pub switch_over: bool,
+}
+
+impl Trust<'_> {
+    /// The `ca.crt` every TLS Secret carries: the current CA, then the previous one.
+    pub fn bundle(&self) -> String {
+        match self.previous {
+            Some(p) => format!("{}{}", self.ca.cert_pem, p),
+            None => self.ca.cert_pem.clone(),
+        }
+    }
+}
+
+/// What to do with one certificate Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeafAction {
+    /// It is current.
+    Keep,
+    /// Keep the certificate and key; rewrite `ca.crt` to the trust bundle.
+    UpdateTrust,
+    /// Issue a new certificate and key.
+    Reissue(RotateReason),
+}
+
+/// Decides what to do with the certificate in `secret` (see [`LeafAction`]).
 /// `want_names` of `None` skips the name check (client certificates).
+pub fn leaf_action(
+    secret: Option<&Secret>,
+    trust: &Trust<'_>,
+    want_names: Option<&[String]>,
+    now: OffsetDateTime,
+    renew_before: Duration,
+) -> LeafAction {
+    let Some(secret) = secret else {
+        return LeafAction::Reissue(RotateReason::Missing);
+    };
+    let (Some(cert), Some(_key), Some(secret_ca)) = (
+        secret_text(secret, CERT_KEY),
+        secret_text(secret, KEY_KEY),
+        secret_text(secret, CA_CERT_KEY),
+    ) else {
+        return LeafAction::Reissue(RotateReason::Missing);
+    };
+    let info = match inspect(cert, CERT_KEY) {
+        Ok(info) => info,
+        Err(e) => return LeafAction::Reissue(RotateReason::Unreadable(e.to_string())),
+    };
+    if let Some(reason) = rotation_by_time(&info, now, renew_before) {
+        return LeafAction::Reissue(reason);
+    }
+    if let Some(want) = want_names {
+        let mut have = info.names.clone();
+        let mut want = want.to_vec();
+        have.sort();
+        want.sort();
+        if have != want {
+            return LeafAction::Reissue(RotateReason::NamesChanged);
+        }
+    }
+    let by_current = signed_by(cert, &trust.ca.cert_pem);
+    let by_previous = !by_current && trust.previous.is_some_and(|p| signed_by(cert, p));
+    let kept_for_rollover = by_previous && !trust.switch_over;
+    if !by_current && !kept_for_rollover {
+        return LeafAction::Reissue(RotateReason::CaChanged);
+    }
+    if secret_ca != trust.bundle() {
+        return LeafAction::UpdateTrust;
+    }
+    LeafAction::Keep
+}
+
+/// Whether the certificate in `secret` must change, for a pool with no CA rollover under way:
+/// `None` keeps it. See [`leaf_action`] for the full decision.
 pub fn rotation(
     secret: Option<&Secret>,
     ca: &Ca,
@@ -380,31 +472,16 @@ pub fn rotation(
     now: OffsetDateTime,
     renew_before: Duration,
 ) -> Option<RotateReason> {
-    let Some(secret) = secret else {
-        return Some(RotateReason::Missing);
+    let trust = Trust {
+        ca,
+        previous: None,
+        switch_over: true,
     };
-    let (Some(cert), Some(_key), Some(secret_ca)) = (
-        secret_text(secret, CERT_KEY),
-        secret_text(secret, KEY_KEY),
-        secret_text(secret, CA_CERT_KEY),
-    ) else {
-        return Some(RotateReason::Missing);
-    };
-    let info = match inspect(cert, CERT_KEY) {
-        Ok(info) => info,
-        Err(e) => return Some(RotateReason::Unreadable(e.to_string())),
-    };
-    if secret_ca != ca.cert_pem || !signed_by(cert, &ca.cert_pem) {
-        return Some(RotateReason::CaChanged);
+    match leaf_action(secret, &trust, want_names, now, renew_before) {
+        LeafAction::Keep => None,
+        LeafAction::UpdateTrust => Some(RotateReason::CaChanged),
+        LeafAction::Reissue(r) => Some(r),
     }
-    rotation_by_time(&info, now, renew_before).or_else(|| {
-        let want = want_names?;
-        let mut have = info.names.clone();
-        let mut want = want.to_vec();
-        have.sort();
-        want.sort();
-        (have != want).then_some(RotateReason::NamesChanged)
-    })
 }
 
 /// `Expired` or `ExpiresSoon` when `info` is past or near its end, else `None`.
@@ -526,6 +603,47 @@ mod tests {
             rotation(Some(&keyless), &ca, Some(&names), at(1), renew),
             Some(RotateReason::Missing)
         );
+    }
+
+    #[test]
+    fn ca_rollover_first_spreads_trust_then_reissues() {
+        let old = issue_ca("p", now(), 90 * DAY).unwrap();
+        let new = issue_ca("p", now(), 90 * DAY).unwrap();
+        let leaf = issue(&old, "kiln-user", &[], Usage::Client, now(), 90 * DAY).unwrap();
+        let secret = tls_secret(ObjectMeta::default(), &leaf);
+        let mut trust = Trust {
+            ca: &new,
+            previous: Some(&old.cert_pem),
+            switch_over: false,
+        };
+        let act = |s: &Secret, t: &Trust<'_>| leaf_action(Some(s), t, None, now(), 30 * DAY);
+        // Phase 1: keep the old-CA certificate, but trust both CAs.
+        assert_eq!(act(&secret, &trust), LeafAction::UpdateTrust);
+        let bundled = tls_secret(
+            ObjectMeta::default(),
+            &Issued {
+                ca_pem: trust.bundle(),
+                ..leaf.clone()
+            },
+        );
+        assert_eq!(act(&bundled, &trust), LeafAction::Keep);
+        // Phase 2: certificates from the old CA go.
+        trust.switch_over = true;
+        assert_eq!(
+            act(&bundled, &trust),
+            LeafAction::Reissue(RotateReason::CaChanged)
+        );
+        // A certificate from neither CA goes at once.
+        let stranger = issue_ca("q", now(), DAY).unwrap();
+        let foreign = issue(&stranger, "x", &[], Usage::Client, now(), 90 * DAY).unwrap();
+        trust.switch_over = false;
+        assert_eq!(
+            act(&tls_secret(ObjectMeta::default(), &foreign), &trust),
+            LeafAction::Reissue(RotateReason::CaChanged)
+        );
+        // The bundle lists the new CA first.
+        assert!(trust.bundle().starts_with(&new.cert_pem));
+        assert!(trust.bundle().ends_with(&old.cert_pem));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::crd::{
     CONDITION_READY,
 };
 use crate::render::{self, FIELD_MANAGER};
-use crate::tls::{self, RotateReason, Usage};
+use crate::tls::{self, LeafAction, RotateReason, Usage};
 use crate::units::parse_duration;
 use crate::{Error, Result};
 
@@ -141,6 +141,8 @@ async fn get_secret(api: &Api<Secret>, name: &str) -> Result<Option<Secret>> {
 #[derive(Debug, Default)]
 struct Tls {
     not_after: Option<i64>,
+    /// When certificates still signed by the previous CA are to be reissued.
+    rollover_at: Option<i64>,
     renew_before: Duration,
     problem: Option<String>,
 }
@@ -153,13 +155,16 @@ impl Tls {
         }
     }
 
-    /// Come back when the certificate enters its renewal window (within bounds).
+    /// Come back when the certificate enters its renewal window or a CA rollover switches
+    /// over (within bounds).
     fn next_check(&self, now: OffsetDateTime) -> Duration {
-        let Some(not_after) = self.not_after else {
+        let renew_at = self
+            .not_after
+            .map(|t| t.saturating_sub(self.renew_before.as_secs() as i64));
+        let Some(at) = [renew_at, self.rollover_at].into_iter().flatten().min() else {
             return MAX_REQUEUE;
         };
-        let renew_at = not_after.saturating_sub(self.renew_before.as_secs() as i64);
-        let wait = renew_at.saturating_sub(now.unix_timestamp()).max(0) as u64;
+        let wait = at.saturating_sub(now.unix_timestamp()).max(0) as u64;
         Duration::from_secs(wait).clamp(MIN_REQUEUE, MAX_REQUEUE)
     }
 }
@@ -208,24 +213,49 @@ async fn ensure_tls(
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let ca_name = render::ca_secret_name(&name);
     let current_ca = get_secret(&secrets, &ca_name).await?;
-    let usable_ca = current_ca
-        .as_ref()
-        .and_then(tls::ca_from_secret)
-        .filter(|ca| {
-            tls::inspect(&ca.cert_pem, "ca.crt")
-                .map(|info| info.is_ca && tls::rotation_by_time(&info, now, renew_before).is_none())
-                .unwrap_or(false)
-        });
-    let ca = match usable_ca {
-        Some(ca) => ca,
+    let old_ca = current_ca.as_ref().and_then(tls::ca_from_secret);
+    let still_valid = |pem: &str| {
+        tls::inspect(pem, "ca.crt")
+            .map(|info| info.is_ca && now.unix_timestamp() < info.not_after)
+            .unwrap_or(false)
+    };
+    let usable_ca = old_ca.clone().filter(|ca| {
+        tls::inspect(&ca.cert_pem, "ca.crt")
+            .map(|info| info.is_ca && tls::rotation_by_time(&info, now, renew_before).is_none())
+            .unwrap_or(false)
+    });
+    let (ca, previous) = match usable_ca {
+        Some(ca) => {
+            let previous = current_ca
+                .as_ref()
+                .and_then(|s| tls::secret_text(s, tls::PREVIOUS_CA_KEY))
+                .filter(|p| still_valid(p))
+                .map(str::to_string);
+            (ca, previous)
+        }
         None => {
-            info!(secret = %ca_name, "issuing CA");
+            // The outgoing CA stays trusted (in every ca.crt) until it expires.
+            let previous = old_ca.map(|c| c.cert_pem).filter(|p| still_valid(p));
+            info!(secret = %ca_name, rollover = previous.is_some(), "issuing CA");
             let ca = tls::issue_ca(&name, now, lifetime)?;
             let meta = render::owned_meta(pool, ca_name, "tls")?;
-            apply(&secrets, &tls::ca_secret(meta, &ca), &pp).await?;
-            ca
+            apply(
+                &secrets,
+                &tls::ca_secret(meta, &ca, previous.as_deref()),
+                &pp,
+            )
+            .await?;
+            (ca, previous)
         }
     };
+    let ca_since = tls::inspect(&ca.cert_pem, "ca.crt")?.not_before;
+    let switch_at = ca_since + (tls::BACKDATE + tls::CA_SWITCH_GRACE).as_secs() as i64;
+    let trust = tls::Trust {
+        ca: &ca,
+        previous: previous.as_deref(),
+        switch_over: now.unix_timestamp() >= switch_at,
+    };
+    let bundle = trust.bundle();
 
     let server_names = tls::server_names(&name, ns, pool.spec.replicas);
     let leaves: [(String, String, Option<&[String]>, Usage); 4] = [
@@ -256,19 +286,38 @@ async fn ensure_tls(
     ];
     let mut out = Tls {
         renew_before,
+        rollover_at: (trust.previous.is_some() && !trust.switch_over).then_some(switch_at),
         ..Tls::default()
     };
     for (secret_name, cn, names, usage) in leaves {
         let current = get_secret(&secrets, &secret_name).await?;
-        let cert = match tls::rotation(current.as_ref(), &ca, names, now, renew_before) {
-            None => current
-                .as_ref()
-                .and_then(|s| tls::secret_text(s, tls::CERT_KEY))
-                .unwrap_or_default()
-                .to_string(),
-            Some(reason) => {
+        let current_cert = current
+            .as_ref()
+            .and_then(|s| tls::secret_text(s, tls::CERT_KEY))
+            .unwrap_or_default()
+            .to_string();
+        let cert = match tls::leaf_action(current.as_ref(), &trust, names, now, renew_before) {
+            LeafAction::Keep => current_cert,
+            LeafAction::UpdateTrust => {
+                info!(secret = %secret_name, "adding the new CA to ca.crt");
+                let kept = tls::Issued {
+                    ca_pem: bundle.clone(),
+                    cert_pem: current_cert.clone(),
+                    key_pem: current
+                        .as_ref()
+                        .and_then(|s| tls::secret_text(s, tls::KEY_KEY))
+                        .unwrap_or_default()
+                        .to_string(),
+                };
+                let meta = render::owned_meta(pool, secret_name, "tls")?;
+                apply(&secrets, &tls::tls_secret(meta, &kept), &pp).await?;
+                current_cert
+            }
+            LeafAction::Reissue(reason) => {
                 log_rotation(&secret_name, &reason);
-                let issued = tls::issue(&ca, &cn, names.unwrap_or_default(), usage, now, lifetime)?;
+                let mut issued =
+                    tls::issue(&ca, &cn, names.unwrap_or_default(), usage, now, lifetime)?;
+                issued.ca_pem = bundle.clone();
                 let meta = render::owned_meta(pool, secret_name, "tls")?;
                 apply(&secrets, &tls::tls_secret(meta, &issued), &pp).await?;
                 issued.cert_pem

@@ -424,6 +424,98 @@ async fn certificates_near_expiry_are_rotated_and_the_ca_kept() {
 }
 
 #[tokio::test]
+async fn ca_rollover_spreads_trust_before_reissuing() {
+    use base64::Engine as _;
+    let fake = Shared::default();
+    let p = new_pool(json!({})).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let day = |d: i64| start() + time::Duration::days(d);
+    // Leaves (90d) renew every 60 days; the CA (360d) enters its 30-day window at day 330.
+    for d in [0, 61, 122, 183, 244, 305] {
+        let p = with_stored_status(&fake, p.clone());
+        run(&fake, &p, day(d)).await.unwrap();
+    }
+    let stored = |path: &str, key: &str| -> String {
+        let f = lock(&fake);
+        let b64 = f.objects[path]["data"][key]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_default();
+        String::from_utf8(raw).unwrap_or_default()
+    };
+    let leaves = [
+        "p-server-tls",
+        "p-gateway-client-tls",
+        "p-controller-client-tls",
+        "p-client-tls",
+    ];
+    let old_ca = stored(&secret_path("p-ca"), "ca.crt");
+    let old_certs: Vec<String> = leaves
+        .iter()
+        .map(|l| stored(&secret_path(l), "tls.crt"))
+        .collect();
+
+    // Day 331: a new CA; certificates stay, their ca.crt trusts both CAs.
+    let sent = run(&fake, &with_stored_status(&fake, p.clone()), day(331))
+        .await
+        .unwrap();
+    let patched = |v: &[Sent]| -> Vec<String> {
+        v.iter()
+            .filter(|s| s.method == "PATCH" && s.path.contains("/secrets/"))
+            .map(|s| s.path.clone())
+            .collect()
+    };
+    let mut want = vec![secret_path("p-ca")];
+    want.extend(leaves.map(secret_path));
+    assert_eq!(patched(&sent), want);
+    let new_ca = stored(&secret_path("p-ca"), "ca.crt");
+    assert_ne!(new_ca, old_ca);
+    assert_eq!(stored(&secret_path("p-ca"), "previous-ca.crt"), old_ca);
+    for (l, old) in leaves.iter().zip(&old_certs) {
+        assert_eq!(
+            &stored(&secret_path(l), "tls.crt"),
+            old,
+            "{l} reissued too early"
+        );
+        assert_eq!(
+            stored(&secret_path(l), "ca.crt"),
+            format!("{new_ca}{old_ca}")
+        );
+    }
+
+    // After the grace period: every certificate is reissued by the new CA.
+    let later = day(331) + time::Duration::hours(1);
+    let sent = run(&fake, &with_stored_status(&fake, p.clone()), later)
+        .await
+        .unwrap();
+    assert_eq!(patched(&sent), leaves.map(secret_path));
+    for l in leaves {
+        let cert = stored(&secret_path(l), "tls.crt");
+        assert!(
+            tls::signed_by(&cert, &new_ca),
+            "{l} not signed by the new CA"
+        );
+        assert_eq!(
+            stored(&secret_path(l), "ca.crt"),
+            format!("{new_ca}{old_ca}")
+        );
+    }
+
+    // And then nothing more to do.
+    let sent = run(
+        &fake,
+        &with_stored_status(&fake, p),
+        later + time::Duration::hours(1),
+    )
+    .await
+    .unwrap();
+    assert!(patched(&sent).is_empty(), "{:?}", lines(&sent));
+}
+
+#[tokio::test]
 async fn missing_existing_secret_is_degraded_and_nothing_is_issued() {
     let fake = Shared::default();
     let p = new_pool(non_default_spec()).unwrap();
