@@ -135,9 +135,11 @@ impl PullPolicy {
     }
 }
 
-/// Storage of one worker.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+/// Storage of one worker. Fixed once the pool exists: a StatefulSet's volume claim
+/// templates cannot change.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec.storage cannot change once the pool exists (StatefulSet volume claim templates are immutable); create a new pool"))]
 pub struct StorageSpec {
     /// Size of each worker's PersistentVolumeClaim (a Kubernetes quantity such as `50Gi`).
     #[serde(default = "default_storage_size")]
