@@ -1,5 +1,6 @@
-//! The worker ConfigMap: `worker.toml` holding the pool's GC policy in BuildKit's
-//! `buildkitd.toml` terms, with sizes and durations validated and written canonically.
+//! The worker ConfigMap: `worker.toml` holding the pool's GC policy (BuildKit's GC settings,
+//! under the kebab-case keys of the worker's `--config` file), with sizes and durations
+//! validated and written canonically.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -42,7 +43,7 @@ pub fn worker_config_toml(gc: &GcPolicy) -> Result<String> {
         },
     )?;
     for (i, rule) in gc.rules.iter().enumerate() {
-        let _ = writeln!(out, "\n[[gc.policy]]");
+        let _ = writeln!(out, "\n[[gc.rules]]");
         let _ = writeln!(out, "all = {}", rule.all);
         let filters: Vec<String> = rule.filters.iter().map(|f| toml_string(f)).collect();
         let _ = writeln!(out, "filters = [{}]", filters.join(", "));
@@ -72,17 +73,17 @@ fn limits(out: &mut String, prefix: &str, l: Limits<'_>) -> Result<()> {
         let d = parse_duration(d, &format!("{prefix}.keepDuration"))?;
         let _ = writeln!(
             out,
-            "keepDuration = {}",
+            "keep-duration = {}",
             toml_string(&format_duration_secs(d))
         );
     }
-    for (key, value) in [
-        ("reservedSpace", l.reserved_space),
-        ("maxUsedSpace", l.max_used_space),
-        ("minFreeSpace", l.min_free_space),
+    for (field, key, value) in [
+        ("reservedSpace", "reserved-space", l.reserved_space),
+        ("maxUsedSpace", "max-used-space", l.max_used_space),
+        ("minFreeSpace", "min-free-space", l.min_free_space),
     ] {
         if let Some(v) = value {
-            let size = Size::parse(v, &format!("{prefix}.{key}"))?;
+            let size = Size::parse(v, &format!("{prefix}.{field}"))?;
             let _ = writeln!(out, "{key} = {}", toml_string(&size.to_string()));
         }
     }
@@ -115,11 +116,14 @@ mod tests {
         };
         let toml = worker_config_toml(&gc).unwrap();
         assert!(toml.contains("enabled = true\n"), "{toml}");
-        assert!(toml.contains("reservedSpace = \"10737418240\"\n"), "{toml}");
-        assert!(toml.contains("maxUsedSpace = \"80%\"\n"), "{toml}");
-        assert!(toml.contains("keepDuration = \"172800s\"\n"), "{toml}");
         assert!(
-            toml.contains("[[gc.policy]]\nall = false\nfilters = [\"type==source.local\", \"say \\\"hi\\\"\"]\nkeepDuration = \"172800s\"\nmaxUsedSpace = \"536870912\"\n"),
+            toml.contains("reserved-space = \"10737418240\"\n"),
+            "{toml}"
+        );
+        assert!(toml.contains("max-used-space = \"80%\"\n"), "{toml}");
+        assert!(toml.contains("keep-duration = \"172800s\"\n"), "{toml}");
+        assert!(
+            toml.contains("[[gc.rules]]\nall = false\nfilters = [\"type==source.local\", \"say \\\"hi\\\"\"]\nkeep-duration = \"172800s\"\nmax-used-space = \"536870912\"\n"),
             "{toml}"
         );
     }
