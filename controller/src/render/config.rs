@@ -129,6 +129,27 @@ mod tests {
     }
 
     #[test]
+    fn output_is_valid_toml() {
+        let gc = GcPolicy {
+            min_free_space: Some("5%".into()),
+            rules: vec![GcRule {
+                all: true,
+                filters: vec!["label~=a\\b\n".into()],
+                reserved_space: Some("1k".into()),
+                ..GcRule::default()
+            }],
+            ..GcPolicy::default()
+        };
+        let v: toml::Value = toml::from_str(&worker_config_toml(&gc).unwrap()).unwrap();
+        assert_eq!(v["gc"]["enabled"].as_bool(), Some(true));
+        assert_eq!(v["gc"]["min-free-space"].as_str(), Some("5%"));
+        let rule = &v["gc"]["rules"][0];
+        assert_eq!(rule["all"].as_bool(), Some(true));
+        assert_eq!(rule["filters"][0].as_str(), Some("label~=a\\b\n"));
+        assert_eq!(rule["reserved-space"].as_str(), Some("1024"));
+    }
+
+    #[test]
     fn bad_rule_names_its_index() {
         let gc = GcPolicy {
             rules: vec![
