@@ -233,6 +233,23 @@ pub fn tls_secret(metadata: ObjectMeta, issued: &Issued) -> Secret {
     }
 }
 
+/// Adds buildctl's `--tlsdir` names (`ca.pem`, `cert.pem`, `key.pem`) beside the standard
+/// keys, so the Secret mounted as a directory works with `kiln build --tlsdir` and `buildctl`.
+pub fn with_tlsdir_names(mut secret: Secret) -> Secret {
+    if let Some(data) = secret.data.as_mut() {
+        for (from, to) in [
+            (CA_CERT_KEY, "ca.pem"),
+            (CERT_KEY, "cert.pem"),
+            (KEY_KEY, "key.pem"),
+        ] {
+            if let Some(v) = data.get(from).cloned() {
+                data.insert(to.to_string(), v);
+            }
+        }
+    }
+    secret
+}
+
 /// An `Opaque` Secret with the CA certificate and key (`ca.crt`, `ca.key`) and, after a
 /// rollover, the previous CA certificate (`previous-ca.crt`).
 pub fn ca_secret(metadata: ObjectMeta, ca: &Ca, previous: Option<&str>) -> Secret {

@@ -289,7 +289,9 @@ async fn ensure_tls(
         rollover_at: (trust.previous.is_some() && !trust.switch_over).then_some(switch_at),
         ..Tls::default()
     };
+    let user_secret = render::user_client_secret_name(&name);
     for (secret_name, cn, names, usage) in leaves {
+        let tlsdir = secret_name == user_secret;
         let current = get_secret(&secrets, &secret_name).await?;
         let current_cert = current
             .as_ref()
@@ -310,7 +312,7 @@ async fn ensure_tls(
                         .to_string(),
                 };
                 let meta = render::owned_meta(pool, secret_name, "tls")?;
-                apply(&secrets, &tls::tls_secret(meta, &kept), &pp).await?;
+                apply(&secrets, &leaf_secret(meta, &kept, tlsdir), &pp).await?;
                 current_cert
             }
             LeafAction::Reissue(reason) => {
@@ -319,7 +321,7 @@ async fn ensure_tls(
                     tls::issue(&ca, &cn, names.unwrap_or_default(), usage, now, lifetime)?;
                 issued.ca_pem = bundle.clone();
                 let meta = render::owned_meta(pool, secret_name, "tls")?;
-                apply(&secrets, &tls::tls_secret(meta, &issued), &pp).await?;
+                apply(&secrets, &leaf_secret(meta, &issued, tlsdir), &pp).await?;
                 issued.cert_pem
             }
         };
@@ -328,6 +330,20 @@ async fn ensure_tls(
         }
     }
     Ok(out)
+}
+
+/// A leaf certificate's Secret; the users' one also carries buildctl's `--tlsdir` names.
+fn leaf_secret(
+    meta: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    issued: &tls::Issued,
+    tlsdir: bool,
+) -> Secret {
+    let secret = tls::tls_secret(meta, issued);
+    if tlsdir {
+        tls::with_tlsdir_names(secret)
+    } else {
+        secret
+    }
 }
 
 fn log_rotation(secret: &str, reason: &RotateReason) {

@@ -275,6 +275,13 @@ async fn create_applies_exactly_the_rendered_objects() {
             info.names
         );
     }
+    // The users' Secret also works as a `--tlsdir` directory.
+    let user = sent[9].body.clone().unwrap();
+    assert_eq!(sent[9].path, secret_path("p-client-tls"));
+    assert_eq!(pem(&user, "cert.pem"), pem(&user, "tls.crt"));
+    assert_eq!(pem(&user, "key.pem"), pem(&user, "tls.key"));
+    assert_eq!(pem(&user, "ca.pem"), pem(&user, "ca.crt"));
+    assert!(server["data"].get("cert.pem").is_none());
     let ca = sent[1].body.clone().unwrap();
     assert!(tls::signed_by(&pem(server, "tls.crt"), &pem(&ca, "ca.crt")));
     assert_eq!(pem(server, "ca.crt"), pem(&ca, "ca.crt"));
