@@ -9,5 +9,7 @@ mod crdgen;
 mod handshake;
 #[path = "controller/reconcile.rs"]
 mod reconcile;
+#[path = "controller/transport.rs"]
+mod transport;
 #[path = "controller/validate.rs"]
 mod validate;
