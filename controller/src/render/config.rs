@@ -23,12 +23,17 @@ pub(super) fn config_map(ctx: &Context<'_>) -> Result<ConfigMap> {
 
 /// Renders the worker configuration file for a GC policy. Absolute sizes become plain bytes,
 /// percentages stay `N%`, durations become whole seconds (`172800s`): forms BuildKit accepts.
-/// Fails naming the field when a size or duration does not parse.
+/// Fails naming the field when a size or duration does not parse. A default policy writes no
+/// `[gc]` table at all, leaving the worker's own defaults in force.
 pub fn worker_config_toml(gc: &GcPolicy) -> Result<String> {
     let mut out = String::from(
         "# Written by kiln-controller from the BuildWorkerPool's spec.gc; do not edit.\n\
-         # Sizes are bytes or a percentage of the disk; durations are seconds.\n[gc]\n",
+         # Sizes are bytes or a percentage of the disk; durations are seconds.\n",
     );
+    if *gc == GcPolicy::default() {
+        return Ok(out);
+    }
+    out.push_str("[gc]\n");
     // Writing to a String cannot fail; the results are ignored for that reason.
     let _ = writeln!(out, "enabled = {}", !gc.disabled);
     let prefix = "spec.gc";
@@ -126,6 +131,20 @@ mod tests {
             toml.contains("[[gc.rules]]\nall = false\nfilters = [\"type==source.local\", \"say \\\"hi\\\"\"]\nkeep-duration = \"172800s\"\nmax-used-space = \"536870912\"\n"),
             "{toml}"
         );
+    }
+
+    #[test]
+    fn default_policy_writes_no_table() {
+        let toml = worker_config_toml(&GcPolicy::default()).unwrap();
+        let v: toml::Value = toml::from_str(&toml).unwrap();
+        assert_eq!(v.as_table().map(|t| t.len()), Some(0), "{toml}");
+        let off = GcPolicy {
+            disabled: true,
+            ..GcPolicy::default()
+        };
+        assert!(worker_config_toml(&off)
+            .unwrap()
+            .contains("[gc]\nenabled = false\n"));
     }
 
     #[test]
