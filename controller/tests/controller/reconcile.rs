@@ -1,0 +1,571 @@
+//! `BuildWorkerPool` reconcile against a mocked API server (kube-rs `tower-test` pattern): the
+//! mock keeps the objects it is sent, answers GETs from them, and records every request so the
+//! tests can check methods, paths, content types and bodies. When `KUBECONFIG` is set the last
+//! test runs the same flow against that real cluster.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use kiln_controller::crd::BuildWorkerPool;
+use kiln_controller::reconcile::{pool::reconcile, Context};
+use kiln_controller::render;
+use kiln_controller::tls;
+use kube::client::Body;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+use crate::validate::{non_default_spec, pool};
+
+const APPLY: &str = "application/apply-patch+yaml";
+const NS: &str = "/namespaces/builds";
+
+/// One request the controller sent.
+#[derive(Clone, Debug)]
+struct Sent {
+    method: String,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Option<Value>,
+}
+
+impl Sent {
+    fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+/// The mocked API server's state: stored objects by path, and the request log.
+#[derive(Default)]
+struct Fake {
+    objects: BTreeMap<String, Value>,
+    log: Vec<Sent>,
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "not found", "reason": "NotFound", "code": 404})
+}
+
+/// Answers one request from the store.
+fn answer(fake: &mut Fake, sent: &Sent) -> (StatusCode, Value) {
+    match sent.method.as_str() {
+        "GET" => match fake.objects.get(&sent.path) {
+            Some(v) => (StatusCode::OK, v.clone()),
+            None => (StatusCode::NOT_FOUND, not_found()),
+        },
+        "PATCH" => {
+            let body = sent.body.clone().unwrap_or(Value::Null);
+            if let Some(parent) = sent.path.strip_suffix("/status") {
+                let Some(obj) = fake.objects.get_mut(parent) else {
+                    return (StatusCode::NOT_FOUND, not_found());
+                };
+                obj["status"] = body["status"].clone();
+                return (StatusCode::OK, obj.clone());
+            }
+            let mut obj = body;
+            if let Some(old) = fake.objects.get(&sent.path) {
+                if let Some(status) = old.get("status") {
+                    obj["status"] = status.clone();
+                }
+            }
+            obj["metadata"]["uid"] = json!(format!("uid-{}", sent.path.len()));
+            fake.objects.insert(sent.path.clone(), obj.clone());
+            (StatusCode::OK, obj)
+        }
+        _ => (StatusCode::METHOD_NOT_ALLOWED, not_found()),
+    }
+}
+
+/// A client whose requests go to the fake, served on a background task.
+fn mock_client(fake: Shared) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let sent = Sent {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .unwrap_or_default(),
+                // A body that is not JSON is kept as a string, which no assertion accepts.
+                body: (!bytes.is_empty()).then(|| {
+                    serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                    })
+                }),
+            };
+            let (code, value) = {
+                let mut f = lock(&fake);
+                let out = answer(&mut f, &sent);
+                f.log.push(sent);
+                out
+            };
+            let mut resp = Response::new(Body::from(value.to_string().into_bytes()));
+            *resp.status_mut() = code;
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            send.send_response(resp);
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+/// 2027-01-15T08:00:00Z.
+fn start() -> OffsetDateTime {
+    OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_800_000_000)
+}
+
+/// The fake's state; a panic elsewhere must not hide what was recorded.
+fn lock(fake: &Shared) -> std::sync::MutexGuard<'_, Fake> {
+    fake.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn context(client: kube::Client, at: OffsetDateTime) -> Arc<Context> {
+    Arc::new(Context {
+        client,
+        clock: Arc::new(move || at),
+    })
+}
+
+/// Runs one reconcile and returns the requests it sent.
+async fn run(
+    fake: &Shared,
+    pool: &BuildWorkerPool,
+    at: OffsetDateTime,
+) -> anyhow::Result<Vec<Sent>> {
+    let before = lock(fake).log.len();
+    let ctx = context(mock_client(fake.clone()), at);
+    reconcile(Arc::new(pool.clone()), ctx).await?;
+    Ok(lock(fake).log[before..].to_vec())
+}
+
+fn pool_path(p: &BuildWorkerPool) -> String {
+    format!(
+        "/apis/kiln.dev/v1alpha1{NS}/buildworkerpools/{}",
+        p.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+/// The pool as the fake now holds its status.
+fn with_stored_status(fake: &Shared, mut p: BuildWorkerPool) -> BuildWorkerPool {
+    p.status = lock(fake)
+        .objects
+        .get(&pool_path(&p))
+        .and_then(|o| serde_json::from_value(o["status"].clone()).ok());
+    p
+}
+
+fn seed_pool(fake: &Shared, p: &BuildWorkerPool) -> anyhow::Result<()> {
+    let value = serde_json::to_value(p)?;
+    lock(fake).objects.insert(pool_path(p), value);
+    Ok(())
+}
+
+fn lines(sent: &[Sent]) -> Vec<String> {
+    sent.iter().map(Sent::line).collect()
+}
+
+fn secret_path(name: &str) -> String {
+    format!("/api/v1{NS}/secrets/{name}")
+}
+
+/// The status (`True`/`False`) of a condition, or `missing`.
+fn condition(status: &Value, type_: &str) -> String {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or("missing")
+        .to_string()
+}
+
+fn new_pool(spec: Value) -> anyhow::Result<BuildWorkerPool> {
+    let mut p = pool("p", spec)?;
+    p.metadata.generation = Some(1);
+    Ok(p)
+}
+
+#[tokio::test]
+async fn create_applies_exactly_the_rendered_objects() {
+    let fake = Shared::default();
+    let p = new_pool(json!({})).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let sent = run(&fake, &p, start()).await.unwrap();
+
+    let secret_lines = |name: &str| {
+        vec![
+            format!("GET {}", secret_path(name)),
+            format!("PATCH {}", secret_path(name)),
+        ]
+    };
+    let mut want = Vec::new();
+    for s in [
+        "p-ca",
+        "p-server-tls",
+        "p-gateway-client-tls",
+        "p-controller-client-tls",
+        "p-client-tls",
+    ] {
+        want.extend(secret_lines(s));
+    }
+    want.extend([
+        format!("PATCH /api/v1{NS}/configmaps/p-worker-config"),
+        format!("PATCH /api/v1{NS}/services/p-workers"),
+        format!("PATCH /api/v1{NS}/services/p-gateway"),
+        format!("PATCH /apis/policy/v1{NS}/poddisruptionbudgets/p-workers"),
+        format!("PATCH /apis/apps/v1{NS}/statefulsets/p-worker"),
+        format!("PATCH /apis/apps/v1{NS}/deployments/p-gateway"),
+        format!("PATCH /apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p/status"),
+    ]);
+    assert_eq!(lines(&sent), want);
+
+    for s in sent.iter().filter(|s| s.method == "PATCH") {
+        assert_eq!(s.content_type, APPLY, "{}", s.line());
+        assert!(
+            s.query.contains("fieldManager=kiln-controller"),
+            "{}: {}",
+            s.line(),
+            s.query
+        );
+        assert!(s.query.contains("force=true"), "{}: {}", s.line(), s.query);
+    }
+
+    // Workload bodies are exactly what render() produces.
+    let rendered = render::render(&p).unwrap().to_values().unwrap();
+    let bodies: Vec<Value> = sent[10..16]
+        .iter()
+        .map(|s| s.body.clone().unwrap())
+        .collect();
+    assert_eq!(bodies, rendered);
+
+    // The server certificate covers the gateway and all three workers, signed by the CA.
+    let server = &sent[3].body.clone().unwrap();
+    assert_eq!(server["type"], "kubernetes.io/tls");
+    assert_eq!(
+        server["metadata"]["ownerReferences"][0]["kind"],
+        "BuildWorkerPool"
+    );
+    let pem = |v: &Value, key: &str| {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(v["data"][key].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(b).unwrap()
+    };
+    let info = tls::inspect(&pem(server, "tls.crt"), "tls.crt").unwrap();
+    for n in [
+        "p-gateway.builds.svc",
+        "p-worker-2.p-workers.builds.svc.cluster.local",
+    ] {
+        assert!(
+            info.names.iter().any(|x| x == n),
+            "{n} not in {:?}",
+            info.names
+        );
+    }
+    // The users' Secret also works as a `--tlsdir` directory.
+    let user = sent[9].body.clone().unwrap();
+    assert_eq!(sent[9].path, secret_path("p-client-tls"));
+    assert_eq!(pem(&user, "cert.pem"), pem(&user, "tls.crt"));
+    assert_eq!(pem(&user, "key.pem"), pem(&user, "tls.key"));
+    assert_eq!(pem(&user, "ca.pem"), pem(&user, "ca.crt"));
+    assert!(server["data"].get("cert.pem").is_none());
+    let ca = sent[1].body.clone().unwrap();
+    assert!(tls::signed_by(&pem(server, "tls.crt"), &pem(&ca, "ca.crt")));
+    assert_eq!(pem(server, "ca.crt"), pem(&ca, "ca.crt"));
+
+    // Status: nothing is ready yet, so Progressing; the certificate expiry is reported.
+    let status = &sent[16].body.clone().unwrap()["status"];
+    assert_eq!(condition(status, "Ready"), "False");
+    assert_eq!(condition(status, "Progressing"), "True");
+    assert_eq!(condition(status, "Degraded"), "False");
+    assert_eq!(status["observedGeneration"], 1);
+    let not_after = status["certificateNotAfter"].as_str().unwrap();
+    assert_eq!(not_after, "2027-04-15T08:00:00Z"); // start (2027-01-15T08:00:00Z) + 90d
+}
+
+#[tokio::test]
+async fn second_reconcile_only_reapplies_and_reports_ready() {
+    let fake = Shared::default();
+    let p = new_pool(json!({})).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let first = run(&fake, &p, start()).await.unwrap();
+
+    // The cluster brings everything up.
+    {
+        let mut f = fake.lock().unwrap();
+        f.objects
+            .get_mut(&format!("/apis/apps/v1{NS}/statefulsets/p-worker"))
+            .unwrap()["status"] = json!({"replicas": 3, "readyReplicas": 3});
+        f.objects
+            .get_mut(&format!("/apis/apps/v1{NS}/deployments/p-gateway"))
+            .unwrap()["status"] = json!({"replicas": 2, "readyReplicas": 2});
+    }
+    let later = start() + time::Duration::hours(1);
+    let p2 = with_stored_status(&fake, p.clone());
+    let second = run(&fake, &p2, later).await.unwrap();
+    // No certificate is issued again; the same apply bodies; a status saying Ready.
+    assert!(
+        !second
+            .iter()
+            .any(|s| s.method == "PATCH" && s.path.contains("/secrets/")),
+        "{:?}",
+        lines(&second)
+    );
+    let applies = |v: &[Sent]| -> Vec<Value> {
+        v.iter()
+            .filter(|s| {
+                s.method == "PATCH" && !s.path.contains("/secrets/") && !s.path.ends_with("/status")
+            })
+            .map(|s| s.body.clone().unwrap())
+            .collect()
+    };
+    assert_eq!(applies(&first), applies(&second));
+    let status = &second.last().unwrap().body.clone().unwrap()["status"];
+    assert_eq!(condition(status, "Ready"), "True");
+    assert_eq!(condition(status, "Progressing"), "False");
+    assert_eq!(status["readyReplicas"], 3);
+    assert_eq!(status["gatewayReadyReplicas"], 2);
+
+    // A third run with everything right sends the same applies and nothing else.
+    let p3 = with_stored_status(&fake, p);
+    let third = run(&fake, &p3, later + time::Duration::hours(1))
+        .await
+        .unwrap();
+    assert!(third
+        .iter()
+        .all(|s| s.method == "GET" || !s.path.contains("/secrets/")));
+    assert!(
+        !third.iter().any(|s| s.path.ends_with("/status")),
+        "{:?}",
+        lines(&third)
+    );
+    assert_eq!(applies(&third), applies(&second));
+    assert_eq!(third.iter().filter(|s| s.method == "PATCH").count(), 6);
+}
+
+#[tokio::test]
+async fn scaling_reissues_only_the_server_certificate() {
+    let fake = Shared::default();
+    let p = new_pool(json!({})).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let before = run(&fake, &p, start()).await.unwrap();
+    let mut scaled = with_stored_status(&fake, p);
+    scaled.spec.replicas = 4;
+    let sent = run(&fake, &scaled, start()).await.unwrap();
+    // Of the workload applies, only the StatefulSet's body changed.
+    let bodies = |v: &[Sent]| -> BTreeMap<String, Value> {
+        v.iter()
+            .filter(|s| {
+                s.method == "PATCH" && !s.path.contains("/secrets/") && !s.path.ends_with("/status")
+            })
+            .map(|s| (s.path.clone(), s.body.clone().unwrap_or_default()))
+            .collect()
+    };
+    let (old, new) = (bodies(&before), bodies(&sent));
+    assert_eq!(old.len(), 6);
+    let changed: Vec<_> = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert_eq!(
+        changed,
+        [format!("/apis/apps/v1{NS}/statefulsets/p-worker")]
+    );
+    let secret_patches: Vec<_> = sent
+        .iter()
+        .filter(|s| s.method == "PATCH" && s.path.contains("/secrets/"))
+        .collect();
+    assert_eq!(secret_patches.len(), 1, "{:?}", lines(&sent));
+    assert_eq!(secret_patches[0].path, secret_path("p-server-tls"));
+    let sts = sent
+        .iter()
+        .find(|s| s.path.ends_with("/statefulsets/p-worker"))
+        .unwrap();
+    assert_eq!(sts.body.as_ref().unwrap()["spec"]["replicas"], 4);
+}
+
+#[tokio::test]
+async fn certificates_near_expiry_are_rotated_and_the_ca_kept() {
+    let fake = Shared::default();
+    let p = new_pool(json!({})).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    run(&fake, &p, start()).await.unwrap();
+    let p2 = with_stored_status(&fake, p);
+    // 61 days into a 90-day lifetime with renewBefore 30d: every leaf renews, the CA
+    // (4 × 90 days) does not.
+    let sent = run(&fake, &p2, start() + time::Duration::days(61))
+        .await
+        .unwrap();
+    let patched: Vec<_> = sent
+        .iter()
+        .filter(|s| s.method == "PATCH" && s.path.contains("/secrets/"))
+        .map(|s| s.path.clone())
+        .collect();
+    assert_eq!(
+        patched,
+        [
+            "p-server-tls",
+            "p-gateway-client-tls",
+            "p-controller-client-tls",
+            "p-client-tls"
+        ]
+        .map(secret_path)
+    );
+    let status = &sent.last().unwrap().body.clone().unwrap()["status"];
+    let not_after = status["certificateNotAfter"].as_str().unwrap();
+    assert_eq!(not_after, "2027-06-15T08:00:00Z"); // start + 61d + 90d
+}
+
+#[tokio::test]
+async fn ca_rollover_spreads_trust_before_reissuing() {
+    use base64::Engine as _;
+    let fake = Shared::default();
+    let p = new_pool(json!({})).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let day = |d: i64| start() + time::Duration::days(d);
+    // Leaves (90d) renew every 60 days; the CA (360d) enters its 30-day window at day 330.
+    for d in [0, 61, 122, 183, 244, 305] {
+        let p = with_stored_status(&fake, p.clone());
+        run(&fake, &p, day(d)).await.unwrap();
+    }
+    let stored = |path: &str, key: &str| -> String {
+        let f = lock(&fake);
+        let b64 = f.objects[path]["data"][key]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap_or_default();
+        String::from_utf8(raw).unwrap_or_default()
+    };
+    let leaves = [
+        "p-server-tls",
+        "p-gateway-client-tls",
+        "p-controller-client-tls",
+        "p-client-tls",
+    ];
+    let old_ca = stored(&secret_path("p-ca"), "ca.crt");
+    let old_certs: Vec<String> = leaves
+        .iter()
+        .map(|l| stored(&secret_path(l), "tls.crt"))
+        .collect();
+
+    // Day 331: a new CA; certificates stay, their ca.crt trusts both CAs.
+    let sent = run(&fake, &with_stored_status(&fake, p.clone()), day(331))
+        .await
+        .unwrap();
+    let patched = |v: &[Sent]| -> Vec<String> {
+        v.iter()
+            .filter(|s| s.method == "PATCH" && s.path.contains("/secrets/"))
+            .map(|s| s.path.clone())
+            .collect()
+    };
+    let mut want = vec![secret_path("p-ca")];
+    want.extend(leaves.map(secret_path));
+    assert_eq!(patched(&sent), want);
+    let new_ca = stored(&secret_path("p-ca"), "ca.crt");
+    assert_ne!(new_ca, old_ca);
+    assert_eq!(stored(&secret_path("p-ca"), "previous-ca.crt"), old_ca);
+    for (l, old) in leaves.iter().zip(&old_certs) {
+        assert_eq!(
+            &stored(&secret_path(l), "tls.crt"),
+            old,
+            "{l} reissued too early"
+        );
+        assert_eq!(
+            stored(&secret_path(l), "ca.crt"),
+            format!("{new_ca}{old_ca}")
+        );
+    }
+
+    // After the grace period: every certificate is reissued by the new CA.
+    let later = day(331) + time::Duration::hours(1);
+    let sent = run(&fake, &with_stored_status(&fake, p.clone()), later)
+        .await
+        .unwrap();
+    assert_eq!(patched(&sent), leaves.map(secret_path));
+    for l in leaves {
+        let cert = stored(&secret_path(l), "tls.crt");
+        assert!(
+            tls::signed_by(&cert, &new_ca),
+            "{l} not signed by the new CA"
+        );
+        assert_eq!(
+            stored(&secret_path(l), "ca.crt"),
+            format!("{new_ca}{old_ca}")
+        );
+    }
+
+    // And then nothing more to do.
+    let sent = run(
+        &fake,
+        &with_stored_status(&fake, p),
+        later + time::Duration::hours(1),
+    )
+    .await
+    .unwrap();
+    assert!(patched(&sent).is_empty(), "{:?}", lines(&sent));
+}
+
+#[tokio::test]
+async fn missing_existing_secret_is_degraded_and_nothing_is_issued() {
+    let fake = Shared::default();
+    let p = new_pool(non_default_spec()).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let sent = run(&fake, &p, start()).await.unwrap();
+    assert_eq!(
+        sent[0].line(),
+        format!("GET {}", secret_path("my-kiln-tls"))
+    );
+    assert!(!sent
+        .iter()
+        .any(|s| s.method == "PATCH" && s.path.contains("/secrets/")));
+    let status = &sent.last().unwrap().body.clone().unwrap()["status"];
+    assert_eq!(condition(status, "Degraded"), "True");
+    assert_eq!(condition(status, "Ready"), "False");
+    let msg = status["conditions"][2]["message"].as_str().unwrap();
+    assert!(msg.contains("builds/my-kiln-tls not found"), "{msg}");
+}
+
+#[tokio::test]
+async fn invalid_spec_is_reported_in_status_without_applying() {
+    let fake = Shared::default();
+    let p = new_pool(json!({"tls": {"lifetime": "7d", "renewBefore": "30d"}})).unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let sent = run(&fake, &p, start()).await.unwrap();
+    assert_eq!(
+        lines(&sent),
+        [format!(
+            "PATCH /apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p/status"
+        )]
+    );
+    let status = &sent[0].body.clone().unwrap()["status"];
+    assert_eq!(condition(status, "Degraded"), "True");
+    let msg = status["conditions"][2]["message"].as_str().unwrap();
+    assert!(msg.contains("spec.tls.renewBefore"), "{msg}");
+}
+
+/// The same create-then-idempotent flow against a real cluster, when `KUBECONFIG` is set.
+#[tokio::test]
+async fn real_cluster_when_kubeconfig_is_set() {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!("KUBECONFIG not set: the real-cluster variant is skipped (mocked tests ran)");
+        return;
+    }
+    crate::cluster::create_and_reconcile_twice().await.unwrap();
+}
