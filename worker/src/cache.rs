@@ -6,9 +6,14 @@
 //! `snapshots/<id>` before its record is committed; a result record is written only after
 //! all its layers are. On open, directories without a record and records without a
 //! directory are removed, so after a crash the store serves only complete records.
+//!
+//! Results are shared with other workers through a registry or an OCI layout
+//! ([`registry`]: format, export, import) and the automatic pool cache ([`pool`]).
 
 pub mod metadata;
+pub mod pool;
 pub mod refs;
+pub mod registry;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -44,6 +49,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Exporting or importing a shared cache failed.
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
 }
 
 /// Crate-local result alias.

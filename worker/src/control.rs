@@ -12,6 +12,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::pool::Pool;
+use crate::cache::registry::{self, CacheEntry, Exporter};
 use crate::cache::{Cache, Ref};
 use crate::content::ContentStore;
 use crate::executor::{Executor, Runtime};
@@ -39,6 +41,9 @@ pub struct EngineConfig {
     pub registry: RegistryConfig,
     /// Force a snapshotter kind instead of detecting.
     pub snapshotter: Option<snapshot::Kind>,
+    /// Pool cache repository (`host/path`): every executed vertex result is exported there
+    /// in the background and every local miss is looked up there.
+    pub cache_registry: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +56,7 @@ impl Default for EngineConfig {
                 .unwrap_or(4),
             registry: RegistryConfig::default(),
             snapshotter: None,
+            cache_registry: None,
         }
     }
 }
@@ -93,6 +99,16 @@ pub struct BuildRequest {
     pub secrets: HashMap<String, Vec<u8>>,
 }
 
+/// The caches of one build (BuildKit's `SolveRequest.Cache`): `--export-cache` and
+/// `--import-cache` entries.
+#[derive(Debug, Clone, Default)]
+pub struct CacheRequest {
+    /// Where to export the build's results (`registry`, `local`); at most one per type.
+    pub exports: Vec<CacheEntry>,
+    /// Caches to consult on a local miss, in order.
+    pub imports: Vec<CacheEntry>,
+}
+
 /// What a build returns (BuildKit's `ExporterResponse`).
 #[derive(Debug, Clone, Default)]
 pub struct BuildResponse {
@@ -105,6 +121,7 @@ pub struct BuildResponse {
 pub struct Engine {
     worker: Arc<Worker>,
     solver: Arc<Solver<LlbOp>>,
+    pool: Option<Arc<Pool>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -147,6 +164,13 @@ impl Engine {
         };
         let executor = Executor::new(config.runtime, root.join("executor"))?;
         let images = ImageResolver::new(config.registry.clone(), content.clone());
+        let pool = match &config.cache_registry {
+            Some(repo) => Some(
+                Pool::new(repo, cache.clone(), content.clone(), images.clone())
+                    .map_err(crate::cache::Error::from)?,
+            ),
+            None => None,
+        };
         let worker = Arc::new(Worker {
             root: root.clone(),
             cache: cache.clone(),
@@ -157,7 +181,16 @@ impl Engine {
             cache_mount_locks: Default::default(),
         });
         let solver = Solver::new(cache, config.max_parallelism);
-        Ok(Engine { worker, solver })
+        Ok(Engine {
+            worker,
+            solver,
+            pool,
+        })
+    }
+
+    /// The pool cache, when configured (its [`Pool::stats`] are the metrics).
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        self.pool.as_ref()
     }
 
     /// The shared worker state.
@@ -172,6 +205,29 @@ impl Engine {
         progress: Progress,
         cancel: CancellationToken,
     ) -> Result<BuildResponse> {
+        self.build_with_cache(req, &CacheRequest::default(), progress, cancel)
+            .await
+    }
+
+    /// Runs one build, importing and exporting caches. Bad cache entries fail the build
+    /// before it starts; an import that cannot be read is a warning (the build proceeds
+    /// without it); an export failure fails the build unless the entry says
+    /// `ignore-error=true`.
+    pub async fn build_with_cache(
+        &self,
+        req: BuildRequest,
+        caches: &CacheRequest,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<BuildResponse> {
+        let cache_exports =
+            registry::parse_exports(&caches.exports).map_err(crate::cache::Error::from)?;
+        let cache_imports = caches
+            .imports
+            .iter()
+            .map(registry::parse_import)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(crate::cache::Error::from)?;
         let (definition, config) = match &req.frontend {
             Frontend::Llb(def) => {
                 let mut cfg = ImageConfigFile::default();
@@ -198,6 +254,7 @@ impl Engine {
             return Ok(response);
         }
         let graph = llb::decode(&definition)?;
+        let remote = self.remote_caches(&cache_imports, &progress).await;
         let build = Arc::new(BuildCtx {
             worker: self.worker.clone(),
             locals: req.locals.clone(),
@@ -245,6 +302,7 @@ impl Engine {
                         vertex: result_vertex,
                         output: graph.result.index as usize,
                     },
+                    remote,
                 },
                 progress.clone(),
                 cancel,
@@ -255,7 +313,114 @@ impl Engine {
             self.export(i, exp, &solved.output, &config, &progress, &mut response)
                 .await?;
         }
+        for (i, opts) in cache_exports.iter().enumerate() {
+            self.export_cache(i, opts, &solved.records, &progress)
+                .await?;
+        }
+        if let Some(pool) = &self.pool {
+            for r in solved.records.iter().filter(|r| r.executed) {
+                if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
+                    pool.enqueue(&r.key, outs);
+                }
+            }
+        }
         Ok(response)
+    }
+
+    /// The imported caches that could be read, then the pool cache.
+    async fn remote_caches(
+        &self,
+        imports: &[registry::ImportOpts],
+        progress: &Progress,
+    ) -> Vec<Arc<dyn solver::RemoteCache<Ref>>> {
+        let mut remote: Vec<Arc<dyn solver::RemoteCache<Ref>>> = Vec::new();
+        for (i, opts) in imports.iter().enumerate() {
+            let name = opts.target.name();
+            let step = Step::start(
+                progress,
+                &format!("cache-import-{i}"),
+                &format!("importing cache manifest from {name}"),
+            );
+            match registry::import(&self.worker.images, &self.worker.content, opts).await {
+                Ok(found) => {
+                    step.finish(None);
+                    remote.push(Arc::new(registry::Imported::new(
+                        name,
+                        found,
+                        self.worker.cache.clone(),
+                        self.worker.content.clone(),
+                    )));
+                }
+                Err(e) => {
+                    // A cache that cannot be read is a miss, not a failed build.
+                    step.finish(None);
+                    let message = format!("{e}; building without this cache");
+                    tracing::warn!("{message}");
+                    progress.warn(None, message);
+                }
+            }
+        }
+        if let Some(pool) = &self.pool {
+            remote.push(pool.clone());
+        }
+        remote
+    }
+
+    /// The outputs stored locally under a vertex key, if all are there.
+    fn local_outputs(&self, key: &str, outputs: usize) -> Result<Option<Vec<Ref>>> {
+        let mut refs = Vec::with_capacity(outputs);
+        for i in 0..outputs {
+            match self.worker.cache.get(&format!("{key}:{i}"))? {
+                Some(r) => refs.push(r),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(refs))
+    }
+
+    async fn export_cache(
+        &self,
+        index: usize,
+        opts: &registry::ExportOpts,
+        records: &[solver::KeyRecord],
+        progress: &Progress,
+    ) -> Result<()> {
+        let name = opts.target.name();
+        let step = Step::start(
+            progress,
+            &format!("cache-export-{index}"),
+            &format!("exporting cache to {name}"),
+        );
+        let mut results = Vec::new();
+        for r in records.iter().filter(|r| opts.max || r.min) {
+            if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
+                for (i, o) in outs.into_iter().enumerate() {
+                    results.push((format!("{}:{i}", r.key), o));
+                }
+            }
+        }
+        let exporter = Exporter::new(
+            self.worker.cache.clone(),
+            self.worker.content.clone(),
+            self.worker.images.clone(),
+        );
+        match exporter.export(&results, opts).await {
+            Ok(_) => {
+                step.finish(None);
+                Ok(())
+            }
+            Err(e) if opts.ignore_error => {
+                step.finish(None);
+                let message = format!("{e} (ignored: ignore-error=true)");
+                tracing::warn!("{message}");
+                progress.warn(None, message);
+                Ok(())
+            }
+            Err(e) => {
+                step.finish(Some(e.to_string()));
+                Err(crate::cache::Error::from(e).into())
+            }
+        }
     }
 
     async fn dockerfile(

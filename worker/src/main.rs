@@ -35,6 +35,10 @@ struct Args {
     /// Registry hosts reached over plain HTTP (localhost always is).
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
+    /// Pool cache repository (`host/path`, no tag): every executed step is exported there in
+    /// the background and looked up there on a local miss.
+    #[arg(long = "cache-registry", value_name = "REF")]
+    cache_registry: Option<String>,
     /// Serve TCP without TLS (mTLS is not implemented yet, so TCP requires this).
     #[arg(long)]
     insecure_tcp: bool,
@@ -70,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
             insecure: args.insecure_registries.clone(),
             docker_config: None,
         },
+        cache_registry: args.cache_registry.clone(),
         ..Default::default()
     };
     if let Some(n) = args.max_parallelism {
