@@ -80,11 +80,12 @@ impl Pool {
             typ: "pool".into(),
             message: m,
         };
-        let name = crate::image::ImageName::parse(repo)
+        crate::image::ImageName::parse(repo)
             .map_err(|e| bad(format!("invalid --cache-registry {repo:?}: {e}")))?;
-        if name.tag.is_some() || name.digest.is_some() {
+        let last = repo.rsplit('/').next().unwrap_or_default();
+        if !repo.contains('/') || last.contains(':') || repo.contains('@') {
             return Err(bad(format!(
-                "--cache-registry {repo:?} must be a repository without tag or digest"
+                "--cache-registry {repo:?} must be a repository (host/path) without tag or digest"
             )));
         }
         Ok(Arc::new(Pool {
