@@ -466,8 +466,8 @@ impl Exporter {
         let mut pos: HashMap<u64, usize> = HashMap::new();
         for (_, r) in results {
             for l in r.layers() {
-                if !pos.contains_key(&l.id) {
-                    pos.insert(l.id, order.len());
+                if let std::collections::hash_map::Entry::Vacant(e) = pos.entry(l.id) {
+                    e.insert(order.len());
                     order.push(l.clone());
                 }
             }
