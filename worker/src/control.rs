@@ -122,6 +122,7 @@ pub struct Engine {
     worker: Arc<Worker>,
     solver: Arc<Solver<LlbOp>>,
     pool: Option<Arc<Pool>>,
+    cache_exporter: Exporter,
 }
 
 impl std::fmt::Debug for Engine {
@@ -164,10 +165,17 @@ impl Engine {
         };
         let executor = Executor::new(config.runtime, root.join("executor"))?;
         let images = ImageResolver::new(config.registry.clone(), content.clone());
+        let cache_exporter = Exporter::new(cache.clone(), content.clone(), images.clone());
         let pool = match &config.cache_registry {
             Some(repo) => Some(
-                Pool::new(repo, cache.clone(), content.clone(), images.clone())
-                    .map_err(crate::cache::Error::from)?,
+                Pool::new(
+                    repo,
+                    cache.clone(),
+                    content.clone(),
+                    images.clone(),
+                    cache_exporter.clone(),
+                )
+                .map_err(crate::cache::Error::from)?,
             ),
             None => None,
         };
@@ -185,7 +193,13 @@ impl Engine {
             worker,
             solver,
             pool,
+            cache_exporter,
         })
+    }
+
+    /// The exporter of `--export-cache` and the pool cache.
+    pub fn cache_exporter(&self) -> &Exporter {
+        &self.cache_exporter
     }
 
     /// The pool cache, when configured (its [`Pool::stats`] are the metrics).
@@ -344,6 +358,7 @@ impl Engine {
             match registry::import(&self.worker.images, &self.worker.content, opts).await {
                 Ok(found) => {
                     step.finish(None);
+                    self.cache_exporter.learn(&found);
                     remote.push(Arc::new(registry::Imported::new(
                         name,
                         found,
@@ -399,12 +414,7 @@ impl Engine {
                 }
             }
         }
-        let exporter = Exporter::new(
-            self.worker.cache.clone(),
-            self.worker.content.clone(),
-            self.worker.images.clone(),
-        );
-        match exporter.export(&results, opts).await {
+        match self.cache_exporter.export(&results, opts).await {
             Ok(_) => {
                 step.finish(None);
                 Ok(())

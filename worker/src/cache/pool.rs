@@ -75,6 +75,7 @@ impl Pool {
         cache: Arc<Cache>,
         content: Arc<ContentStore>,
         images: ImageResolver,
+        exporter: Exporter,
     ) -> Result<Arc<Pool>, registry::Error> {
         let bad = |m: String| registry::Error::Attr {
             typ: "pool".into(),
@@ -90,7 +91,7 @@ impl Pool {
         }
         Ok(Arc::new(Pool {
             repo: repo.trim_end_matches('/').to_string(),
-            exporter: Exporter::new(cache.clone(), content.clone(), images.clone()),
+            exporter,
             images,
             cache,
             content,
@@ -235,10 +236,12 @@ impl Pool {
         };
         let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
         let config = CacheConfig::parse(&bytes)?;
-        Ok(Some(Found {
+        let found = Found {
             records: config.chains(),
             source,
-        }))
+        };
+        self.exporter.learn(&found);
+        Ok(Some(found))
     }
 }
 

@@ -428,12 +428,23 @@ pub struct Prepared {
     pub manifest_media_type: String,
 }
 
-/// Turns cached refs into cache blobs and writes them out.
+/// Turns cached refs into cache blobs and writes them out. Clones share what they learnt
+/// about where blobs already are (for cross-repository mounts).
 #[derive(Clone)]
 pub struct Exporter {
     cache: Arc<Cache>,
     content: Arc<ContentStore>,
     images: ImageResolver,
+    mounts: Arc<Mounts>,
+}
+
+/// Where blobs are known to be (digest → a reference in a repository holding it), and
+/// clients for mount requests.
+#[derive(Default)]
+struct Mounts {
+    known: std::sync::Mutex<HashMap<String, String>>,
+    clients: std::sync::Mutex<HashMap<String, oci_client::Client>>,
+    mounted: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Exporter {
@@ -451,6 +462,27 @@ impl Exporter {
             cache,
             content,
             images,
+            mounts: Arc::new(Mounts::default()),
+        }
+    }
+
+    /// Blobs mounted from another repository instead of uploaded, so far.
+    pub fn mounted(&self) -> u64 {
+        self.mounts
+            .mounted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Remembers that the blobs of an imported cache are in its repository.
+    pub fn learn(&self, found: &Found) {
+        if let BlobSource::Registry { reference, .. } = &found.source {
+            let digests = found
+                .records
+                .values()
+                .flatten()
+                .flatten()
+                .map(|b| &b.digest);
+            self.mounts.learn(digests, reference);
         }
     }
 
@@ -503,7 +535,10 @@ impl Exporter {
                 let chain = r
                     .layers()
                     .iter()
-                    .map(|l| pos.get(&l.id).and_then(|i| built.layers[*i].clone()))
+                    .map(|l| {
+                        pos.get(&l.id)
+                            .and_then(|i| built.layers.get(*i).cloned().flatten())
+                    })
                     .collect();
                 (k.clone(), chain)
             })
@@ -586,7 +621,11 @@ impl Exporter {
                 insecure,
             } => {
                 let resolver = resolver_for(&self.images, reference, *insecure);
-                push(&resolver, &prepared, reference).await
+                let digest = push(&resolver, &prepared, reference, Some(&self.mounts)).await?;
+                let mut all: Vec<&String> = prepared.layers.iter().map(|l| &l.digest).collect();
+                all.push(&prepared.config.0);
+                self.mounts.learn(all.into_iter(), reference);
+                Ok(digest)
             }
             Target::Layout { dir, tag, .. } => {
                 let (content, dir, tag) = (self.content.clone(), dir.clone(), tag.clone());
@@ -598,12 +637,14 @@ impl Exporter {
     }
 }
 
-/// Pushes a prepared cache: blobs the registry lacks (HEAD first, several at once), the
-/// config, then the manifest under `reference`'s tag.
-pub async fn push(
+/// Pushes a prepared cache: blobs the registry lacks (HEAD first, several at once; mounted
+/// from another repository of the same registry when `mounts` knows one), the config, then
+/// the manifest under `reference`'s tag.
+async fn push(
     resolver: &ImageResolver,
     prepared: &Prepared,
     reference: &str,
+    mounts: Option<&Arc<Mounts>>,
 ) -> Result<String> {
     let mut digests: Vec<String> = prepared.layers.iter().map(|l| l.digest.clone()).collect();
     digests.push(prepared.config.0.clone());
@@ -611,12 +652,22 @@ pub async fn push(
         .into_iter()
         .map(|d| {
             let (resolver, reference) = (resolver.clone(), reference.to_string());
+            let mounts = mounts.cloned();
             async move {
+                let fail = |e: crate::source::Error| remote(&reference, e);
+                if resolver.blob_exists(&reference, &d).await.map_err(fail)? {
+                    return Ok(());
+                }
+                if let Some(m) = &mounts {
+                    if m.mount(&resolver, &reference, &d).await {
+                        return Ok(());
+                    }
+                }
                 resolver
                     .push_blob(&reference, &d, &|_, _| {})
                     .await
                     .map(|_| ())
-                    .map_err(|e| remote(&reference, e))
+                    .map_err(fail)
             }
         })
         .collect();
@@ -707,6 +758,80 @@ pub fn write_layout(
 }
 
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+// === impl Mounts ===
+
+impl Mounts {
+    fn learn<'a>(&self, digests: impl Iterator<Item = &'a String>, reference: &str) {
+        if let Ok(mut k) = self.known.lock() {
+            for d in digests {
+                k.insert(d.clone(), reference.to_string());
+            }
+        }
+    }
+
+    /// Asks the registry of `to` to mount `digest` from the repository known to hold it;
+    /// true when it did. Any failure (another registry, no permission, an old registry)
+    /// is false and the caller uploads.
+    async fn mount(&self, resolver: &ImageResolver, to: &str, digest: &str) -> bool {
+        let from = match self.known.lock() {
+            Ok(k) => k.get(digest).cloned(),
+            Err(_) => None,
+        };
+        let Some(from) = from else { return false };
+        let parse = |r: &str| {
+            crate::source::image::normalize_reference(r)
+                .ok()
+                .and_then(|n| n.parse::<oci_client::Reference>().ok())
+        };
+        let (Some(t), Some(f)) = (parse(to), parse(&from)) else {
+            return false;
+        };
+        if t.resolve_registry() != f.resolve_registry() || t.repository() == f.repository() {
+            return false;
+        }
+        let host = t.resolve_registry().to_string();
+        let existing = self.clients.lock().ok().and_then(|c| c.get(&host).cloned());
+        let client = match existing {
+            Some(c) => c,
+            None => {
+                let cfg = resolver.registry_config().clone();
+                let insecure = cfg.is_insecure(t.registry()) || cfg.is_insecure(&host);
+                let client = oci_client::Client::new(oci_client::client::ClientConfig {
+                    protocol: if insecure {
+                        oci_client::client::ClientProtocol::Http
+                    } else {
+                        oci_client::client::ClientProtocol::Https
+                    },
+                    accept_invalid_certificates: insecure,
+                    connect_timeout: Some(std::time::Duration::from_secs(30)),
+                    ..Default::default()
+                });
+                let registry = t.registry().to_string();
+                let auth = tokio::task::spawn_blocking(move || cfg.auth_for(&registry))
+                    .await
+                    .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+                client.store_auth_if_needed(&host, &auth).await;
+                if let Ok(mut c) = self.clients.lock() {
+                    c.insert(host, client.clone());
+                }
+                client
+            }
+        };
+        match client.mount_blob(&t, &f, digest).await {
+            Ok(()) => {
+                self.mounted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(%digest, from = %from, to, "mounted blob");
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, %digest, "cross-repository mount failed, uploading");
+                false
+            }
+        }
+    }
+}
 
 // === import ===
 

@@ -403,6 +403,20 @@ async fn pool_cache_cold_worker_runs_nothing() -> anyhow::Result<()> {
     assert_eq!(stats.queue_depth, 0);
     assert_eq!(stats.failed, 0, "{stats:?}");
     assert!(stats.exported >= 4, "{stats:?}");
+    // An explicit export to another repository of the same registry mounts the blobs the
+    // pool already has instead of uploading them.
+    let other = format!("{}/kiln/cache:mounted", reg.addr());
+    build(
+        &a,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![entry("registry", &[("ref", &other), ("mode", "max")])],
+            imports: vec![],
+        },
+    )
+    .await?;
+    assert!(a.engine.cache_exporter().mounted() >= 4);
 
     let b = worker(Some(pool.clone()))?;
     let built_b = build(&b, &base, dir.path(), CacheRequest::default()).await?;
