@@ -322,12 +322,36 @@ impl Engine {
                 cancel,
             )
             .await?;
+        let mut config = config;
+        if let Some(inline) = cache_exports
+            .iter()
+            .find(|o| o.target == registry::Target::Inline)
+        {
+            match self.inline_cache(&solved, &req.exports).await {
+                Ok(label) => {
+                    config
+                        .config
+                        .labels
+                        .insert(registry::INLINE_LABEL.to_string(), label);
+                }
+                Err(e) if inline.ignore_error => {
+                    let message = format!("inline cache: {e} (ignored: ignore-error=true)");
+                    tracing::warn!("{message}");
+                    progress.warn(None, message);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut response = BuildResponse::default();
         for (i, exp) in req.exports.iter().enumerate() {
             self.export(i, exp, &solved.output, &config, &progress, &mut response)
                 .await?;
         }
-        for (i, opts) in cache_exports.iter().enumerate() {
+        for (i, opts) in cache_exports
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.target != registry::Target::Inline)
+        {
             self.export_cache(i, opts, &solved.records, &progress)
                 .await?;
         }
@@ -379,6 +403,39 @@ impl Engine {
             remote.push(pool.clone());
         }
         remote
+    }
+
+    /// The inline cache label for a solved build: the `mode=min` records whose layers are
+    /// all in the exported image (so the image alone holds their blobs), with blobs made
+    /// the way the image exporter makes them.
+    async fn inline_cache(
+        &self,
+        solved: &solver::Solved<Ref>,
+        exports: &[ExportRequest],
+    ) -> Result<String> {
+        let image = exports
+            .iter()
+            .find(|e| matches!(e.typ.as_str(), "image" | "oci" | "docker"))
+            .map(|e| ImageOpts::from_attrs(&e.attrs))
+            .transpose()?
+            .unwrap_or_default();
+        let in_image: std::collections::HashSet<u64> =
+            solved.output.layers().iter().map(|l| l.id).collect();
+        let mut results = Vec::new();
+        for r in solved.records.iter().filter(|r| r.min) {
+            if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
+                for (i, o) in outs.into_iter().enumerate() {
+                    if o.layers().iter().all(|l| in_image.contains(&l.id)) {
+                        results.push((format!("{}:{i}", r.key), o));
+                    }
+                }
+            }
+        }
+        Ok(self
+            .cache_exporter
+            .inline(&results, &image)
+            .await
+            .map_err(crate::cache::Error::from)?)
     }
 
     /// The outputs stored locally under a vertex key, if all are there.

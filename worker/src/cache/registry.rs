@@ -30,6 +30,8 @@ use crate::source::image::{
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cacheconfig.v1+json";
 /// Annotation carrying a layer blob's uncompressed digest (containerd's name).
 pub const UNCOMPRESSED_ANNOTATION: &str = "containerd.io/uncompressed";
+/// Image config label holding the cache config of an inline cache (`type=inline`).
+pub const INLINE_LABEL: &str = "dev.kiln.cache.v1";
 /// Prefix of pool cache tags: `kiln-<64 hex>`.
 pub const POOL_TAG_PREFIX: &str = "kiln-";
 
@@ -231,6 +233,8 @@ pub enum Target {
         /// Pick the entry by manifest digest instead (import).
         digest: Option<String>,
     },
+    /// The cache config in a label of the exported image's config (`type=inline`).
+    Inline,
 }
 
 impl Target {
@@ -239,6 +243,7 @@ impl Target {
         match self {
             Target::Registry { reference, .. } => reference.clone(),
             Target::Layout { dir, tag, .. } => format!("{}:{tag}", dir.display()),
+            Target::Inline => "inline".to_string(),
         }
     }
 }
@@ -320,9 +325,10 @@ fn target(e: &CacheEntry, export: bool) -> Result<Target> {
                 digest,
             })
         }
+        "inline" if export => Ok(Target::Inline),
         "inline" => Err(attr_err(
             typ,
-            "inline cache (cache metadata in the image config) is not implemented yet; use type=registry",
+            "import an inline cache with type=registry,ref=IMAGE",
         )),
         "" => Err(attr_err(typ, "type is required (registry or local)")),
         other => Err(attr_err(
@@ -611,6 +617,24 @@ impl Exporter {
         })
     }
 
+    /// The value of [`INLINE_LABEL`] for `results`: their cache config, with blobs made
+    /// with the image exporter's options so the image carries the same blobs.
+    pub async fn inline(&self, results: &[(String, Ref)], image: &ImageOpts) -> Result<String> {
+        let opts = ExportOpts {
+            target: Target::Inline,
+            max: false,
+            image: image.clone(),
+            image_manifest: true,
+            ignore_error: false,
+        };
+        let prepared = self.prepare(results, &opts, "inline").await?;
+        let bytes = self
+            .content
+            .read(&prepared.config.0)
+            .map_err(|e| remote("inline", e))?;
+        String::from_utf8(bytes).map_err(|e| remote("inline", e))
+    }
+
     /// Exports `results` to `opts.target`; returns the manifest digest.
     pub async fn export(&self, results: &[(String, Ref)], opts: &ExportOpts) -> Result<String> {
         let name = opts.target.name();
@@ -627,6 +651,10 @@ impl Exporter {
                 self.mounts.learn(all.into_iter(), reference);
                 Ok(digest)
             }
+            Target::Inline => Err(remote(
+                &name,
+                "an inline cache is written by the image exporter",
+            )),
             Target::Layout { dir, tag, .. } => {
                 let (content, dir, tag) = (self.content.clone(), dir.clone(), tag.clone());
                 tokio::task::spawn_blocking(move || write_layout(&content, &prepared, &dir, &tag))
@@ -904,8 +932,16 @@ pub struct Found {
     pub source: BlobSource,
 }
 
-/// Finds the cache config descriptor in a manifest or index.
-fn config_desc(manifest: &[u8]) -> Result<BlobDesc, String> {
+/// Where a manifest keeps its cache config.
+enum ConfigAt {
+    /// A cache config blob.
+    Blob(BlobDesc),
+    /// The [`INLINE_LABEL`] of this image config blob.
+    Inline(BlobDesc),
+}
+
+/// Finds the cache config in a manifest or index.
+fn config_desc(manifest: &[u8]) -> Result<ConfigAt, String> {
     let m: serde_json::Value =
         serde_json::from_slice(manifest).map_err(|e| format!("manifest is not json: {e}"))?;
     let desc = |v: &serde_json::Value| -> Option<BlobDesc> {
@@ -916,13 +952,13 @@ fn config_desc(manifest: &[u8]) -> Result<BlobDesc, String> {
         })
     };
     if let Some(c) = m.get("config").and_then(desc) {
-        if c.media_type == CONFIG_MEDIA_TYPE {
-            return Ok(c);
-        }
-        return Err(format!(
-            "not a kiln cache (config media type {:?})",
-            c.media_type
-        ));
+        return match c.media_type.as_str() {
+            CONFIG_MEDIA_TYPE => Ok(ConfigAt::Blob(c)),
+            crate::export::image::OCI_CONFIG | crate::export::image::DOCKER_CONFIG => {
+                Ok(ConfigAt::Inline(c))
+            }
+            other => Err(format!("not a kiln cache (config media type {other:?})")),
+        };
     }
     m["manifests"]
         .as_array()
@@ -931,7 +967,11 @@ fn config_desc(manifest: &[u8]) -> Result<BlobDesc, String> {
                 .filter_map(desc)
                 .find(|d| d.media_type == CONFIG_MEDIA_TYPE)
         })
-        .ok_or_else(|| "not a kiln cache (no cache config in the manifest)".to_string())
+        .map(ConfigAt::Blob)
+        .ok_or_else(|| {
+            "not a kiln cache (no cache config in the manifest; an image index is not read for inline caches)"
+                .to_string()
+        })
 }
 
 async fn records(
@@ -939,8 +979,23 @@ async fn records(
     source: BlobSource,
     manifest: &[u8],
 ) -> Result<Found, String> {
-    let desc = config_desc(manifest)?;
-    let bytes = source.read(content, &desc).await?;
+    let bytes = match config_desc(manifest)? {
+        ConfigAt::Blob(desc) => source.read(content, &desc).await?,
+        ConfigAt::Inline(desc) => {
+            let image = source.read(content, &desc).await?;
+            let image: ImageConfigFile = serde_json::from_slice(&image)
+                .map_err(|e| format!("image config {} is invalid: {e}", desc.digest))?;
+            image
+                .config
+                .labels
+                .get(INLINE_LABEL)
+                .ok_or_else(|| {
+                    format!("image has no inline cache (no {INLINE_LABEL} label in its config)")
+                })?
+                .clone()
+                .into_bytes()
+        }
+    };
     let config = CacheConfig::parse(&bytes)?;
     Ok(Found {
         records: config.chains(),
@@ -956,6 +1011,10 @@ pub async fn import(
 ) -> Result<Found> {
     let name = opts.target.name();
     match &opts.target {
+        Target::Inline => Err(remote(
+            &name,
+            "import an inline cache with type=registry,ref=IMAGE",
+        )),
         Target::Registry {
             reference,
             insecure,
@@ -1272,7 +1331,6 @@ mod tests {
                 vec![("ref", "r/c"), ("compression", "lz4")],
                 "unsupported compression",
             ),
-            ("inline", vec![], "not implemented yet"),
             ("gha", vec![], "unknown cache type"),
         ] {
             let err = parse_export(&entry(typ, &attrs))
@@ -1287,6 +1345,8 @@ mod tests {
         assert!(dup
             .err()
             .is_some_and(|e| e.to_string().contains("duplicate")));
+        assert_eq!(parse_export(&entry("inline", &[]))?.target, Target::Inline);
+        assert!(parse_import(&entry("inline", &[])).is_err());
         let i = parse_import(&entry("local", &[("src", "/d"), ("tag", "t")]))?;
         assert_eq!(i.target.name(), "/d:t");
         Ok(())
@@ -1308,10 +1368,15 @@ mod tests {
         let i = serde_json::json!({"manifests": [{"mediaType": "x", "digest": "sha256:bb", "size": 1}, c]});
         for v in [m, i] {
             let d = config_desc(&serde_json::to_vec(&v).unwrap_or_default());
-            assert_eq!(d.map(|d| d.digest), Ok("sha256:aa".to_string()));
+            assert!(matches!(d, Ok(ConfigAt::Blob(d)) if d.digest == "sha256:aa"));
         }
         let image = serde_json::json!({"config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": "sha256:aa", "size": 3}});
-        assert!(config_desc(&serde_json::to_vec(&image).unwrap_or_default())
+        assert!(matches!(
+            config_desc(&serde_json::to_vec(&image).unwrap_or_default()),
+            Ok(ConfigAt::Inline(_))
+        ));
+        let other = serde_json::json!({"config": {"mediaType": "application/x-other", "digest": "sha256:aa", "size": 3}});
+        assert!(config_desc(&serde_json::to_vec(&other).unwrap_or_default())
             .err()
             .is_some_and(|e| e.contains("not a kiln cache")));
     }

@@ -480,3 +480,73 @@ async fn pool_registry_down_does_not_fail_or_corrupt() -> anyhow::Result<()> {
     assert!(again.vertices().values().all(|v| v.cached));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inline_cache_in_the_pushed_image() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let df = r#"ARG BASE
+FROM ${BASE}
+COPY a.txt /a.txt
+RUN cat /a.txt > /b.txt && echo one >> /b.txt
+RUN echo two >> /b.txt
+"#;
+    let dir = project(df, &[("a.txt", "from a\n")])?;
+    let name = format!("{}/kiln/app:1", reg.addr());
+    let inline = CacheRequest {
+        exports: vec![entry("inline", &[])],
+        imports: vec![],
+    };
+    let a = worker(None)?;
+    let built_a = run(
+        &a,
+        dockerfile_request(&base, dir.path(), vec![image(&name, true)]),
+        inline.clone(),
+    )
+    .await?;
+    assert_eq!(built_a.executed_runs().len(), 2);
+
+    // B imports the image as a cache (and exports inline too, so its config is the same).
+    let b = worker(None)?;
+    let mut caches = inline;
+    caches.imports = vec![entry("registry", &[("ref", &name)])];
+    let built_b = run(
+        &b,
+        dockerfile_request(&base, dir.path(), vec![image("kiln/app:local", false)]),
+        caches,
+    )
+    .await?;
+    assert!(
+        built_b.executed_runs().is_empty(),
+        "{:?} {:?}",
+        built_b.executed_runs(),
+        warnings(&built_b)
+    );
+    assert_eq!(digest(&built_b)?, digest(&built_a)?);
+    Ok(())
+}
+
+fn dockerfile_request(
+    base: &str,
+    dir: &Path,
+    exports: Vec<kiln_worker::control::ExportRequest>,
+) -> BuildRequest {
+    BuildRequest {
+        frontend: Frontend::Dockerfile {
+            opts: BuildOpts {
+                filename: "Dockerfile".into(),
+                build_args: BTreeMap::from([("BASE".to_string(), base.to_string())]),
+                build_platform: Platform::host(),
+                context_name: "context".into(),
+                ..Default::default()
+            },
+            dockerfile_local: "dockerfile".into(),
+        },
+        locals: HashMap::from([
+            ("context".to_string(), dir.to_path_buf()),
+            ("dockerfile".to_string(), dir.to_path_buf()),
+        ]),
+        exports,
+        secrets: HashMap::new(),
+    }
+}
