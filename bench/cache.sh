@@ -7,9 +7,11 @@
 # `kiln build --addr unix://…` to real `kiln-worker` daemons; a docker-registry on
 # 127.0.0.1 holds the base image and the pool cache. Prints seconds and the ratios
 # (targets: pool <= 2x warm, cold >= 5x pool).
-# Usage: bench/cache.sh   (root; builds debug binaries unless KILN_BIN=dir is given)
+# pool and warm are the median of N runs (pool: a fresh worker each time); cold is one run.
+# Usage: bench/cache.sh [N]   (root; builds debug binaries unless KILN_BIN=dir is given)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+N=${1:-3}
 if [ -z "${KILN_BIN:-}" ]; then
   cargo build -q -p kiln-cli -p kiln-worker -p kiln-e2e
   KILN_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug
@@ -17,7 +19,7 @@ fi
 bin=$KILN_BIN
 work=$(mktemp -d /var/tmp/kiln-cache-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${BENCH_KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
 
 "$bin/kiln-testenv" registry >"$work/registry.addr" &
@@ -42,8 +44,8 @@ EOF
 # worker NAME [flags…]: starts a kiln-worker on its own root and socket.
 worker() {
   local name=$1; shift
-  "$bin/kiln-worker" --root "$work/$name" --addr "unix://$work/$name.sock" --log warn "$@" \
-    2>"$work/$name.log" &
+  "$bin/kiln-worker" --root "$work/$name" --addr "unix://$work/$name.sock" --log "${BENCH_LOG:-warn}" "$@" \
+    >/dev/null 2>"$work/$name.log" &
   pids+=($!)
   for _ in $(seq 1 100); do [ -S "$work/$name.sock" ] && return; sleep 0.1; done
   echo "worker $name did not start" >&2; cat "$work/$name.log" >&2; exit 1
@@ -71,15 +73,20 @@ settle() {
 worker cold
 cold=$(build cold)
 
+median() { sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; printf "%.3f", m}'; }
+
 worker filler --cache-registry "$addr/pool"
 build filler >/dev/null
 settle
-worker pool --cache-registry "$addr/pool"
-pool=$(build pool)
+for i in $(seq 1 "$N"); do
+  worker "pool$i" --cache-registry "$addr/pool"
+  build "pool$i" >>"$work/pool.times"
+done
+pool=$(median <"$work/pool.times")
+for i in $(seq 1 "$N"); do build cold >>"$work/warm.times"; done
+warm=$(median <"$work/warm.times")
 
-warm=$(build cold)
-
-printf '%-6s %8s\n' build seconds
+printf '%-6s %8s   (pool, warm: median of %s)\n' build seconds "$N"
 printf '%-6s %8.3f\n' cold "$cold" pool "$pool" warm "$warm"
 echo "pool/warm = $(echo "scale=2; $pool / $warm" | bc)  (target <= 2)"
 echo "cold/pool = $(echo "scale=2; $cold / $pool" | bc)  (target >= 5)"

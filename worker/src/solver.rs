@@ -775,6 +775,60 @@ mod tests {
         Ok(())
     }
 
+    /// A remote cache over another solver's results.
+    struct Remote(Arc<MemCache>, Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl RemoteCache<String> for Remote {
+        async fn load(&self, _ctx: &VertexCtx, key: &str, n: usize) -> Option<Vec<String>> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.load(key, n).await.ok().flatten()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remote_hit_runs_nothing_and_loads_only_what_is_needed() -> anyhow::Result<()> {
+        let first = Arc::new(MemCache::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let solved = Solver::new(first.clone(), 4)
+            .solve(
+                diamond(&runs, "r", false),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+        assert_eq!(solved.records.len(), 4);
+        assert!(solved.records.iter().all(|r| r.executed && r.outputs == 1));
+        // Only the result is `min` here (no op hashes its inputs' contents).
+        let min: Vec<bool> = solved.records.iter().map(|r| r.min).collect();
+        assert_eq!(min, vec![false, false, false, true]);
+
+        // A cold solver with the first one's cache as a remote: the top vertex is a remote
+        // hit, its inputs are never looked up, nothing runs.
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let mut graph = diamond(&runs, "r", false);
+        graph.remote = vec![Arc::new(Remote(first, lookups.clone()))];
+        let again = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(graph, Progress::discard(), CancellationToken::new())
+            .await?;
+        assert_eq!(again.output, solved.output);
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+        assert_eq!(lookups.load(Ordering::SeqCst), 1);
+        assert!(again.records.iter().all(|r| !r.executed));
+
+        // A remote that has nothing: everything runs, each vertex asked once.
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let mut graph = diamond(&runs, "r", false);
+        graph.remote = vec![Arc::new(Remote(Arc::default(), lookups.clone()))];
+        Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(graph, Progress::discard(), CancellationToken::new())
+            .await?;
+        assert_eq!(runs.load(Ordering::SeqCst), 8);
+        assert_eq!(lookups.load(Ordering::SeqCst), 4);
+        Ok(())
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_builds_share_identical_vertices() -> anyhow::Result<()> {
         let solver = Solver::new(Arc::new(MemCache::default()), 4);

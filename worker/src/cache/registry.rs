@@ -1108,6 +1108,8 @@ async fn layer(
         .await
         .map_err(|e| e.to_string())?;
     };
+    let lock = cache.blob_lock(&blob.digest);
+    let _held = lock.lock().await;
     if let Some(l) = cache
         .layer_for_blob(&blob.digest)
         .map_err(|e| e.to_string())?
