@@ -1074,10 +1074,13 @@ pub async fn materialize(
 ) -> Result<Vec<Ref>, String> {
     let mut refs = Vec::with_capacity(entries.len());
     for (_, chain) in entries {
-        let mut layers = Vec::with_capacity(chain.len());
-        for blob in chain {
-            layers.push(layer(cache, content, source, blob.as_ref()).await?);
-        }
+        // The layers of a chain are fetched and unpacked concurrently.
+        let layers = futures::future::try_join_all(
+            chain
+                .iter()
+                .map(|blob| layer(cache, content, source, blob.as_ref())),
+        )
+        .await?;
         refs.push(Ref::new(layers));
     }
     let puts: Vec<(String, Ref)> = entries
