@@ -26,9 +26,8 @@ use crate::progress::{Mode, Renderer};
 /// Flags of `kiln build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Daemon or gateway address; without it the engine runs in this process.
-    #[arg(long, env = "BUILDKIT_HOST")]
-    addr: Option<String>,
+    #[command(flatten)]
+    conn: crate::conn::ConnArgs,
     /// State directory of the embedded engine.
     #[arg(long, env = "KILN_ROOT", default_value = "/var/lib/kiln")]
     root: PathBuf,
@@ -398,7 +397,7 @@ pub fn build_opts(opts: &BTreeMap<String, String>) -> anyhow::Result<BuildOpts> 
 /// Runs `kiln build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let caches = cache_request(&args.export_cache, &args.import_cache)?;
-    if args.addr.is_some() && (!caches.exports.is_empty() || !caches.imports.is_empty()) {
+    if args.conn.addr.is_some() && (!caches.exports.is_empty() || !caches.imports.is_empty()) {
         bail!("--export-cache/--import-cache with --addr are not implemented yet (daemonless builds only)");
     }
     let (req, attrs) = request(&args)?;
@@ -409,8 +408,8 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let mode = Mode::parse(&args.progress)?;
     let (progress, rx) = Progress::channel();
     let renderer = Renderer::spawn(mode, rx);
-    let res = match &args.addr {
-        Some(addr) => crate::remote::build(addr, req, attrs, progress).await,
+    let res = match &args.conn.addr {
+        Some(addr) => crate::remote::build(&args.conn, addr, req, attrs, progress).await,
         None => embedded(&args, req, &caches, progress).await,
     };
     renderer.finish(res.is_ok()).await;

@@ -3,6 +3,7 @@
 //! (daemonless), keeping its state under `--root`.
 
 mod build;
+mod conn;
 mod progress;
 mod remote;
 mod timefmt;

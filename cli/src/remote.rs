@@ -1,22 +1,23 @@
 //! `kiln build --addr`: the build runs on a `kiln-worker` (or anything serving BuildKit's
 //! Control API). The CLI opens a session serving the context and Dockerfile directories
-//! (FileSync), sends the Solve, and renders the Status stream.
+//! (FileSync), sends the Solve, drives the frontend over LLBBridge as buildctl does, and
+//! renders the Status stream.
 //!
 //! Partial, like the daemon it talks to: only `dockerfile.v0` (or LLB from stdin) with
-//! `image` outputs; plain TCP only (no TLS yet).
+//! `image` outputs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, Context};
 use kiln_proto::moby::buildkit::v1 as api;
+use kiln_proto::moby::buildkit::v1::frontend as gw;
 use kiln_worker::control::{BuildRequest, Frontend};
 use kiln_worker::progress::{self, Event, Progress, VertexState};
 use kiln_worker::session::filesync::LocalDirs;
 use kiln_worker::session::transport::{health_service, pipe, serve};
 use kiln_worker::session::SessionHeaders;
 use sha2::{Digest as _, Sha256};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 /// A fresh random-enough identifier (time, pid and a counter, hashed).
 fn new_id(kind: &str) -> String {
@@ -26,32 +27,6 @@ fn new_id(kind: &str) -> String {
         .as_nanos();
     let h = Sha256::digest(format!("{kind}-{t}-{}", std::process::id()).as_bytes());
     hex::encode(&h[..13])
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    if let Some(path) = addr.strip_prefix("unix://") {
-        let path = path.to_string();
-        return Endpoint::try_from("http://kiln.sock")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .with_context(|| format!("connecting to {addr}"));
-    }
-    if let Some(hostport) = addr.strip_prefix("tcp://") {
-        return Endpoint::try_from(format!("http://{hostport}"))?
-            .connect()
-            .await
-            .with_context(|| {
-                format!("connecting to {addr} (plain TCP; TLS is not implemented yet)")
-            });
-    }
-    bail!("--addr {addr}: expected unix:///path or tcp://host:port")
 }
 
 fn time(t: Option<prost_types::Timestamp>) -> Option<SystemTime> {
@@ -103,6 +78,7 @@ fn events(msg: api::StatusResponse) -> Vec<Event> {
 
 /// Runs the build on the daemon at `addr`; returns the exporter response.
 pub async fn build(
+    conn: &crate::conn::ConnArgs,
     addr: &str,
     req: BuildRequest,
     attrs: BTreeMap<String, String>,
@@ -128,8 +104,8 @@ pub async fn build(
                 .collect(),
         });
     }
-    let channel = connect(addr).await?;
-    let mut control = api::control_client::ControlClient::new(channel);
+    let control_channel = conn.connect(addr).await?;
+    let mut control = api::control_client::ControlClient::new(control_channel.clone());
 
     // The session: this process serves its local directories to the daemon.
     let session_id = new_id("session");
@@ -153,25 +129,39 @@ pub async fn build(
     let inbound = control
         .session(open)
         .await
-        .context("opening a session")?
+        .with_context(|| format!("opening a session with {addr}"))?
         .into_inner();
     let routes = tonic::service::Routes::new(dirs.into_service()).add_service(health_service());
     let session = tokio::spawn(serve(pipe(inbound, out_tx), routes));
 
     let build_ref = new_id("build");
+    // As buildctl >= 0.11 and buildx do: Control.Solve names neither frontend nor
+    // definition, and this client drives the build over LLBBridge, handing the result back
+    // with Return; the daemon then exports it.
     let (frontend, definition) = match req.frontend {
         Frontend::Dockerfile { .. } => ("dockerfile.v0".to_string(), None),
         Frontend::Llb(def) => (String::new(), Some(def)),
     };
+    let frontend_attrs: HashMap<String, String> = attrs.into_iter().collect();
     let solve = api::SolveRequest {
         r#ref: build_ref.clone(),
-        definition,
         session: session_id,
-        frontend,
-        frontend_attrs: attrs.into_iter().collect::<HashMap<_, _>>(),
+        frontend_attrs: frontend_attrs.clone(),
         exporters,
         ..Default::default()
     };
+    let bridge = tokio::spawn(drive_bridge(
+        control_channel.clone(),
+        build_ref.clone(),
+        gw::SolveRequest {
+            definition,
+            frontend,
+            frontend_opt: frontend_attrs,
+            allow_result_return: true,
+            allow_result_array_ref: true,
+            ..Default::default()
+        },
+    ));
     let mut status_client = control.clone();
     let sink = progress.clone();
     let status = tokio::spawn(async move {
@@ -191,6 +181,73 @@ pub async fn build(
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), status).await;
     drop(progress);
     session.abort();
-    let resp = res.map_err(|s| anyhow!("{}", s.message()))?.into_inner();
-    Ok(resp.exporter_response.into_iter().collect())
+    let bridge_err = match bridge.await {
+        Ok(Err(e)) => Some(e),
+        Err(e) => Some(anyhow!("the LLBBridge task failed: {e}")),
+        Ok(Ok(())) => None,
+    };
+    match res {
+        Ok(resp) => Ok(resp.into_inner().exporter_response.into_iter().collect()),
+        Err(s) => match bridge_err {
+            // The bridge's error says what went wrong; Solve only echoes it.
+            Some(e) if s.message().is_empty() => Err(e),
+            _ => Err(anyhow!("{}", s.message())),
+        },
+    }
+}
+
+/// An LLBBridge call for build `build_ref`.
+fn bridge_request<T>(build_ref: &str, msg: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert(kiln_proto::metadata::BUILD_ID, build_ref.parse()?);
+    Ok(r)
+}
+
+/// The client side of the LLBBridge path: Ping, Solve, then Return with the result (or
+/// the error), all tagged with the build's ref.
+async fn drive_bridge(
+    channel: tonic::transport::Channel,
+    build_ref: String,
+    solve: gw::SolveRequest,
+) -> anyhow::Result<()> {
+    let mut bridge = gw::llb_bridge_client::LlbBridgeClient::new(channel)
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20);
+    let pong = bridge
+        .ping(bridge_request(&build_ref, gw::PingRequest {})?)
+        .await
+        .context("LLBBridge.Ping")?
+        .into_inner();
+    let has = |id: &str| {
+        pong.frontend_api_caps
+            .iter()
+            .any(|c| c.id == id && c.enabled)
+    };
+    if !has("return") {
+        bail!("the daemon does not support LLBBridge.Return (capability \"return\")");
+    }
+    let outcome = bridge
+        .solve(bridge_request(&build_ref, solve)?)
+        .await
+        .map(|r| r.into_inner().result.unwrap_or_default());
+    let ret = match &outcome {
+        Ok(result) => gw::ReturnRequest {
+            result: Some(result.clone()),
+            error: None,
+        },
+        Err(status) => gw::ReturnRequest {
+            result: None,
+            error: Some(kiln_proto::google::rpc::Status {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                details: Vec::new(),
+            }),
+        },
+    };
+    bridge
+        .r#return(bridge_request(&build_ref, ret)?)
+        .await
+        .context("LLBBridge.Return")?;
+    outcome.map(|_| ()).map_err(|s| anyhow!("{}", s.message()))
 }

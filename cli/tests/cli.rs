@@ -8,6 +8,8 @@ use kiln_e2e::registry::Registry;
 
 #[path = "cli/auth.rs"]
 mod auth;
+#[path = "cli/daemon.rs"]
+mod daemon;
 
 fn kiln(args: &[&str]) -> anyhow::Result<Output> {
     Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))
@@ -241,9 +243,11 @@ fn addr_builds_on_a_daemon_over_a_session() -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let listener = rt.block_on(async { tokio::net::UnixListener::bind(&sock) })?;
+    let control = ControlService::new(std::sync::Arc::new(engine), "w0");
     rt.spawn(
         tonic::transport::Server::builder()
-            .add_service(ControlService::new(std::sync::Arc::new(engine), "w0").into_server())
+            .add_service(control.clone().into_server())
+            .add_service(control.into_bridge_server())
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
 

@@ -1,8 +1,10 @@
 //! Whole-system tests of Kiln; the tests live in `tests/`, helpers for them here: a real
-//! registry ([`registry`]) and a busybox base image to push into it ([`base`]). This crate
+//! registry ([`registry`]), a busybox base image to push into it ([`base`]) and test
+//! certificates ([`pki`]). This crate
 //! never depends on `kiln-worker`, so the helpers stay usable from scripts and other crates'
 //! tests alike.
 
 pub mod base;
 pub mod http;
+pub mod pki;
 pub mod registry;

@@ -21,12 +21,17 @@
 //!
 //! Each service has a tonic client (`<service>_client`) and server (`<service>_server`)
 //! module. Server traits have default methods answering `Unimplemented`, so an
-//! implementation only writes the RPCs it supports. Nothing in this crate does I/O;
-//! the worker, gateway and CLI depend on it, never the reverse.
+//! implementation only writes the RPCs it supports.
+//!
+//! [`transport`] is the one module that does I/O: the listeners and dialers every Kiln
+//! component uses for these services (unix sockets, TCP with mutual TLS and certificate
+//! reload). The worker, gateway and CLI depend on this crate, never the reverse.
 
 pub use prost;
 pub use prost_types;
 pub use tonic;
+
+pub mod transport;
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every .proto in this crate
 /// (for gRPC reflection and for checking field numbers).

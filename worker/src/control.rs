@@ -117,6 +117,17 @@ pub struct BuildResponse {
     pub exporter_response: BTreeMap<String, String>,
 }
 
+/// A solved build, not yet exported: its result and the image config that goes with it.
+#[derive(Debug, Clone)]
+pub struct SolvedBuild {
+    /// The result's layers.
+    pub output: Ref,
+    /// The image config (from the Dockerfile, or the host platform for raw LLB).
+    pub config: ImageConfigFile,
+    /// Every vertex whose cache key the solve computed (what cache exports export).
+    pub records: Vec<solver::KeyRecord>,
+}
+
 /// The build engine over one worker root.
 pub struct Engine {
     worker: Arc<Worker>,
@@ -212,7 +223,7 @@ impl Engine {
         &self.worker
     }
 
-    /// Runs one build.
+    /// Runs one build: solves it, then writes its outputs.
     pub async fn build(
         &self,
         req: BuildRequest,
@@ -242,6 +253,38 @@ impl Engine {
             .map(registry::parse_import)
             .collect::<Result<Vec<_>, _>>()
             .map_err(crate::cache::Error::from)?;
+        let solved = self
+            .solve_with_cache(&req, &cache_imports, &progress, cancel)
+            .await?;
+        let response = self
+            .export_result_with_cache(&solved, &req.exports, &cache_exports, &progress)
+            .await?;
+        // After the exports, so the pool reuses the blobs they made.
+        self.queue_pool_export(&solved)?;
+        Ok(response)
+    }
+
+    /// Solves a build's frontend to a result without exporting it.
+    pub async fn solve(
+        &self,
+        req: &BuildRequest,
+        progress: &Progress,
+        cancel: CancellationToken,
+    ) -> Result<SolvedBuild> {
+        let solved = self.solve_with_cache(req, &[], progress, cancel).await?;
+        self.queue_pool_export(&solved)?;
+        Ok(solved)
+    }
+
+    /// [`Engine::solve`] without queueing pool exports, consulting `imports` (and the pool
+    /// cache) on local misses.
+    pub async fn solve_with_cache(
+        &self,
+        req: &BuildRequest,
+        imports: &[registry::ImportOpts],
+        progress: &Progress,
+        cancel: CancellationToken,
+    ) -> Result<SolvedBuild> {
         let (definition, config) = match &req.frontend {
             Frontend::Llb(def) => {
                 let mut cfg = ImageConfigFile::default();
@@ -254,21 +297,20 @@ impl Engine {
                 opts,
                 dockerfile_local,
             } => {
-                self.dockerfile(&req, opts, dockerfile_local, &progress)
+                self.dockerfile(req, opts, dockerfile_local, progress)
                     .await?
             }
         };
         if definition.def.is_empty() {
             // Nothing to build (an untouched scratch stage): the result is empty.
-            let mut response = BuildResponse::default();
-            for (i, exp) in req.exports.iter().enumerate() {
-                self.export(i, exp, &Ref::scratch(), &config, &progress, &mut response)
-                    .await?;
-            }
-            return Ok(response);
+            return Ok(SolvedBuild {
+                output: Ref::scratch(),
+                config,
+                records: Vec::new(),
+            });
         }
         let graph = llb::decode(&definition)?;
-        let remote = self.remote_caches(&cache_imports, &progress).await;
+        let remote = self.remote_caches(imports, progress).await;
         let build = Arc::new(BuildCtx {
             worker: self.worker.clone(),
             locals: req.locals.clone(),
@@ -322,17 +364,59 @@ impl Engine {
                 cancel,
             )
             .await?;
-        let mut config = config;
+        Ok(SolvedBuild {
+            output: solved.output,
+            config,
+            records: solved.records,
+        })
+    }
+
+    /// Queues the vertex results a solve executed for the pool cache (in the background:
+    /// nothing waits for it).
+    pub fn queue_pool_export(&self, solved: &SolvedBuild) -> Result<()> {
+        if let Some(pool) = &self.pool {
+            for r in solved.records.iter().filter(|r| r.executed) {
+                if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
+                    pool.enqueue(&r.key, outs);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a solved result to `exports`, in order.
+    pub async fn export_result(
+        &self,
+        solved: &SolvedBuild,
+        exports: &[ExportRequest],
+        progress: &Progress,
+    ) -> Result<BuildResponse> {
+        self.export_result_with_cache(solved, exports, &[], progress)
+            .await
+    }
+
+    /// [`Engine::export_result`], then the cache exports (`type=inline` goes into the image
+    /// config first).
+    pub async fn export_result_with_cache(
+        &self,
+        solved: &SolvedBuild,
+        exports: &[ExportRequest],
+        cache_exports: &[registry::ExportOpts],
+        progress: &Progress,
+    ) -> Result<BuildResponse> {
+        let mut inline_config = None;
         if let Some(inline) = cache_exports
             .iter()
             .find(|o| o.target == registry::Target::Inline)
         {
-            match self.inline_cache(&solved, &req.exports).await {
+            match self.inline_cache(solved, exports).await {
                 Ok(label) => {
+                    let mut config = solved.config.clone();
                     config
                         .config
                         .labels
                         .insert(registry::INLINE_LABEL.to_string(), label);
+                    inline_config = Some(config);
                 }
                 Err(e) if inline.ignore_error => {
                     let message = format!("inline cache: {e} (ignored: ignore-error=true)");
@@ -342,9 +426,10 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
+        let config = inline_config.as_ref().unwrap_or(&solved.config);
         let mut response = BuildResponse::default();
-        for (i, exp) in req.exports.iter().enumerate() {
-            self.export(i, exp, &solved.output, &config, &progress, &mut response)
+        for (i, exp) in exports.iter().enumerate() {
+            self.export(i, exp, &solved.output, config, progress, &mut response)
                 .await?;
         }
         for (i, opts) in cache_exports
@@ -352,15 +437,8 @@ impl Engine {
             .enumerate()
             .filter(|(_, o)| o.target != registry::Target::Inline)
         {
-            self.export_cache(i, opts, &solved.records, &progress)
+            self.export_cache(i, opts, &solved.records, progress)
                 .await?;
-        }
-        if let Some(pool) = &self.pool {
-            for r in solved.records.iter().filter(|r| r.executed) {
-                if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
-                    pool.enqueue(&r.key, outs);
-                }
-            }
         }
         Ok(response)
     }
@@ -410,7 +488,7 @@ impl Engine {
     /// the way the image exporter makes them.
     async fn inline_cache(
         &self,
-        solved: &solver::Solved<Ref>,
+        solved: &SolvedBuild,
         exports: &[ExportRequest],
     ) -> Result<String> {
         let image = exports

@@ -41,6 +41,7 @@ pub mod export;
 pub mod frontend;
 pub mod image;
 pub mod llb;
+pub mod metrics;
 pub mod ops;
 pub mod progress;
 pub mod session;

@@ -1,59 +1,110 @@
 //! `kiln-worker`: the worker daemon. Serves BuildKit's `moby.buildkit.v1.Control` API and
-//! the gRPC health service over the embedded engine on a unix socket (default
-//! `/run/kiln/kiln.sock`) or TCP.
+//! the gRPC health service over the embedded engine, on unix sockets (default
+//! `/run/kiln/kiln.sock`) and TCP with mutual TLS, plus plain-HTTP metrics and probes.
+//!
+//! Settings come from flags, then the `--config` TOML file, then defaults.
 //!
 //! Partial (see `control::service`): raw LLB, and `dockerfile.v0` with the context fetched
-//! over the client's session, exported to images; no LLBBridge, no outputs back to the
-//! client yet; TCP needs `--insecure-tcp` until mTLS is implemented.
+//! over the client's session, on the classic and the LLBBridge path, exported to images; no
+//! outputs back to the client yet.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use kiln_proto::transport::{Addr, ServeTls, TlsFiles};
 use kiln_worker::control::service::{ControlService, HealthService};
 use kiln_worker::control::{Engine, EngineConfig};
 use kiln_worker::executor::Runtime;
+use kiln_worker::metrics::Metrics;
 use kiln_worker::source::image::RegistryConfig;
+use serde::Deserialize;
+
+const DEFAULT_ADDR: &str = "unix:///run/kiln/kiln.sock";
+const DEFAULT_ROOT: &str = "/var/lib/kiln";
 
 /// The Kiln worker daemon.
 #[derive(Debug, Parser)]
 #[command(name = "kiln-worker", version, about)]
 struct Args {
-    /// Listen address: unix:///path or tcp://host:port (repeatable).
-    #[arg(long = "addr", default_value = "unix:///run/kiln/kiln.sock")]
+    /// TOML file with defaults for every setting below (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen address: unix:///path or tcp://host:port (repeatable; default unix:///run/kiln/kiln.sock).
+    #[arg(long = "addr")]
     addrs: Vec<String>,
-    /// State directory.
-    #[arg(long, default_value = "/var/lib/kiln")]
-    root: PathBuf,
-    /// OCI runtime: runc or crun.
-    #[arg(long, default_value = "runc")]
-    runtime: String,
+    /// State directory (default /var/lib/kiln).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// OCI runtime: runc or crun (default runc).
+    #[arg(long = "oci-runtime", alias = "runtime")]
+    runtime: Option<String>,
     /// Most build steps running at once.
     #[arg(long)]
     max_parallelism: Option<usize>,
-    /// Registry hosts reached over plain HTTP (localhost always is).
+    /// Registry hosts reached over plain HTTP (localhost always is; repeatable).
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
     /// Pool cache repository (`host/path`, no tag): every executed step is exported there in
     /// the background and looked up there on a local miss.
     #[arg(long = "cache-registry", value_name = "REF")]
     cache_registry: Option<String>,
-    /// Serve TCP without TLS (mTLS is not implemented yet, so TCP requires this).
+    /// Serve TCP without TLS. Only for trusted networks: anyone who reaches the port can build.
     #[arg(long)]
     insecure_tcp: bool,
-    /// CA certificate for client verification (mTLS; not implemented yet).
+    /// CA certificate that client certificates must chain to (mTLS on TCP).
     #[arg(long)]
     tlscacert: Option<PathBuf>,
-    /// Server certificate (mTLS; not implemented yet).
+    /// Server certificate; re-read when the file changes.
     #[arg(long)]
     tlscert: Option<PathBuf>,
-    /// Server key (mTLS; not implemented yet).
+    /// Server key; re-read when the file changes.
     #[arg(long)]
     tlskey: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz over plain HTTP on HOST:PORT.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// This worker's name in ListWorkers (default: the host name, which is the pod name).
+    #[arg(long)]
+    worker_id: Option<String>,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
+}
+
+/// The `--config` file. Keys are the flags' names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ConfigFile {
+    #[serde(default)]
+    addr: Vec<String>,
+    root: Option<PathBuf>,
+    oci_runtime: Option<String>,
+    max_parallelism: Option<usize>,
+    #[serde(default)]
+    insecure_registries: Vec<String>,
+    #[serde(default)]
+    insecure_tcp: bool,
+    metrics_addr: Option<SocketAddr>,
+    worker_id: Option<String>,
+    #[serde(default)]
+    tls: TlsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[tokio::main]
@@ -63,73 +114,129 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .init();
-    if args.tlscacert.is_some() || args.tlscert.is_some() || args.tlskey.is_some() {
-        bail!("--tlscacert/--tlscert/--tlskey: TLS is not implemented yet");
+    let file = match &args.config {
+        Some(p) => read_config(p)?,
+        None => ConfigFile::default(),
+    };
+
+    let addrs: Vec<Addr> = {
+        let given = if !args.addrs.is_empty() {
+            args.addrs.clone()
+        } else if !file.addr.is_empty() {
+            file.addr.clone()
+        } else {
+            vec![DEFAULT_ADDR.to_string()]
+        };
+        given
+            .iter()
+            .map(|a| a.parse().with_context(|| format!("--addr {a}")))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let tls = TlsFiles {
+        ca: args.tlscacert.clone().or(file.tls.ca),
+        cert: args.tlscert.clone().or(file.tls.cert),
+        key: args.tlskey.clone().or(file.tls.key),
+    };
+    let serve_tls = ServeTls::from_flags(tls, args.insecure_tcp || file.insecure_tcp)?;
+    for a in &addrs {
+        serve_tls.check(a)?;
     }
-    let runtime = Runtime::parse(&args.runtime).context("--runtime")?;
+    let root = args
+        .root
+        .clone()
+        .or(file.root)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT));
+    let runtime_name = args
+        .runtime
+        .clone()
+        .or(file.oci_runtime)
+        .unwrap_or_else(|| "runc".into());
+    let runtime = Runtime::parse(&runtime_name).context("--oci-runtime")?;
+    let mut insecure = args.insecure_registries.clone();
+    insecure.extend(file.insecure_registries);
     let mut config = EngineConfig {
-        root: args.root.clone(),
+        root: root.clone(),
         runtime,
         registry: RegistryConfig {
-            insecure: args.insecure_registries.clone(),
+            insecure,
             docker_config: None,
         },
         cache_registry: args.cache_registry.clone(),
         ..Default::default()
     };
-    if let Some(n) = args.max_parallelism {
+    if let Some(n) = args.max_parallelism.or(file.max_parallelism) {
+        if n == 0 {
+            bail!("--max-parallelism must be at least 1");
+        }
         config.max_parallelism = n;
     }
+
+    let metrics = Metrics::new().context("setting up metrics")?;
+    let mut tasks = Vec::new();
+    if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {
+        let m = metrics.clone();
+        let listener_check =
+            std::net::TcpListener::bind(addr).with_context(|| format!("--metrics-addr {addr}"))?;
+        drop(listener_check);
+        tasks.push(tokio::spawn(async move {
+            m.serve(addr)
+                .await
+                .with_context(|| format!("metrics on {addr}"))
+        }));
+    }
+
     let engine = Arc::new(
         tokio::task::spawn_blocking(move || Engine::open(config))
             .await?
-            .with_context(|| format!("opening {}", args.root.display()))?,
+            .with_context(|| format!("opening {}", root.display()))?,
     );
-    let id = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "kiln-worker".to_string());
-    let control = ControlService::new(engine, id);
-    let mut servers = Vec::new();
-    for addr in &args.addrs {
+    let id = args
+        .worker_id
+        .clone()
+        .or(file.worker_id)
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+        })
+        .unwrap_or_else(|| "kiln-worker".to_string());
+    let control = ControlService::new(engine, id).with_metrics(metrics.clone());
+    for addr in &addrs {
+        let incoming = serve_tls.listen(addr).await?;
         let router = tonic::transport::Server::builder()
             .add_service(control.clone().into_server())
+            .add_service(control.clone().into_bridge_server())
             .add_service(
                 kiln_proto::grpc::health::v1::health_server::HealthServer::new(HealthService),
             );
-        if let Some(path) = addr.strip_prefix("unix://") {
-            let path = PathBuf::from(path);
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-            }
-            let _ = std::fs::remove_file(&path);
-            let listener = tokio::net::UnixListener::bind(&path)
-                .with_context(|| format!("listening on {addr}"))?;
-            tracing::info!(%addr, "serving");
-            servers.push(tokio::spawn(router.serve_with_incoming(
-                tokio_stream::wrappers::UnixListenerStream::new(listener),
-            )));
-        } else if let Some(hostport) = addr.strip_prefix("tcp://") {
-            if !args.insecure_tcp {
-                bail!("{addr}: TCP requires mTLS, which is not implemented yet; pass --insecure-tcp to serve plaintext on a trusted network");
-            }
-            let sock: std::net::SocketAddr = hostport
-                .parse()
-                .with_context(|| format!("{addr}: expected tcp://IP:PORT"))?;
+        if matches!(addr, Addr::Tcp(_)) && !serve_tls.has_tls() {
             tracing::warn!(%addr, "serving plaintext TCP (--insecure-tcp)");
-            servers.push(tokio::spawn(router.serve(sock)));
         } else {
-            bail!("--addr {addr}: expected unix:///path or tcp://host:port");
+            tracing::info!(%addr, "serving");
         }
+        tasks.push(tokio::spawn(async move {
+            router
+                .serve_with_incoming(incoming)
+                .await
+                .context("gRPC server stopped")
+        }));
     }
+    metrics.set_ready(true);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
-            tracing::info!("shutting down");
+            tracing::info!("interrupted: shutting down");
             Ok(())
         }
-        res = futures::future::select_all(servers) => {
+        _ = term.recv() => {
+            tracing::info!("terminated: shutting down");
+            Ok(())
+        }
+        res = futures::future::select_all(tasks) => {
             let (r, _, _) = res;
-            r?.context("server stopped")
+            r?
         }
     }
 }

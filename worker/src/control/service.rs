@@ -4,9 +4,12 @@
 //! Status (the job's progress, replayed from the start for late callers), ListWorkers, Info,
 //! and the gRPC health service. Errors become `tonic::Status` here and nowhere else.
 //!
+//! A Solve with neither frontend nor definition is driven by the client over LLBBridge
+//! ([`bridge`]), as current buildctl and buildx do.
+//!
 //! Partial: outputs sent back to the client (`local`/`tar`/`oci`/`docker` over FileSend),
-//! credentials and secrets from the session, and the LLBBridge gateway API that current
-//! buildctl/buildx use are not served yet; requests that need them fail saying so.
+//! credentials and secrets from the session are not served yet; requests that need them
+//! fail saying so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -25,6 +28,8 @@ use crate::image::Platform;
 use crate::progress::{Event, Progress, Step};
 use crate::session::filesync::{receive, ReceiveOptions};
 use crate::session::manager::{SessionManager, LOOKUP_WAIT};
+
+mod bridge;
 
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -49,6 +54,8 @@ pub struct ControlService {
     registered: Arc<Notify>,
     worker_id: String,
     sessions: SessionManager,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    bridges: Arc<Mutex<HashMap<String, Arc<bridge::BridgeJob>>>>,
 }
 
 // === impl ControlService ===
@@ -62,7 +69,15 @@ impl ControlService {
             registered: Arc::new(Notify::new()),
             worker_id: worker_id.into(),
             sessions: SessionManager::new(),
+            metrics: None,
+            bridges: Default::default(),
         }
+    }
+
+    /// Counts builds and sessions in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> ControlService {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The tonic server for this service.
@@ -171,6 +186,97 @@ impl ControlService {
         }
     }
 
+    /// Registers a job under `ref` and starts collecting its progress.
+    #[allow(clippy::type_complexity)]
+    fn start_job(
+        &self,
+        r#ref: &str,
+    ) -> Result<(Arc<Job>, Progress, tokio::task::JoinHandle<()>), Status> {
+        let job = Arc::new(Job::default());
+        {
+            let mut jobs = self
+                .jobs
+                .lock()
+                .map_err(|_| Status::internal("job table poisoned"))?;
+            if jobs.contains_key(r#ref) {
+                return Err(Status::already_exists(format!(
+                    "a build with ref {ref} is already running"
+                )));
+            }
+            jobs.insert(r#ref.to_string(), job.clone());
+        }
+        self.registered.notify_waiters();
+        let (progress, mut rx) = Progress::channel();
+        let collector = {
+            let job = job.clone();
+            tokio::spawn(async move {
+                while let Some(ev) = rx.recv().await {
+                    if let Ok(mut evs) = job.events.lock() {
+                        evs.push(ev);
+                    }
+                    job.changed.notify_waiters();
+                }
+            })
+        };
+        Ok((job, progress, collector))
+    }
+
+    /// The classic path: the frontend (or a definition) is in the Solve itself.
+    async fn solve_classic(
+        &self,
+        req: &api::SolveRequest,
+        mut build: BuildRequest,
+        exports: &[ExportRequest],
+        progress: &Progress,
+        cancel: CancellationToken,
+    ) -> Result<super::BuildResponse, Status> {
+        // The Dockerfile and context come from the client over the build's session.
+        let fetched = match &build.frontend {
+            Frontend::Dockerfile { .. } => Some(
+                self.fetch_locals(&req.session, &mut build, progress)
+                    .await?,
+            ),
+            Frontend::Llb(_) => None,
+        };
+        let solved = self
+            .engine
+            .solve(&build, progress, cancel)
+            .await
+            .map_err(engine_status)?;
+        drop(fetched);
+        self.engine
+            .export_result(&solved, exports, progress)
+            .await
+            .map_err(engine_status)
+    }
+
+    /// This worker as ListWorkers and Ping describe it.
+    fn worker_record(&self) -> api::types::WorkerRecord {
+        let mut labels = BTreeMap::new();
+        labels.insert(
+            "org.mobyproject.buildkit.worker.executor".to_string(),
+            "oci".to_string(),
+        );
+        labels.insert(
+            "org.mobyproject.buildkit.worker.snapshotter".to_string(),
+            match self.engine.worker().snapshotter.kind() {
+                crate::snapshot::Kind::Overlay => "overlayfs".to_string(),
+                crate::snapshot::Kind::Copy => "native".to_string(),
+            },
+        );
+        labels.insert(
+            "org.mobyproject.buildkit.worker.hostname".to_string(),
+            self.worker_id.clone(),
+        );
+        api::types::WorkerRecord {
+            id: self.worker_id.clone(),
+            labels: labels.into_iter().collect(),
+            platforms: vec![Platform::host().to_pb()],
+            buildkit_version: Some(version()),
+            ..Default::default()
+        }
+    }
+
     fn job(&self, r#ref: &str) -> Option<Arc<Job>> {
         self.jobs.lock().ok()?.get(r#ref).cloned()
     }
@@ -182,8 +288,8 @@ impl ControlService {
         let frontend = match (req.frontend.as_str(), &req.definition) {
             ("", Some(def)) if !def.def.is_empty() => Frontend::Llb(def.clone()),
             ("", _) => {
-                return Err(Status::unimplemented(
-                    "solve without a definition (the LLBBridge gateway path of modern clients) is not implemented yet",
+                return Err(Status::internal(
+                    "a solve without a definition goes over LLBBridge",
                 ))
             }
             ("dockerfile.v0", _) => {
@@ -212,6 +318,16 @@ impl ControlService {
                 )))
             }
         };
+        Ok(BuildRequest {
+            frontend,
+            locals: HashMap::new(),
+            exports: Vec::new(),
+            secrets: HashMap::new(),
+        })
+    }
+
+    /// The outputs a Solve asks for.
+    fn exports(req: &api::SolveRequest) -> Result<Vec<ExportRequest>, Status> {
         let mut exports = Vec::new();
         if !req.exporter_deprecated.is_empty() {
             exports.push(ExportRequest {
@@ -243,13 +359,47 @@ impl ControlService {
                 )));
             }
         }
-        Ok(BuildRequest {
-            frontend,
-            locals: HashMap::new(),
-            exports,
-            secrets: HashMap::new(),
-        })
+        Ok(exports)
     }
+}
+
+/// Counts a build as in flight while it lives; a build dropped before it finished (its
+/// client went away) is counted as cancelled.
+struct InFlight {
+    metrics: Arc<crate::metrics::Metrics>,
+    started: std::time::Instant,
+    finished: bool,
+}
+
+impl InFlight {
+    fn new(metrics: Arc<crate::metrics::Metrics>, started: std::time::Instant) -> InFlight {
+        metrics.builds_in_flight.inc();
+        InFlight {
+            metrics,
+            started,
+            finished: false,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.metrics.builds_in_flight.dec();
+        self.metrics
+            .build_seconds
+            .observe(self.started.elapsed().as_secs_f64());
+        if !self.finished {
+            self.metrics
+                .builds_total
+                .with_label_values(&["cancelled"])
+                .inc();
+        }
+    }
+}
+
+/// An engine error as the gRPC status a client sees: the whole cause chain.
+fn engine_status(e: crate::Error) -> Status {
+    Status::unknown(crate::solver::error_chain(&e))
 }
 
 fn ts(t: Option<SystemTime>) -> Option<prost_types::Timestamp> {
@@ -308,57 +458,41 @@ impl api::control_server::Control for ControlService {
         if req.r#ref.is_empty() {
             return Err(Status::invalid_argument("solve: ref is required"));
         }
-        let build = Self::request(&req)?;
-        let job = Arc::new(Job::default());
-        {
-            let mut jobs = self
-                .jobs
-                .lock()
-                .map_err(|_| Status::internal("job table poisoned"))?;
-            if jobs.contains_key(&req.r#ref) {
-                return Err(Status::already_exists(format!(
-                    "a build with ref {} is already running",
-                    req.r#ref
-                )));
-            }
-            jobs.insert(req.r#ref.clone(), job.clone());
-        }
-        self.registered.notify_waiters();
-        let (progress, mut rx) = Progress::channel();
-        let collector = {
-            let job = job.clone();
-            tokio::spawn(async move {
-                while let Some(ev) = rx.recv().await {
-                    if let Ok(mut evs) = job.events.lock() {
-                        evs.push(ev);
-                    }
-                    job.changed.notify_waiters();
-                }
-            })
+        // Neither a frontend nor a definition: the client drives the build itself over
+        // LLBBridge (buildctl >= 0.11, buildx) and hands back its result with Return.
+        let via_bridge =
+            req.frontend.is_empty() && req.definition.as_ref().is_none_or(|d| d.def.is_empty());
+        let build = if via_bridge {
+            None
+        } else {
+            Some(Self::request(&req)?)
         };
+        let exports = Self::exports(&req)?;
+        let (job, progress, collector) = self.start_job(&req.r#ref)?;
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
         let _enter = span.enter();
-        let mut build = build;
-        // The Dockerfile and context come from the client over the build's session.
-        let fetched = match &build.frontend {
-            Frontend::Dockerfile { .. } => {
-                match self.fetch_locals(&req.session, &mut build, &progress).await {
-                    Ok(dir) => Some(dir),
-                    Err(e) => {
-                        drop(progress);
-                        let _ = collector.await;
-                        self.finish(&req.r#ref, &job);
-                        return Err(e);
-                    }
-                }
+        // A client that goes away drops this future; the guard then cancels the build, which
+        // stops its containers and releases its mounts.
+        let cancel = CancellationToken::new();
+        let _cancel_on_drop = cancel.clone().drop_guard();
+        let started = std::time::Instant::now();
+        let mut in_flight = self
+            .metrics
+            .as_ref()
+            .map(|m| InFlight::new(m.clone(), started));
+        let res = match build {
+            Some(build) => {
+                self.solve_classic(&req, build, &exports, &progress, cancel)
+                    .await
             }
-            Frontend::Llb(_) => None,
+            None => self.solve_bridged(&req, &exports, &progress, cancel).await,
         };
-        let res = self
-            .engine
-            .build(build, progress, CancellationToken::new())
-            .await;
-        drop(fetched);
+        if let Some(f) = in_flight.as_mut() {
+            let result = if res.is_ok() { "ok" } else { "error" };
+            f.metrics.builds_total.with_label_values(&[result]).inc();
+            f.finished = true;
+        }
+        drop(progress);
         drop(_enter);
         let _ = collector.await;
         self.finish(&req.r#ref, &job);
@@ -367,8 +501,8 @@ impl api::control_server::Control for ControlService {
                 exporter_response: resp.exporter_response.into_iter().collect(),
             })),
             Err(e) => {
-                tracing::error!(r#ref = %req.r#ref, error = %crate::solver::error_chain(&e), "build failed");
-                Err(Status::unknown(crate::solver::error_chain(&e)))
+                tracing::error!(r#ref = %req.r#ref, error = %e.message(), "build failed");
+                Err(e)
             }
         }
     }
@@ -412,30 +546,8 @@ impl api::control_server::Control for ControlService {
         &self,
         _request: Request<api::ListWorkersRequest>,
     ) -> Result<Response<api::ListWorkersResponse>, Status> {
-        let mut labels = BTreeMap::new();
-        labels.insert(
-            "org.mobyproject.buildkit.worker.executor".to_string(),
-            "oci".to_string(),
-        );
-        labels.insert(
-            "org.mobyproject.buildkit.worker.snapshotter".to_string(),
-            match self.engine.worker().snapshotter.kind() {
-                crate::snapshot::Kind::Overlay => "overlayfs".to_string(),
-                crate::snapshot::Kind::Copy => "native".to_string(),
-            },
-        );
-        labels.insert(
-            "org.mobyproject.buildkit.worker.hostname".to_string(),
-            self.worker_id.clone(),
-        );
         Ok(Response::new(api::ListWorkersResponse {
-            record: vec![api::types::WorkerRecord {
-                id: self.worker_id.clone(),
-                labels: labels.into_iter().collect(),
-                platforms: vec![Platform::host().to_pb()],
-                buildkit_version: Some(version()),
-                ..Default::default()
-            }],
+            record: vec![self.worker_record()],
         }))
     }
 

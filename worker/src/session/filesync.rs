@@ -16,6 +16,7 @@ mod receive;
 mod send;
 
 pub use receive::{receive, ReceiveOptions};
+pub(crate) use send::stat_of;
 pub use send::LocalDirs;
 
 use kiln_proto::fsutil::types::packet::PacketType;

@@ -18,7 +18,8 @@ async fn serve(engine: Engine) -> anyhow::Result<(tempfile::TempDir, tonic::tran
     let svc = ControlService::new(Arc::new(engine), "test-worker");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(svc.into_server())
+            .add_service(svc.clone().into_server())
+            .add_service(svc.into_bridge_server())
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
     let channel = tonic::transport::Endpoint::try_from("http://kiln.invalid")?
@@ -206,5 +207,229 @@ async fn dockerfile_build_over_a_session() -> anyhow::Result<()> {
     let listing = std::fs::read_to_string(unpacked.path().join("listing"))?;
     assert_eq!(listing, "Dockerfile\nhello.txt\n");
     session.abort();
+    Ok(())
+}
+
+fn bridge_call<T>(build: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        kiln_proto::metadata::BUILD_ID,
+        build.parse().expect("ascii build id"),
+    );
+    r
+}
+
+/// The path current buildctl/buildx take: Control.Solve with neither frontend nor
+/// definition, then LLBBridge Ping, Solve, file reads on the result, and Return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn llb_bridge_solves_reads_and_returns() -> anyhow::Result<()> {
+    use kiln_proto::moby::buildkit::v1::frontend as gw;
+
+    let env = env()?;
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        ..Default::default()
+    })?;
+    let (_dir, channel) = serve(engine).await?;
+    let mut control = api::control_client::ControlClient::new(channel.clone());
+    let mut bridge = gw::llb_bridge_client::LlbBridgeClient::new(channel);
+
+    // Bridge calls may arrive before the Solve that registers the build: they wait.
+    let mut early = bridge.clone();
+    let pong =
+        tokio::spawn(async move { early.ping(bridge_call("b-1", gw::PingRequest {})).await });
+    let name = format!("{}/kiln/bridge:1", env.reg.addr());
+    let mut attrs = std::collections::HashMap::new();
+    attrs.insert("name".to_string(), name.clone());
+    attrs.insert("push".to_string(), "true".to_string());
+    let mut solve_control = control.clone();
+    let solved = tokio::spawn(async move {
+        solve_control
+            .solve(api::SolveRequest {
+                r#ref: "b-1".into(),
+                exporters: vec![api::Exporter {
+                    r#type: "image".into(),
+                    attrs,
+                }],
+                ..Default::default()
+            })
+            .await
+    });
+    let pong = pong.await??.into_inner();
+    let has = |id: &str| {
+        pong.frontend_api_caps
+            .iter()
+            .any(|c| c.id == id && c.enabled)
+    };
+    assert!(
+        has("return") && has("proto.refarray") && has("readfile"),
+        "{pong:?}"
+    );
+    assert!(pong.llb_caps.iter().any(|c| c.id == "exec.mount.cache"));
+    assert_eq!(pong.workers.len(), 1);
+
+    let result = bridge
+        .solve(bridge_call(
+            "b-1",
+            gw::SolveRequest {
+                definition: Some(exec_definition(
+                    &env.base,
+                    "mkdir -p /out && echo bridged > /out/file && ln -s /etc/passwd /out/link",
+                )),
+                allow_result_return: true,
+                allow_result_array_ref: true,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .result
+        .ok_or_else(|| anyhow!("no result"))?;
+    let Some(gw::result::Result::Ref(r)) = &result.result else {
+        anyhow::bail!("expected a single ref, got {result:?}");
+    };
+    let id = r.id.clone();
+    let data = bridge
+        .read_file(bridge_call(
+            "b-1",
+            gw::ReadFileRequest {
+                r#ref: id.clone(),
+                file_path: "/out/file".into(),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .data;
+    assert_eq!(data, b"bridged\n");
+    let part = bridge
+        .read_file(bridge_call(
+            "b-1",
+            gw::ReadFileRequest {
+                r#ref: id.clone(),
+                file_path: "out/file".into(),
+                range: Some(gw::FileRange {
+                    offset: 2,
+                    length: 3,
+                }),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .data;
+    assert_eq!(part, b"idg");
+    let stat = bridge
+        .stat_file(bridge_call(
+            "b-1",
+            gw::StatFileRequest {
+                r#ref: id.clone(),
+                path: "/out/link".into(),
+            },
+        ))
+        .await?
+        .into_inner()
+        .stat
+        .ok_or_else(|| anyhow!("no stat"))?;
+    assert_eq!(stat.linkname, "/etc/passwd");
+    let dir = bridge
+        .read_dir(bridge_call(
+            "b-1",
+            gw::ReadDirRequest {
+                r#ref: id.clone(),
+                dir_path: "/out".into(),
+                include_pattern: "f*".into(),
+            },
+        ))
+        .await?
+        .into_inner();
+    let names: Vec<_> = dir.entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(names, ["file"]);
+    bridge
+        .evaluate(bridge_call(
+            "b-1",
+            gw::EvaluateRequest { r#ref: id.clone() },
+        ))
+        .await?;
+    let err = bridge
+        .evaluate(bridge_call(
+            "b-1",
+            gw::EvaluateRequest {
+                r#ref: "nope".into(),
+            },
+        ))
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("an unknown result must fail"))?;
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    bridge
+        .r#return(bridge_call(
+            "b-1",
+            gw::ReturnRequest {
+                result: Some(result),
+                error: None,
+            },
+        ))
+        .await?;
+    let resp = solved.await??.into_inner();
+    assert!(
+        resp.exporter_response
+            .get("containerimage.digest")
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{resp:?}"
+    );
+
+    // A Return carrying an error fails the Solve with that error.
+    let mut failing = control.clone();
+    let failed = tokio::spawn(async move {
+        failing
+            .solve(api::SolveRequest {
+                r#ref: "b-2".into(),
+                ..Default::default()
+            })
+            .await
+    });
+    bridge
+        .r#return(bridge_call(
+            "b-2",
+            gw::ReturnRequest {
+                result: None,
+                error: Some(kiln_proto::google::rpc::Status {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: "frontend said no".into(),
+                    details: vec![],
+                }),
+            },
+        ))
+        .await?;
+    let err = failed
+        .await?
+        .err()
+        .ok_or_else(|| anyhow!("a Return with an error must fail the Solve"))?;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("frontend said no"));
+
+    // No header, or a build that never registers: clear errors.
+    let err = bridge.ping(gw::PingRequest {}).await.map(|_| ()).err();
+    assert!(err.is_none(), "Ping needs no build: {err:?}");
+    let err = bridge
+        .solve(gw::SolveRequest::default())
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("Solve without a build id must fail"))?;
+    assert!(
+        err.message().contains("buildkit-controlapi-buildid"),
+        "{}",
+        err.message()
+    );
+    let err = bridge
+        .solve(bridge_call("never-registered", gw::SolveRequest::default()))
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("an unknown build must fail"))?;
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let _ = control.info(api::InfoRequest {}).await?;
     Ok(())
 }

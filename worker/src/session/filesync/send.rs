@@ -433,3 +433,9 @@ fn entry(
         source: path.to_path_buf(),
     })
 }
+
+/// The fsutil `Stat` of `path` (named `rel`), owners kept: what StatFile/ReadDir answer.
+pub(crate) fn stat_of(rel: &str, path: &Path) -> Result<Stat, SessionError> {
+    let md = std::fs::symlink_metadata(path).map_err(|e| SessionError::io("stat", path, e))?;
+    Ok(entry(rel, path, &md, true)?.stat)
+}

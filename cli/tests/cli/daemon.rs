@@ -1,0 +1,228 @@
+//! `kiln build --addr` against the real `kiln-worker` daemon process: over a unix socket and
+//! over TCP with mutual TLS, the daemon's flags, its probes and its refusals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use kiln_e2e::pki::Ca;
+use kiln_e2e::registry::Registry;
+
+use super::{kiln, ok, rawjson_vertices, DOCKERFILE};
+
+/// The `kiln-worker` binary, which cargo builds beside `kiln` when the workspace's tests are
+/// built (`cargo test --workspace`).
+pub fn worker_bin() -> anyhow::Result<PathBuf> {
+    let kiln = Path::new(env!("CARGO_BIN_EXE_kiln"));
+    let bin = kiln.with_file_name("kiln-worker");
+    if !bin.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build -p kiln-worker` (cargo test --workspace does)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A running `kiln-worker`, killed when dropped.
+pub struct Daemon {
+    child: Child,
+    /// Its state directory, removed after the process is gone.
+    _root: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback TCP port.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl Daemon {
+    /// Starts `kiln-worker` with `args` (plus a fresh `--root` and `--metrics-addr`) and waits
+    /// until `/readyz` answers 200.
+    pub fn start(args: &[&str]) -> anyhow::Result<Daemon> {
+        let root = tempfile::tempdir()?;
+        let metrics = format!("127.0.0.1:{}", free_port()?);
+        let child = Command::new(worker_bin()?)
+            .args(args)
+            .arg("--root")
+            .arg(root.path())
+            .args(["--metrics-addr", &metrics, "--worker-id", "w-test"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut d = Daemon { child, _root: root };
+        for _ in 0..200 {
+            if let Some(status) = d.child.try_wait()? {
+                bail!("kiln-worker exited at start: {status}");
+            }
+            if let Ok(r) = kiln_e2e::http::get(&metrics, "/readyz", &[]) {
+                if r.status == 200 {
+                    let m = kiln_e2e::http::get(&metrics, "/metrics", &[])?;
+                    let text = String::from_utf8_lossy(&m.body).to_string();
+                    if !text.contains("kiln_worker_builds_in_flight") {
+                        bail!("/metrics lacks the worker's metrics: {text}");
+                    }
+                    return Ok(d);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("kiln-worker did not become ready")
+    }
+}
+
+fn context_dir() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("Dockerfile"), DOCKERFILE)?;
+    std::fs::write(dir.path().join("f.txt"), "f\n")?;
+    Ok(dir)
+}
+
+#[test]
+fn daemon_serves_unix_and_mtls_tcp() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let pki = tempfile::tempdir()?;
+    let ca = Ca::new("kiln test CA")?;
+    let server = ca.server(pki.path(), "server", &["localhost", "127.0.0.1"])?;
+    let client = ca.client(pki.path(), "client")?;
+    let sock = pki.path().join("run/kiln.sock");
+    let port = free_port()?;
+    let unix = format!("unix://{}", sock.display());
+    let tcp = format!("tcp://127.0.0.1:{port}");
+    let p = |p: &Path| p.to_str().unwrap_or_default().to_string();
+    let (sc, scert, skey) = (p(&server.ca), p(&server.cert), p(&server.key));
+    let _daemon = Daemon::start(&[
+        "--addr",
+        &unix,
+        "--addr",
+        &tcp,
+        "--tlscacert",
+        &sc,
+        "--tlscert",
+        &scert,
+        "--tlskey",
+        &skey,
+    ])?;
+
+    let dir = context_dir()?;
+    let ctx = dir.path().to_str().context("path")?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let name = format!("{}/kiln/mtls:1", reg.addr());
+    let (cc, ccert, ckey) = (p(&client.ca), p(&client.cert), p(&client.key));
+    let out = ok(kiln(&[
+        "build",
+        "--addr",
+        &tcp,
+        "--tlscacert",
+        &cc,
+        "--tlscert",
+        &ccert,
+        "--tlskey",
+        &ckey,
+        "--progress",
+        "rawjson",
+        "--build-arg",
+        &arg,
+        "-t",
+        &name,
+        "--push",
+        ctx,
+    ])?)?;
+    let digest = String::from_utf8(out.stdout)?.trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    // The same build over the unix socket is fully cached and gives the same image.
+    let out = ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--progress",
+        "rawjson",
+        "--build-arg",
+        &arg,
+        "-t",
+        &name,
+        "--push",
+        ctx,
+    ])?)?;
+    assert_eq!(String::from_utf8(out.stdout)?.trim(), digest);
+    let vertices = rawjson_vertices(&out.stderr)?;
+    let runs: Vec<_> = vertices
+        .iter()
+        .filter(|v| v["name"].as_str().unwrap_or_default().contains("RUN "))
+        .collect();
+    assert!(runs.len() >= 2, "{vertices:?}");
+    for v in runs {
+        assert_eq!(v["cached"], true, "{v}");
+    }
+
+    // No client certificate: refused (with TLS 1.3 the server says so after the client's
+    // handshake completes, so the first call fails), and the error names the address.
+    let out = kiln(&[
+        "build",
+        "--addr",
+        &tcp,
+        "--tlscacert",
+        &cc,
+        "--build-arg",
+        &arg,
+        "-t",
+        &name,
+        ctx,
+    ])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&tcp), "{err}");
+    // Plaintext to the mTLS port: refused.
+    let out = kiln(&[
+        "build",
+        "--addr",
+        &tcp,
+        "--build-arg",
+        &arg,
+        "-t",
+        &name,
+        ctx,
+    ])?;
+    assert!(!out.status.success());
+    Ok(())
+}
+
+#[test]
+fn daemon_refuses_plain_tcp_and_bad_flags() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let tcp = format!("tcp://127.0.0.1:{port}");
+    let run = |args: &[&str]| -> anyhow::Result<String> {
+        let root = tempfile::tempdir()?;
+        let out = Command::new(worker_bin()?)
+            .args(args)
+            .arg("--root")
+            .arg(root.path())
+            .output()?;
+        assert!(!out.status.success(), "kiln-worker {args:?} started");
+        Ok(String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let err = run(&["--addr", &tcp])?;
+    assert!(err.contains("TCP requires mutual TLS"), "{err}");
+    let err = run(&["--addr", "http://x:1"])?;
+    assert!(err.contains("--addr http://x:1"), "{err}");
+    let err = run(&["--addr", &tcp, "--tlscert", "/nonexistent/c.pem"])?;
+    assert!(err.contains("--tlscacert, --tlscert and --tlskey"), "{err}");
+    let err = run(&["--oci-runtime", "kata"])?;
+    assert!(err.contains("--oci-runtime"), "{err}");
+    let cfg = tempfile::NamedTempFile::new()?;
+    std::fs::write(cfg.path(), "root = \"/x\"\nbogus = 1\n")?;
+    let err = run(&["--config", cfg.path().to_str().unwrap_or_default()])?;
+    assert!(err.contains("bogus") && err.contains("line 2"), "{err}");
+    Ok(())
+}
