@@ -209,6 +209,7 @@ impl Pool {
     }
 
     async fn lookup(&self, key: &str) -> Result<Option<Found>, String> {
+        let started = std::time::Instant::now();
         let reference = self.reference(key);
         let (manifest, _) = match self.images.fetch_manifest_raw(&reference).await {
             Ok(m) => m,
@@ -241,6 +242,11 @@ impl Pool {
             source,
         };
         self.exporter.learn(&found);
+        tracing::debug!(
+            key,
+            ms = started.elapsed().as_millis() as u64,
+            "pool cache lookup"
+        );
         Ok(Some(found))
     }
 }

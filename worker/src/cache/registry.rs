@@ -1124,9 +1124,12 @@ async fn layer(
         digest: blob.digest.clone(),
         size: blob.size,
     };
+    let started = std::time::Instant::now();
     let path = source.fetch(content, &desc).await?;
+    let fetched = started.elapsed();
     let (cache, blob) = (cache.clone(), blob.clone());
     tokio::task::spawn_blocking(move || -> Result<super::Layer, String> {
+        let _done = Done(started, fetched, blob.digest.clone());
         let nl = cache.new_layer().map_err(|e| e.to_string())?;
         let stats = unpack_blob(&path, &blob.media_type, &nl.fs(), &UnpackLimits::default())
             .map_err(|e| e.to_string())?;
@@ -1144,6 +1147,20 @@ async fn layer(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Logs how long a layer import took (fetch, then unpack and commit) when dropped.
+struct Done(std::time::Instant, std::time::Duration, String);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        tracing::debug!(
+            blob = %self.2,
+            fetch_ms = self.1.as_millis() as u64,
+            total_ms = self.0.elapsed().as_millis() as u64,
+            "imported layer"
+        );
+    }
 }
 
 /// An imported cache as the solver consults it on a local miss.
