@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use base64::Engine as _;
 use clap::Args;
-use kiln_worker::control::{BuildRequest, Engine, EngineConfig, ExportRequest, Frontend};
+use kiln_worker::cache::registry::CacheEntry;
+use kiln_worker::control::{
+    BuildRequest, CacheRequest, Engine, EngineConfig, ExportRequest, Frontend,
+};
 use kiln_worker::executor::Runtime;
 use kiln_worker::frontend::BuildOpts;
 use kiln_worker::llb::pb;
@@ -65,11 +68,12 @@ pub struct BuildArgs {
     /// Progress output: auto, tty, plain, rawjson, quiet.
     #[arg(long, default_value = "auto")]
     progress: String,
-    /// Cache export (shared cache through a registry): not implemented yet.
-    #[arg(long = "export-cache")]
+    /// Cache export: type=registry,ref=REF[,mode=min|max,…] or type=local,dest=DIR, or a
+    /// bare REF (buildctl syntax; daemonless builds only for now).
+    #[arg(long = "export-cache", value_name = "type=TYPE,…")]
     export_cache: Vec<String>,
-    /// Cache import: not implemented yet.
-    #[arg(long = "import-cache")]
+    /// Cache import: type=registry,ref=REF or type=local,src=DIR, or a bare REF.
+    #[arg(long = "import-cache", value_name = "type=TYPE,…")]
     import_cache: Vec<String>,
 
     /// Docker-style: the Dockerfile (default DIR/Dockerfile).
@@ -329,6 +333,62 @@ pub fn parse_output(s: &str) -> anyhow::Result<ExportRequest> {
     }
 }
 
+/// One `--export-cache` (`export`) or `--import-cache` value, as buildctl parses it: CSV
+/// with `type=`; a value without `type=` is a legacy registry ref; exports without `mode`
+/// get `mode=min`; local directories are made absolute.
+pub fn parse_cache(s: &str, export: bool) -> anyhow::Result<CacheEntry> {
+    let flag = if export {
+        "--export-cache"
+    } else {
+        "--import-cache"
+    };
+    let mut attrs = if s.contains("type=") {
+        parse_csv(s).with_context(|| format!("{flag} {s:?}"))?
+    } else {
+        if s.trim().is_empty() || s.contains(',') {
+            bail!("{flag} {s:?}: expected type=TYPE,… or a registry reference");
+        }
+        BTreeMap::from([
+            ("type".to_string(), "registry".to_string()),
+            ("ref".to_string(), s.trim().to_string()),
+        ])
+    };
+    let typ = attrs
+        .remove("type")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow!("{flag} {s:?}: type= is required"))?;
+    if export && !attrs.contains_key("mode") {
+        attrs.insert("mode".into(), "min".into());
+    }
+    for key in ["dest", "src"] {
+        if let Some(d) = attrs.get_mut(key) {
+            *d = absolute(Path::new(d.as_str()))?
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+    Ok(CacheEntry { typ, attrs })
+}
+
+/// The cache entries of a build; two exports of one type are refused, as BuildKit does.
+pub fn cache_request(exports: &[String], imports: &[String]) -> anyhow::Result<CacheRequest> {
+    let exports = exports
+        .iter()
+        .map(|s| parse_cache(s, true))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut seen = std::collections::HashSet::new();
+    for e in &exports {
+        if !seen.insert(e.typ.as_str()) {
+            bail!("--export-cache: duplicate cache exports of type {}", e.typ);
+        }
+    }
+    let imports = imports
+        .iter()
+        .map(|s| parse_cache(s, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(CacheRequest { exports, imports })
+}
+
 /// Frontend options → `BuildOpts`.
 pub fn build_opts(opts: &BTreeMap<String, String>) -> anyhow::Result<BuildOpts> {
     BuildOpts::from_attrs(opts).map_err(|e| anyhow!("--opt {e}"))
@@ -336,8 +396,9 @@ pub fn build_opts(opts: &BTreeMap<String, String>) -> anyhow::Result<BuildOpts> 
 
 /// Runs `kiln build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
-    if !args.export_cache.is_empty() || !args.import_cache.is_empty() {
-        bail!("--export-cache/--import-cache are not implemented yet");
+    let caches = cache_request(&args.export_cache, &args.import_cache)?;
+    if args.conn.addr.is_some() && (!caches.exports.is_empty() || !caches.imports.is_empty()) {
+        bail!("--export-cache/--import-cache with --addr are not implemented yet (daemonless builds only)");
     }
     let (req, attrs) = request(&args)?;
     let stdout_used = req
@@ -349,7 +410,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let renderer = Renderer::spawn(mode, rx);
     let res = match &args.conn.addr {
         Some(addr) => crate::remote::build(&args.conn, addr, req, attrs, progress).await,
-        None => embedded(&args, req, progress).await,
+        None => embedded(&args, req, &caches, progress).await,
     };
     renderer.finish(res.is_ok()).await;
     let resp = res?;
@@ -370,6 +431,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
 async fn embedded(
     args: &BuildArgs,
     req: BuildRequest,
+    caches: &CacheRequest,
     progress: Progress,
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let runtime = match args.runtime.as_str() {
@@ -407,7 +469,10 @@ async fn embedded(
             c2.cancel();
         }
     });
-    Ok(engine.build(req, progress, cancel).await?.exporter_response)
+    Ok(engine
+        .build_with_cache(req, caches, progress, cancel)
+        .await?
+        .exporter_response)
 }
 
 /// The exporter response as buildctl writes it: values that are base64 of a JSON object
@@ -444,6 +509,39 @@ mod tests {
         assert!(parse_output("type=bogus,dest=x").is_err());
         let q = parse_csv(r#"type=image,"name=a,b""#)?;
         assert_eq!(q.get("name").map(String::as_str), Some("a,b"));
+        Ok(())
+    }
+
+    #[test]
+    fn cache_flags_follow_buildctl() -> anyhow::Result<()> {
+        let e = parse_cache("type=registry,ref=r.io/a/cache:1,mode=max", true)?;
+        assert_eq!(e.typ, "registry");
+        assert_eq!(
+            e.attrs.get("ref").map(String::as_str),
+            Some("r.io/a/cache:1")
+        );
+        assert_eq!(e.attrs.get("mode").map(String::as_str), Some("max"));
+        // buildctl's default mode, and the legacy bare ref.
+        let e = parse_cache("type=registry,ref=r.io/a/c", true)?;
+        assert_eq!(e.attrs.get("mode").map(String::as_str), Some("min"));
+        let e = parse_cache("r.io/a/c:2", true)?;
+        assert_eq!((e.typ.as_str(), e.attrs.len()), ("registry", 2));
+        let i = parse_cache("r.io/a/c:2", false)?;
+        assert_eq!(i.attrs.get("ref").map(String::as_str), Some("r.io/a/c:2"));
+        assert!(!i.attrs.contains_key("mode"));
+        let l = parse_cache("type=local,src=rel/dir", false)?;
+        assert!(Path::new(&l.attrs["src"]).is_absolute());
+        assert!(parse_cache("mode=max,ref=x", true).is_err());
+        assert!(parse_cache("type=registry,junk", true).is_err());
+        let dup = cache_request(&["type=registry,ref=a/b".into(), "c/d".into()], &[]);
+        assert!(dup
+            .err()
+            .is_some_and(|e| e.to_string().contains("duplicate")));
+        let ok = cache_request(
+            &["type=registry,ref=a/b".into(), "type=local,dest=/x".into()],
+            &["a/b".into()],
+        )?;
+        assert_eq!((ok.exports.len(), ok.imports.len()), (2, 1));
         Ok(())
     }
 

@@ -6,9 +6,14 @@
 //! `snapshots/<id>` before its record is committed; a result record is written only after
 //! all its layers are. On open, directories without a record and records without a
 //! directory are removed, so after a crash the store serves only complete records.
+//!
+//! Results are shared with other workers through a registry or an OCI layout
+//! ([`registry`]: format, export, import) and the automatic pool cache ([`pool`]).
 
 pub mod metadata;
+pub mod pool;
 pub mod refs;
+pub mod registry;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -44,6 +49,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// Exporting or importing a shared cache failed.
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
 }
 
 /// Crate-local result alias.
@@ -65,6 +73,8 @@ pub(crate) fn io<'a>(
 pub struct Cache {
     snapshots: PathBuf,
     md: Metadata,
+    /// One unpack at a time per blob digest (imports of results sharing a layer).
+    blob_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 // === impl Cache ===
@@ -76,7 +86,11 @@ impl Cache {
         let snapshots = root.join("snapshots");
         std::fs::create_dir_all(&snapshots).map_err(io("create", &snapshots))?;
         let md = Metadata::open(&root.join("metadata.redb"))?;
-        let cache = Cache { snapshots, md };
+        let cache = Cache {
+            snapshots,
+            md,
+            blob_locks: Default::default(),
+        };
         cache.recover()?;
         Ok(Arc::new(cache))
     }
@@ -162,6 +176,19 @@ impl Cache {
         match self.md.layer_for_blob(digest)? {
             Some(id) => self.layer(id),
             None => Ok(None),
+        }
+    }
+
+    /// A lock to hold while making the layer of blob `digest`, so concurrent imports of
+    /// results sharing it fetch and unpack it once.
+    pub fn blob_lock(&self, digest: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.blob_locks.lock() {
+            Ok(mut m) => {
+                // Forget locks nobody holds any more.
+                m.retain(|_, l| Arc::strong_count(l) > 1);
+                m.entry(digest.to_string()).or_default().clone()
+            }
+            Err(_) => Arc::default(),
         }
     }
 

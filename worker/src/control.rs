@@ -12,6 +12,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::pool::Pool;
+use crate::cache::registry::{self, CacheEntry, Exporter};
 use crate::cache::{Cache, Ref};
 use crate::content::ContentStore;
 use crate::executor::{Executor, Runtime};
@@ -39,6 +41,9 @@ pub struct EngineConfig {
     pub registry: RegistryConfig,
     /// Force a snapshotter kind instead of detecting.
     pub snapshotter: Option<snapshot::Kind>,
+    /// Pool cache repository (`host/path`): every executed vertex result is exported there
+    /// in the background and every local miss is looked up there.
+    pub cache_registry: Option<String>,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +56,7 @@ impl Default for EngineConfig {
                 .unwrap_or(4),
             registry: RegistryConfig::default(),
             snapshotter: None,
+            cache_registry: None,
         }
     }
 }
@@ -93,6 +99,16 @@ pub struct BuildRequest {
     pub secrets: HashMap<String, Vec<u8>>,
 }
 
+/// The caches of one build (BuildKit's `SolveRequest.Cache`): `--export-cache` and
+/// `--import-cache` entries.
+#[derive(Debug, Clone, Default)]
+pub struct CacheRequest {
+    /// Where to export the build's results (`registry`, `local`); at most one per type.
+    pub exports: Vec<CacheEntry>,
+    /// Caches to consult on a local miss, in order.
+    pub imports: Vec<CacheEntry>,
+}
+
 /// What a build returns (BuildKit's `ExporterResponse`).
 #[derive(Debug, Clone, Default)]
 pub struct BuildResponse {
@@ -108,12 +124,16 @@ pub struct SolvedBuild {
     pub output: Ref,
     /// The image config (from the Dockerfile, or the host platform for raw LLB).
     pub config: ImageConfigFile,
+    /// Every vertex whose cache key the solve computed (what cache exports export).
+    pub records: Vec<solver::KeyRecord>,
 }
 
 /// The build engine over one worker root.
 pub struct Engine {
     worker: Arc<Worker>,
     solver: Arc<Solver<LlbOp>>,
+    pool: Option<Arc<Pool>>,
+    cache_exporter: Exporter,
 }
 
 impl std::fmt::Debug for Engine {
@@ -156,6 +176,20 @@ impl Engine {
         };
         let executor = Executor::new(config.runtime, root.join("executor"))?;
         let images = ImageResolver::new(config.registry.clone(), content.clone());
+        let cache_exporter = Exporter::new(cache.clone(), content.clone(), images.clone());
+        let pool = match &config.cache_registry {
+            Some(repo) => Some(
+                Pool::new(
+                    repo,
+                    cache.clone(),
+                    content.clone(),
+                    images.clone(),
+                    cache_exporter.clone(),
+                )
+                .map_err(crate::cache::Error::from)?,
+            ),
+            None => None,
+        };
         let worker = Arc::new(Worker {
             root: root.clone(),
             cache: cache.clone(),
@@ -166,7 +200,22 @@ impl Engine {
             cache_mount_locks: Default::default(),
         });
         let solver = Solver::new(cache, config.max_parallelism);
-        Ok(Engine { worker, solver })
+        Ok(Engine {
+            worker,
+            solver,
+            pool,
+            cache_exporter,
+        })
+    }
+
+    /// The exporter of `--export-cache` and the pool cache.
+    pub fn cache_exporter(&self) -> &Exporter {
+        &self.cache_exporter
+    }
+
+    /// The pool cache, when configured (its [`Pool::stats`] are the metrics).
+    pub fn pool(&self) -> Option<&Arc<Pool>> {
+        self.pool.as_ref()
     }
 
     /// The shared worker state.
@@ -181,14 +230,58 @@ impl Engine {
         progress: Progress,
         cancel: CancellationToken,
     ) -> Result<BuildResponse> {
-        let solved = self.solve(&req, &progress, cancel).await?;
-        self.export_result(&solved, &req.exports, &progress).await
+        self.build_with_cache(req, &CacheRequest::default(), progress, cancel)
+            .await
+    }
+
+    /// Runs one build, importing and exporting caches. Bad cache entries fail the build
+    /// before it starts; an import that cannot be read is a warning (the build proceeds
+    /// without it); an export failure fails the build unless the entry says
+    /// `ignore-error=true`.
+    pub async fn build_with_cache(
+        &self,
+        req: BuildRequest,
+        caches: &CacheRequest,
+        progress: Progress,
+        cancel: CancellationToken,
+    ) -> Result<BuildResponse> {
+        let cache_exports =
+            registry::parse_exports(&caches.exports).map_err(crate::cache::Error::from)?;
+        let cache_imports = caches
+            .imports
+            .iter()
+            .map(registry::parse_import)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(crate::cache::Error::from)?;
+        let solved = self
+            .solve_with_cache(&req, &cache_imports, &progress, cancel)
+            .await?;
+        let response = self
+            .export_result_with_cache(&solved, &req.exports, &cache_exports, &progress)
+            .await?;
+        // After the exports, so the pool reuses the blobs they made.
+        self.queue_pool_export(&solved)?;
+        Ok(response)
     }
 
     /// Solves a build's frontend to a result without exporting it.
     pub async fn solve(
         &self,
         req: &BuildRequest,
+        progress: &Progress,
+        cancel: CancellationToken,
+    ) -> Result<SolvedBuild> {
+        let solved = self.solve_with_cache(req, &[], progress, cancel).await?;
+        self.queue_pool_export(&solved)?;
+        Ok(solved)
+    }
+
+    /// [`Engine::solve`] without queueing pool exports, consulting `imports` (and the pool
+    /// cache) on local misses.
+    pub async fn solve_with_cache(
+        &self,
+        req: &BuildRequest,
+        imports: &[registry::ImportOpts],
         progress: &Progress,
         cancel: CancellationToken,
     ) -> Result<SolvedBuild> {
@@ -213,9 +306,11 @@ impl Engine {
             return Ok(SolvedBuild {
                 output: Ref::scratch(),
                 config,
+                records: Vec::new(),
             });
         }
         let graph = llb::decode(&definition)?;
+        let remote = self.remote_caches(imports, progress).await;
         let build = Arc::new(BuildCtx {
             worker: self.worker.clone(),
             locals: req.locals.clone(),
@@ -263,6 +358,7 @@ impl Engine {
                         vertex: result_vertex,
                         output: graph.result.index as usize,
                     },
+                    remote,
                 },
                 progress.clone(),
                 cancel,
@@ -271,7 +367,21 @@ impl Engine {
         Ok(SolvedBuild {
             output: solved.output,
             config,
+            records: solved.records,
         })
+    }
+
+    /// Queues the vertex results a solve executed for the pool cache (in the background:
+    /// nothing waits for it).
+    pub fn queue_pool_export(&self, solved: &SolvedBuild) -> Result<()> {
+        if let Some(pool) = &self.pool {
+            for r in solved.records.iter().filter(|r| r.executed) {
+                if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
+                    pool.enqueue(&r.key, outs);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes a solved result to `exports`, in order.
@@ -281,19 +391,181 @@ impl Engine {
         exports: &[ExportRequest],
         progress: &Progress,
     ) -> Result<BuildResponse> {
+        self.export_result_with_cache(solved, exports, &[], progress)
+            .await
+    }
+
+    /// [`Engine::export_result`], then the cache exports (`type=inline` goes into the image
+    /// config first).
+    pub async fn export_result_with_cache(
+        &self,
+        solved: &SolvedBuild,
+        exports: &[ExportRequest],
+        cache_exports: &[registry::ExportOpts],
+        progress: &Progress,
+    ) -> Result<BuildResponse> {
+        let mut inline_config = None;
+        if let Some(inline) = cache_exports
+            .iter()
+            .find(|o| o.target == registry::Target::Inline)
+        {
+            match self.inline_cache(solved, exports).await {
+                Ok(label) => {
+                    let mut config = solved.config.clone();
+                    config
+                        .config
+                        .labels
+                        .insert(registry::INLINE_LABEL.to_string(), label);
+                    inline_config = Some(config);
+                }
+                Err(e) if inline.ignore_error => {
+                    let message = format!("inline cache: {e} (ignored: ignore-error=true)");
+                    tracing::warn!("{message}");
+                    progress.warn(None, message);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let config = inline_config.as_ref().unwrap_or(&solved.config);
         let mut response = BuildResponse::default();
         for (i, exp) in exports.iter().enumerate() {
-            self.export(
-                i,
-                exp,
-                &solved.output,
-                &solved.config,
-                progress,
-                &mut response,
-            )
-            .await?;
+            self.export(i, exp, &solved.output, config, progress, &mut response)
+                .await?;
+        }
+        for (i, opts) in cache_exports
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.target != registry::Target::Inline)
+        {
+            self.export_cache(i, opts, &solved.records, progress)
+                .await?;
         }
         Ok(response)
+    }
+
+    /// The imported caches that could be read, then the pool cache.
+    async fn remote_caches(
+        &self,
+        imports: &[registry::ImportOpts],
+        progress: &Progress,
+    ) -> Vec<Arc<dyn solver::RemoteCache<Ref>>> {
+        let mut remote: Vec<Arc<dyn solver::RemoteCache<Ref>>> = Vec::new();
+        for (i, opts) in imports.iter().enumerate() {
+            let name = opts.target.name();
+            let step = Step::start(
+                progress,
+                &format!("cache-import-{i}"),
+                &format!("importing cache manifest from {name}"),
+            );
+            match registry::import(&self.worker.images, &self.worker.content, opts).await {
+                Ok(found) => {
+                    step.finish(None);
+                    self.cache_exporter.learn(&found);
+                    remote.push(Arc::new(registry::Imported::new(
+                        name,
+                        found,
+                        self.worker.cache.clone(),
+                        self.worker.content.clone(),
+                    )));
+                }
+                Err(e) => {
+                    // A cache that cannot be read is a miss, not a failed build.
+                    step.finish(None);
+                    let message = format!("{e}; building without this cache");
+                    tracing::warn!("{message}");
+                    progress.warn(None, message);
+                }
+            }
+        }
+        if let Some(pool) = &self.pool {
+            remote.push(pool.clone());
+        }
+        remote
+    }
+
+    /// The inline cache label for a solved build: the `mode=min` records whose layers are
+    /// all in the exported image (so the image alone holds their blobs), with blobs made
+    /// the way the image exporter makes them.
+    async fn inline_cache(
+        &self,
+        solved: &SolvedBuild,
+        exports: &[ExportRequest],
+    ) -> Result<String> {
+        let image = exports
+            .iter()
+            .find(|e| matches!(e.typ.as_str(), "image" | "oci" | "docker"))
+            .map(|e| ImageOpts::from_attrs(&e.attrs))
+            .transpose()?
+            .unwrap_or_default();
+        let in_image: std::collections::HashSet<u64> =
+            solved.output.layers().iter().map(|l| l.id).collect();
+        let mut results = Vec::new();
+        for r in solved.records.iter().filter(|r| r.min) {
+            if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
+                for (i, o) in outs.into_iter().enumerate() {
+                    if o.layers().iter().all(|l| in_image.contains(&l.id)) {
+                        results.push((format!("{}:{i}", r.key), o));
+                    }
+                }
+            }
+        }
+        Ok(self
+            .cache_exporter
+            .inline(&results, &image)
+            .await
+            .map_err(crate::cache::Error::from)?)
+    }
+
+    /// The outputs stored locally under a vertex key, if all are there.
+    fn local_outputs(&self, key: &str, outputs: usize) -> Result<Option<Vec<Ref>>> {
+        let mut refs = Vec::with_capacity(outputs);
+        for i in 0..outputs {
+            match self.worker.cache.get(&format!("{key}:{i}"))? {
+                Some(r) => refs.push(r),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(refs))
+    }
+
+    async fn export_cache(
+        &self,
+        index: usize,
+        opts: &registry::ExportOpts,
+        records: &[solver::KeyRecord],
+        progress: &Progress,
+    ) -> Result<()> {
+        let name = opts.target.name();
+        let step = Step::start(
+            progress,
+            &format!("cache-export-{index}"),
+            &format!("exporting cache to {name}"),
+        );
+        let mut results = Vec::new();
+        for r in records.iter().filter(|r| opts.max || r.min) {
+            if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
+                for (i, o) in outs.into_iter().enumerate() {
+                    results.push((format!("{}:{i}", r.key), o));
+                }
+            }
+        }
+        match self.cache_exporter.export(&results, opts).await {
+            Ok(_) => {
+                step.finish(None);
+                Ok(())
+            }
+            Err(e) if opts.ignore_error => {
+                step.finish(None);
+                let message = format!("{e} (ignored: ignore-error=true)");
+                tracing::warn!("{message}");
+                progress.warn(None, message);
+                Ok(())
+            }
+            Err(e) => {
+                step.finish(Some(e.to_string()));
+                Err(crate::cache::Error::from(e).into())
+            }
+        }
     }
 
     async fn dockerfile(

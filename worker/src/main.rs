@@ -47,6 +47,10 @@ struct Args {
     /// Registry hosts reached over plain HTTP (localhost always is; repeatable).
     #[arg(long = "insecure-registry")]
     insecure_registries: Vec<String>,
+    /// Pool cache repository (`host/path`, no tag): every executed step is exported there in
+    /// the background and looked up there on a local miss.
+    #[arg(long = "cache-registry", value_name = "REF")]
+    cache_registry: Option<String>,
     /// Serve TCP without TLS. Only for trusted networks: anyone who reaches the port can build.
     #[arg(long)]
     insecure_tcp: bool,
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
             insecure,
             docker_config: None,
         },
+        cache_registry: args.cache_registry.clone(),
         ..Default::default()
     };
     if let Some(n) = args.max_parallelism.or(file.max_parallelism) {

@@ -106,6 +106,15 @@ pub trait ResultCache<R>: Send + Sync + 'static {
     async fn save(&self, key: &str, outputs: &[R]) -> Result<(), BoxError>;
 }
 
+/// Results kept outside the local cache (an imported cache, the pool cache), consulted on
+/// a local miss before a vertex executes.
+#[async_trait]
+pub trait RemoteCache<R>: Send + Sync + 'static {
+    /// The outputs stored under `key`, verified and already saved to the local cache. A miss
+    /// or a failure is `None`; failures are reported as warnings through `ctx.progress`.
+    async fn load(&self, ctx: &VertexCtx, key: &str, outputs: usize) -> Option<Vec<R>>;
+}
+
 /// An edge: output `output` of vertex number `vertex`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Edge {
@@ -130,11 +139,13 @@ pub struct Vertex<O> {
 }
 
 /// A graph to solve: vertices with inputs before users, and the result edge.
-pub struct Graph<O> {
+pub struct Graph<O: Op> {
     /// Vertices; inputs refer to earlier indexes.
     pub vertices: Vec<Vertex<O>>,
     /// The result.
     pub result: Edge,
+    /// Remote caches to consult, in order, on a local miss.
+    pub remote: Vec<Arc<dyn RemoteCache<O::Output>>>,
 }
 
 /// A solved result.
@@ -144,6 +155,22 @@ pub struct Solved<R> {
     pub key: String,
     /// The result.
     pub output: R,
+    /// Every vertex whose cache key the build computed, inputs before users.
+    pub records: Vec<KeyRecord>,
+}
+
+/// A vertex of a solved build, as cache exporters see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The vertex cache key; output `i` is stored under `{key}:{i}`.
+    pub key: String,
+    /// How many outputs it has.
+    pub outputs: usize,
+    /// It executed in this build (not a local or remote cache hit).
+    pub executed: bool,
+    /// It is the build's result, or its contents fed a cache key (a `COPY --from` source):
+    /// what `mode=min` exports.
+    pub min: bool,
 }
 
 type SharedResult<T> = Shared<BoxFuture<'static, Result<T, Arc<Error>>>>;
@@ -223,6 +250,9 @@ impl<O: Op> Solver<O> {
             outputs: (0..graph.vertices.len())
                 .map(|_| Mutex::new(None))
                 .collect(),
+            executed: (0..graph.vertices.len())
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
             graph,
             progress,
             cancel: cancel.clone(),
@@ -243,6 +273,7 @@ impl<O: Op> Solver<O> {
             Ok::<_, Error>(Solved {
                 key: format!("{key}:{}", result.output),
                 output,
+                records: build.records(),
             })
         };
         let res = tokio::select! {
@@ -268,6 +299,8 @@ struct Build<O: Op> {
     states: Vec<Mutex<VertexState>>,
     keys: Vec<Mutex<Option<SharedKey>>>,
     outputs: Vec<Mutex<Option<SharedOutputs<O::Output>>>>,
+    /// Set when the vertex's op ran in this build.
+    executed: Vec<std::sync::atomic::AtomicBool>,
     progress: Progress,
     cancel: CancellationToken,
 }
@@ -315,6 +348,43 @@ impl<O: Op> Build<O> {
                 }
             });
         }
+    }
+
+    /// The vertices whose keys are known, inputs first.
+    fn records(&self) -> Vec<KeyRecord> {
+        let keys: Vec<Option<String>> = self
+            .keys
+            .iter()
+            .map(|slot| {
+                slot.lock()
+                    .ok()
+                    .and_then(|s| s.as_ref().and_then(|f| f.peek().cloned()))
+                    .and_then(|r| r.ok())
+            })
+            .collect();
+        let mut min = vec![false; keys.len()];
+        min[self.graph.result.vertex] = true;
+        for (i, v) in self.graph.vertices.iter().enumerate() {
+            if keys[i].is_none() {
+                continue;
+            }
+            for n in v.op.content_inputs() {
+                if let Some(e) = v.inputs.get(n) {
+                    min[e.vertex] = true;
+                }
+            }
+        }
+        keys.into_iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                Some(KeyRecord {
+                    key: k?,
+                    outputs: self.graph.vertices[i].op.outputs(),
+                    executed: self.executed[i].load(std::sync::atomic::Ordering::Relaxed),
+                    min: min[i],
+                })
+            })
+            .collect()
     }
 
     fn key(self: &Arc<Self>, i: usize) -> SharedKey {
@@ -460,8 +530,26 @@ impl<O: Op> Build<O> {
     }
 
     async fn execute(self: Arc<Self>, i: usize, key: &str) -> Result<Vec<O::Output>> {
-        let inputs = self.input_outputs(i).await?;
         let v = &self.graph.vertices[i];
+        if !v.ignore_cache {
+            // Before resolving inputs: a remote hit needs none of them.
+            let n = v.op.outputs();
+            let ctx = self.ctx(i);
+            for remote in &self.graph.remote {
+                if let Some(outs) = remote.load(&ctx, key, n).await {
+                    if outs.len() == n {
+                        let now = SystemTime::now();
+                        self.update(i, |s| {
+                            s.started.get_or_insert(now);
+                            s.completed = Some(now);
+                            s.cached = true;
+                        });
+                        return Ok(outs);
+                    }
+                }
+            }
+        }
+        let inputs = self.input_outputs(i).await?;
         let _permit = self
             .solver
             .limit
@@ -476,6 +564,7 @@ impl<O: Op> Build<O> {
         });
         let ctx = self.ctx(i);
         tracing::debug!(vertex = %v.digest, name = %v.name, "exec");
+        self.executed[i].store(true, std::sync::atomic::Ordering::Relaxed);
         let res = v.op.exec(&ctx, &inputs).await;
         let res = match res {
             Ok(outs) if outs.len() == v.op.outputs() => {
@@ -628,6 +717,7 @@ mod tests {
                 vertex: 3,
                 output: 0,
             },
+            remote: Vec::new(),
         }
     }
 
@@ -685,6 +775,60 @@ mod tests {
         Ok(())
     }
 
+    /// A remote cache over another solver's results.
+    struct Remote(Arc<MemCache>, Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl RemoteCache<String> for Remote {
+        async fn load(&self, _ctx: &VertexCtx, key: &str, n: usize) -> Option<Vec<String>> {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            self.0.load(key, n).await.ok().flatten()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remote_hit_runs_nothing_and_loads_only_what_is_needed() -> anyhow::Result<()> {
+        let first = Arc::new(MemCache::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let solved = Solver::new(first.clone(), 4)
+            .solve(
+                diamond(&runs, "r", false),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+        assert_eq!(solved.records.len(), 4);
+        assert!(solved.records.iter().all(|r| r.executed && r.outputs == 1));
+        // Only the result is `min` here (no op hashes its inputs' contents).
+        let min: Vec<bool> = solved.records.iter().map(|r| r.min).collect();
+        assert_eq!(min, vec![false, false, false, true]);
+
+        // A cold solver with the first one's cache as a remote: the top vertex is a remote
+        // hit, its inputs are never looked up, nothing runs.
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let mut graph = diamond(&runs, "r", false);
+        graph.remote = vec![Arc::new(Remote(first, lookups.clone()))];
+        let again = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(graph, Progress::discard(), CancellationToken::new())
+            .await?;
+        assert_eq!(again.output, solved.output);
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+        assert_eq!(lookups.load(Ordering::SeqCst), 1);
+        assert!(again.records.iter().all(|r| !r.executed));
+
+        // A remote that has nothing: everything runs, each vertex asked once.
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let mut graph = diamond(&runs, "r", false);
+        graph.remote = vec![Arc::new(Remote(Arc::default(), lookups.clone()))];
+        Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(graph, Progress::discard(), CancellationToken::new())
+            .await?;
+        assert_eq!(runs.load(Ordering::SeqCst), 8);
+        assert_eq!(lookups.load(Ordering::SeqCst), 4);
+        Ok(())
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_builds_share_identical_vertices() -> anyhow::Result<()> {
         let solver = Solver::new(Arc::new(MemCache::default()), 4);
@@ -721,6 +865,7 @@ mod tests {
                 vertex: 0,
                 output: 0,
             },
+            remote: Vec::new(),
         };
         let err = solver
             .solve(graph, Progress::discard(), CancellationToken::new())

@@ -6,6 +6,8 @@
 mod daemon;
 #[path = "engine/parity.rs"]
 mod parity;
+#[path = "engine/regcache.rs"]
+mod regcache;
 #[path = "engine/support.rs"]
 mod support;
 

@@ -1,0 +1,299 @@
+//! The pool cache (`kiln-worker --cache-registry REPO`): every vertex result a worker
+//! executes is exported in the background, one manifest per vertex tagged
+//! `REPO:kiln-<sha256 of the vertex key>`, and every local miss looks its key up there
+//! before executing. Export is off the build's path: a queue with bounded concurrency,
+//! retries with backoff, and counters (queue depth, exported, failed) for metrics. Only
+//! reads the local store when exporting; imports go through [`super::registry`], which
+//! commits nothing incomplete. Used by `control`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::registry::{self, BlobSource, CacheConfig, ExportOpts, Exporter, Found, Target};
+use super::{Cache, Ref};
+use crate::content::ContentStore;
+use crate::export::image::ImageOpts;
+use crate::solver::{RemoteCache, VertexCtx};
+use crate::source::image::ImageResolver;
+
+/// Most exports running at once.
+const CONCURRENCY: usize = 2;
+/// Tries per export (the first and the retries).
+const ATTEMPTS: u32 = 4;
+/// Wait before the first retry; doubled each time.
+const BACKOFF: Duration = Duration::from_millis(150);
+
+/// Counters of the background exporter, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Exports queued or running.
+    pub queue_depth: usize,
+    /// Vertex results exported.
+    pub exported: u64,
+    /// Exports given up after every retry.
+    pub failed: u64,
+    /// Export attempts retried.
+    pub retried: u64,
+}
+
+/// A pool cache in one repository.
+pub struct Pool {
+    repo: String,
+    exporter: Exporter,
+    images: ImageResolver,
+    cache: Arc<Cache>,
+    content: Arc<ContentStore>,
+    limit: Arc<tokio::sync::Semaphore>,
+    depth: AtomicUsize,
+    exported: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    idle: tokio::sync::Notify,
+    /// Vertex keys exported or queued by this process (no second upload).
+    done: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("repo", &self.repo)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+// === impl Pool ===
+
+impl Pool {
+    /// A pool cache in `repo` (`host/path`, no tag) over a worker's stores.
+    pub fn new(
+        repo: &str,
+        cache: Arc<Cache>,
+        content: Arc<ContentStore>,
+        images: ImageResolver,
+        exporter: Exporter,
+    ) -> Result<Arc<Pool>, registry::Error> {
+        let bad = |m: String| registry::Error::Attr {
+            typ: "pool".into(),
+            message: m,
+        };
+        crate::image::ImageName::parse(repo)
+            .map_err(|e| bad(format!("invalid --cache-registry {repo:?}: {e}")))?;
+        let last = repo.rsplit('/').next().unwrap_or_default();
+        if !repo.contains('/') || last.contains(':') || repo.contains('@') {
+            return Err(bad(format!(
+                "--cache-registry {repo:?} must be a repository (host/path) without tag or digest"
+            )));
+        }
+        Ok(Arc::new(Pool {
+            repo: repo.trim_end_matches('/').to_string(),
+            exporter,
+            images,
+            cache,
+            content,
+            limit: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY)),
+            depth: AtomicUsize::new(0),
+            exported: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            idle: tokio::sync::Notify::new(),
+            done: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    /// The repository.
+    pub fn repo(&self) -> &str {
+        &self.repo
+    }
+
+    /// The reference a vertex key is stored under.
+    pub fn reference(&self, vertex_key: &str) -> String {
+        format!("{}:{}", self.repo, registry::pool_tag(vertex_key))
+    }
+
+    /// The exporter's counters.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            queue_depth: self.depth.load(Ordering::SeqCst),
+            exported: self.exported.load(Ordering::SeqCst),
+            failed: self.failed.load(Ordering::SeqCst),
+            retried: self.retried.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Queues the export of a vertex's outputs and returns at once; a key already
+    /// exported or queued by this process is skipped. Must run inside a tokio runtime.
+    pub fn enqueue(self: &Arc<Self>, vertex_key: &str, outputs: Vec<Ref>) {
+        match self.done.lock() {
+            Ok(mut d) => {
+                if !d.insert(vertex_key.to_string()) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        let key = vertex_key.to_string();
+        tokio::spawn(async move {
+            let ok = this.export(&key, &outputs).await;
+            if ok {
+                this.exported.fetch_add(1, Ordering::SeqCst);
+            } else {
+                this.failed.fetch_add(1, Ordering::SeqCst);
+                // Let a later build try again.
+                if let Ok(mut d) = this.done.lock() {
+                    d.remove(&key);
+                }
+            }
+            if this.depth.fetch_sub(1, Ordering::SeqCst) == 1 {
+                this.idle.notify_waiters();
+            }
+        });
+    }
+
+    async fn export(&self, key: &str, outputs: &[Ref]) -> bool {
+        let Ok(_permit) = self.limit.clone().acquire_owned().await else {
+            return false;
+        };
+        let reference = self.reference(key);
+        let results: Vec<(String, Ref)> = outputs
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("{key}:{i}"), r.clone()))
+            .collect();
+        let opts = ExportOpts {
+            target: Target::Registry {
+                reference: reference.clone(),
+                insecure: false,
+            },
+            max: true,
+            image: ImageOpts::default(),
+            image_manifest: true,
+            ignore_error: false,
+        };
+        let mut wait = BACKOFF;
+        for attempt in 1..=ATTEMPTS {
+            match self.exporter.export(&results, &opts).await {
+                Ok(_) => {
+                    tracing::debug!(%reference, "pool cache export done");
+                    return true;
+                }
+                Err(error) if attempt < ATTEMPTS => {
+                    self.retried.fetch_add(1, Ordering::SeqCst);
+                    tracing::warn!(%error, attempt, "pool cache export failed, retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "pool cache export failed, giving up");
+                }
+            }
+        }
+        false
+    }
+
+    /// Waits until no export is queued or running.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.depth.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn lookup(&self, key: &str) -> Result<Option<Found>, String> {
+        let started = std::time::Instant::now();
+        let reference = self.reference(key);
+        let (manifest, _) = match self.images.fetch_manifest_raw(&reference).await {
+            Ok(m) => m,
+            Err(e) => {
+                let m = e.to_string();
+                // A 404: no such tag, or no such repository yet.
+                if ["manifest unknown", "name unknown", "not known", "not found"]
+                    .iter()
+                    .any(|s| m.contains(s))
+                {
+                    return Ok(None);
+                }
+                return Err(m);
+            }
+        };
+        let desc = config_of(&manifest)?;
+        let path = self
+            .images
+            .fetch_blob(&reference, &desc, &|_, _| {})
+            .await
+            .map_err(|e| e.to_string())?;
+        let source = BlobSource::Registry {
+            resolver: self.images.clone(),
+            reference,
+        };
+        let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+        let config = CacheConfig::parse(&bytes)?;
+        let found = Found {
+            records: config.chains(),
+            source,
+        };
+        self.exporter.learn(&found);
+        tracing::debug!(
+            key,
+            ms = started.elapsed().as_millis() as u64,
+            "pool cache lookup"
+        );
+        Ok(Some(found))
+    }
+}
+
+fn config_of(manifest: &[u8]) -> Result<crate::source::image::BlobDesc, String> {
+    let m: serde_json::Value =
+        serde_json::from_slice(manifest).map_err(|e| format!("manifest is not json: {e}"))?;
+    let c = &m["config"];
+    if c["mediaType"].as_str() != Some(registry::CONFIG_MEDIA_TYPE) {
+        return Err("not a kiln pool cache manifest".into());
+    }
+    Ok(crate::source::image::BlobDesc {
+        media_type: registry::CONFIG_MEDIA_TYPE.to_string(),
+        digest: c["digest"].as_str().unwrap_or_default().to_string(),
+        size: c["size"].as_u64().unwrap_or(0),
+    })
+}
+
+#[async_trait]
+impl RemoteCache<Ref> for Pool {
+    async fn load(&self, ctx: &VertexCtx, key: &str, outputs: usize) -> Option<Vec<Ref>> {
+        let name = format!("pool {}", self.repo);
+        match self.lookup(key).await {
+            Ok(Some(found)) => {
+                let refs = registry::load_found(
+                    &name,
+                    &found,
+                    &self.cache,
+                    &self.content,
+                    ctx,
+                    key,
+                    outputs,
+                )
+                .await?;
+                // Already in the pool: no need to export it again.
+                if let Ok(mut d) = self.done.lock() {
+                    d.insert(key.to_string());
+                }
+                Some(refs)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                let message = format!("cache {name}: {key}: {e}; executing instead");
+                tracing::warn!(vertex = %ctx.digest, "{message}");
+                ctx.progress.warn(Some(&ctx.digest), message);
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,552 @@
+//! Shared caches between engines with separate roots, through a real docker-registry and an
+//! OCI layout: `--export-cache`/`--import-cache` (mode=max, mode=min, type=local), broken
+//! and corrupt caches (a miss with a warning, never a wrong build), and the pool cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use kiln_e2e::registry::Registry;
+use kiln_worker::cache::registry::CacheEntry;
+use kiln_worker::control::{BuildRequest, CacheRequest, Engine, EngineConfig, Frontend};
+use kiln_worker::frontend::BuildOpts;
+use kiln_worker::image::Platform;
+use kiln_worker::progress::{Event, Progress};
+use tokio_util::sync::CancellationToken;
+
+use super::support::{exec_definition, image, project, to, Built};
+
+const MULTI: &str = r#"ARG BASE
+FROM ${BASE} AS a
+COPY a.txt /src/a.txt
+RUN mkdir -p /data && for i in $(seq 1 50); do echo "line $i" >> /data/a.txt; done && cat /src/a.txt >> /data/a.txt
+RUN sha256sum /data/a.txt > /data/a.sum
+FROM ${BASE} AS b
+COPY b.txt /src/b.txt
+RUN mkdir -p /data && cat /src/b.txt > /data/b.txt
+FROM ${BASE}
+COPY --from=a /data /data
+COPY --from=b /data /data
+WORKDIR /data
+RUN cat a.txt b.txt | wc -l > count && cp b.txt b.copy
+CMD ["cat", "/data/count"]
+"#;
+
+struct Worker {
+    _root: tempfile::TempDir,
+    engine: Engine,
+}
+
+fn worker(pool: Option<String>) -> anyhow::Result<Worker> {
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        max_parallelism: 4,
+        cache_registry: pool,
+        ..Default::default()
+    })?;
+    Ok(Worker {
+        _root: root,
+        engine,
+    })
+}
+
+fn entry(typ: &str, attrs: &[(&str, &str)]) -> CacheEntry {
+    CacheEntry {
+        typ: typ.into(),
+        attrs: attrs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn base(reg: &Registry) -> anyhow::Result<String> {
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    Ok(format!("{}/kiln/base:1", reg.addr()))
+}
+
+/// Builds `dir` with the caches in `caches`; the image is built (not pushed) so its digest
+/// can be compared.
+async fn build(w: &Worker, base: &str, dir: &Path, caches: CacheRequest) -> anyhow::Result<Built> {
+    build_to(w, base, dir, caches, None).await
+}
+
+/// [`build`], also exporting the result's files to `out`.
+async fn build_to(
+    w: &Worker,
+    base: &str,
+    dir: &Path,
+    caches: CacheRequest,
+    out: Option<&Path>,
+) -> anyhow::Result<Built> {
+    let opts = BuildOpts {
+        filename: "Dockerfile".into(),
+        build_args: BTreeMap::from([("BASE".to_string(), base.to_string())]),
+        build_platform: Platform::host(),
+        context_name: "context".into(),
+        ..Default::default()
+    };
+    let locals = HashMap::from([
+        ("context".to_string(), dir.to_path_buf()),
+        ("dockerfile".to_string(), dir.to_path_buf()),
+    ]);
+    let req = BuildRequest {
+        frontend: Frontend::Dockerfile {
+            opts,
+            dockerfile_local: "dockerfile".into(),
+        },
+        locals,
+        exports: std::iter::once(image("kiln/regcache:test", false))
+            .chain(out.map(|o| to("local", o)))
+            .collect(),
+        secrets: HashMap::new(),
+    };
+    run(w, req, caches).await
+}
+
+async fn run(w: &Worker, req: BuildRequest, caches: CacheRequest) -> anyhow::Result<Built> {
+    let (progress, mut rx) = Progress::channel();
+    let res = w
+        .engine
+        .build_with_cache(req, &caches, progress, CancellationToken::new())
+        .await;
+    let mut events = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    let resp = res.map_err(|e| anyhow!(kiln_worker::solver::error_chain(&e)))?;
+    Ok(Built { resp, events })
+}
+
+fn digest(b: &Built) -> anyhow::Result<String> {
+    b.resp
+        .exporter_response
+        .get("containerimage.digest")
+        .cloned()
+        .ok_or_else(|| anyhow!("no image digest"))
+}
+
+fn warnings(b: &Built) -> Vec<String> {
+    b.events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Warning(w) => Some(w.message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sorted_runs(b: &Built) -> Vec<String> {
+    let mut r = b.executed_runs();
+    r.sort();
+    r
+}
+
+/// A exports with `export`, a cold B imports with `import`: B runs nothing and builds the
+/// same image; after b.txt changes, B re-runs only stage b's RUN and the final RUN.
+async fn round_trip(export: CacheEntry, import: CacheEntry) -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let a = worker(None)?;
+    let built_a = build(
+        &a,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![export],
+            imports: vec![],
+        },
+    )
+    .await?;
+    assert_eq!(
+        built_a.executed_runs().len(),
+        4,
+        "{:?}",
+        built_a.executed_runs()
+    );
+
+    let b = worker(None)?;
+    let import = CacheRequest {
+        exports: vec![],
+        imports: vec![import],
+    };
+    let built_b = build(&b, &base, dir.path(), import.clone()).await?;
+    assert!(
+        built_b.executed_runs().is_empty(),
+        "cold importer executed {:?}; warnings {:?}",
+        built_b.executed_runs(),
+        warnings(&built_b)
+    );
+    assert_eq!(digest(&built_b)?, digest(&built_a)?);
+    assert!(warnings(&built_b).is_empty(), "{:?}", warnings(&built_b));
+
+    std::fs::write(dir.path().join("b.txt"), "from b, changed\n")?;
+    let changed = build(&b, &base, dir.path(), import).await?;
+    let runs = sorted_runs(&changed);
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(
+        runs.iter().any(|r| r.contains("cat /src/b.txt")),
+        "{runs:?}"
+    );
+    assert!(runs.iter().any(|r| r.contains("wc -l")), "{runs:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_mode_max_cold_worker_runs_nothing() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let r = format!("{}/kiln/cache:max", reg.addr());
+    round_trip(
+        entry("registry", &[("ref", &r), ("mode", "max")]),
+        entry("registry", &[("ref", &r)]),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_mode_min_cold_worker_runs_nothing() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let r = format!("{}/kiln/cache:min", reg.addr());
+    round_trip(
+        entry("registry", &[("ref", &r), ("mode", "min")]),
+        entry("registry", &[("ref", &r)]),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_index_form_round_trips() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let r = format!("{}/kiln/cache:index", reg.addr());
+    round_trip(
+        entry(
+            "registry",
+            &[("ref", &r), ("mode", "max"), ("image-manifest", "false")],
+        ),
+        entry("registry", &[("ref", &r)]),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_oci_layout_cold_worker_runs_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().join("cache");
+    let d = d.to_string_lossy();
+    round_trip(
+        entry("local", &[("dest", &d), ("mode", "max")]),
+        entry("local", &[("src", &d)]),
+    )
+    .await?;
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cache/index.json"))?)?;
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    Ok(())
+}
+
+/// Answers every HTTP request with a 500 until dropped.
+fn failing_server() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\nconnection: close\r\n\r\noops",
+            );
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broken_caches_are_a_miss_with_a_warning() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    // A port nothing listens on, and a server that answers 500.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let failing = failing_server()?;
+    let a = worker(None)?;
+    let built = build(
+        &a,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![],
+            imports: vec![
+                entry("registry", &[("ref", &format!("{closed}/kiln/cache:1"))]),
+                entry("registry", &[("ref", &format!("{failing}/kiln/cache:1"))]),
+            ],
+        },
+    )
+    .await?;
+    assert_eq!(built.executed_runs().len(), 4);
+    let w = warnings(&built);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(w[0].contains(&closed.to_string()), "{w:?}");
+    assert!(w.iter().any(|m| m.contains("500")), "{w:?}");
+
+    // An export that fails with ignore-error=true is a warning; without, an error.
+    let dead = entry("registry", &[("ref", &format!("{closed}/kiln/cache:1"))]);
+    let mut ignored = dead.clone();
+    ignored.attrs.insert("ignore-error".into(), "true".into());
+    let ok = build(
+        &a,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![ignored],
+            imports: vec![],
+        },
+    )
+    .await?;
+    assert!(warnings(&ok).iter().any(|m| m.contains("ignore-error")));
+    let err = build(
+        &a,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![dead],
+            imports: vec![],
+        },
+    )
+    .await
+    .err()
+    .ok_or_else(|| anyhow!("an export to a dead registry must fail"))?;
+    assert!(err.to_string().contains(&closed.to_string()), "{err}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_blob_is_a_miss_and_the_build_is_right() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let r = format!("{}/kiln/cache:corrupt", reg.addr());
+    let a = worker(None)?;
+    let built_a = build(
+        &a,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![entry("registry", &[("ref", &r), ("mode", "max")])],
+            imports: vec![],
+        },
+    )
+    .await?;
+    // Corrupt every layer blob of the cache but the base's (same length, other bytes).
+    let store = tempfile::tempdir()?;
+    let content = Arc::new(kiln_worker::content::ContentStore::open(store.path())?);
+    let resolver = kiln_worker::source::image::ImageResolver::new(Default::default(), content);
+    let (manifest, _) = resolver.fetch_manifest_raw(&r).await?;
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest)?;
+    let pulled_base = resolver.resolve(&base, &Platform::host()).await?;
+    let mut corrupted = 0;
+    for l in manifest["layers"].as_array().context("layers")? {
+        let d = l["digest"].as_str().context("digest")?;
+        if pulled_base.layers.iter().any(|b| b.digest == d) {
+            continue;
+        }
+        let path = reg.blob_path(d);
+        let len = std::fs::metadata(&path)?.len() as usize;
+        std::fs::write(&path, vec![b'x'; len])?;
+        corrupted += 1;
+    }
+    assert!(corrupted >= 4, "{corrupted}");
+    let b = worker(None)?;
+    let out = tempfile::tempdir()?;
+    let built_b = build_to(
+        &b,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![],
+            imports: vec![entry("registry", &[("ref", &r)])],
+        },
+        Some(&out.path().join("fs")),
+    )
+    .await?;
+    // Re-executed RUN steps make new files (new times), so check the files, not the digest.
+    let _ = digest(&built_a)?;
+    let fs = out.path().join("fs/data");
+    assert_eq!(std::fs::read_to_string(fs.join("count"))?.trim(), "52");
+    assert_eq!(std::fs::read_to_string(fs.join("b.copy"))?, "from b\n");
+    assert!(std::fs::read_to_string(fs.join("a.txt"))?.ends_with("line 50\nfrom a\n"));
+    assert!(!built_b.executed_runs().is_empty());
+    let w = warnings(&built_b);
+    assert!(w.iter().any(|m| m.contains("executing instead")), "{w:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_cache_cold_worker_runs_nothing() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let pool = format!("{}/kiln/pool", reg.addr());
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let a = worker(Some(pool.clone()))?;
+    let built_a = build(&a, &base, dir.path(), CacheRequest::default()).await?;
+    assert_eq!(built_a.executed_runs().len(), 4);
+    let p = a.engine.pool().context("pool")?;
+    p.wait_idle().await;
+    let stats = p.stats();
+    assert_eq!(stats.queue_depth, 0);
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert!(stats.exported >= 4, "{stats:?}");
+    // An explicit export to another repository of the same registry mounts the blobs the
+    // pool already has instead of uploading them.
+    let other = format!("{}/kiln/cache:mounted", reg.addr());
+    build(
+        &a,
+        &base,
+        dir.path(),
+        CacheRequest {
+            exports: vec![entry("registry", &[("ref", &other), ("mode", "max")])],
+            imports: vec![],
+        },
+    )
+    .await?;
+    assert!(a.engine.cache_exporter().mounted() >= 4);
+
+    let b = worker(Some(pool.clone()))?;
+    let built_b = build(&b, &base, dir.path(), CacheRequest::default()).await?;
+    assert!(
+        built_b.executed_runs().is_empty(),
+        "{:?} {:?}",
+        built_b.executed_runs(),
+        warnings(&built_b)
+    );
+    assert_eq!(digest(&built_b)?, digest(&built_a)?);
+    assert!(warnings(&built_b).is_empty(), "{:?}", warnings(&built_b));
+    // B exports nothing again: every hit came from the pool.
+    let pb = b.engine.pool().context("pool")?;
+    pb.wait_idle().await;
+    assert_eq!(pb.stats().exported, 0, "{:?}", pb.stats());
+
+    // A change: B re-runs only the dependents and exports those.
+    std::fs::write(dir.path().join("b.txt"), "from b, changed\n")?;
+    let changed = build(&b, &base, dir.path(), CacheRequest::default()).await?;
+    assert_eq!(
+        sorted_runs(&changed).len(),
+        2,
+        "{:?}",
+        sorted_runs(&changed)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_registry_down_does_not_fail_or_corrupt() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let pool_reg = Registry::start()?;
+    let pool = format!("{}/kiln/pool", pool_reg.addr());
+    // The pool registry dies before the build's background export.
+    drop(pool_reg);
+    let w = worker(Some(pool))?;
+    let req = || BuildRequest {
+        frontend: Frontend::Llb(exec_definition(&base, "echo hi > /hi")),
+        locals: HashMap::new(),
+        exports: vec![],
+        secrets: HashMap::new(),
+    };
+    let first = run(&w, req(), CacheRequest::default()).await?;
+    assert_eq!(first.vertices().values().filter(|v| !v.cached).count(), 2);
+    assert!(
+        warnings(&first)
+            .iter()
+            .any(|m| m.contains("connection refused")),
+        "{:?}",
+        warnings(&first)
+    );
+    let p = w.engine.pool().context("pool")?;
+    p.wait_idle().await;
+    let stats = p.stats();
+    assert_eq!(stats.exported, 0, "{stats:?}");
+    assert_eq!(stats.failed, 2, "{stats:?}");
+    assert!(stats.retried >= 2, "{stats:?}");
+    // The local store is intact: a rebuild is all cached.
+    let again = run(&w, req(), CacheRequest::default()).await?;
+    assert!(again.vertices().values().all(|v| v.cached));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inline_cache_in_the_pushed_image() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let df = r#"ARG BASE
+FROM ${BASE}
+COPY a.txt /a.txt
+RUN cat /a.txt > /b.txt && echo one >> /b.txt
+RUN echo two >> /b.txt
+"#;
+    let dir = project(df, &[("a.txt", "from a\n")])?;
+    let name = format!("{}/kiln/app:1", reg.addr());
+    let inline = CacheRequest {
+        exports: vec![entry("inline", &[])],
+        imports: vec![],
+    };
+    let a = worker(None)?;
+    let built_a = run(
+        &a,
+        dockerfile_request(&base, dir.path(), vec![image(&name, true)]),
+        inline.clone(),
+    )
+    .await?;
+    assert_eq!(built_a.executed_runs().len(), 2);
+
+    // B imports the image as a cache (and exports inline too, so its config is the same).
+    let b = worker(None)?;
+    let mut caches = inline;
+    caches.imports = vec![entry("registry", &[("ref", &name)])];
+    let built_b = run(
+        &b,
+        dockerfile_request(&base, dir.path(), vec![image("kiln/app:local", false)]),
+        caches,
+    )
+    .await?;
+    assert!(
+        built_b.executed_runs().is_empty(),
+        "{:?} {:?}",
+        built_b.executed_runs(),
+        warnings(&built_b)
+    );
+    assert_eq!(digest(&built_b)?, digest(&built_a)?);
+    Ok(())
+}
+
+fn dockerfile_request(
+    base: &str,
+    dir: &Path,
+    exports: Vec<kiln_worker::control::ExportRequest>,
+) -> BuildRequest {
+    BuildRequest {
+        frontend: Frontend::Dockerfile {
+            opts: BuildOpts {
+                filename: "Dockerfile".into(),
+                build_args: BTreeMap::from([("BASE".to_string(), base.to_string())]),
+                build_platform: Platform::host(),
+                context_name: "context".into(),
+                ..Default::default()
+            },
+            dockerfile_local: "dockerfile".into(),
+        },
+        locals: HashMap::from([
+            ("context".to_string(), dir.to_path_buf()),
+            ("dockerfile".to_string(), dir.to_path_buf()),
+        ]),
+        exports,
+        secrets: HashMap::new(),
+    }
+}
