@@ -6,5 +6,6 @@ cd "$(dirname "$0")/.."
 for bin in runc crun busybox docker-registry skopeo openssl; do
   command -v "$bin" >/dev/null || { echo "missing $bin: apt-get install -y runc crun busybox-static docker-registry skopeo openssl" >&2; exit 1; }
 done
+command -v kubernetes-validate >/dev/null || { echo "missing kubernetes-validate: python3 -m pip install kubernetes-validate" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || { echo "the worker tests run containers: run as root" >&2; exit 1; }
 exec cargo test --workspace --locked "$@"

@@ -397,9 +397,6 @@ pub fn build_opts(opts: &BTreeMap<String, String>) -> anyhow::Result<BuildOpts> 
 /// Runs `kiln build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let caches = cache_request(&args.export_cache, &args.import_cache)?;
-    if args.conn.addr.is_some() && (!caches.exports.is_empty() || !caches.imports.is_empty()) {
-        bail!("--export-cache/--import-cache with --addr are not implemented yet (daemonless builds only)");
-    }
     let (req, attrs) = request(&args)?;
     let stdout_used = req
         .exports
@@ -409,7 +406,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let (progress, rx) = Progress::channel();
     let renderer = Renderer::spawn(mode, rx);
     let res = match &args.conn.addr {
-        Some(addr) => crate::remote::build(&args.conn, addr, req, attrs, progress).await,
+        Some(addr) => crate::remote::build(&args.conn, addr, req, &caches, attrs, progress).await,
         None => embedded(&args, req, &caches, progress).await,
     };
     renderer.finish(res.is_ok()).await;

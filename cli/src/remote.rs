@@ -85,6 +85,7 @@ pub async fn build(
     conn: &crate::conn::ConnArgs,
     addr: &str,
     req: BuildRequest,
+    caches: &kiln_worker::control::CacheRequest,
     attrs: BTreeMap<String, String>,
     progress: Progress,
 ) -> anyhow::Result<BTreeMap<String, String>> {
@@ -161,11 +162,28 @@ pub async fn build(
         Frontend::Llb(def) => (String::new(), Some(def)),
     };
     let frontend_attrs: HashMap<String, String> = attrs.into_iter().collect();
+    let entries = |v: &[kiln_worker::cache::registry::CacheEntry]| -> Vec<api::CacheOptionsEntry> {
+        v.iter()
+            .map(|e| api::CacheOptionsEntry {
+                r#type: e.typ.clone(),
+                attrs: e
+                    .attrs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect()
+    };
     let solve = api::SolveRequest {
         r#ref: build_ref.clone(),
         session: session_id,
         frontend_attrs: frontend_attrs.clone(),
         exporters,
+        cache: Some(api::CacheOptions {
+            exports: entries(&caches.exports),
+            imports: entries(&caches.imports),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let bridge = tokio::spawn(drive_bridge(

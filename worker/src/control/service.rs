@@ -228,6 +228,7 @@ impl ControlService {
         req: &api::SolveRequest,
         mut build: BuildRequest,
         exports: &[ExportRequest],
+        caches: &CacheOpts,
         progress: &Progress,
         cancel: CancellationToken,
     ) -> Result<super::BuildResponse, Status> {
@@ -241,14 +242,20 @@ impl ControlService {
         };
         let solved = self
             .engine
-            .solve(&build, progress, cancel)
+            .solve_with_cache(&build, &caches.imports, progress, cancel)
             .await
             .map_err(engine_status)?;
         drop(fetched);
-        self.engine
-            .export_result(&solved, exports, progress)
+        let resp = self
+            .engine
+            .export_result_with_cache(&solved, exports, &caches.exports, progress)
             .await
-            .map_err(engine_status)
+            .map_err(engine_status)?;
+        // After the exports, so the pool reuses the blobs they made.
+        self.engine
+            .queue_pool_export(&solved)
+            .map_err(engine_status)?;
+        Ok(resp)
     }
 
     /// This worker as ListWorkers and Ping describe it.
@@ -365,6 +372,41 @@ impl ControlService {
         Ok(exports)
     }
 
+    /// The cache imports and exports a Solve asks for. `type=local` caches live on the
+    /// client and would go through the session's content store, which is not served yet.
+    fn cache_opts(req: &api::SolveRequest) -> Result<CacheOpts, Status> {
+        use crate::cache::registry::{self, CacheEntry, Target};
+        let entries = |v: &[api::CacheOptionsEntry]| -> Vec<CacheEntry> {
+            v.iter()
+                .map(|e| CacheEntry {
+                    typ: e.r#type.clone(),
+                    attrs: e.attrs.clone().into_iter().collect(),
+                })
+                .collect()
+        };
+        let bad = |e: registry::Error| Status::invalid_argument(e.to_string());
+        let Some(cache) = &req.cache else {
+            return Ok(CacheOpts::default());
+        };
+        let imports = entries(&cache.imports)
+            .iter()
+            .map(registry::parse_import)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        let exports = registry::parse_exports(&entries(&cache.exports)).map_err(bad)?;
+        let local = imports
+            .iter()
+            .map(|i| &i.target)
+            .chain(exports.iter().map(|e| &e.target))
+            .any(|t| matches!(t, Target::Layout { .. }));
+        if local {
+            return Err(Status::unimplemented(
+                "type=local caches with a daemon go through the session's content store, which is not implemented yet (type=registry and type=inline work)",
+            ));
+        }
+        Ok(CacheOpts { imports, exports })
+    }
+
     /// Points every output that goes back to the client (`local`, `tar`, `oci`, `docker`)
     /// at a scratch path on this worker, from where [`Self::deliver`] sends it.
     fn client_outputs(
@@ -442,6 +484,13 @@ impl ControlService {
         step.finish(res.as_ref().err().map(|e| e.message().to_string()));
         res
     }
+}
+
+/// A Solve's cache imports and exports, parsed.
+#[derive(Default)]
+pub(super) struct CacheOpts {
+    imports: Vec<crate::cache::registry::ImportOpts>,
+    exports: Vec<crate::cache::registry::ExportOpts>,
 }
 
 /// Outputs staged on the worker on their way to the client.
@@ -556,6 +605,7 @@ impl api::control_server::Control for ControlService {
             Some(Self::request(&req)?)
         };
         let mut exports = Self::exports(&req)?;
+        let caches = Self::cache_opts(&req)?;
         let outputs = self.client_outputs(&mut exports)?;
         let (job, progress, collector) = self.start_job(&req.r#ref)?;
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
@@ -571,10 +621,13 @@ impl api::control_server::Control for ControlService {
             .map(|m| InFlight::new(m.clone(), started));
         let res = match build {
             Some(build) => {
-                self.solve_classic(&req, build, &exports, &progress, cancel)
+                self.solve_classic(&req, build, &exports, &caches, &progress, cancel)
                     .await
             }
-            None => self.solve_bridged(&req, &exports, &progress, cancel).await,
+            None => {
+                self.solve_bridged(&req, &exports, &caches, &progress, cancel)
+                    .await
+            }
         };
         let res = match (res, &outputs) {
             (Ok(resp), Some(outputs)) => self

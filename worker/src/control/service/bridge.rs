@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::{engine_status, ControlService};
+use super::{engine_status, CacheOpts, ControlService};
 use crate::control::{BuildRequest, BuildResponse, ExportRequest, Frontend, SolvedBuild};
 use crate::frontend::BuildOpts;
 use crate::image::Platform;
@@ -98,6 +98,7 @@ fn caps(ids: &[&str]) -> Vec<ApiCap> {
 /// A build driven over LLBBridge: what its calls share until `Return`.
 pub(super) struct BridgeJob {
     session: String,
+    imports: Vec<crate::cache::registry::ImportOpts>,
     progress: Progress,
     cancel: CancellationToken,
     results: Mutex<HashMap<String, SolvedBuild>>,
@@ -153,12 +154,14 @@ impl ControlService {
         &self,
         req: &api::SolveRequest,
         exports: &[ExportRequest],
+        caches: &CacheOpts,
         progress: &Progress,
         cancel: CancellationToken,
     ) -> Result<BuildResponse, Status> {
         let (tx, rx) = oneshot::channel();
         let job = Arc::new(BridgeJob {
             session: req.session.clone(),
+            imports: caches.imports.clone(),
             progress: progress.clone(),
             cancel,
             results: Mutex::default(),
@@ -203,10 +206,15 @@ impl ControlService {
                 Status::invalid_argument(format!("result metadata containerimage.config: {e}"))
             })?;
         }
-        self.engine
-            .export_result(&solved, exports, progress)
+        let resp = self
+            .engine
+            .export_result_with_cache(&solved, exports, &caches.exports, progress)
             .await
-            .map_err(engine_status)
+            .map_err(engine_status)?;
+        self.engine
+            .queue_pool_export(&solved)
+            .map_err(engine_status)?;
+        Ok(resp)
     }
 
     /// The bridge job named by a call's `buildkit-controlapi-buildid` header, waiting briefly
@@ -353,7 +361,7 @@ impl gw::llb_bridge_server::LlbBridge for ControlService {
         }
         let solved = self
             .engine
-            .solve(&build, &job.progress, job.cancel.clone())
+            .solve_with_cache(&build, &job.imports, &job.progress, job.cancel.clone())
             .await
             .map_err(engine_status)?;
         let mut metadata = HashMap::new();
