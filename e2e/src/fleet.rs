@@ -154,13 +154,32 @@ impl Drop for Proc {
 /// Starts `kiln-worker` serving plaintext TCP on `127.0.0.1:port` with state in `root`;
 /// returns once it accepts connections.
 pub fn start_worker(bins: &Path, name: &str, port: u16, root: &Path) -> anyhow::Result<Proc> {
+    start_worker_tls(bins, name, port, root, None)
+}
+
+/// [`start_worker`], serving mutual TLS with `tls` (the server's CA, certificate and key)
+/// when given.
+pub fn start_worker_tls(
+    bins: &Path,
+    name: &str,
+    port: u16,
+    root: &Path,
+    tls: Option<&crate::pki::Identity>,
+) -> anyhow::Result<Proc> {
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(bins.join("kiln-worker"));
-    cmd.arg("--addr")
-        .arg(format!("tcp://{addr}"))
-        .arg("--insecure-tcp")
-        .arg("--root")
-        .arg(root.join("state"));
+    cmd.arg("--addr").arg(format!("tcp://{addr}"));
+    match tls {
+        Some(id) => cmd
+            .arg("--tlscacert")
+            .arg(&id.ca)
+            .arg("--tlscert")
+            .arg(&id.cert)
+            .arg("--tlskey")
+            .arg(&id.key),
+        None => cmd.arg("--insecure-tcp"),
+    };
+    cmd.arg("--root").arg(root.join("state"));
     let mut p = Proc::spawn(name, cmd, &root.join(format!("{name}.log")))?;
     wait_until_listening(&mut p, &addr)?;
     Ok(p)
@@ -176,12 +195,37 @@ pub fn start_gateway(
     workers: &[String],
     log_dir: &Path,
 ) -> anyhow::Result<Proc> {
+    start_gateway_tls(bins, port, metrics_port, workers, log_dir, None)
+}
+
+/// [`start_gateway`] with mutual TLS on both sides when `tls` is given: `(server
+/// identity for clients, client identity towards the workers)`.
+pub fn start_gateway_tls(
+    bins: &Path,
+    port: u16,
+    metrics_port: u16,
+    workers: &[String],
+    log_dir: &Path,
+    tls: Option<(&crate::pki::Identity, &crate::pki::Identity)>,
+) -> anyhow::Result<Proc> {
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(bins.join("kiln-gateway"));
-    cmd.arg("--addr")
-        .arg(format!("tcp://{addr}"))
-        .arg("--insecure-tcp")
-        .arg("--workers")
+    cmd.arg("--addr").arg(format!("tcp://{addr}"));
+    match tls {
+        Some((server, client)) => cmd
+            .arg("--tlscacert")
+            .arg(&server.ca)
+            .arg("--tlscert")
+            .arg(&server.cert)
+            .arg("--tlskey")
+            .arg(&server.key)
+            .arg("--worker-tlscert")
+            .arg(&client.cert)
+            .arg("--worker-tlskey")
+            .arg(&client.key),
+        None => cmd.arg("--insecure-tcp"),
+    };
+    cmd.arg("--workers")
         .arg(workers.join(","))
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{metrics_port}"))

@@ -205,3 +205,105 @@ fn twelve_projects_stick_to_their_workers() -> anyhow::Result<()> {
     }
     result
 }
+
+/// The whole chain over mutual TLS: `kiln` → gateway (client certificate checked) →
+/// worker (the gateway's own client certificate checked). Plaintext and certificate-less
+/// clients are refused, and a gateway without a client certificate cannot reach the worker.
+#[test]
+fn mutual_tls_from_client_through_gateway_to_worker() -> anyhow::Result<()> {
+    use kiln_e2e::pki::Ca;
+
+    let bins = fleet::ensure_binaries()?;
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    let ca = Ca::new("kiln fleet CA")?;
+    let pki = dir.path().join("pki");
+    let worker_id = ca.server(&pki, "worker", &["localhost", "127.0.0.1"])?;
+    let gateway_id = ca.server(&pki, "gateway", &["localhost", "127.0.0.1"])?;
+    let gateway_client = ca.client(&pki, "gateway-client")?;
+    let user = ca.client(&pki, "user")?;
+
+    let wport = fleet::free_port()?;
+    let _worker = fleet::start_worker_tls(&bins, "w0", wport, dir.path(), Some(&worker_id))?;
+    let (gport, mport) = (fleet::free_port()?, fleet::free_port()?);
+    let workers = [format!("w0=tcp://127.0.0.1:{wport}")];
+    let _gateway = fleet::start_gateway_tls(
+        &bins,
+        gport,
+        mport,
+        &workers,
+        dir.path(),
+        Some((&gateway_id, &gateway_client)),
+    )?;
+
+    let project = dir.path().join("project");
+    std::fs::create_dir_all(&project)?;
+    std::fs::write(
+        project.join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN echo over-mtls > /m\n",
+    )?;
+    let addr = format!("tcp://127.0.0.1:{gport}");
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let name = format!("{}/kiln/mtls-fleet:1", reg.addr());
+    let p = |p: &Path| p.display().to_string();
+    let kiln = |tls: &[String]| -> anyhow::Result<Output> {
+        Ok(Command::new(bins.join("kiln"))
+            .args(["build", "--addr", &addr])
+            .args(tls)
+            .args(["--build-arg", &arg, "-t", &name, "--push"])
+            .arg(&project)
+            .output()?)
+    };
+    let with_cert = [
+        "--tlscacert".to_string(),
+        p(&user.ca),
+        "--tlscert".into(),
+        p(&user.cert),
+        "--tlskey".into(),
+        p(&user.key),
+    ];
+    let out = kiln(&with_cert)?;
+    ok(&out, "the mTLS build")?;
+    let digest = String::from_utf8(out.stdout)?.trim().to_string();
+    if !digest.starts_with("sha256:") {
+        bail!("no digest on stdout: {digest:?}");
+    }
+    let out = kiln(&["--tlscacert".to_string(), p(&user.ca)])?;
+    if out.status.success() {
+        bail!("a client without a certificate was served by the gateway");
+    }
+    let out = kiln(&[])?;
+    if out.status.success() {
+        bail!("a plaintext client was served by the gateway");
+    }
+
+    // A gateway that presents no client certificate is refused by the worker.
+    let (g2, m2) = (fleet::free_port()?, fleet::free_port()?);
+    let logs = dir.path().join("g2");
+    std::fs::create_dir_all(&logs)?;
+    let _bare = {
+        let mut cmd = Command::new(bins.join("kiln-gateway"));
+        cmd.args(["--addr", &format!("tcp://127.0.0.1:{g2}"), "--insecure-tcp"])
+            .args(["--workers", &workers[0]])
+            .args(["--worker-tlscacert", &p(&gateway_id.ca)])
+            .args(["--metrics-addr", &format!("127.0.0.1:{m2}")]);
+        let mut proc = Proc::spawn("bare-gateway", cmd, &logs.join("gateway.log"))?;
+        fleet::wait_for_port(
+            &format!("127.0.0.1:{g2}"),
+            std::time::Duration::from_secs(60),
+        )
+        .with_context(|| proc.output())?;
+        proc.check_running()?;
+        proc
+    };
+    let out = Command::new(bins.join("kiln"))
+        .args(["build", "--addr", &format!("tcp://127.0.0.1:{g2}")])
+        .args(["--build-arg", &arg, "-t", &name])
+        .arg(&project)
+        .output()?;
+    if out.status.success() {
+        bail!("a worker served a gateway that has no client certificate");
+    }
+    Ok(())
+}

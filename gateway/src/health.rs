@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kiln_proto::grpc::health::v1 as health;
+use kiln_proto::transport::ClientTls;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::metrics::Metrics;
@@ -49,7 +50,7 @@ pub struct Worker {
 // === impl Worker ===
 
 impl Worker {
-    fn new(m: &Member) -> Result<Worker> {
+    fn new(m: &Member, tls: Option<Arc<ClientTls>>) -> Result<Worker> {
         let hostport = m
             .addr
             .strip_prefix("tcp://")
@@ -57,6 +58,13 @@ impl Worker {
                 addr: m.addr.clone(),
                 reason: "expected tcp://host:port".into(),
             })?;
+        let addr: kiln_proto::transport::Addr =
+            m.addr
+                .parse()
+                .map_err(|e: kiln_proto::transport::Error| Error::BadWorkerAddr {
+                    addr: m.addr.clone(),
+                    reason: e.to_string(),
+                })?;
         let endpoint = Endpoint::from_shared(format!("http://{hostport}"))
             .map_err(|e| Error::BadWorkerAddr {
                 addr: m.addr.clone(),
@@ -69,7 +77,8 @@ impl Worker {
         Ok(Worker {
             name: m.name.clone(),
             addr: m.addr.clone(),
-            channel: endpoint.connect_lazy(),
+            channel: endpoint
+                .connect_with_connector_lazy(kiln_proto::transport::connector(&addr, tls)),
             // Optimistic until a check or a call says otherwise: a fresh pool can route at once.
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
@@ -142,6 +151,7 @@ pub struct Pool {
     vnodes: usize,
     load_bound: f64,
     metrics: Metrics,
+    worker_tls: Option<Arc<ClientTls>>,
 }
 
 #[derive(Debug, Default)]
@@ -161,7 +171,14 @@ impl Pool {
             vnodes,
             load_bound,
             metrics,
+            worker_tls: None,
         }
+    }
+
+    /// Dials workers with mutual TLS (the gateway's client certificate).
+    pub fn with_worker_tls(mut self, tls: Option<Arc<ClientTls>>) -> Pool {
+        self.worker_tls = tls;
+        self
     }
 
     /// Makes the pool's members exactly `members`: new ones join (healthy until a check
@@ -182,7 +199,7 @@ impl Pool {
                 Some(w) if w.addr == m.addr => w.clone(),
                 _ => {
                     tracing::info!(worker = %name, addr = %m.addr, "worker joined");
-                    Arc::new(Worker::new(m)?)
+                    Arc::new(Worker::new(m, self.worker_tls.clone())?)
                 }
             };
             self.metrics.set_healthy(&name, w.is_healthy());

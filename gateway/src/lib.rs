@@ -45,6 +45,8 @@ pub struct Config {
     pub keep: Duration,
     /// Proxy timeouts.
     pub timeouts: proxy::Timeouts,
+    /// TLS towards the workers (CA and the gateway's client certificate); plaintext if none.
+    pub worker_tls: Option<std::sync::Arc<kiln_proto::transport::ClientTls>>,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             vnodes: ring::DEFAULT_VNODES,
             keep: route::DEFAULT_KEEP,
             timeouts: proxy::Timeouts::default(),
+            worker_tls: None,
         }
     }
 }
@@ -63,7 +66,8 @@ impl Default for Config {
 impl Gateway {
     /// A gateway with an empty pool; feed it with [`health::Pool::set_members`].
     pub fn new(config: Config, metrics: metrics::Metrics) -> Gateway {
-        let pool = health::Pool::new(config.vnodes, config.load_bound, metrics.clone());
+        let pool = health::Pool::new(config.vnodes, config.load_bound, metrics.clone())
+            .with_worker_tls(config.worker_tls.clone());
         Gateway {
             proxy: proxy::Proxy {
                 pool,
@@ -90,6 +94,19 @@ impl Gateway {
     pub fn spawn_background(&self, check_every: Duration) {
         tokio::spawn(self.proxy.pool.clone().run_checks(check_every));
         tokio::spawn(self.proxy.routes.clone().run_expiry(Duration::from_secs(5)));
+    }
+
+    /// Serves the gateway on accepted connections (unix, TCP or mutual TLS; see
+    /// `kiln_proto::transport`) until the listener fails.
+    pub async fn serve_incoming(
+        &self,
+        incoming: kiln_proto::transport::Incoming,
+    ) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(self.router())
+            .serve_with_incoming(incoming)
+            .await
     }
 
     /// Serves the gateway on `listener` (plaintext; the caller decides whether that is

@@ -1,20 +1,25 @@
 //! `kiln-gateway`: one BuildKit endpoint that consistent-hashes builds over the workers.
 //!
-//! Partial: mTLS (to clients and to workers) is not wired yet, so TCP needs
-//! `--insecure-tcp`; EndpointSlice discovery and OTLP traces are not implemented yet; the admin
+//! Clients reach it over mutual TLS (`--tlscacert/--tlscert/--tlskey`, re-read when the
+//! files change) unless `--insecure-tcp` is passed; it reaches workers over mutual TLS with
+//! `--worker-tlscert/--worker-tlskey` (CA: `--worker-tlscacert`, default `--tlscacert`).
+//!
+//! Partial: EndpointSlice discovery and OTLP traces are not implemented yet; the admin
 //! endpoint has no authentication, so it listens on loopback only.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use kiln_gateway::{discovery, metrics::Metrics, Config, Gateway};
+use kiln_proto::transport::{Addr, ClientTls, ServeTls, TlsFiles};
 
 /// The Kiln gateway.
 #[derive(Debug, Parser)]
 #[command(name = "kiln-gateway", version, about)]
 struct Args {
-    /// Listen address: tcp://HOST:PORT.
+    /// Listen address: tcp://HOST:PORT or unix:///PATH.
     #[arg(long, default_value = "tcp://0.0.0.0:1234")]
     addr: String,
     /// Workers: comma-separated [NAME=]tcp://HOST:PORT (NAME is what the ring hashes).
@@ -42,18 +47,34 @@ struct Args {
     /// plain HTTP; off by default.
     #[arg(long)]
     admin_addr: Option<String>,
-    /// Serve TCP without TLS (mTLS is not wired yet, so this is required for now).
+    /// Serve TCP without TLS. Only for trusted networks: anyone who reaches the port can build.
     #[arg(long)]
     insecure_tcp: bool,
-    /// CA certificate for client verification (mTLS; not wired yet).
+    /// CA certificate that client certificates must chain to.
     #[arg(long)]
-    tlscacert: Option<std::path::PathBuf>,
-    /// Server certificate (mTLS; not wired yet).
+    tlscacert: Option<PathBuf>,
+    /// Server certificate; re-read when the file changes.
     #[arg(long)]
-    tlscert: Option<std::path::PathBuf>,
-    /// Server key (mTLS; not wired yet).
+    tlscert: Option<PathBuf>,
+    /// Server key; re-read when the file changes.
     #[arg(long)]
-    tlskey: Option<std::path::PathBuf>,
+    tlskey: Option<PathBuf>,
+    /// CA that verifies the workers' certificates (default: --tlscacert).
+    #[arg(long)]
+    worker_tlscacert: Option<PathBuf>,
+    /// The gateway's client certificate towards the workers.
+    #[arg(long)]
+    worker_tlscert: Option<PathBuf>,
+    /// The gateway's client key towards the workers.
+    #[arg(long)]
+    worker_tlskey: Option<PathBuf>,
+    /// Name expected in the workers' certificates (default: the --workers-dns name, else
+    /// each worker's host).
+    #[arg(long)]
+    worker_tlsservername: Option<String>,
+    /// Reach workers over plaintext TCP even though TLS files are given for clients.
+    #[arg(long)]
+    insecure_workers: bool,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
@@ -66,26 +87,48 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
         .with_writer(std::io::stderr)
         .init();
-    if !args.insecure_tcp {
-        bail!("mTLS not wired yet: the gateway cannot serve TLS (--tlscacert/--tlscert/--tlskey) yet; pass --insecure-tcp to serve plaintext on a trusted network");
-    }
+    let listen: Addr = args
+        .addr
+        .parse()
+        .with_context(|| format!("--addr {}", args.addr))?;
+    let serve_tls = ServeTls::from_flags(
+        TlsFiles {
+            ca: args.tlscacert.clone(),
+            cert: args.tlscert.clone(),
+            key: args.tlskey.clone(),
+        },
+        args.insecure_tcp,
+    )?;
+    serve_tls.check(&listen)?;
+    let worker_files = TlsFiles {
+        ca: args.worker_tlscacert.clone().or(args.tlscacert.clone()),
+        cert: args.worker_tlscert.clone(),
+        key: args.worker_tlskey.clone(),
+    };
+    let worker_tls = if args.insecure_workers || worker_files.ca.is_none() {
+        if worker_files.cert.is_some() {
+            bail!("--worker-tlscert needs a CA for the workers: --worker-tlscacert or --tlscacert");
+        }
+        None
+    } else {
+        let name = args.worker_tlsservername.clone().or_else(|| {
+            args.workers_dns
+                .as_ref()
+                .and_then(|d| d.rsplit_once(':').map(|(h, _)| h.to_string()))
+        });
+        Some(ClientTls::load(worker_files, name).context("worker TLS")?)
+    };
     if !(args.load_bound.is_finite() && args.load_bound >= 1.0) {
         bail!("--load-bound {}: must be a number >= 1.0", args.load_bound);
     }
     if let Some(es) = &args.workers_endpointslice {
         bail!("--workers-endpointslice {es}: EndpointSlice discovery is not implemented yet; use --workers or --workers-dns");
     }
-    let hostport = args
-        .addr
-        .strip_prefix("tcp://")
-        .with_context(|| format!("--addr {}: expected tcp://HOST:PORT", args.addr))?;
-    let sock: std::net::SocketAddr = hostport
-        .parse()
-        .with_context(|| format!("--addr {}: expected tcp://IP:PORT", args.addr))?;
 
     let metrics = Metrics::new().context("registering metrics")?;
     let config = Config {
         load_bound: args.load_bound,
+        worker_tls,
         ..Config::default()
     };
     let gateway = Gateway::new(config, metrics.clone());
@@ -129,15 +172,17 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(kiln_gateway::admin::serve(gateway.pool().clone(), listener));
     }
 
-    let listener = tokio::net::TcpListener::bind(sock)
-        .await
-        .with_context(|| format!("--addr {}: cannot listen", args.addr))?;
-    tracing::warn!(addr = %args.addr, "serving plaintext TCP (--insecure-tcp)");
+    let incoming = serve_tls.listen(&listen).await?;
+    if matches!(listen, Addr::Tcp(_)) && !serve_tls.has_tls() {
+        tracing::warn!(addr = %listen, "serving plaintext TCP (--insecure-tcp)");
+    } else {
+        tracing::info!(addr = %listen, "serving");
+    }
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {
             tracing::info!("shutting down");
             Ok(())
         }
-        res = gateway.serve(listener) => res.context("gateway server stopped"),
+        res = gateway.serve_incoming(incoming) => res.context("gateway server stopped"),
     }
 }

@@ -333,6 +333,23 @@ pub struct ClientTls {
     server_name: Option<String>,
 }
 
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("files", &self.config.files)
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.0.files)
+            .finish()
+    }
+}
+
 impl ClientTls {
     /// Loads the files. `server_name` overrides the host of the address as the name
     /// checked against the server certificate (buildctl's `--tlsservername`).
@@ -595,13 +612,14 @@ pub async fn connect(addr: &Addr, tls: Option<Arc<ClientTls>>) -> Result<Channel
 }
 
 /// A connection made by [`channel`]: boxed so unix, TCP and TLS share one type.
-type ClientIo = hyper_util::rt::TokioIo<Pin<Box<dyn IoStream>>>;
+pub type ClientIo = hyper_util::rt::TokioIo<Pin<Box<dyn IoStream>>>;
 
 /// Everything a client connection needs from its stream.
-trait IoStream: AsyncRead + AsyncWrite + Send {}
+pub trait IoStream: AsyncRead + AsyncWrite + Send {}
 impl<T: AsyncRead + AsyncWrite + Send> IoStream for T {}
 
-type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<ClientIo>> + Send>>;
+/// What a [`connector`] returns.
+pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<ClientIo>> + Send>>;
 
 fn endpoint(
     addr: &Addr,
@@ -627,13 +645,25 @@ fn endpoint(
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .tcp_nodelay(true);
+    Ok((endpoint, connector(addr, tls)))
+}
+
+/// The connector [`channel`] uses, for callers that set up their own `Endpoint`
+/// (timeouts, keep-alive): it dials `addr` whatever URI the endpoint names, with TLS when
+/// `tls` is given.
+pub fn connector(
+    addr: &Addr,
+    tls: Option<Arc<ClientTls>>,
+) -> impl tower::Service<Uri, Response = ClientIo, Error = io::Error, Future = ConnectFuture>
+       + Clone
+       + Send
+       + 'static {
     let addr = addr.clone();
-    let connector = tower::service_fn(move |_: Uri| -> ConnectFuture {
+    tower::service_fn(move |_: Uri| -> ConnectFuture {
         let addr = addr.clone();
         let tls = tls.clone();
         Box::pin(async move { dial(&addr, tls.as_deref()).await })
-    });
-    Ok((endpoint, connector))
+    })
 }
 
 async fn dial(addr: &Addr, tls: Option<&ClientTls>) -> io::Result<ClientIo> {
