@@ -297,6 +297,7 @@ pub fn request(args: &BuildArgs) -> anyhow::Result<(BuildRequest, BTreeMap<Strin
             frontend,
             locals,
             exports,
+            secret_source: None,
             secrets,
         },
         opts,

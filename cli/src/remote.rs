@@ -6,8 +6,10 @@
 //! Outputs other than `image` (`local`, `tar`, `oci`, `docker`) come back over the
 //! session's FileSend and are written where `--output` says.
 //!
-//! Partial, like the daemon it talks to: no secrets, SSH or registry credentials over the
-//! session yet.
+//! Secrets (`--secret`) are served to the daemon from this process over the session.
+//!
+//! Partial, like the daemon it talks to: no SSH forwarding or registry credentials over
+//! the session yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
@@ -19,6 +21,7 @@ use kiln_worker::control::{BuildRequest, Frontend};
 use kiln_worker::progress::{self, Event, Progress, VertexState};
 use kiln_worker::session::filesend::{FileSendTargets, OutputTarget};
 use kiln_worker::session::filesync::LocalDirs;
+use kiln_worker::session::secrets::SecretStore;
 use kiln_worker::session::transport::{health_service, pipe, serve};
 use kiln_worker::session::SessionHeaders;
 use sha2::{Digest as _, Sha256};
@@ -89,9 +92,6 @@ pub async fn build(
     attrs: BTreeMap<String, String>,
     progress: Progress,
 ) -> anyhow::Result<BTreeMap<String, String>> {
-    if !req.secrets.is_empty() {
-        bail!("--secret with --addr is not implemented yet (secrets go over the session)");
-    }
     let mut exporters = Vec::new();
     let mut targets = HashMap::new();
     for (i, e) in req.exports.iter().enumerate() {
@@ -138,6 +138,7 @@ pub async fn build(
             "/moby.filesync.v1.FileSync/DiffCopy".into(),
             "/moby.filesync.v1.FileSync/TarStream".into(),
             kiln_worker::session::filesend::DIFF_COPY.into(),
+            kiln_worker::session::secrets::GET_SECRET.into(),
             "/grpc.health.v1.Health/Check".into(),
         ],
         name: None,
@@ -150,7 +151,8 @@ pub async fn build(
         .into_inner();
     let routes = tonic::service::Routes::new(dirs.into_service())
         .add_service(health_service())
-        .add_service(FileSendTargets::new(targets));
+        .add_service(FileSendTargets::new(targets))
+        .add_service(SecretStore::new(req.secrets.clone()).into_service());
     let session = tokio::spawn(serve(pipe(inbound, out_tx), routes));
 
     let build_ref = new_id("build");

@@ -97,6 +97,16 @@ pub struct BuildRequest {
     pub exports: Vec<ExportRequest>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
+    /// Where secrets not in `secrets` come from (a daemon: the client's session).
+    pub secret_source: Option<Arc<dyn SecretSource>>,
+}
+
+/// A source of build secrets by id, asked for the ids a build's RUN steps mount that
+/// [`BuildRequest::secrets`] lacks (the daemon asks the client's session).
+#[async_trait::async_trait]
+pub trait SecretSource: Send + Sync + std::fmt::Debug {
+    /// The secret's value, or `None` when the source has no such secret.
+    async fn get(&self, id: &str) -> std::result::Result<Option<Vec<u8>>, String>;
 }
 
 /// The caches of one build (BuildKit's `SolveRequest.Cache`): `--export-cache` and
@@ -314,7 +324,7 @@ impl Engine {
         let build = Arc::new(BuildCtx {
             worker: self.worker.clone(),
             locals: req.locals.clone(),
-            secrets: req.secrets.clone(),
+            secrets: self.secrets_for(req, &definition).await?,
         });
         let mut vertices = Vec::with_capacity(graph.vertices.len());
         for v in &graph.vertices {
@@ -369,6 +379,52 @@ impl Engine {
             config,
             records: solved.records,
         })
+    }
+
+    /// The build's secrets: those given, plus those its exec ops mount that the build's
+    /// [`SecretSource`] has. Missing ones are left to the op (fatal unless optional).
+    async fn secrets_for(
+        &self,
+        req: &BuildRequest,
+        definition: &pb::Definition,
+    ) -> Result<HashMap<String, Vec<u8>>> {
+        let mut secrets = req.secrets.clone();
+        let Some(source) = &req.secret_source else {
+            return Ok(secrets);
+        };
+        let mut wanted = std::collections::BTreeSet::new();
+        for raw in &definition.def {
+            let Ok(op) = <pb::Op as prost::Message>::decode(raw.as_slice()) else {
+                continue; // decoding errors are reported by llb::decode
+            };
+            if let Some(pb::op::Op::Exec(e)) = &op.op {
+                for m in &e.mounts {
+                    if let Some(s) = &m.secret_opt {
+                        wanted.insert(s.id.clone());
+                    }
+                }
+                for se in &e.secretenv {
+                    wanted.insert(se.id.clone());
+                }
+            }
+        }
+        for id in wanted {
+            if secrets.contains_key(&id) {
+                continue;
+            }
+            match source.get(&id).await {
+                Ok(Some(v)) => {
+                    secrets.insert(id, v);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Error::Ops(ops::Error::Invalid(format!(
+                        "secret {id:?}: {e}"
+                    ))))
+                }
+            }
+        }
+        Ok(secrets)
     }
 
     /// Queues the vertex results a solve executed for the pool cache (in the background:

@@ -19,6 +19,7 @@
 pub mod filesend;
 pub mod filesync;
 pub mod manager;
+pub mod secrets;
 pub mod transport;
 
 use std::path::PathBuf;

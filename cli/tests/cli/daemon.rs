@@ -47,6 +47,11 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Daemon {
+    /// Its state directory.
+    pub fn root(&self) -> &Path {
+        self._root.path()
+    }
+
     /// Starts `kiln-worker` with `args` (plus a fresh `--root` and `--metrics-addr`) and waits
     /// until `/readyz` answers 200.
     pub fn start(args: &[&str]) -> anyhow::Result<Daemon> {
@@ -279,5 +284,65 @@ fn daemon_sends_local_and_tar_outputs_to_the_client() -> anyhow::Result<()> {
         found_index |= e?.path()?.to_string_lossy() == "index.json";
     }
     assert!(found_index, "no index.json in the oci tarball on stdout");
+    Ok(())
+}
+
+#[test]
+fn daemon_gets_secrets_from_the_client_session_and_never_stores_them() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
+    let daemon = Daemon::start(&["--addr", &unix])?;
+    let ctx = tempfile::tempdir()?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN --mount=type=secret,id=tok test \"$(cat /run/secrets/tok)\" = s3cr3t-value && echo checked > /checked\n",
+    )?;
+    let secret = run.path().join("tok.txt");
+    std::fs::write(&secret, "s3cr3t-value")?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let out_dir = run.path().join("out");
+    let local = format!("type=local,dest={}", out_dir.display());
+    let sec = format!("id=tok,src={}", secret.display());
+    let c = ctx.path().to_str().context("path")?;
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "--secret",
+        &sec,
+        "-o",
+        &local,
+        c,
+    ])?)?;
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("checked"))?,
+        "checked\n"
+    );
+    // The value is nowhere in the output or in the worker's store.
+    for root in [out_dir.as_path(), daemon.root()] {
+        for e in walkdir::WalkDir::new(root).into_iter().flatten() {
+            if e.file_type().is_file() {
+                let data = std::fs::read(e.path()).unwrap_or_default();
+                assert!(
+                    !data.windows(12).any(|w| w == b"s3cr3t-value"),
+                    "the secret is in {}",
+                    e.path().display()
+                );
+            }
+        }
+    }
+    // A required secret the client does not have fails the build, naming the id.
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN --mount=type=secret,id=tok,required=true true\n",
+    )?;
+    let out = kiln(&["build", "--addr", &unix, "--build-arg", &arg, c])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tok"), "{err}");
     Ok(())
 }

@@ -232,6 +232,10 @@ impl ControlService {
         progress: &Progress,
         cancel: CancellationToken,
     ) -> Result<super::BuildResponse, Status> {
+        build.secret_source = Some(Arc::new(crate::session::secrets::SessionSecrets::new(
+            self.sessions.clone(),
+            req.session.clone(),
+        )));
         // The Dockerfile and context come from the client over the build's session.
         let fetched = match &build.frontend {
             Frontend::Dockerfile { .. } => Some(
@@ -330,6 +334,7 @@ impl ControlService {
             frontend,
             locals: HashMap::new(),
             exports: Vec::new(),
+            secret_source: None,
             secrets: HashMap::new(),
         })
     }

@@ -112,6 +112,7 @@ pub async fn build(
         },
         locals,
         exports,
+        secret_source: None,
         secrets: HashMap::new(),
     };
     let (progress, mut rx) = Progress::channel();

@@ -286,6 +286,7 @@ fn build_request(frontend: Frontend) -> BuildRequest {
         frontend,
         locals: HashMap::new(),
         exports: Vec::new(),
+        secret_source: None,
         secrets: HashMap::new(),
     }
 }
@@ -350,6 +351,10 @@ impl gw::llb_bridge_server::LlbBridge for ControlService {
                 )))
             }
         };
+        build.secret_source = Some(Arc::new(crate::session::secrets::SessionSecrets::new(
+            self.sessions.clone(),
+            job.session.clone(),
+        )));
         let dockerfile = matches!(build.frontend, Frontend::Dockerfile { .. });
         if dockerfile {
             let dir = self
