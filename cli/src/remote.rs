@@ -133,7 +133,7 @@ pub async fn build(
     let mut open = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
     SessionHeaders {
         id: session_id.clone(),
-        shared_key: String::new(),
+        shared_key: shared_key(&req),
         methods: vec![
             "/moby.filesync.v1.FileSync/DiffCopy".into(),
             "/moby.filesync.v1.FileSync/TarStream".into(),
@@ -232,6 +232,43 @@ pub async fn build(
             _ => Err(anyhow!("{}", s.message())),
         },
     }
+}
+
+/// The session's shared key, as buildx makes it: the context directory's name and this
+/// machine's node id. A gateway hashes on it, so repeated builds of one project from one
+/// machine land on the worker that has its files and cache.
+fn shared_key(req: &BuildRequest) -> String {
+    let Some(ctx) = req.locals.get("context") else {
+        return String::new();
+    };
+    let abs = std::fs::canonicalize(ctx).unwrap_or_else(|_| ctx.clone());
+    let base = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "root".into());
+    format!("{base}:{}", node_id())
+}
+
+/// A random id for this machine, kept in `$XDG_CONFIG_HOME/kiln/node-id` (or
+/// `~/.config/kiln/node-id`); a fresh one per run when that cannot be written.
+fn node_id() -> String {
+    let dir = std::env::var_os("XDG_CONFIG_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))
+        .map(|d| d.join("kiln"));
+    let fresh = new_id("node")[..16].to_string();
+    let Some(dir) = dir else {
+        return fresh;
+    };
+    let file = dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&file) {
+        let id = id.trim();
+        if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return id.to_string();
+        }
+    }
+    let _ = std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(&file, &fresh));
+    fresh
 }
 
 /// An LLBBridge call for build `build_ref`.

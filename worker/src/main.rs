@@ -69,6 +69,9 @@ struct Args {
     /// This worker's name in ListWorkers (default: the host name, which is the pod name).
     #[arg(long)]
     worker_id: Option<String>,
+    /// Run without root (not implemented yet: refused with an error).
+    #[arg(long)]
+    rootless: bool,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     log: String,
@@ -89,8 +92,38 @@ struct ConfigFile {
     insecure_tcp: bool,
     metrics_addr: Option<SocketAddr>,
     worker_id: Option<String>,
+    cache_registry: Option<String>,
     #[serde(default)]
     tls: TlsSection,
+    gc: Option<GcSection>,
+}
+
+/// The garbage-collection policy the controller renders (`[gc]`, `[[gc.rules]]`). Read and
+/// checked; not enforced yet (see `main`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct GcSection {
+    enabled: Option<bool>,
+    reserved_space: Option<String>,
+    max_used_space: Option<String>,
+    min_free_space: Option<String>,
+    keep_duration: Option<String>,
+    #[serde(default)]
+    rules: Vec<GcRule>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+#[allow(dead_code)]
+struct GcRule {
+    all: Option<bool>,
+    #[serde(default)]
+    filters: Vec<String>,
+    reserved_space: Option<String>,
+    max_used_space: Option<String>,
+    min_free_space: Option<String>,
+    keep_duration: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +151,12 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => read_config(p)?,
         None => ConfigFile::default(),
     };
+    if args.rootless {
+        bail!("--rootless: rootless workers are not implemented yet; run the worker as root (privileged pod)");
+    }
+    if file.gc.as_ref().is_some_and(|g| g.enabled != Some(false)) {
+        tracing::warn!("the [gc] policy in --config is read but not enforced yet: the store grows until pruned");
+    }
 
     let addrs: Vec<Addr> = {
         let given = if !args.addrs.is_empty() {
@@ -161,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
             insecure,
             docker_config: None,
         },
-        cache_registry: args.cache_registry.clone(),
+        cache_registry: args.cache_registry.clone().or(file.cache_registry),
         ..Default::default()
     };
     if let Some(n) = args.max_parallelism.or(file.max_parallelism) {
@@ -238,5 +277,22 @@ async fn main() -> anyhow::Result<()> {
             let (r, _, _) = res;
             r?
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape `kiln-controller` renders into the worker's ConfigMap.
+    #[test]
+    fn config_file_accepts_what_the_controller_renders() {
+        let text = "max-parallelism = 4\n\n[gc]\nenabled = true\nreserved-space = \"10737418240\"\nmax-used-space = \"80%\"\nkeep-duration = \"172800s\"\n\n[[gc.rules]]\nall = false\nfilters = [\"type==source.local\"]\nkeep-duration = \"172800s\"\nmax-used-space = \"536870912\"\n";
+        let c: ConfigFile = toml::from_str(text).unwrap();
+        let gc = c.gc.unwrap();
+        assert_eq!(gc.max_used_space.as_deref(), Some("80%"));
+        assert_eq!(gc.rules[0].filters, ["type==source.local"]);
+        let err = toml::from_str::<ConfigFile>("[gc]\nbogus = 1\n").unwrap_err();
+        assert!(err.to_string().contains("bogus"), "{err}");
     }
 }
