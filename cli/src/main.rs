@@ -1,7 +1,9 @@
 //! `kiln`: the Kiln command line. `kiln build` accepts `buildctl build`'s flags and a
 //! docker-style short form; with no `--addr` the engine runs embedded in this process
-//! (daemonless), keeping its state under `--root`.
+//! (daemonless), keeping its state under `--root`. `kiln du`, `kiln prune` and
+//! `kiln workers` ask a daemon or gateway.
 
+mod admin;
 mod build;
 mod conn;
 mod progress;
@@ -25,6 +27,12 @@ struct Cli {
 enum Command {
     /// Build a Dockerfile or an LLB definition (read from stdin when no frontend is given).
     Build(Box<build::BuildArgs>),
+    /// Show the disk usage of a daemon's (or every worker's, through a gateway) cache.
+    Du(admin::ListArgs),
+    /// Remove cache records from a daemon (when it is idle).
+    Prune(admin::PruneArgs),
+    /// List the workers behind an address.
+    Workers(admin::ListArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +54,9 @@ fn main() -> std::process::ExitCode {
     let res = rt.block_on(async {
         match cli.command {
             Command::Build(args) => build::run(*args).await,
+            Command::Du(args) => admin::du(args).await,
+            Command::Prune(args) => admin::prune(args).await,
+            Command::Workers(args) => admin::workers(args).await,
         }
     });
     match res {

@@ -68,6 +68,19 @@ pub(crate) fn io<'a>(
     }
 }
 
+/// One layer's record and size, as disk usage reports it.
+#[derive(Debug, Clone)]
+pub struct LayerUsage {
+    /// Layer id.
+    pub id: u64,
+    /// Bytes of its files.
+    pub size: u64,
+    /// Unix seconds.
+    pub created: u64,
+    /// Digests of the blobs made from or pulled as it.
+    pub blobs: Vec<String>,
+}
+
 /// The cache of one worker root.
 #[derive(Debug)]
 pub struct Cache {
@@ -169,6 +182,54 @@ impl Cache {
         }
         let dir = self.snapshots.join(id.to_string());
         Ok(dir.is_dir().then(|| Layer::new(id, dir)))
+    }
+
+    /// Every committed layer with its size on disk (what `DiskUsage` reports).
+    pub fn usage(&self) -> Result<Vec<LayerUsage>> {
+        let mut out = Vec::new();
+        for id in self.md.layer_ids()? {
+            let Some(rec) = self.md.layer(id)? else {
+                continue;
+            };
+            let dir = self.snapshots.join(id.to_string());
+            let size = walkdir::WalkDir::new(&dir)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| !m.is_dir())
+                .map(|m| m.len())
+                .sum();
+            out.push(LayerUsage {
+                id,
+                size,
+                created: rec.created,
+                blobs: rec.blobs.iter().map(|b| b.digest.clone()).collect(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes every layer created before `older_than` (unix seconds; `None`: all) and
+    /// the results built on them; returns what was removed. The caller guarantees no build
+    /// holds any of them. Records go first, so a crash in between leaves only directories
+    /// that the next open removes.
+    pub fn prune(&self, older_than: Option<u64>) -> Result<Vec<LayerUsage>> {
+        let doomed: Vec<LayerUsage> = self
+            .usage()?
+            .into_iter()
+            .filter(|l| older_than.is_none_or(|t| l.created < t))
+            .collect();
+        if doomed.is_empty() {
+            return Ok(doomed);
+        }
+        let ids: Vec<u64> = doomed.iter().map(|l| l.id).collect();
+        self.md.remove_layers(&ids)?;
+        let present: HashSet<u64> = self.md.layer_ids()?.into_iter().collect();
+        self.md.drop_dangling_results(&present)?;
+        for id in &ids {
+            refs::remove_tree(&self.snapshots.join(id.to_string()));
+        }
+        Ok(doomed)
     }
 
     /// The layer unpacked from a pulled blob, if any.

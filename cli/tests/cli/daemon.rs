@@ -284,6 +284,34 @@ fn daemon_sends_local_and_tar_outputs_to_the_client() -> anyhow::Result<()> {
         found_index |= e?.path()?.to_string_lossy() == "index.json";
     }
     assert!(found_index, "no index.json in the oci tarball on stdout");
+
+    // kiln workers / du / prune against the same daemon.
+    let out = ok(kiln(&["workers", "--addr", &unix])?)?;
+    assert!(String::from_utf8(out.stdout)?.contains("w-test"));
+    let total = |out: &std::process::Output| -> anyhow::Result<String> {
+        let text = String::from_utf8(out.stdout.clone())?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("Total: ").map(str::to_string))
+            .with_context(|| format!("no total in {text}"))
+    };
+    let before = total(&ok(kiln(&["du", "--addr", &unix])?)?)?;
+    assert_ne!(before, "0B");
+    let out = ok(kiln(&["prune", "--addr", &unix, "--all"])?)?;
+    assert!(String::from_utf8(out.stdout)?.contains("Reclaimed:"));
+    assert_eq!(total(&ok(kiln(&["du", "--addr", &unix])?)?)?, "0B");
+    // The pruned store builds again, from scratch, to the same files.
+    std::fs::remove_dir_all(&out_dir)?;
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "-o",
+        &local,
+        ctx,
+    ])?)?;
+    assert_eq!(std::fs::read_to_string(out_dir.join("both"))?, "a\nf\n");
     Ok(())
 }
 

@@ -705,6 +705,73 @@ impl api::control_server::Control for ControlService {
         }))
     }
 
+    async fn disk_usage(
+        &self,
+        request: Request<api::DiskUsageRequest>,
+    ) -> Result<Response<api::DiskUsageResponse>, Status> {
+        let req = request.into_inner();
+        if !req.filter.is_empty() {
+            return Err(Status::unimplemented(
+                "disk usage filters are not implemented yet",
+            ));
+        }
+        let cache = self.engine.worker().cache.clone();
+        let usage = tokio::task::spawn_blocking(move || cache.usage())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(api::DiskUsageResponse {
+            record: usage.iter().map(usage_record).collect(),
+        }))
+    }
+
+    async fn prune(
+        &self,
+        request: Request<api::PruneRequest>,
+    ) -> Result<Response<BoxStream<api::UsageRecord>>, Status> {
+        let req = request.into_inner();
+        if !req.filter.is_empty()
+            || req.reserved_space != 0
+            || req.max_used_space != 0
+            || req.min_free_space != 0
+        {
+            return Err(Status::unimplemented(
+                "prune filters and space targets are not implemented yet (all and keep-duration are)",
+            ));
+        }
+        // Nothing tracks which records a running build holds yet, so prune only when idle.
+        let busy = self
+            .jobs
+            .lock()
+            .map(|j| {
+                j.values()
+                    .any(|job| !job.done.load(std::sync::atomic::Ordering::SeqCst))
+            })
+            .unwrap_or(true)
+            || self.bridges.lock().map(|b| !b.is_empty()).unwrap_or(true);
+        if busy {
+            return Err(Status::failed_precondition(
+                "builds are running on this worker; prune when it is idle",
+            ));
+        }
+        let older_than = (req.keep_duration > 0).then(|| {
+            let keep = Duration::from_nanos(req.keep_duration as u64);
+            SystemTime::now()
+                .checked_sub(keep)
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
+        let cache = self.engine.worker().cache.clone();
+        let removed = tokio::task::spawn_blocking(move || cache.prune(older_than))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(layers = removed.len(), "pruned");
+        let records: Vec<_> = removed.iter().map(|u| Ok(usage_record(u))).collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(records))))
+    }
+
     async fn info(
         &self,
         _request: Request<api::InfoRequest>,
@@ -712,6 +779,23 @@ impl api::control_server::Control for ControlService {
         Ok(Response::new(api::InfoResponse {
             buildkit_version: Some(version()),
         }))
+    }
+}
+
+/// A layer as BuildKit's disk-usage record.
+fn usage_record(u: &crate::cache::LayerUsage) -> api::UsageRecord {
+    let created = SystemTime::UNIX_EPOCH + Duration::from_secs(u.created);
+    api::UsageRecord {
+        id: u.id.to_string(),
+        size: u.size as i64,
+        created_at: ts(Some(created)),
+        description: if u.blobs.is_empty() {
+            "layer".to_string()
+        } else {
+            format!("layer of {}", u.blobs.join(", "))
+        },
+        record_type: "regular".into(),
+        ..Default::default()
     }
 }
 
