@@ -187,6 +187,95 @@ impl ControlService {
         }
     }
 
+    /// Fetches every `local://NAME` directory a raw LLB definition reads from the client's
+    /// session (its `local.session` attribute, else the build's session), letting the
+    /// client apply the source's exclude patterns and follow paths, and points the build's
+    /// locals at them.
+    async fn fetch_llb_locals(
+        &self,
+        session_id: &str,
+        build: &mut BuildRequest,
+        progress: &Progress,
+    ) -> Result<Option<tempfile::TempDir>, Status> {
+        use kiln_proto::prost::Message as _;
+        let Frontend::Llb(def) = &build.frontend else {
+            return Ok(None);
+        };
+        let mut wanted: BTreeMap<String, (String, ReceiveOptions)> = BTreeMap::new();
+        for raw in &def.def {
+            let Ok(op) = kiln_proto::pb::Op::decode(raw.as_slice()) else {
+                continue; // reported by the solve
+            };
+            let Some(kiln_proto::pb::op::Op::Source(src)) = &op.op else {
+                continue;
+            };
+            let Some(name) = src.identifier.strip_prefix("local://") else {
+                continue;
+            };
+            let list = |key: &str| -> Result<Vec<String>, Status> {
+                match src.attrs.get(key).filter(|v| !v.is_empty()) {
+                    None => Ok(Vec::new()),
+                    Some(v) => serde_json::from_str(v)
+                        .map_err(|e| Status::invalid_argument(format!("local {name}: {key}: {e}"))),
+                }
+            };
+            let session = src
+                .attrs
+                .get("local.session")
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .unwrap_or_else(|| session_id.to_string());
+            let opts = ReceiveOptions {
+                include_patterns: list("local.includepattern")?
+                    .into_iter()
+                    .chain(list("local.includepatterns")?)
+                    .collect(),
+                exclude_patterns: list("local.excludepatterns")?,
+                follow_paths: list("local.followpaths")?,
+            };
+            wanted.insert(name.to_string(), (session, opts));
+        }
+        if wanted.is_empty() {
+            return Ok(None);
+        }
+        let base = self.engine.worker().root.join("mounts");
+        std::fs::create_dir_all(&base).map_err(|e| Status::internal(e.to_string()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("locals-")
+            .tempdir_in(&base)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        for (i, (name, (session_id, opts))) in wanted.into_iter().enumerate() {
+            // `prefix:id` names the session by the part after the first colon.
+            let id = session_id
+                .split_once(':')
+                .map(|(_, id)| id)
+                .unwrap_or(&session_id);
+            let session = self.sessions.get(id, LOOKUP_WAIT).await.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "local {name}: no active session {session_id:?} to read it from"
+                ))
+            })?;
+            let step = Step::start(
+                progress,
+                &format!("local-{name}"),
+                &format!("[internal] load local {name} from the client"),
+            );
+            let dest = tmp.path().join(format!("local-{i}"));
+            match receive(session.channel.clone(), &name, &dest, &opts).await {
+                Ok(_) => step.finish(None),
+                Err(e) => {
+                    step.finish(Some(e.to_string()));
+                    return Err(Status::failed_precondition(format!(
+                        "local {name}: {}",
+                        crate::solver::error_chain(&e)
+                    )));
+                }
+            }
+            build.locals.insert(name, dest);
+        }
+        Ok(Some(tmp))
+    }
+
     /// Registers a job under `ref` and starts collecting its progress.
     #[allow(clippy::type_complexity)]
     fn start_job(
@@ -242,7 +331,10 @@ impl ControlService {
                 self.fetch_locals(&req.session, &mut build, progress)
                     .await?,
             ),
-            Frontend::Llb(_) => None,
+            Frontend::Llb(_) => {
+                self.fetch_llb_locals(&req.session, &mut build, progress)
+                    .await?
+            }
         };
         let solved = self
             .engine

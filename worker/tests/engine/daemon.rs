@@ -433,3 +433,128 @@ async fn llb_bridge_solves_reads_and_returns() -> anyhow::Result<()> {
     let _ = control.info(api::InfoRequest {}).await?;
     Ok(())
 }
+
+/// A raw LLB definition sent over LLBBridge whose result is a `local://` source: the worker
+/// fetches it from the client's session with the source's exclude patterns, and the result
+/// holds exactly the files that were not excluded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn raw_llb_local_source_comes_over_the_session() -> anyhow::Result<()> {
+    use kiln_proto::moby::buildkit::v1::frontend as gw;
+    use kiln_worker::llb::builder::{Builder, Output};
+    use kiln_worker::llb::pb;
+    use kiln_worker::session::filesync::LocalDirs;
+    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
+    use kiln_worker::session::SessionHeaders;
+
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        ..Default::default()
+    })?;
+    let (_dir, channel) = serve(engine).await?;
+    let mut control = api::control_client::ControlClient::new(channel.clone());
+    let mut bridge = gw::llb_bridge_client::LlbBridgeClient::new(channel);
+
+    let ctx = tempfile::tempdir()?;
+    std::fs::create_dir(ctx.path().join("src"))?;
+    std::fs::write(ctx.path().join("src/main.c"), "int main;\n")?;
+    std::fs::write(ctx.path().join("id.key"), "private\n")?;
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    SessionHeaders {
+        id: "sess-llb".into(),
+        ..Default::default()
+    }
+    .to_metadata(request.metadata_mut())?;
+    let inbound = control.session(request).await?.into_inner();
+    let routes = tonic::service::Routes::new(
+        LocalDirs::new()
+            .with_dir("mysrc", ctx.path())
+            .into_service(),
+    )
+    .add_service(health_service());
+    let _session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
+
+    let mut b = Builder::new();
+    let mut attrs = std::collections::HashMap::new();
+    attrs.insert(
+        "local.excludepatterns".to_string(),
+        "[\"*.key\"]".to_string(),
+    );
+    let src = b.add(
+        &pb::Op {
+            op: Some(pb::op::Op::Source(pb::SourceOp {
+                identifier: "local://mysrc".into(),
+                attrs,
+            })),
+            ..Default::default()
+        },
+        None,
+    );
+    let def = b.marshal(&Output {
+        digest: src,
+        index: 0,
+    });
+
+    let mut c = control.clone();
+    let solved = tokio::spawn(async move {
+        c.solve(api::SolveRequest {
+            r#ref: "llb-local".into(),
+            session: "sess-llb".into(),
+            ..Default::default()
+        })
+        .await
+    });
+    let result = bridge
+        .solve(bridge_call(
+            "llb-local",
+            gw::SolveRequest {
+                definition: Some(def),
+                allow_result_return: true,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .result
+        .ok_or_else(|| anyhow!("no result"))?;
+    let Some(gw::result::Result::Ref(r)) = &result.result else {
+        anyhow::bail!("expected a ref, got {result:?}");
+    };
+    let data = bridge
+        .read_file(bridge_call(
+            "llb-local",
+            gw::ReadFileRequest {
+                r#ref: r.id.clone(),
+                file_path: "src/main.c".into(),
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner()
+        .data;
+    assert_eq!(data, b"int main;\n");
+    let err = bridge
+        .stat_file(bridge_call(
+            "llb-local",
+            gw::StatFileRequest {
+                r#ref: r.id.clone(),
+                path: "id.key".into(),
+            },
+        ))
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("the excluded file reached the worker"))?;
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    bridge
+        .r#return(bridge_call(
+            "llb-local",
+            gw::ReturnRequest {
+                result: Some(result),
+                error: None,
+            },
+        ))
+        .await?;
+    solved.await??;
+    Ok(())
+}

@@ -356,13 +356,17 @@ impl gw::llb_bridge_server::LlbBridge for ControlService {
             job.session.clone(),
         )));
         let dockerfile = matches!(build.frontend, Frontend::Dockerfile { .. });
-        if dockerfile {
-            let dir = self
-                .fetch_locals(&job.session, &mut build, &job.progress)
-                .await?;
-            if let Ok(mut d) = job.dirs.lock() {
-                d.push(dir);
-            }
+        let fetched = if dockerfile {
+            Some(
+                self.fetch_locals(&job.session, &mut build, &job.progress)
+                    .await?,
+            )
+        } else {
+            self.fetch_llb_locals(&job.session, &mut build, &job.progress)
+                .await?
+        };
+        if let (Some(dir), Ok(mut d)) = (fetched, job.dirs.lock()) {
+            d.push(dir);
         }
         let solved = self
             .engine
