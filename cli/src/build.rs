@@ -297,7 +297,7 @@ pub fn request(args: &BuildArgs) -> anyhow::Result<(BuildRequest, BTreeMap<Strin
             frontend,
             locals,
             exports,
-            secret_source: None,
+            session: None,
             secrets,
         },
         opts,
@@ -407,7 +407,13 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let (progress, rx) = Progress::channel();
     let renderer = Renderer::spawn(mode, rx);
     let res = match &args.conn.addr {
-        Some(addr) => crate::remote::build(&args.conn, addr, req, &caches, attrs, progress).await,
+        Some(addr) => {
+            let registry = RegistryConfig {
+                insecure: args.insecure_registries.clone(),
+                docker_config: None,
+            };
+            crate::remote::build(&args.conn, addr, &registry, req, &caches, attrs, progress).await
+        }
         None => embedded(&args, req, &caches, progress).await,
     };
     renderer.finish(res.is_ok()).await;

@@ -6,10 +6,10 @@
 //! Outputs other than `image` (`local`, `tar`, `oci`, `docker`) come back over the
 //! session's FileSend and are written where `--output` says.
 //!
-//! Secrets (`--secret`) are served to the daemon from this process over the session.
+//! Secrets (`--secret`) and registry credentials (this machine's docker config) are served
+//! to the daemon from this process over the session.
 //!
-//! Partial, like the daemon it talks to: no SSH forwarding or registry credentials over
-//! the session yet.
+//! Partial, like the daemon it talks to: no SSH forwarding over the session yet.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
@@ -19,9 +19,9 @@ use kiln_proto::moby::buildkit::v1 as api;
 use kiln_proto::moby::buildkit::v1::frontend as gw;
 use kiln_worker::control::{BuildRequest, Frontend};
 use kiln_worker::progress::{self, Event, Progress, VertexState};
+use kiln_worker::session::attachables::{AuthProvider, SecretStore};
 use kiln_worker::session::filesend::{FileSendTargets, OutputTarget};
 use kiln_worker::session::filesync::LocalDirs;
-use kiln_worker::session::secrets::SecretStore;
 use kiln_worker::session::transport::{health_service, pipe, serve};
 use kiln_worker::session::SessionHeaders;
 use sha2::{Digest as _, Sha256};
@@ -87,6 +87,7 @@ fn events(msg: api::StatusResponse) -> Vec<Event> {
 pub async fn build(
     conn: &crate::conn::ConnArgs,
     addr: &str,
+    registry: &kiln_worker::source::image::RegistryConfig,
     req: BuildRequest,
     caches: &kiln_worker::control::CacheRequest,
     attrs: BTreeMap<String, String>,
@@ -138,7 +139,8 @@ pub async fn build(
             "/moby.filesync.v1.FileSync/DiffCopy".into(),
             "/moby.filesync.v1.FileSync/TarStream".into(),
             kiln_worker::session::filesend::DIFF_COPY.into(),
-            kiln_worker::session::secrets::GET_SECRET.into(),
+            kiln_worker::session::attachables::GET_SECRET.into(),
+            kiln_worker::session::attachables::CREDENTIALS.into(),
             "/grpc.health.v1.Health/Check".into(),
         ],
         name: None,
@@ -152,7 +154,8 @@ pub async fn build(
     let routes = tonic::service::Routes::new(dirs.into_service())
         .add_service(health_service())
         .add_service(FileSendTargets::new(targets))
-        .add_service(SecretStore::new(req.secrets.clone()).into_service());
+        .add_service(SecretStore::new(req.secrets.clone()).into_service())
+        .add_service(AuthProvider::new(registry.clone()).into_service());
     let session = tokio::spawn(serve(pipe(inbound, out_tx), routes));
 
     let build_ref = new_id("build");

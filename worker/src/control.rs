@@ -97,16 +97,23 @@ pub struct BuildRequest {
     pub exports: Vec<ExportRequest>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
-    /// Where secrets not in `secrets` come from (a daemon: the client's session).
-    pub secret_source: Option<Arc<dyn SecretSource>>,
+    /// What the client serves over its session (a daemon's builds): secrets not in
+    /// `secrets`, and registry credentials.
+    pub session: Option<Arc<dyn SessionServices>>,
 }
 
-/// A source of build secrets by id, asked for the ids a build's RUN steps mount that
-/// [`BuildRequest::secrets`] lacks (the daemon asks the client's session).
+/// The client's services a build uses (a daemon asks the client's session): secrets by id
+/// for the ids RUN steps mount that [`BuildRequest::secrets`] lacks, and credentials for
+/// the registries the build pulls from and pushes to.
 #[async_trait::async_trait]
-pub trait SecretSource: Send + Sync + std::fmt::Debug {
-    /// The secret's value, or `None` when the source has no such secret.
-    async fn get(&self, id: &str) -> std::result::Result<Option<Vec<u8>>, String>;
+pub trait SessionServices: Send + Sync + std::fmt::Debug {
+    /// The secret's value, or `None` when the client has no such secret.
+    async fn secret(&self, id: &str) -> std::result::Result<Option<Vec<u8>>, String>;
+    /// Credentials for registry `host`, or `None` when the client has none.
+    async fn registry_auth(
+        &self,
+        host: &str,
+    ) -> std::result::Result<Option<oci_client::secrets::RegistryAuth>, String>;
 }
 
 /// The caches of one build (BuildKit's `SolveRequest.Cache`): `--export-cache` and
@@ -136,6 +143,8 @@ pub struct SolvedBuild {
     pub config: ImageConfigFile,
     /// Every vertex whose cache key the solve computed (what cache exports export).
     pub records: Vec<solver::KeyRecord>,
+    /// How this build reaches registries (pushes use the client's credentials too).
+    pub images: ImageResolver,
 }
 
 /// The build engine over one worker root.
@@ -317,6 +326,7 @@ impl Engine {
                 output: Ref::scratch(),
                 config,
                 records: Vec::new(),
+                images: self.images_for(req.session.as_ref()),
             });
         }
         let graph = llb::decode(&definition)?;
@@ -325,6 +335,7 @@ impl Engine {
             worker: self.worker.clone(),
             locals: req.locals.clone(),
             secrets: self.secrets_for(req, &definition).await?,
+            images: self.images_for(req.session.as_ref()),
         });
         let mut vertices = Vec::with_capacity(graph.vertices.len());
         for v in &graph.vertices {
@@ -378,18 +389,28 @@ impl Engine {
             output: solved.output,
             config,
             records: solved.records,
+            images: build.images.clone(),
         })
     }
 
+    /// How a build reaches registries: with its client's credentials first when it has a
+    /// session.
+    fn images_for(&self, session: Option<&Arc<dyn SessionServices>>) -> ImageResolver {
+        match session {
+            Some(s) => self.worker.images.with_session(s.clone()),
+            None => self.worker.images.clone(),
+        }
+    }
+
     /// The build's secrets: those given, plus those its exec ops mount that the build's
-    /// [`SecretSource`] has. Missing ones are left to the op (fatal unless optional).
+    /// [`SessionServices`] has. Missing ones are left to the op (fatal unless optional).
     async fn secrets_for(
         &self,
         req: &BuildRequest,
         definition: &pb::Definition,
     ) -> Result<HashMap<String, Vec<u8>>> {
         let mut secrets = req.secrets.clone();
-        let Some(source) = &req.secret_source else {
+        let Some(source) = &req.session else {
             return Ok(secrets);
         };
         let mut wanted = std::collections::BTreeSet::new();
@@ -412,7 +433,7 @@ impl Engine {
             if secrets.contains_key(&id) {
                 continue;
             }
-            match source.get(&id).await {
+            match source.secret(&id).await {
                 Ok(Some(v)) => {
                     secrets.insert(id, v);
                 }
@@ -485,8 +506,16 @@ impl Engine {
         let config = inline_config.as_ref().unwrap_or(&solved.config);
         let mut response = BuildResponse::default();
         for (i, exp) in exports.iter().enumerate() {
-            self.export(i, exp, &solved.output, config, progress, &mut response)
-                .await?;
+            self.export(
+                i,
+                exp,
+                &solved.output,
+                config,
+                &solved.images,
+                progress,
+                &mut response,
+            )
+            .await?;
         }
         for (i, opts) in cache_exports
             .iter()
@@ -680,7 +709,7 @@ impl Engine {
                 break;
             }
             let resolved = futures::future::try_join_all(needed.into_iter().map(|r| {
-                let images = self.worker.images.clone();
+                let images = self.images_for(req.session.as_ref());
                 let progress = progress.clone();
                 async move {
                     let step = Step::start(
@@ -724,6 +753,7 @@ impl Engine {
         exp: &ExportRequest,
         result: &Ref,
         config: &ImageConfigFile,
+        images: &ImageResolver,
         progress: &Progress,
         response: &mut BuildResponse,
     ) -> Result<()> {
@@ -752,7 +782,7 @@ impl Engine {
                     ),
                 );
                 let res = self
-                    .export_image(exp, &opts, result, config, &step, response, dest)
+                    .export_image(exp, &opts, result, config, images, &step, response, dest)
                     .await;
                 step.finish(res.as_ref().err().map(|e| solver::error_chain(e)));
                 res
@@ -815,6 +845,7 @@ impl Engine {
         opts: &ImageOpts,
         result: &Ref,
         config: &ImageConfigFile,
+        images: &ImageResolver,
         step: &Step,
         response: &mut BuildResponse,
         dest: impl FnOnce() -> Result<PathBuf, export::Error>,
@@ -874,9 +905,9 @@ impl Engine {
                             step.status(&id, &id, done, total, false)
                         };
                         let resolver = if opts.insecure {
-                            worker.images.with_insecure_host(registry_host(name))
+                            images.with_insecure_host(registry_host(name))
                         } else {
-                            worker.images.clone()
+                            images.clone()
                         };
                         export::image::push(&resolver, &worker.content, &built, name, &report)
                             .await?;

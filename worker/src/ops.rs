@@ -71,6 +71,8 @@ pub struct BuildCtx {
     pub locals: HashMap<String, PathBuf>,
     /// Secrets by id.
     pub secrets: HashMap<String, Vec<u8>>,
+    /// Registries as this build reaches them (with the client's credentials on a daemon).
+    pub images: crate::source::image::ImageResolver,
 }
 
 /// One LLB op ready to run.

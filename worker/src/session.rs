@@ -16,10 +16,10 @@
 //!
 //! The module does not know about builds.
 
+pub mod attachables;
 pub mod filesend;
 pub mod filesync;
 pub mod manager;
-pub mod secrets;
 pub mod transport;
 
 use std::path::PathBuf;

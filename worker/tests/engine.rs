@@ -290,7 +290,7 @@ async fn raw_llb_definition_runs() -> anyhow::Result<()> {
         frontend: Frontend::Llb(def),
         locals: HashMap::new(),
         exports: vec![to("local", out.path())],
-        secret_source: None,
+        session: None,
         secrets: HashMap::new(),
     };
     let (progress, mut rx) = Progress::channel();
@@ -350,7 +350,7 @@ async fn crun_is_selectable() -> anyhow::Result<()> {
         frontend: Frontend::Llb(support::exec_definition(&env.base, "echo crun > /by")),
         locals: HashMap::new(),
         exports: vec![to("local", out.path())],
-        secret_source: None,
+        session: None,
         secrets: HashMap::new(),
     };
     engine

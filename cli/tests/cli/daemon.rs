@@ -55,9 +55,15 @@ impl Daemon {
     /// Starts `kiln-worker` with `args` (plus a fresh `--root` and `--metrics-addr`) and waits
     /// until `/readyz` answers 200.
     pub fn start(args: &[&str]) -> anyhow::Result<Daemon> {
+        Daemon::start_env(args, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_env(args: &[&str], envs: &[(&str, &Path)]) -> anyhow::Result<Daemon> {
         let root = tempfile::tempdir()?;
         let metrics = format!("127.0.0.1:{}", free_port()?);
         let child = Command::new(worker_bin()?)
+            .envs(envs.iter().map(|(k, v)| (*k, *v)))
             .args(args)
             .arg("--root")
             .arg(root.path())
@@ -372,5 +378,63 @@ fn daemon_gets_secrets_from_the_client_session_and_never_stores_them() -> anyhow
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tok"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn daemon_uses_registry_credentials_served_by_the_client() -> anyhow::Result<()> {
+    const USER: &str = "builder";
+    const PASS: &str = "hunter2";
+    let reg = Registry::start_with_auth(USER, PASS)?;
+    kiln_e2e::base::push_base_with_creds(&reg.addr(), "kiln/base:1", USER, PASS)?;
+    let run = tempfile::tempdir()?;
+    // The worker has no credentials of its own.
+    let empty = run.path().join("worker-docker");
+    std::fs::create_dir_all(&empty)?;
+    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
+    let _daemon = Daemon::start_env(&["--addr", &unix], &[("DOCKER_CONFIG", &empty)])?;
+    let ctx = tempfile::tempdir()?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN echo hi > /x\n",
+    )?;
+    let c = ctx.path().to_str().context("path")?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let tag = format!("{}/kiln/session-auth:1", reg.addr());
+    let docker = run.path().join("client-docker");
+    reg.write_docker_config(&docker, USER, PASS)?;
+    let build = |config: &Path| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .env("DOCKER_CONFIG", config)
+            .args([
+                "build",
+                "--addr",
+                &unix,
+                "--build-arg",
+                &arg,
+                "-t",
+                &tag,
+                "--push",
+                c,
+            ])
+            .output()?)
+    };
+    // Without the client's credentials the worker cannot pull: the error says so.
+    let out = build(&empty)?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unauthorized"), "{err}");
+    // With them (served over the session) it pulls the base and pushes the result.
+    let out = ok(build(&docker)?)?;
+    let digest = String::from_utf8(out.stdout)?.trim().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    let resp = reg.get_authorized(
+        &format!("/v2/kiln/session-auth/manifests/{digest}"),
+        &[(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json",
+        )],
+    )?;
+    assert_eq!(resp.status, 200);
     Ok(())
 }

@@ -321,7 +321,7 @@ impl ControlService {
         progress: &Progress,
         cancel: CancellationToken,
     ) -> Result<super::BuildResponse, Status> {
-        build.secret_source = Some(Arc::new(crate::session::secrets::SessionSecrets::new(
+        build.session = Some(Arc::new(crate::session::attachables::SessionClient::new(
             self.sessions.clone(),
             req.session.clone(),
         )));
@@ -426,7 +426,7 @@ impl ControlService {
             frontend,
             locals: HashMap::new(),
             exports: Vec::new(),
-            secret_source: None,
+            session: None,
             secrets: HashMap::new(),
         })
     }

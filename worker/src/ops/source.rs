@@ -43,7 +43,6 @@ impl ImageSource {
         }
         let _ = ctx;
         let resolved = build
-            .worker
             .images
             .resolve(&self.reference, &self.platform)
             .await?;
@@ -57,8 +56,7 @@ impl ImageSource {
         ctx: &VertexCtx,
         platform: &Platform,
     ) -> Result<Ref, BoxError> {
-        let worker = &build.worker;
-        let resolved = worker.images.resolve(&self.reference, platform).await?;
+        let resolved = build.images.resolve(&self.reference, platform).await?;
         let limit = Arc::new(tokio::sync::Semaphore::new(4));
         let tasks = resolved.layers.iter().map(|desc| {
             let limit = limit.clone();
@@ -100,7 +98,7 @@ async fn pull_layer(
         }))
     };
     let report = |done: u64, total: u64| status(done, total, false);
-    let path = worker.images.fetch_blob(reference, desc, &report).await?;
+    let path = build.images.fetch_blob(reference, desc, &report).await?;
     status(desc.size, desc.size, true);
     let new = worker.cache.new_layer()?;
     let dest = new.fs();

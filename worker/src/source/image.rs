@@ -572,6 +572,8 @@ fn blob_desc(v: &serde_json::Value, reference: &str) -> Result<BlobDesc> {
 pub struct ImageResolver {
     config: RegistryConfig,
     content: Arc<ContentStore>,
+    /// The client whose session supplies credentials first (a daemon's build).
+    session: Option<Arc<dyn crate::control::SessionServices>>,
     /// One client per registry host, with the credentials stored in it.
     clients: Arc<Mutex<HashMap<String, RegistryClient>>>,
 }
@@ -603,7 +605,17 @@ impl ImageResolver {
             config,
             content,
             clients: Arc::new(Mutex::new(HashMap::new())),
+            session: None,
         }
+    }
+
+    /// A resolver for one build whose registry credentials come from the client's session
+    /// first (then this worker's docker config). It keeps its own clients, so one build's
+    /// credentials never serve another's.
+    pub fn with_session(&self, session: Arc<dyn crate::control::SessionServices>) -> ImageResolver {
+        let mut r = ImageResolver::new(self.config.clone(), self.content.clone());
+        r.session = Some(session);
+        r
     }
 
     /// The same resolver with `host` (`host:port`) spoken to over plain HTTP too (the
@@ -613,7 +625,9 @@ impl ImageResolver {
         if !config.insecure.iter().any(|h| h == host) {
             config.insecure.push(host.to_string());
         }
-        ImageResolver::new(config, self.content.clone())
+        let mut r = ImageResolver::new(config, self.content.clone());
+        r.session = self.session.clone();
+        r
     }
 
     /// The content store blobs go into.
@@ -672,10 +686,31 @@ impl ImageResolver {
         let config = self.config.clone();
         let registry = r.registry().to_string();
         let fallback = format!("unauthorized: authentication required for {}", r.registry());
-        let (auth, unauthorized) =
-            tokio::task::spawn_blocking(move || config.auth_and_explanation(&registry))
+        let from_session = match &self.session {
+            Some(s) => match s.registry_auth(&registry).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(%registry, error = %e, "no credentials from the client's session");
+                    None
+                }
+            },
+            None => None,
+        };
+        let (auth, unauthorized) = match from_session {
+            Some(auth) => {
+                let user = match &auth {
+                    RegistryAuth::Basic(u, _) => format!("user {u:?}"),
+                    _ => "a token".to_string(),
+                };
+                let message = format!(
+                    "unauthorized: {registry} refused the credentials ({user}) the client's session gave for it"
+                );
+                (auth, message)
+            }
+            None => tokio::task::spawn_blocking(move || config.auth_and_explanation(&registry))
                 .await
-                .unwrap_or((RegistryAuth::Anonymous, fallback));
+                .unwrap_or((RegistryAuth::Anonymous, fallback)),
+        };
         client.store_auth_if_needed(&host, &auth).await;
         if let Ok(mut m) = self.clients.lock() {
             m.insert(

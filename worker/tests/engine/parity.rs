@@ -155,7 +155,7 @@ async fn build_with_secrets(
         },
         locals,
         exports,
-        secret_source: None,
+        session: None,
         secrets: secrets
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_vec()))

@@ -102,7 +102,7 @@ async fn build_to(
         exports: std::iter::once(image("kiln/regcache:test", false))
             .chain(out.map(|o| to("local", o)))
             .collect(),
-        secret_source: None,
+        session: None,
         secrets: HashMap::new(),
     };
     run(w, req, caches).await
@@ -459,7 +459,7 @@ async fn pool_registry_down_does_not_fail_or_corrupt() -> anyhow::Result<()> {
         frontend: Frontend::Llb(exec_definition(&base, "echo hi > /hi")),
         locals: HashMap::new(),
         exports: vec![],
-        secret_source: None,
+        session: None,
         secrets: HashMap::new(),
     };
     let first = run(&w, req(), CacheRequest::default()).await?;
@@ -549,7 +549,7 @@ fn dockerfile_request(
             ("dockerfile".to_string(), dir.to_path_buf()),
         ]),
         exports,
-        secret_source: None,
+        session: None,
         secrets: HashMap::new(),
     }
 }

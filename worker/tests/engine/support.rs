@@ -112,7 +112,7 @@ pub async fn build(
         },
         locals,
         exports,
-        secret_source: None,
+        session: None,
         secrets: HashMap::new(),
     };
     let (progress, mut rx) = Progress::channel();

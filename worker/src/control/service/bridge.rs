@@ -286,7 +286,7 @@ fn build_request(frontend: Frontend) -> BuildRequest {
         frontend,
         locals: HashMap::new(),
         exports: Vec::new(),
-        secret_source: None,
+        session: None,
         secrets: HashMap::new(),
     }
 }
@@ -351,7 +351,7 @@ impl gw::llb_bridge_server::LlbBridge for ControlService {
                 )))
             }
         };
-        build.secret_source = Some(Arc::new(crate::session::secrets::SessionSecrets::new(
+        build.session = Some(Arc::new(crate::session::attachables::SessionClient::new(
             self.sessions.clone(),
             job.session.clone(),
         )));
