@@ -506,16 +506,8 @@ impl Engine {
         let config = inline_config.as_ref().unwrap_or(&solved.config);
         let mut response = BuildResponse::default();
         for (i, exp) in exports.iter().enumerate() {
-            self.export(
-                i,
-                exp,
-                &solved.output,
-                config,
-                &solved.images,
-                progress,
-                &mut response,
-            )
-            .await?;
+            self.export(i, exp, solved, config, progress, &mut response)
+                .await?;
         }
         for (i, opts) in cache_exports
             .iter()
@@ -751,12 +743,12 @@ impl Engine {
         &self,
         index: usize,
         exp: &ExportRequest,
-        result: &Ref,
+        solved: &SolvedBuild,
         config: &ImageConfigFile,
-        images: &ImageResolver,
         progress: &Progress,
         response: &mut BuildResponse,
     ) -> Result<()> {
+        let (result, images) = (&solved.output, &solved.images);
         let dest = || {
             exp.dest
                 .clone()
