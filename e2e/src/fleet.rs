@@ -168,7 +168,10 @@ pub fn start_worker_tls(
 ) -> anyhow::Result<Proc> {
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(bins.join("kiln-worker"));
-    cmd.arg("--addr").arg(format!("tcp://{addr}"));
+    cmd.arg("--addr")
+        .arg(format!("tcp://{addr}"))
+        .arg("--worker-id")
+        .arg(name);
     match tls {
         Some(id) => cmd
             .arg("--tlscacert")

@@ -170,6 +170,27 @@ fn twelve_projects_stick_to_their_workers() -> anyhow::Result<()> {
             3,
             "projects did not spread over the three workers: {home:?}"
         );
+        // Node-wide calls through the gateway: every worker listed, and disk usage
+        // aggregated over all of them with records naming their worker.
+        let kiln = |cmd: &str| -> anyhow::Result<String> {
+            let out = Command::new(f.bins.join("kiln"))
+                .args([cmd, "--addr", &format!("tcp://{}", f.gateway_addr)])
+                .output()?;
+            ok(&out, &format!("kiln {cmd}"))?;
+            Ok(String::from_utf8(out.stdout)?)
+        };
+        let listed = kiln("workers")?;
+        let du = kiln("du")?;
+        for w in &used {
+            assert!(
+                listed.contains(w.as_str()),
+                "kiln workers lacks {w}: {listed}"
+            );
+            assert!(
+                du.contains(&format!("{w}/")),
+                "kiln du lacks records of {w}: {du}"
+            );
+        }
 
         // Kill the worker with the most projects: only its projects move.
         let victim = used

@@ -625,10 +625,11 @@ impl api::control_server::Control for Proxy {
             .await;
         let mut out = api::DiskUsageResponse::default();
         let mut any = false;
-        for (_, r) in &results {
+        for (w, r) in &results {
             if let Ok(r) = r {
                 any = true;
-                out.record.extend(r.get_ref().record.iter().cloned());
+                out.record
+                    .extend(r.get_ref().record.iter().map(|rec| on_worker(&w.name, rec)));
             }
         }
         if !any {
@@ -656,7 +657,10 @@ impl api::control_server::Control for Proxy {
                     let w2 = w.clone();
                     streams.push(
                         r.into_inner()
-                            .map(move |m| m.map_err(|s| name_worker(&w2, "prune", s)))
+                            .map(move |m| {
+                                m.map(|rec| on_worker(&w2.name, &rec))
+                                    .map_err(|s| name_worker(&w2, "prune", s))
+                            })
                             .boxed(),
                     );
                 }
@@ -837,4 +841,19 @@ impl health::health_server::Health for GatewayHealth {
             status: serving as i32,
         }))
     }
+}
+
+/// A worker's usage record as the gateway reports it: ids (and parent ids) prefixed with
+/// the worker's name, so records of different workers never collide and each says where
+/// it lives.
+fn on_worker(worker: &str, rec: &api::UsageRecord) -> api::UsageRecord {
+    let mut rec = rec.clone();
+    rec.id = format!("{worker}/{}", rec.id);
+    if !rec.parent.is_empty() {
+        rec.parent = format!("{worker}/{}", rec.parent);
+    }
+    for p in &mut rec.parents {
+        *p = format!("{worker}/{p}");
+    }
+    rec
 }
