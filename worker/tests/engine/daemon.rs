@@ -558,3 +558,147 @@ async fn raw_llb_local_source_comes_over_the_session() -> anyhow::Result<()> {
     solved.await??;
     Ok(())
 }
+
+/// Passes encoded messages through untouched, so a test can send bytes that are not a
+/// valid message of the method's type.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+struct RawEnc;
+struct RawDec;
+
+impl tonic::codec::Encoder for RawEnc {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDec {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<bytes::Bytes>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = bytes::Bytes;
+    type Decode = bytes::Bytes;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+
+/// Every RPC of Control and LLBBridge given bytes that are not a valid message (a field
+/// tag with an invalid wire type, a length past the end): each answers with a gRPC error,
+/// nothing panics, and the daemon goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_messages_are_errors_on_every_rpc() -> anyhow::Result<()> {
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        ..Default::default()
+    })?;
+    let (_dir, channel) = serve(engine).await?;
+    let unary = [
+        "/moby.buildkit.v1.Control/Solve",
+        "/moby.buildkit.v1.Control/ListWorkers",
+        "/moby.buildkit.v1.Control/Info",
+        "/moby.buildkit.v1.Control/DiskUsage",
+        "/moby.buildkit.v1.Control/UpdateBuildHistory",
+        "/moby.buildkit.v1.frontend.LLBBridge/Ping",
+        "/moby.buildkit.v1.frontend.LLBBridge/Solve",
+        "/moby.buildkit.v1.frontend.LLBBridge/Return",
+        "/moby.buildkit.v1.frontend.LLBBridge/ResolveImageConfig",
+        "/moby.buildkit.v1.frontend.LLBBridge/ReadFile",
+        "/moby.buildkit.v1.frontend.LLBBridge/ReadDir",
+        "/moby.buildkit.v1.frontend.LLBBridge/StatFile",
+        "/moby.buildkit.v1.frontend.LLBBridge/Evaluate",
+        "/moby.buildkit.v1.frontend.LLBBridge/Warn",
+    ];
+    let streaming = [
+        "/moby.buildkit.v1.Control/Status",
+        "/moby.buildkit.v1.Control/Prune",
+        "/moby.buildkit.v1.Control/ListenBuildHistory",
+    ];
+    // Field 1 with wire type 7 (invalid); then a length-delimited field 2 claiming 100 bytes.
+    let garbage = [
+        bytes::Bytes::from_static(&[0x0f, 0x01]),
+        bytes::Bytes::from_static(&[0x12, 0x64, 0x01]),
+    ];
+    for bad in &garbage {
+        for path in unary {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await?;
+            let res = grpc
+                .unary(
+                    tonic::Request::new(bad.clone()),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                    RawCodec,
+                )
+                .await;
+            let err = res
+                .err()
+                .ok_or_else(|| anyhow!("{path} accepted {bad:?}"))?;
+            assert!(
+                matches!(
+                    err.code(),
+                    tonic::Code::Internal
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::Unimplemented
+                ),
+                "{path}: {err:?}"
+            );
+        }
+        for path in streaming {
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await?;
+            let res = grpc
+                .server_streaming(
+                    tonic::Request::new(bad.clone()),
+                    tonic::codegen::http::uri::PathAndQuery::from_static(path),
+                    RawCodec,
+                )
+                .await;
+            assert!(res.is_err(), "{path} accepted {bad:?}");
+        }
+    }
+    // Still serving.
+    let mut control = api::control_client::ControlClient::new(channel);
+    control.info(api::InfoRequest {}).await?;
+    // A Solve naming a session that never connects: a clear error after the wait.
+    let err = control
+        .solve(api::SolveRequest {
+            r#ref: "no-session".into(),
+            session: "never-connected".into(),
+            frontend: "dockerfile.v0".into(),
+            ..Default::default()
+        })
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a solve naming an unknown session must fail"))?;
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .contains("no active session for never-connected"),
+        "{}",
+        err.message()
+    );
+    Ok(())
+}
