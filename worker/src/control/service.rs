@@ -57,6 +57,7 @@ pub struct ControlService {
     sessions: SessionManager,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     bridges: Arc<Mutex<HashMap<String, Arc<bridge::BridgeJob>>>>,
+    local_locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 // === impl ControlService ===
@@ -72,6 +73,7 @@ impl ControlService {
             sessions: SessionManager::new(),
             metrics: None,
             bridges: Default::default(),
+            local_locks: Default::default(),
         }
     }
 
@@ -102,14 +104,43 @@ impl ControlService {
         });
     }
 
+    /// Where the context of a session with a non-empty shared key is kept between builds
+    /// (`root/locals/<hash of local name and key>`), locked for this build: a rebuild from
+    /// the same client and directory requests only the files that changed.
+    async fn shared_context_dir(
+        &self,
+        local: &str,
+        shared_key: &str,
+    ) -> Result<Option<(PathBuf, tokio::sync::OwnedMutexGuard<()>)>, Status> {
+        use sha2::Digest as _;
+        if shared_key.is_empty() {
+            return Ok(None);
+        }
+        let hash = hex::encode(sha2::Sha256::digest(
+            format!("{local}:{shared_key}").as_bytes(),
+        ));
+        let dir = self.engine.worker().root.join("locals").join(&hash[..32]);
+        let lock = {
+            let mut locks = self
+                .local_locks
+                .lock()
+                .map_err(|_| Status::internal("lock table poisoned"))?;
+            locks.entry(dir.clone()).or_default().clone()
+        };
+        let guard = lock.lock_owned().await;
+        std::fs::create_dir_all(&dir).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Some((dir, guard)))
+    }
+
     /// Fetches the Dockerfile and the context (minus `.dockerignore`d paths) from the
-    /// client's session into a temporary directory and points the build's locals at it.
+    /// client's session and points the build's locals at them: into a temporary directory,
+    /// or, for the context of a session with a shared key, into the directory kept for it.
     async fn fetch_locals(
         &self,
         session_id: &str,
         build: &mut BuildRequest,
         progress: &Progress,
-    ) -> Result<tempfile::TempDir, Status> {
+    ) -> Result<Fetched, Status> {
         let Frontend::Dockerfile {
             opts,
             dockerfile_local,
@@ -130,6 +161,9 @@ impl ControlService {
             .prefix("session-")
             .tempdir_in(&base)
             .map_err(|e| Status::internal(e.to_string()))?;
+        let shared = self
+            .shared_context_dir(&opts.context_name, &session.headers.shared_key)
+            .await?;
         let step = Step::start(
             progress,
             &format!("{session_id}-context"),
@@ -162,7 +196,10 @@ impl ControlService {
             let text = specific
                 .or_else(|_| std::fs::read_to_string(ignore_dir.join(".dockerignore")))
                 .unwrap_or_default();
-            let ctx_dir = tmp.path().join("context");
+            let ctx_dir = match &shared {
+                Some((dir, _)) => dir.clone(),
+                None => tmp.path().join("context"),
+            };
             let ctx = ReceiveOptions {
                 exclude_patterns: crate::source::local::patterns::parse_dockerignore(&text),
                 ..Default::default()
@@ -176,7 +213,10 @@ impl ControlService {
                 step.finish(None);
                 build.locals.insert(dockerfile_local.clone(), df_dir);
                 build.locals.insert(opts.context_name.clone(), ctx_dir);
-                Ok(tmp)
+                Ok(Fetched {
+                    _tmp: Some(tmp),
+                    _locks: shared.into_iter().map(|(_, g)| g).collect(),
+                })
             }
             Err(e) => {
                 step.finish(Some(e.to_string()));
@@ -196,7 +236,7 @@ impl ControlService {
         session_id: &str,
         build: &mut BuildRequest,
         progress: &Progress,
-    ) -> Result<Option<tempfile::TempDir>, Status> {
+    ) -> Result<Option<Fetched>, Status> {
         use kiln_proto::prost::Message as _;
         let Frontend::Llb(def) = &build.frontend else {
             return Ok(None);
@@ -273,7 +313,10 @@ impl ControlService {
             }
             build.locals.insert(name, dest);
         }
-        Ok(Some(tmp))
+        Ok(Some(Fetched {
+            _tmp: Some(tmp),
+            _locks: Vec::new(),
+        }))
     }
 
     /// Registers a job under `ref` and starts collecting its progress.
@@ -588,6 +631,13 @@ impl ControlService {
 pub(super) struct CacheOpts {
     imports: Vec<crate::cache::registry::ImportOpts>,
     exports: Vec<crate::cache::registry::ExportOpts>,
+}
+
+/// Directories fetched from the client for one build, kept until the build ends: a
+/// temporary directory, and the locks on shared context directories it uses.
+pub(super) struct Fetched {
+    _tmp: Option<tempfile::TempDir>,
+    _locks: Vec<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 /// Outputs staged on the worker on their way to the client.

@@ -702,3 +702,88 @@ async fn malformed_messages_are_errors_on_every_rpc() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// With a shared key, the context is kept between builds: after one of 10,000 files
+/// changes, the rebuild requests only that file (and the Dockerfile, which is fetched each
+/// time), counted in bytes on the client side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Result<()> {
+    use kiln_worker::session::filesync::LocalDirs;
+    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
+    use kiln_worker::session::SessionHeaders;
+
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        ..Default::default()
+    })?;
+    let (_dir, channel) = serve(engine).await?;
+    let mut control = api::control_client::ControlClient::new(channel);
+
+    let ctx = tempfile::tempdir()?;
+    let dockerfile = "FROM scratch\nCOPY . /ctx\n";
+    std::fs::write(ctx.path().join("Dockerfile"), dockerfile)?;
+    for d in 0..100 {
+        let dir = ctx.path().join(format!("d{d:03}"));
+        std::fs::create_dir(&dir)?;
+        for f in 0..100 {
+            std::fs::write(dir.join(format!("f{f:03}")), format!("file {d}/{f}\n"))?;
+        }
+    }
+    let dirs = LocalDirs::new()
+        .with_dir("context", ctx.path())
+        .with_dir("dockerfile", ctx.path());
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    SessionHeaders {
+        id: "sess-inc".into(),
+        shared_key: "project:0123456789abcdef".into(),
+        ..Default::default()
+    }
+    .to_metadata(request.metadata_mut())?;
+    let inbound = control.session(request).await?.into_inner();
+    let routes =
+        tonic::service::Routes::new(dirs.clone().into_service()).add_service(health_service());
+    let _session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
+
+    let build = |r: &'static str| {
+        let mut c = control.clone();
+        async move {
+            c.solve(api::SolveRequest {
+                r#ref: r.into(),
+                session: "sess-inc".into(),
+                frontend: "dockerfile.v0".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    build("inc-1").await?;
+    let first = dirs.bytes_sent();
+    assert!(first > 100_000, "the first build sent only {first} bytes");
+    let changed = "changed content, longer than before\n";
+    std::fs::write(ctx.path().join("d042/f042"), changed)?;
+    build("inc-2").await?;
+    let second = dirs.bytes_sent() - first;
+    assert_eq!(
+        second,
+        (dockerfile.len() + changed.len()) as u64,
+        "the rebuild sent more than the Dockerfile and the changed file"
+    );
+    // A file that disappears from the client disappears from the kept context too.
+    std::fs::remove_file(ctx.path().join("d001/f001"))?;
+    build("inc-3").await?;
+    assert_eq!(dirs.bytes_sent() - first - second, dockerfile.len() as u64);
+    let kept: Vec<_> = walkdir::WalkDir::new(root.path().join("locals"))
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e.file_name() == "f001" && e.path().parent().is_some_and(|p| p.ends_with("d001"))
+        })
+        .collect();
+    assert!(
+        kept.is_empty(),
+        "a deleted file survived in the kept context"
+    );
+    Ok(())
+}

@@ -104,8 +104,8 @@ pub(super) struct BridgeJob {
     results: Mutex<HashMap<String, SolvedBuild>>,
     next: AtomicU64,
     returned: Mutex<Option<oneshot::Sender<Result<gw::Result, Status>>>>,
-    /// Contexts fetched from the client, removed when the build ends.
-    dirs: Mutex<Vec<tempfile::TempDir>>,
+    /// Contexts fetched from the client, released when the build ends.
+    dirs: Mutex<Vec<super::Fetched>>,
 }
 
 impl BridgeJob {

@@ -170,17 +170,22 @@ where
     }
     let entries = listing.entries;
 
-    // 2. The skeleton: directories, empty files, links and nodes.
+    // 2. The skeleton: directories, empty files, links and nodes. What a previous transfer
+    // into `dest` left and the listing no longer has goes; a regular file whose size and
+    // modification time match the listing is kept as it is and not requested.
     let skeleton = entries.clone();
     let root = dest.to_path_buf();
-    tokio::task::spawn_blocking(move || create_skeleton(&root, &skeleton))
-        .await
-        .map_err(|e| SessionError::protocol(format!("write task failed: {e}")))??;
+    let unchanged = tokio::task::spawn_blocking(move || {
+        remove_unlisted(&root, &skeleton)?;
+        create_skeleton(&root, &skeleton)
+    })
+    .await
+    .map_err(|e| SessionError::protocol(format!("write task failed: {e}")))??;
 
-    // 3. Every regular file's content.
+    // 3. The content of every regular file that changed.
     let mut wanted: HashMap<u32, Option<tokio::fs::File>> = HashMap::new();
     for (id, e) in entries.iter().enumerate() {
-        if e.kind == Kind::File {
+        if e.kind == Kind::File && !unchanged.contains(&id) {
             let id = u32::try_from(id)
                 .map_err(|_| SessionError::protocol("more than 2^32 entries in the listing"))?;
             wanted.insert(id, None);
@@ -382,9 +387,52 @@ fn clear(path: &Path) -> Result<(), SessionError> {
 /// Creates every entry (files empty). Parents are validated directories created (or
 /// checked to be real directories) before their children, so nothing is written
 /// through a symlink.
-fn create_skeleton(dest: &Path, entries: &[Entry]) -> Result<(), SessionError> {
-    for e in entries {
+/// Removes whatever is below `dest` but not in the listing (left by an earlier transfer
+/// into the same directory), deepest first.
+fn remove_unlisted(dest: &Path, entries: &[Entry]) -> Result<(), SessionError> {
+    let listed: HashSet<&str> = entries.iter().map(|e| e.stat.path.as_str()).collect();
+    let mut doomed = Vec::new();
+    let mut walker = walkdir::WalkDir::new(dest).min_depth(1).into_iter();
+    while let Some(item) = walker.next() {
+        let Ok(item) = item else { continue };
+        let Ok(rel) = item.path().strip_prefix(dest) else {
+            continue;
+        };
+        let rel = rel.to_string_lossy();
+        if !listed.contains(rel.as_ref()) {
+            if item.file_type().is_dir() {
+                walker.skip_current_dir();
+            }
+            doomed.push(item.path().to_path_buf());
+        }
+    }
+    for p in doomed {
+        clear(&p)?;
+    }
+    Ok(())
+}
+
+/// True when `path` is a regular file with the listed size and modification time, so its
+/// content need not be sent again.
+fn is_unchanged(path: &Path, stat: &Stat) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| {
+        m.file_type().is_file()
+            && m.size() as i64 == stat.size
+            && m.mtime() * 1_000_000_000 + m.mtime_nsec() == stat.mod_time
+    })
+}
+
+/// Creates what the listing holds; returns the ids of regular files already present
+/// unchanged.
+fn create_skeleton(dest: &Path, entries: &[Entry]) -> Result<HashSet<usize>, SessionError> {
+    let mut unchanged = HashSet::new();
+    for (id, e) in entries.iter().enumerate() {
         let path = dest.join(&e.stat.path);
+        if e.kind == Kind::File && is_unchanged(&path, &e.stat) {
+            unchanged.insert(id);
+            continue;
+        }
         match e.kind {
             Kind::Dir => {
                 let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
@@ -429,7 +477,7 @@ fn create_skeleton(dest: &Path, entries: &[Entry]) -> Result<(), SessionError> {
             }
         }
     }
-    Ok(())
+    Ok(unchanged)
 }
 
 /// Ownership, permissions, xattrs and times, children before their directories.

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use kiln_proto::fsutil::mode;
@@ -27,9 +29,16 @@ use crate::source::local::patterns::{clean_path, PatternMatcher};
 pub struct LocalDirs {
     dirs: HashMap<String, PathBuf>,
     keep_ownership: bool,
+    sent: Arc<AtomicU64>,
 }
 
 impl LocalDirs {
+    /// File content bytes sent so far, by this value and its clones (what an incremental
+    /// transfer saves shows here).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
     /// No directories; add them with [`LocalDirs::with_dir`].
     pub fn new() -> LocalDirs {
         LocalDirs::default()
@@ -79,8 +88,9 @@ impl FileSync for LocalDirs {
             .map_err(|e| Status::failed_precondition(error_chain(&e)))?;
         let (tx, rx) = mpsc::channel(16);
         let inbound = request.into_inner();
+        let sent = self.sent.clone();
         tokio::spawn(async move {
-            if let Err(e) = run(entries, inbound, &tx).await {
+            if let Err(e) = run(entries, inbound, &tx, &sent).await {
                 let message = error_chain(&e);
                 tracing::warn!(error = %message, "filesync send failed");
                 let _ = tx.send(Ok(err_packet(&message))).await;
@@ -128,7 +138,12 @@ impl Drop for AbortOnDrop {
 /// Streams the listing, then serves REQs until the receiver's FIN. The inbound stream
 /// is drained by its own task from the start: a receiver may send requests while the
 /// listing is still arriving and must never block on them.
-async fn run<S>(entries: Vec<Entry>, mut inbound: S, tx: &Out) -> Result<(), SessionError>
+async fn run<S>(
+    entries: Vec<Entry>,
+    mut inbound: S,
+    tx: &Out,
+    sent: &AtomicU64,
+) -> Result<(), SessionError>
 where
     S: futures::Stream<Item = Result<Packet, Status>> + Send + Unpin + 'static,
 {
@@ -180,7 +195,7 @@ where
                         entry.stat.path
                     )));
                 }
-                send_file(tx, p.id, &entry.source).await?;
+                send_file(tx, p.id, &entry.source, sent).await?;
             }
             Ok(PacketType::PacketFin) => {
                 send(tx, packet(PacketType::PacketFin)).await?;
@@ -203,7 +218,7 @@ where
 
 /// DATA chunks of one file, then the empty DATA; a file that cannot be opened is sent
 /// empty (as fsutil does).
-async fn send_file(tx: &Out, id: u32, path: &Path) -> Result<(), SessionError> {
+async fn send_file(tx: &Out, id: u32, path: &Path, sent: &AtomicU64) -> Result<(), SessionError> {
     let data = |data: Vec<u8>| Packet {
         id,
         data,
@@ -220,6 +235,7 @@ async fn send_file(tx: &Out, id: u32, path: &Path) -> Result<(), SessionError> {
                 break;
             }
             buf.truncate(n);
+            sent.fetch_add(n as u64, Ordering::SeqCst);
             send(tx, data(buf)).await?;
         },
         Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot open file to send"),
@@ -450,7 +466,7 @@ where
     let entries = tokio::task::spawn_blocking(move || walk(&root, &selection, true))
         .await
         .map_err(|e| SessionError::protocol(format!("directory walk failed: {e}")))??;
-    let res = run(entries, inbound, &tx).await;
+    let res = run(entries, inbound, &tx, &AtomicU64::new(0)).await;
     if let Err(e) = &res {
         let _ = tx.send(Ok(err_packet(&error_chain(e)))).await;
     }
