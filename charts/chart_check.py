@@ -252,6 +252,17 @@ def check_rendering(label, values, objs):
                 fail(f"{label}: helm test Pod has no {addr} in {args}")
 
 
+def plain_labels(obj):
+    """Labels of a plain-YAML install: not managed by Helm, no chart label."""
+    for meta in (obj.get("metadata"), obj.get("spec", {}).get("template", {}).get("metadata")):
+        labels = (meta or {}).get("labels")
+        if labels:
+            labels.pop("helm.sh/chart", None)
+            if labels.get("app.kubernetes.io/managed-by") == "Helm":
+                labels["app.kubernetes.io/managed-by"] = "kustomize"
+    return obj
+
+
 def base_files(chart):
     """manifests/base as {filename: content}, from the default rendering without test hooks."""
     objs, _ = render(chart, {}, with_hooks=False)
@@ -262,8 +273,8 @@ def base_files(chart):
     for f in sorted(glob.glob(os.path.join(CHART, "crds", "*.yaml"))):
         crds.append(yaml.safe_load(open(f)))
     files["crds.yaml"] = HEADER + yaml.safe_dump_all(crds, sort_keys=False, explicit_start=True)
-    files["kiln.yaml"] = HEADER + yaml.safe_dump_all(
-        [o for _, o in objs], sort_keys=False, explicit_start=True)
+    plain = [plain_labels(o) for _, o in objs]
+    files["kiln.yaml"] = HEADER + yaml.safe_dump_all(plain, sort_keys=False, explicit_start=True)
     kust = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
