@@ -237,6 +237,19 @@ def check_rendering(label, values, objs):
             want = ctl_labels
         if not sel or any(want.get(k) != v for k, v in sel.items()):
             fail(f"{label}: NetworkPolicy {nm} selects {sel}, which misses pods labelled {want}")
+    # The chart's own pods are non-root with a read-only root filesystem (restricted PSS).
+    for _, o in objs:
+        spec = o["spec"]["template"]["spec"] if o["kind"] == "Deployment" else o["spec"]
+        if o["kind"] not in ("Deployment", "Pod"):
+            continue
+        if not spec.get("securityContext", {}).get("runAsNonRoot"):
+            fail(f"{label}: {o['kind']} {o['metadata']['name']} does not set runAsNonRoot")
+        for c in spec["containers"]:
+            sc = c.get("securityContext", {})
+            if not sc.get("readOnlyRootFilesystem") or sc.get("allowPrivilegeEscalation") is not False \
+                    or "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                fail(f"{label}: {o['kind']} {o['metadata']['name']} container {c['name']} "
+                     "is not restricted (readOnlyRootFilesystem, no privilege escalation, drop ALL)")
     for _, o in objs:
         if o["kind"] == "Pod":
             vols = {v["name"]: v for v in o["spec"]["volumes"]}
