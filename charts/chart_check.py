@@ -239,9 +239,9 @@ def check_rendering(label, values, objs):
             fail(f"{label}: NetworkPolicy {nm} selects {sel}, which misses pods labelled {want}")
     # The chart's own pods are non-root with a read-only root filesystem (restricted PSS).
     for _, o in objs:
-        spec = o["spec"]["template"]["spec"] if o["kind"] == "Deployment" else o["spec"]
         if o["kind"] not in ("Deployment", "Pod"):
             continue
+        spec = o["spec"]["template"]["spec"] if o["kind"] == "Deployment" else o["spec"]
         if not spec.get("securityContext", {}).get("runAsNonRoot"):
             fail(f"{label}: {o['kind']} {o['metadata']['name']} does not set runAsNonRoot")
         for c in spec["containers"]:
