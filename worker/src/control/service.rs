@@ -385,14 +385,25 @@ impl ControlService {
             .await
             .map_err(engine_status)?;
         drop(fetched);
+        self.export_solved(&solved, exports, caches, progress).await
+    }
+
+    /// Writes a solved build's outputs and cache exports, then queues its results for the
+    /// pool cache (after the exports, so the pool reuses the blobs they made).
+    async fn export_solved(
+        &self,
+        solved: &super::SolvedBuild,
+        exports: &[ExportRequest],
+        caches: &CacheOpts,
+        progress: &Progress,
+    ) -> Result<super::BuildResponse, Status> {
         let resp = self
             .engine
-            .export_result_with_cache(&solved, exports, &caches.exports, progress)
+            .export_result_with_cache(solved, exports, &caches.exports, progress)
             .await
             .map_err(engine_status)?;
-        // After the exports, so the pool reuses the blobs they made.
         self.engine
-            .queue_pool_export(&solved)
+            .queue_pool_export(solved)
             .map_err(engine_status)?;
         Ok(resp)
     }
@@ -445,19 +456,7 @@ impl ControlService {
                         "dockerfile.v0 needs the client's files: the solve names no session",
                     ));
                 }
-                let attrs: BTreeMap<String, String> = req
-                    .frontend_attrs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                let opts = BuildOpts::from_attrs(&attrs).map_err(Status::invalid_argument)?;
-                Frontend::Dockerfile {
-                    opts,
-                    dockerfile_local: attrs
-                        .get("dockerfilekey")
-                        .cloned()
-                        .unwrap_or_else(|| "dockerfile".into()),
-                }
+                dockerfile_frontend(&req.frontend_attrs)?
             }
             (other, _) => {
                 return Err(Status::invalid_argument(format!(
@@ -679,6 +678,20 @@ impl Drop for InFlight {
                 .inc();
         }
     }
+}
+
+/// The `dockerfile.v0` frontend with its attributes (`--opt`s).
+fn dockerfile_frontend(attrs: &HashMap<String, String>) -> Result<Frontend, Status> {
+    let attrs: BTreeMap<String, String> =
+        attrs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let opts = BuildOpts::from_attrs(&attrs).map_err(Status::invalid_argument)?;
+    Ok(Frontend::Dockerfile {
+        opts,
+        dockerfile_local: attrs
+            .get("dockerfilekey")
+            .cloned()
+            .unwrap_or_else(|| "dockerfile".into()),
+    })
 }
 
 /// An engine error as the gRPC status a client sees: the whole cause chain.

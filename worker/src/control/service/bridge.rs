@@ -10,7 +10,7 @@
 //! `ExecProcess`) and source-meta resolution answer `Unimplemented`, and Ping does not
 //! advertise them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +25,6 @@ use tonic::{Request, Response, Status};
 
 use super::{engine_status, CacheOpts, ControlService};
 use crate::control::{BuildRequest, BuildResponse, ExportRequest, Frontend, SolvedBuild};
-use crate::frontend::BuildOpts;
 use crate::image::Platform;
 use crate::progress::Progress;
 
@@ -206,15 +205,7 @@ impl ControlService {
                 Status::invalid_argument(format!("result metadata containerimage.config: {e}"))
             })?;
         }
-        let resp = self
-            .engine
-            .export_result_with_cache(&solved, exports, &caches.exports, progress)
-            .await
-            .map_err(engine_status)?;
-        self.engine
-            .queue_pool_export(&solved)
-            .map_err(engine_status)?;
-        Ok(resp)
+        self.export_solved(&solved, exports, caches, progress).await
     }
 
     /// The bridge job named by a call's `buildkit-controlapi-buildid` header, waiting briefly
@@ -331,19 +322,7 @@ impl gw::llb_bridge_server::LlbBridge for ControlService {
             }
             ("", Some(def)) => build_request(Frontend::Llb(def)),
             ("dockerfile.v0" | "dockerfile", _) => {
-                let attrs: BTreeMap<String, String> = req
-                    .frontend_opt
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                let opts = BuildOpts::from_attrs(&attrs).map_err(Status::invalid_argument)?;
-                build_request(Frontend::Dockerfile {
-                    opts,
-                    dockerfile_local: attrs
-                        .get("dockerfilekey")
-                        .cloned()
-                        .unwrap_or_else(|| "dockerfile".into()),
-                })
+                build_request(super::dockerfile_frontend(&req.frontend_opt)?)
             }
             (other, _) => {
                 return Err(Status::invalid_argument(format!(
