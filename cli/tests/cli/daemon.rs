@@ -329,9 +329,15 @@ fn daemon_gets_secrets_from_the_client_session_and_never_stores_them() -> anyhow
     let unix = format!("unix://{}", run.path().join("kiln.sock").display());
     let daemon = Daemon::start(&["--addr", &unix])?;
     let ctx = tempfile::tempdir()?;
+    // The Dockerfile names the value only by its hash, so finding the value anywhere on the
+    // worker means it leaked.
+    let hash = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(b"s3cr3t-value"))
+    };
     std::fs::write(
         ctx.path().join("Dockerfile"),
-        "ARG BASE\nFROM ${BASE}\nRUN --mount=type=secret,id=tok test \"$(cat /run/secrets/tok)\" = s3cr3t-value && echo checked > /checked\n",
+        format!("ARG BASE\nFROM ${{BASE}}\nRUN --mount=type=secret,id=tok test \"$(sha256sum < /run/secrets/tok | cut -d' ' -f1)\" = {hash} && echo checked > /checked\n"),
     )?;
     let secret = run.path().join("tok.txt");
     std::fs::write(&secret, "s3cr3t-value")?;
@@ -436,5 +442,60 @@ fn daemon_uses_registry_credentials_served_by_the_client() -> anyhow::Result<()>
         )],
     )?;
     assert_eq!(resp.status, 200);
+    Ok(())
+}
+
+/// Containers of a build in the daemon's runtime state directory.
+fn containers(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join("executor/runc"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Polls `cond` every 100 ms for up to `secs` seconds.
+fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..secs * 10 {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cond()
+}
+
+#[test]
+fn client_going_away_cancels_the_build_and_its_container() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
+    let daemon = Daemon::start(&["--addr", &unix])?;
+    let ctx = tempfile::tempdir()?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN sleep 300\n",
+    )?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let mut client = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--addr", &unix, "--build-arg", &arg])
+        .arg(ctx.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let started = eventually(60, || !containers(daemon.root()).is_empty());
+    let _ = client.kill();
+    let _ = client.wait();
+    assert!(started, "the RUN container never started");
+    assert!(
+        eventually(30, || containers(daemon.root()).is_empty()),
+        "the container outlived its client: {:?}",
+        containers(daemon.root())
+    );
+    // The daemon still serves.
+    ok(kiln(&["workers", "--addr", &unix])?)?;
     Ok(())
 }

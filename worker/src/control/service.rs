@@ -774,6 +774,27 @@ impl api::control_server::Control for ControlService {
         // stops its containers and releases its mounts.
         let cancel = CancellationToken::new();
         let _cancel_on_drop = cancel.clone().drop_guard();
+        // A client that dies may leave this call pending; its session going away (closed,
+        // or failing health checks) cancels the build too, as BuildKit does.
+        if !req.session.is_empty() {
+            let (sessions, id, token) =
+                (self.sessions.clone(), req.session.clone(), cancel.clone());
+            let r#ref = req.r#ref.clone();
+            tokio::spawn(async move {
+                if sessions.get(&id, LOOKUP_WAIT).await.is_none() {
+                    return;
+                }
+                tokio::select! {
+                    () = sessions.closed(&id) => {
+                        if !token.is_cancelled() {
+                            tracing::warn!(%r#ref, session = %id, "the client's session closed: cancelling the build");
+                            token.cancel();
+                        }
+                    }
+                    () = token.cancelled() => {}
+                }
+            });
+        }
         let started = std::time::Instant::now();
         let mut in_flight = self
             .metrics

@@ -107,6 +107,23 @@ impl SessionManager {
         }
     }
 
+    /// Resolves once session `id` (prefix ignored, as in [`SessionManager::get`]) is no
+    /// longer open: its client closed it, went away, or failed its health checks.
+    pub async fn closed(&self, id: &str) {
+        let id = id.split_once(':').map_or(id, |(_, real)| real);
+        let mut changes = self.changed.subscribe();
+        loop {
+            let open = self
+                .sessions
+                .lock()
+                .map(|m| m.contains_key(id))
+                .unwrap_or(false);
+            if !open || changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The whole daemon side of `Control.Session`: reads the headers, dials the client
     /// over the stream, registers the session, and keeps it until the client closes
     /// the stream or fails two health checks in a row. Return the result from the
