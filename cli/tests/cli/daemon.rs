@@ -484,11 +484,17 @@ fn client_going_away_cancels_the_build_and_its_container() -> anyhow::Result<()>
         .args(["build", "--addr", &unix, "--build-arg", &arg])
         .arg(ctx.path())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
     let started = eventually(60, || !containers(daemon.root()).is_empty());
+    let early_exit = client.try_wait()?;
     let _ = client.kill();
-    let _ = client.wait();
+    let out = client.wait_with_output()?;
+    assert!(
+        early_exit.is_none(),
+        "the client ended before it was killed: {early_exit:?}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(started, "the RUN container never started");
     assert!(
         eventually(30, || containers(daemon.root()).is_empty()),

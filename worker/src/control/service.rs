@@ -782,8 +782,10 @@ impl api::control_server::Control for ControlService {
             let r#ref = req.r#ref.clone();
             tokio::spawn(async move {
                 if sessions.get(&id, LOOKUP_WAIT).await.is_none() {
+                    tracing::debug!(%r#ref, session = %id, "no session to watch");
                     return;
                 }
+                tracing::debug!(%r#ref, session = %id, "watching the session");
                 tokio::select! {
                     () = sessions.closed(&id) => {
                         if !token.is_cancelled() {
