@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Gateway overhead benchmark (issue 5): the same requests straight to a kiln-worker and
+# through a kiln-gateway in front of it, in the same run, over loopback TCP (plaintext, so
+# the figures are the proxy's and not TLS's):
+#   noop     an unchanged (fully cached) Dockerfile build with `kiln build --addr`
+#   workers  `kiln workers` (ListWorkers), a whole client process per call
+# Prints medians and p99 of N runs and the ratios (target: no-op build through the gateway
+# <= 1.1x direct). Client process start-up is part of every figure, on both sides.
+# Usage: bench/gateway.sh [N]   (root; release binaries unless KILN_BIN=dir is given)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-20}
+if [ -z "${KILN_BIN:-}" ]; then
+  cargo build --release -q -p kiln-cli -p kiln-worker -p kiln-gateway -p kiln-e2e
+  KILN_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
+fi
+bin=$KILN_BIN
+work=$(mktemp -d /var/tmp/kiln-gateway-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+"$bin/kiln-testenv" registry >"$work/registry.addr" &
+pids+=($!)
+for _ in $(seq 1 100); do [ -s "$work/registry.addr" ] && break; sleep 0.1; done
+addr=$(head -n1 "$work/registry.addr")
+"$bin/kiln-testenv" push-base "$addr" base:1 >/dev/null
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
+
+wport=$(free_port); gport=$(free_port)
+"$bin/kiln-worker" --root "$work/w0" --addr "tcp://127.0.0.1:$wport" --insecure-tcp --worker-id w0 --log warn 2>"$work/w0.log" &
+pids+=($!)
+wait_port "$wport"
+"$bin/kiln-gateway" --addr "tcp://127.0.0.1:$gport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gw.log" &
+pids+=($!)
+wait_port "$gport"
+
+mkdir -p "$work/proj"
+printf 'ARG BASE\nFROM ${BASE}\nRUN echo hi > /x\n' >"$work/proj/Dockerfile"
+now() { date +%s.%N; }
+timed() { local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now); echo "$t1 - $t0" | bc; }
+build() { "$bin/kiln" build --addr "tcp://127.0.0.1:$1" --progress quiet --opt kiln.route-key=bench \
+  --build-arg "BASE=$addr/base:1" "$work/proj"; }
+# Warm both paths (the first build fills the worker's cache).
+build "$wport" >/dev/null; build "$gport" >/dev/null
+
+for i in $(seq 1 "$N"); do
+  timed build "$wport" >>"$work/noop.direct"
+  timed build "$gport" >>"$work/noop.gateway"
+  timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$wport" >>"$work/workers.direct"
+  timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$gport" >>"$work/workers.gateway"
+done
+
+stat() { sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; i=int(NR*0.99); if (i<1) i=1; printf "%.4f %.4f\n", m, a[i]}'; }
+printf '%-8s %-8s %10s %10s\n' what path median p99
+for w in noop workers; do
+  for p in direct gateway; do
+    read -r m q < <(stat <"$work/$w.$p")
+    printf '%-8s %-8s %10s %10s\n' "$w" "$p" "$m" "$q"
+    eval "${w}_${p}=$m"
+  done
+done
+echo "noop gateway/direct = $(echo "scale=3; $noop_gateway / $noop_direct" | bc)  (target <= 1.1)"
+echo "workers added median = $(echo "scale=4; ($workers_gateway - $workers_direct) * 1000" | bc) ms"
+echo "(median of $N; $(nproc) cores, $(uname -r); each figure includes a kiln process start)"
