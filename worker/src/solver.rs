@@ -510,11 +510,14 @@ impl<O: Op> Build<O> {
             }
         };
         if owner {
-            let res = fut.await;
-            if let Ok(mut inflight) = self.solver.inflight.lock() {
-                inflight.remove(&key);
-            }
-            return res.map_err(unshare);
+            // The entry goes when this await ends or is dropped (a cancelled build): a
+            // stale entry would keep the shared work alive but unpolled, holding whatever it
+            // runs (a container) until a later build with the same key polled it again.
+            let _entry = InflightEntry {
+                solver: &self.solver,
+                key: &key,
+            };
+            return fut.await.map_err(unshare);
         }
         let now = SystemTime::now();
         self.update(i, |s| s.started = Some(now));
@@ -600,6 +603,20 @@ impl<O: Op> Build<O> {
             }
         });
         res
+    }
+}
+
+/// Removes a key from the solver's in-flight table when its owner stops waiting for it.
+struct InflightEntry<'a, O: Op> {
+    solver: &'a Solver<O>,
+    key: &'a str,
+}
+
+impl<O: Op> Drop for InflightEntry<'_, O> {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.solver.inflight.lock() {
+            inflight.remove(self.key);
+        }
     }
 }
 

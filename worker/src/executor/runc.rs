@@ -284,9 +284,10 @@ pub async fn run(
         bundle: bundle.clone(),
         armed: true,
     };
-    // A cancelled build's future may stay parked without being polled (its result shared
-    // with a dedup table, say), so the select in `run_in_bundle` would never see the
-    // cancellation: this task kills the container on cancel unless the run finished first.
+    // A cancelled build's future can stay parked without being polled: the solver drops
+    // its in-flight entry on cancel, but something else still holds the shared work in
+    // about half the runs (not found yet), so the select in `run_in_bundle` would never see
+    // the cancellation. This task kills the container on cancel unless the run finished.
     let killer = AbortOnDrop(tokio::spawn({
         let (binary, state, id, cancel) = (
             runc.binary.clone(),
