@@ -696,12 +696,15 @@ impl Engine {
         // the frontend needs nothing new.
         let mut images = frontend::ResolvedImages::new();
         let mut needed = frontend::dockerfile::required_images(&src, &opts)?;
+        // One resolver for all rounds: its registry clients (and the credentials asked of
+        // the client's session) are reused across base images.
+        let resolver = self.images_for(req.session.as_ref());
         for _round in 0..8 {
             if needed.is_empty() {
                 break;
             }
             let resolved = futures::future::try_join_all(needed.into_iter().map(|r| {
-                let images = self.images_for(req.session.as_ref());
+                let images = resolver.clone();
                 let progress = progress.clone();
                 async move {
                     let step = Step::start(
