@@ -270,3 +270,49 @@ pub fn counters(text: &str, name: &str, label: &str) -> std::collections::BTreeM
         })
         .collect()
 }
+
+/// One worker behind one gateway, both over mutual TLS with certificates from one test CA
+/// (written under `dir/pki`), and a user client identity to reach the gateway with.
+pub struct MtlsFleet {
+    /// The worker process.
+    pub worker: Proc,
+    /// The gateway process.
+    pub gateway: Proc,
+    /// The worker as `--workers` names it (`w0=tcp://…`).
+    pub worker_member: String,
+    /// The gateway's TCP port on 127.0.0.1.
+    pub gateway_port: u16,
+    /// The CA, and a client certificate the gateway accepts.
+    pub user: crate::pki::Identity,
+}
+
+impl MtlsFleet {
+    /// Starts the worker and the gateway; returns once both listen.
+    pub fn start(bins: &Path, dir: &Path) -> anyhow::Result<MtlsFleet> {
+        let ca = crate::pki::Ca::new("kiln test fleet CA")?;
+        let pki = dir.join("pki");
+        let worker_id = ca.server(&pki, "worker", &["localhost", "127.0.0.1"])?;
+        let gateway_id = ca.server(&pki, "gateway", &["localhost", "127.0.0.1"])?;
+        let gateway_client = ca.client(&pki, "gateway-client")?;
+        let user = ca.client(&pki, "user")?;
+        let wport = free_port()?;
+        let worker = start_worker_tls(bins, "w0", wport, dir, Some(&worker_id))?;
+        let (gport, mport) = (free_port()?, free_port()?);
+        let worker_member = format!("w0=tcp://127.0.0.1:{wport}");
+        let gateway = start_gateway_tls(
+            bins,
+            gport,
+            mport,
+            std::slice::from_ref(&worker_member),
+            dir,
+            Some((&gateway_id, &gateway_client)),
+        )?;
+        Ok(MtlsFleet {
+            worker,
+            gateway,
+            worker_member,
+            gateway_port: gport,
+            user,
+        })
+    }
+}

@@ -232,31 +232,13 @@ fn twelve_projects_stick_to_their_workers() -> anyhow::Result<()> {
 /// clients are refused, and a gateway without a client certificate cannot reach the worker.
 #[test]
 fn mutual_tls_from_client_through_gateway_to_worker() -> anyhow::Result<()> {
-    use kiln_e2e::pki::Ca;
-
     let bins = fleet::ensure_binaries()?;
     let reg = Registry::start()?;
     kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
     let dir = tempfile::tempdir()?;
-    let ca = Ca::new("kiln fleet CA")?;
-    let pki = dir.path().join("pki");
-    let worker_id = ca.server(&pki, "worker", &["localhost", "127.0.0.1"])?;
-    let gateway_id = ca.server(&pki, "gateway", &["localhost", "127.0.0.1"])?;
-    let gateway_client = ca.client(&pki, "gateway-client")?;
-    let user = ca.client(&pki, "user")?;
-
-    let wport = fleet::free_port()?;
-    let _worker = fleet::start_worker_tls(&bins, "w0", wport, dir.path(), Some(&worker_id))?;
-    let (gport, mport) = (fleet::free_port()?, fleet::free_port()?);
-    let workers = [format!("w0=tcp://127.0.0.1:{wport}")];
-    let _gateway = fleet::start_gateway_tls(
-        &bins,
-        gport,
-        mport,
-        &workers,
-        dir.path(),
-        Some((&gateway_id, &gateway_client)),
-    )?;
+    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
+    let (user, gport) = (&mtls.user, mtls.gateway_port);
+    let workers = [mtls.worker_member.clone()];
 
     let project = dir.path().join("project");
     std::fs::create_dir_all(&project)?;
@@ -307,7 +289,7 @@ fn mutual_tls_from_client_through_gateway_to_worker() -> anyhow::Result<()> {
         let mut cmd = Command::new(bins.join("kiln-gateway"));
         cmd.args(["--addr", &format!("tcp://127.0.0.1:{g2}"), "--insecure-tcp"])
             .args(["--workers", &workers[0]])
-            .args(["--worker-tlscacert", &p(&gateway_id.ca)])
+            .args(["--worker-tlscacert", &p(&user.ca)])
             .args(["--metrics-addr", &format!("127.0.0.1:{m2}")]);
         let mut proc = Proc::spawn("bare-gateway", cmd, &logs.join("gateway.log"))?;
         fleet::wait_for_port(

@@ -8,7 +8,6 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use kiln_e2e::fleet;
-use kiln_e2e::pki::Ca;
 use kiln_e2e::registry::Registry;
 
 #[test]
@@ -17,23 +16,8 @@ fn tekton_step_script_builds_and_writes_results() -> anyhow::Result<()> {
     let reg = Registry::start()?;
     kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
     let dir = tempfile::tempdir()?;
-    let ca = Ca::new("kiln tekton CA")?;
-    let pki = dir.path().join("pki");
-    let worker_id = ca.server(&pki, "worker", &["localhost", "127.0.0.1"])?;
-    let gateway_id = ca.server(&pki, "gateway", &["localhost", "127.0.0.1"])?;
-    let gateway_client = ca.client(&pki, "gateway-client")?;
-    let user = ca.client(&pki, "user")?;
-    let wport = fleet::free_port()?;
-    let _worker = fleet::start_worker_tls(&bins, "w0", wport, dir.path(), Some(&worker_id))?;
-    let (gport, mport) = (fleet::free_port()?, fleet::free_port()?);
-    let _gateway = fleet::start_gateway_tls(
-        &bins,
-        gport,
-        mport,
-        &[format!("w0=tcp://127.0.0.1:{wport}")],
-        dir.path(),
-        Some((&gateway_id, &gateway_client)),
-    )?;
+    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
+    let (user, gport) = (&mtls.user, mtls.gateway_port);
 
     // The client-certificate Secret as Tekton mounts it.
     let tls = dir.path().join("tls");
