@@ -42,9 +42,28 @@ pub fn busybox_layout(dir: &Path, platform_arch: &str) -> anyhow::Result<()> {
 /// [`busybox_layout`], returning the digests it wrote.
 pub fn busybox_layout_info(dir: &Path, platform_arch: &str) -> anyhow::Result<BaseImage> {
     let tar = layer_tar()?;
-    let diff_id = sha256(&tar);
+    write_layout(
+        dir,
+        &tar,
+        platform_arch,
+        serde_json::json!({ "Env": [BASE_PATH], "Cmd": ["sh"] }),
+        "kiln-e2e busybox base",
+    )
+}
+
+/// Writes an OCI image layout into `dir` (created) holding one image, tagged `latest`, whose
+/// only layer is `layer_tar` (an uncompressed tar, gzipped here) and whose image config is
+/// `config` (the `config` object of the image configuration: `Env`, `Cmd`, `User`, …).
+pub fn write_layout(
+    dir: &Path,
+    layer_tar: &[u8],
+    platform_arch: &str,
+    config: serde_json::Value,
+    created_by: &str,
+) -> anyhow::Result<BaseImage> {
+    let diff_id = sha256(layer_tar);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&tar)?;
+    gz.write_all(layer_tar)?;
     let layer = gz.finish()?;
     let layer_digest = sha256(&layer);
 
@@ -52,9 +71,9 @@ pub fn busybox_layout_info(dir: &Path, platform_arch: &str) -> anyhow::Result<Ba
         "created": EPOCH,
         "architecture": platform_arch,
         "os": "linux",
-        "config": { "Env": [BASE_PATH], "Cmd": ["sh"] },
+        "config": config,
         "rootfs": { "type": "layers", "diff_ids": [diff_id] },
-        "history": [{ "created": EPOCH, "created_by": "kiln-e2e busybox base" }],
+        "history": [{ "created": EPOCH, "created_by": created_by }],
     });
     let config = serde_json::to_vec(&config)?;
     let config_digest = sha256(&config);
@@ -123,6 +142,30 @@ pub fn push_base(registry_addr: &str, name_tag: &str) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let layout = dir.path().join("layout");
     busybox_layout(&layout, host_arch())?;
+    push_layout(&layout, registry_addr, name_tag, &[])
+}
+
+/// Packs a root filesystem tarball (e.g. `mmdebstrap`'s output) as a one-layer image with
+/// `config` and pushes it to `<registry_addr>/<name_tag>`: how scripts make stand-ins for
+/// public base images (Debian, distroless) on a machine that cannot reach them.
+pub fn push_rootfs(
+    registry_addr: &str,
+    name_tag: &str,
+    rootfs_tar: &Path,
+    config: serde_json::Value,
+) -> anyhow::Result<()> {
+    let tar =
+        std::fs::read(rootfs_tar).with_context(|| format!("read {}", rootfs_tar.display()))?;
+    // A quick sanity check, so a wrong path fails here and not inside the registry push.
+    tar::Archive::new(tar.as_slice())
+        .entries()
+        .and_then(|mut e| e.next().transpose())
+        .with_context(|| format!("{} is not a tar archive", rootfs_tar.display()))?
+        .with_context(|| format!("{} is an empty tar archive", rootfs_tar.display()))?;
+    let dir = tempfile::tempdir()?;
+    let layout = dir.path().join("layout");
+    let by = format!("kiln-testenv push-rootfs {}", rootfs_tar.display());
+    write_layout(&layout, &tar, host_arch(), config, &by)?;
     push_layout(&layout, registry_addr, name_tag, &[])
 }
 

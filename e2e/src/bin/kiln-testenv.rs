@@ -4,6 +4,9 @@
 //!   address (`127.0.0.1:PORT`); Ctrl-C stops it.
 //! - `kiln-testenv push-base ADDR NAME:TAG` pushes the busybox base image.
 //! - `kiln-testenv layout DIR` writes the busybox base as an OCI layout.
+//! - `kiln-testenv push-rootfs ADDR NAME:TAG ROOTFS.tar [CONFIG_JSON]` packs a root
+//!   filesystem tarball as a one-layer image (image config `config` object given as JSON,
+//!   default `{"Env":["PATH=…"]}`) and pushes it.
 
 use std::io::Write;
 
@@ -41,6 +44,19 @@ fn main() -> anyhow::Result<()> {
         ["layout", dir] => {
             kiln_e2e::base::busybox_layout(std::path::Path::new(dir), kiln_e2e::base::host_arch())
         }
-        _ => bail!("usage: kiln-testenv registry | push-base ADDR NAME:TAG | layout DIR"),
+        ["push-rootfs", addr, name, tar, rest @ ..] if rest.len() <= 1 => {
+            let config = match rest.first() {
+                Some(json) => serde_json::from_str(json)
+                    .map_err(|e| anyhow::anyhow!("image config {json:?} is not JSON: {e}"))?,
+                None => serde_json::json!({ "Env": [kiln_e2e::base::BASE_PATH] }),
+            };
+            kiln_e2e::base::push_rootfs(addr, name, std::path::Path::new(tar), config)?;
+            println!("pushed {addr}/{name}");
+            Ok(())
+        }
+        _ => bail!(
+            "usage: kiln-testenv registry | push-base ADDR NAME:TAG | layout DIR \
+             | push-rootfs ADDR NAME:TAG ROOTFS.tar [CONFIG_JSON]"
+        ),
     }
 }
