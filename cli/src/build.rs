@@ -468,10 +468,15 @@ async fn embedded(
         .with_context(|| format!("opening state in {}", root.display()))?;
     let cancel = CancellationToken::new();
     let c2 = cancel.clone();
+    // Ctrl-C, and SIGTERM as `timeout`, CI runners and Kubernetes send it: cancel the build
+    // so its containers are stopped and its mounts released before the process exits.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            c2.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
+        c2.cancel();
     });
     Ok(engine
         .build_with_cache(req, caches, progress, cancel)

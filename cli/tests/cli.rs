@@ -228,6 +228,69 @@ fn kill_9_mid_run_leaves_a_store_that_builds_correctly() -> anyhow::Result<()> {
 }
 
 #[test]
+fn sigterm_mid_run_cancels_the_build_and_stops_its_container() -> anyhow::Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(
+        dir.path().join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN sleep 600\n",
+    )?;
+    let root = tempfile::tempdir()?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "--root"])
+        .arg(root.path())
+        .args(["--progress", "plain", "--build-arg", &arg])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+            bail!("build ended before the slow step started");
+        }
+        if line.contains("RUN sleep 600") {
+            break;
+        }
+    }
+    // Give runc time to start the container, then send what `timeout` and Kubernetes send.
+    let runc_root = root.path().join("executor/runc");
+    let running = || -> anyhow::Result<String> {
+        let out = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    for _ in 0..100 {
+        if !running()?.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !running()?.is_empty(),
+        "the RUN step's container never started"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest)?;
+    let status = child.wait()?;
+    assert!(!status.success(), "a cancelled build exited 0");
+    assert!(rest.to_lowercase().contains("cancel"), "{rest}");
+    assert_eq!(running()?, "", "a container outlived the cancelled build");
+    Ok(())
+}
+
+#[test]
 fn addr_builds_on_a_daemon_over_a_session() -> anyhow::Result<()> {
     use kiln_worker::control::service::ControlService;
     use kiln_worker::control::{Engine, EngineConfig};

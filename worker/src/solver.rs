@@ -276,6 +276,8 @@ impl<O: Op> Solver<O> {
                 records: build.records(),
             })
         };
+        // Also when this future is dropped (a client that went away mid-call).
+        let _release = Release(&build);
         let res = tokio::select! {
             r = fut => r,
             _ = cancel.cancelled() => Err(Error::Cancelled),
@@ -348,6 +350,25 @@ impl<O: Op> Build<O> {
                 }
             });
         }
+    }
+
+    /// Drops the memoized futures. They hold this build (an `Arc` cycle), so without this
+    /// the work of a cancelled build would stay parked, unpolled, for as long as the process
+    /// lives (a running container with it); dropped, a container is killed and deleted by
+    /// its runtime's drop guard. Work another build shares stays alive through its clone.
+    fn release(&self) {
+        let mut parked: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
+        for slot in &self.keys {
+            if let Some(f) = slot.lock().ok().and_then(|mut s| s.take()) {
+                parked.push(Box::new(f));
+            }
+        }
+        for slot in &self.outputs {
+            if let Some(f) = slot.lock().ok().and_then(|mut s| s.take()) {
+                parked.push(Box::new(f));
+            }
+        }
+        drop(parked);
     }
 
     /// The vertices whose keys are known, inputs first.
@@ -606,6 +627,15 @@ impl<O: Op> Build<O> {
     }
 }
 
+/// Releases a build's memoized work when its solve ends or is dropped.
+struct Release<'a, O: Op>(&'a Build<O>);
+
+impl<O: Op> Drop for Release<'_, O> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
 /// Removes a key from the solver's in-flight table when its owner stops waiting for it.
 struct InflightEntry<'a, O: Op> {
     solver: &'a Solver<O>,
@@ -789,6 +819,99 @@ mod tests {
             }
         }
         assert_eq!(completed, 4);
+        Ok(())
+    }
+
+    /// Never finishes: says when it started and, through a guard, when its work was dropped.
+    struct Hang {
+        started: Arc<tokio::sync::Notify>,
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for SetOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait]
+    impl Op for Hang {
+        type Output = String;
+        async fn cache_key(
+            &self,
+            _ctx: &VertexCtx,
+            _inputs: &[Option<String>],
+        ) -> Result<String, BoxError> {
+            Ok("hang".into())
+        }
+        async fn exec(
+            &self,
+            _ctx: &VertexCtx,
+            _inputs: &[String],
+        ) -> Result<Vec<String>, BoxError> {
+            let _guard = SetOnDrop(self.dropped.clone());
+            self.started.notify_one();
+            std::future::pending::<()>().await;
+            Ok(vec![])
+        }
+    }
+
+    fn hang_graph(op: Hang) -> Graph<Hang> {
+        Graph {
+            vertices: vec![Vertex {
+                digest: "hang".into(),
+                name: "hang".into(),
+                op: Arc::new(op),
+                inputs: vec![],
+                ignore_cache: false,
+            }],
+            result: Edge {
+                vertex: 0,
+                output: 0,
+            },
+            remote: Vec::new(),
+        }
+    }
+
+    /// The work of a cancelled build is dropped (a container's drop guard kills it), not
+    /// left parked: the build's memoized futures used to keep it alive through an `Arc` cycle.
+    #[tokio::test]
+    async fn cancelled_or_dropped_build_drops_its_running_work() -> anyhow::Result<()> {
+        for drop_instead_of_cancel in [false, true] {
+            let solver = Solver::new(Arc::new(MemCache::default()), 4);
+            let started = Arc::new(tokio::sync::Notify::new());
+            let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let graph = hang_graph(Hang {
+                started: started.clone(),
+                dropped: dropped.clone(),
+            });
+            let cancel = CancellationToken::new();
+            let (progress, _rx) = Progress::channel();
+            let mut solve = Box::pin(solver.solve(graph, progress, cancel.clone()));
+            tokio::select! {
+                _ = &mut solve => anyhow::bail!("a hanging build finished"),
+                _ = started.notified() => {}
+            }
+            assert!(!dropped.load(Ordering::SeqCst));
+            if drop_instead_of_cancel {
+                drop(solve);
+            } else {
+                cancel.cancel();
+                let err = solve.await.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(err.contains("cancelled"), "{err}");
+            }
+            assert!(
+                dropped.load(Ordering::SeqCst),
+                "the running op outlived its build (dropped future: {drop_instead_of_cancel})"
+            );
+            assert!(solver
+                .inflight
+                .lock()
+                .map(|m| m.is_empty())
+                .unwrap_or(false));
+        }
         Ok(())
     }
 

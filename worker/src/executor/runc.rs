@@ -211,16 +211,8 @@ fn remove_stub(p: &Path) {
 }
 
 /// Deletes the container and its bundle if the run future is dropped midway (its
-/// runtime process is killed by `kill_on_drop`, the container would stay behind).
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
+/// runtime process is killed by `kill_on_drop`, the container would stay behind): the
+/// solver drops the work of a cancelled build.
 struct DropGuard {
     binary: PathBuf,
     state: PathBuf,
@@ -284,35 +276,7 @@ pub async fn run(
         bundle: bundle.clone(),
         armed: true,
     };
-    // A cancelled build's future can stay parked without being polled: the solver drops
-    // its in-flight entry on cancel, but something else still holds the shared work in
-    // about half the runs (not found yet), so the select in `run_in_bundle` would never see
-    // the cancellation. This task kills the container on cancel unless the run finished.
-    let killer = AbortOnDrop(tokio::spawn({
-        let (binary, state, id, cancel) = (
-            runc.binary.clone(),
-            runc.state.clone(),
-            id.to_string(),
-            cancel.clone(),
-        );
-        async move {
-            cancel.cancelled().await;
-            // The run's own path kills and reports it; this is the fallback.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            tracing::warn!(%id, "cancelled run not collected: deleting its container");
-            let _ = tokio::process::Command::new(&binary)
-                .arg("--root")
-                .arg(&state)
-                .args(["delete", "--force", &id])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .await;
-        }
-    }));
     let res = run_in_bundle(&runc, &bundle, id, rootfs, spec, output, cancel).await;
-    drop(killer);
     guard.armed = false;
     runc.delete(id).await;
     for s in stubs.iter().rev() {
