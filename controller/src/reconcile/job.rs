@@ -641,7 +641,8 @@ fn spawn(
     let handle = tokio::spawn(
         async move {
             let mut run = AbortOnDrop(tokio::spawn(build));
-            let mut tick = tokio::time::interval(interval);
+            let first = tokio::time::Instant::now() + interval;
+            let mut tick = tokio::time::interval_at(first, interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let outcome = loop {
                 tokio::select! {
