@@ -830,3 +830,112 @@ async fn git_sources_become_a_remote_context() {
     assert_eq!(reason, "BuildFailed");
     assert_eq!(message, "remote contexts are not supported");
 }
+
+// === a real build ===
+
+/// The reconcile with the real runner, against a real `kiln-gateway` and `kiln-worker` over
+/// mutual TLS and a real `docker-registry`: a ConfigMap context and a build secret. The
+/// digest in the status is the one the registry serves, the worker is the gateway's, and
+/// the secret's value (which the Dockerfile prints) is in no request the controller made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
+    use kiln_controller::reconcile::job::runner::GatewayRunner;
+    use kiln_e2e::{fleet, registry::Registry};
+
+    let bins = fleet::ensure_binaries()?;
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
+
+    let fake = Shared::default();
+    seed_world(&fake);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p);
+    let identity = secret(
+        "p-controller-client-tls",
+        &[
+            ("ca.crt", &read(&mtls.user.ca)?),
+            ("tls.crt", &read(&mtls.user.cert)?),
+            ("tls.key", &read(&mtls.user.key)?),
+        ],
+    );
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\n\
+        RUN --mount=type=secret,id=tok echo \"token: $(cat /run/secrets/tok)\" && cat /hello.txt\n";
+    {
+        let mut f = lock(&fake);
+        f.objects.insert(
+            format!("/api/v1{NS}/secrets/p-controller-client-tls"),
+            identity,
+        );
+        let cm = f
+            .objects
+            .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
+            .unwrap();
+        cm["data"]["Dockerfile"] = json!(dockerfile);
+    }
+    let image = format!("{}/kiln/job:1", reg.addr());
+    seed_job(
+        &fake,
+        "j",
+        json!({"target": null, "platforms": [], "cacheImport": [], "cacheExport": [],
+               "buildArgs": {"BASE": format!("{}/kiln/base:1", reg.addr())},
+               "outputs": [{"name": image, "push": true}]}),
+    );
+
+    let runner = GatewayRunner {
+        addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
+        server_name_override: Some("localhost".into()),
+        insecure_registries: Vec::new(),
+    };
+    let s = Settings {
+        progress_interval: Duration::from_millis(200),
+        ..settings()
+    };
+    let (ctx, mut ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        Arc::new(runner),
+        s,
+    );
+    job::reconcile(stored(&fake, "j"), ctx.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(600), ended.recv())
+        .await
+        .expect("the build did not end");
+    job::reconcile(stored(&fake, "j"), ctx.clone()).await?;
+
+    let st = lock(&fake).objects[&job_path("j")]["status"].clone();
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert_eq!(st["worker"], "w0");
+    let digest = st["imageDigest"].as_str().unwrap_or_default().to_string();
+    assert!(digest.starts_with("sha256:"), "{st:#}");
+    let served = kiln_e2e::http::get(
+        &reg.addr(),
+        "/v2/kiln/job/manifests/1",
+        &[(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json,application/vnd.oci.image.index.v1+json,application/vnd.docker.distribution.manifest.v2+json",
+        )],
+    )?;
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        served.header("docker-content-digest"),
+        Some(digest.as_str())
+    );
+
+    let tail: Vec<String> = serde_json::from_value(st["logTail"].clone())?;
+    assert!(tail.iter().any(|l| l.ends_with("token: ****")), "{tail:#?}");
+    assert!(tail.iter().any(|l| l.ends_with(" hello")), "{tail:#?}");
+    let log = lock(&fake).log.clone();
+    assert!(
+        log.iter().any(|s| s.path == status_path("j")
+            && s.body
+                .as_ref()
+                .is_some_and(|b| b["status"]["phase"].is_null())),
+        "no progress patch was made"
+    );
+    for s in &log {
+        let body = s.body.as_ref().map(Value::to_string).unwrap_or_default();
+        assert!(!body.contains(SECRET_VALUE), "{}: {body}", s.line());
+    }
+    Ok(())
+}
