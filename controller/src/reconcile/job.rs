@@ -584,23 +584,26 @@ async fn submit(
         Duration::ZERO
     };
     info!(attempt, addr = %input.addr, ?delay, "submitting build");
-    spawn(ctx, job, id, input, attempt, tail, delay, timeout);
+    let run = Attempt {
+        number: attempt,
+        tail,
+        delay,
+        timeout,
+    };
+    spawn(ctx, job, id, input, run);
     Ok(Action::requeue(ctx.settings.recheck))
 }
 
 /// Starts the build task of a job: the runner (after `delay`, within `timeout`), and the
 /// progress patches while it runs. When it ends, the outcome waits in the task for the
 /// reconcile the trigger asks for.
-fn spawn(
-    ctx: &Arc<JobContext>,
-    job: &BuildJob,
-    id: &Ids,
-    input: BuildInput,
-    attempt: i32,
-    tail: Vec<String>,
-    delay: Duration,
-    timeout: Option<(Duration, String)>,
-) {
+fn spawn(ctx: &Arc<JobContext>, job: &BuildJob, id: &Ids, input: BuildInput, run: Attempt) {
+    let Attempt {
+        number: attempt,
+        tail,
+        delay,
+        timeout,
+    } = run;
     let masks = input
         .secrets
         .values()
@@ -680,6 +683,18 @@ fn spawn(
     );
     // Replacing a previous attempt's task drops (and aborts) it.
     lock(&ctx.tasks).insert(id.uid.clone(), Task { live, handle });
+}
+
+/// One submission of a job's build.
+struct Attempt {
+    /// 1 for the first.
+    number: i32,
+    /// The log tail it starts with.
+    tail: Vec<String>,
+    /// Wait before submitting (retry backoff).
+    delay: Duration,
+    /// Time left before the job's timeout, and the timeout as the spec wrote it.
+    timeout: Option<(Duration, String)>,
 }
 
 struct AbortOnDrop<T>(JoinHandle<T>);

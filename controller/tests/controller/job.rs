@@ -185,10 +185,10 @@ impl Runner for Script {
         let step = self
             .steps
             .lock()
-            .unwrap()
+            .expect("test fixture")
             .pop_front()
             .unwrap_or(Step::Fail("script exhausted"));
-        self.inputs.lock().unwrap().push(input);
+        self.inputs.lock().expect("test fixture").push(input);
         // Dropping the future, at whatever point, marks a hanging build as cancelled.
         let flag = matches!(step, Step::Hang).then(|| DropFlag(self.cancelled.clone()));
         Box::pin(async move {
@@ -242,14 +242,14 @@ fn secret(name: &str, data: &[(&str, &str)]) -> Value {
             .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
             .collect(),
     );
-    serde_json::to_value(s).unwrap()
+    serde_json::to_value(s).expect("test fixture")
 }
 
 /// The pool `p`, its controller certificate Secret, the ConfigMap context and the secret.
 fn seed_world(fake: &Shared) {
     let mut pool = BuildWorkerPool::new(
         "p",
-        serde_json::from_value::<BuildWorkerPoolSpec>(json!({})).unwrap(),
+        serde_json::from_value::<BuildWorkerPoolSpec>(json!({})).expect("test fixture"),
     );
     pool.metadata.namespace = Some("builds".into());
     pool.metadata.uid = Some("pool-uid".into());
@@ -265,7 +265,7 @@ fn seed_world(fake: &Shared) {
     let mut f = lock(fake);
     f.objects.insert(
         format!("/apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p"),
-        serde_json::to_value(pool).unwrap(),
+        serde_json::to_value(pool).expect("test fixture"),
     );
     f.objects.insert(
         format!("/api/v1{NS}/secrets/p-controller-client-tls"),
@@ -280,7 +280,7 @@ fn seed_world(fake: &Shared) {
     );
     f.objects.insert(
         format!("/api/v1{NS}/configmaps/ctx"),
-        serde_json::to_value(cm).unwrap(),
+        serde_json::to_value(cm).expect("test fixture"),
     );
     f.objects.insert(
         format!("/api/v1{NS}/secrets/tok"),
@@ -303,13 +303,13 @@ fn job_value(name: &str, extra: Value) -> Value {
     if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
         s.extend(e);
     }
-    let spec: BuildJobSpec = serde_json::from_value(spec).unwrap();
+    let spec: BuildJobSpec = serde_json::from_value(spec).expect("test fixture");
     let mut job = BuildJob::new(name, spec);
     job.metadata.namespace = Some("builds".into());
     job.metadata.uid = Some(format!("uid-{name}"));
     job.metadata.generation = Some(1);
     job.metadata.resource_version = Some("1".into());
-    serde_json::to_value(job).unwrap()
+    serde_json::to_value(job).expect("test fixture")
 }
 
 fn seed_job(fake: &Shared, name: &str, extra: Value) {
@@ -320,8 +320,12 @@ fn seed_job(fake: &Shared, name: &str, extra: Value) {
 
 /// The job as the fake now holds it.
 fn stored(fake: &Shared, name: &str) -> Arc<BuildJob> {
-    let v = lock(fake).objects.get(&job_path(name)).cloned().unwrap();
-    Arc::new(serde_json::from_value(v).unwrap())
+    let v = lock(fake)
+        .objects
+        .get(&job_path(name))
+        .cloned()
+        .expect("test fixture");
+    Arc::new(serde_json::from_value(v).expect("test fixture"))
 }
 
 fn settings() -> Settings {
@@ -370,7 +374,7 @@ impl Harness {
         let before = lock(&self.fake).log.len();
         let action = job::reconcile(stored(&self.fake, name), self.ctx.clone())
             .await
-            .unwrap();
+            .expect("test fixture");
         (lock(&self.fake).log[before..].to_vec(), action)
     }
 
@@ -938,4 +942,15 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
         assert!(!body.contains(SECRET_VALUE), "{}: {body}", s.line());
     }
     Ok(())
+}
+
+/// A BuildJob through the controller deployed in a real cluster, when `KUBECONFIG` is set
+/// (needs `KILN_E2E_REGISTRY` and `KILN_E2E_BASE` too; see the README).
+#[tokio::test]
+async fn real_cluster_job_when_kubeconfig_is_set() {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!("KUBECONFIG not set: the real-cluster BuildJob variant is skipped (mocked and loopback tests ran)");
+        return;
+    }
+    crate::cluster::buildjob_succeeds().await.unwrap();
 }
