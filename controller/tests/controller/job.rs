@@ -941,6 +941,34 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
         let body = s.body.as_ref().map(Value::to_string).unwrap_or_default();
         assert!(!body.contains(SECRET_VALUE), "{}: {body}", s.line());
     }
+
+    // A git source goes to the worker as a remote context; what the worker says about it
+    // ends up in the job's condition.
+    seed_job(
+        &fake,
+        "g",
+        json!({"source": {"git": {"url": "https://git.invalid/app.git", "ref": "main"}},
+               "secrets": [], "target": null, "platforms": [], "cacheImport": [], "cacheExport": [],
+               "outputs": [{"name": format!("{}/kiln/git:1", reg.addr())}]}),
+    );
+    job::reconcile(stored(&fake, "g"), ctx.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(600), ended.recv())
+        .await
+        .expect("the git build did not end");
+    job::reconcile(stored(&fake, "g"), ctx.clone()).await?;
+    let st = lock(&fake).objects[&job_path("g")]["status"].clone();
+    assert_eq!(st["phase"], "Failed", "{st:#}");
+    let (on, reason, message) = condition(&st, "Degraded");
+    assert_eq!(
+        (on.as_str(), reason.as_str()),
+        ("True", "BuildFailed"),
+        "{st:#}"
+    );
+    eprintln!("git source: {message}");
+    assert!(
+        message.contains("did not fetch the remote context https://git.invalid/app.git#main"),
+        "{message}"
+    );
     Ok(())
 }
 

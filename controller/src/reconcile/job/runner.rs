@@ -204,9 +204,27 @@ impl GatewayRunner {
                 if let Some(w) = e.worker() {
                     report.worker(w);
                 }
-                Err(classify(e, &addr))
+                Err(remote_context_hint(classify(e, &addr), &input))
             }
         }
+    }
+}
+
+/// A job with a remote context (git or http source) serves no files over its session; a
+/// worker that still asks the session for them did not fetch the remote context, so say
+/// that rather than only the session's error.
+fn remote_context_hint(e: RunError, input: &BuildInput) -> RunError {
+    let (Some(url), None) = (input.frontend_attrs.get("context"), &input.context_files) else {
+        return e;
+    };
+    match e {
+        RunError::Failed { message, worker } if message.contains("FileSync") => RunError::Failed {
+            message: format!(
+                "the worker did not fetch the remote context {url} (remote git and http contexts are not supported by this worker yet): {message}"
+            ),
+            worker,
+        },
+        other => other,
     }
 }
 
