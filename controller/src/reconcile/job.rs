@@ -16,7 +16,7 @@
 
 pub mod runner;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -242,6 +242,8 @@ enum Outcome {
 struct Task {
     live: Arc<Mutex<Live>>,
     handle: JoinHandle<()>,
+    /// Which attempt it runs (the truth when the cached job lags behind).
+    attempt: i32,
 }
 
 impl Drop for Task {
@@ -269,6 +271,9 @@ pub struct JobContext {
     /// Tunables.
     pub settings: Settings,
     tasks: Mutex<HashMap<String, Task>>,
+    /// Jobs whose final status this process wrote and has not yet seen back: a reconcile
+    /// of an older copy of them (the watch cache lags) must not run them again.
+    done: Mutex<HashSet<String>>,
     trigger: mpsc::UnboundedSender<ObjectRef<BuildJob>>,
 }
 
@@ -291,6 +296,7 @@ impl JobContext {
             runner,
             settings,
             tasks: Mutex::new(HashMap::new()),
+            done: Mutex::new(HashSet::new()),
             trigger,
         };
         (Arc::new(ctx), rx)
@@ -314,20 +320,33 @@ impl JobContext {
         let live = lock(&t.live);
         match &live.outcome {
             None => TaskState::Running,
-            Some(o) => TaskState::Ended(
-                o.clone(),
-                live.tail.iter().cloned().collect(),
-                live.worker.clone(),
-            ),
+            Some(o) => TaskState::Ended {
+                outcome: o.clone(),
+                tail: live.tail.iter().cloned().collect(),
+                worker: live.worker.clone(),
+                attempt: t.attempt,
+            },
         }
+    }
+
+    fn is_done(&self, uid: &str) -> bool {
+        lock(&self.done).contains(uid)
     }
 }
 
 enum TaskState {
     None,
     Running,
-    Ended(Outcome, Vec<String>, Option<String>),
+    Ended {
+        outcome: Outcome,
+        tail: Vec<String>,
+        worker: Option<String>,
+        attempt: i32,
+    },
 }
+
+/// How soon to look again at a job whose cached copy is older than what this process wrote.
+const STALE_RECHECK: Duration = Duration::from_secs(2);
 
 // === reconcile ===
 
@@ -374,6 +393,7 @@ fn ids(job: &BuildJob) -> Result<Ids> {
 async fn reconcile_job(job: &BuildJob, ctx: &Arc<JobContext>) -> Result<Action> {
     let id = ids(job)?;
     if job.metadata.deletion_timestamp.is_some() {
+        lock(&ctx.done).remove(&id.uid);
         if ctx.cancel(&id.uid) {
             info!("job deleted: its build is cancelled");
         }
@@ -382,7 +402,14 @@ async fn reconcile_job(job: &BuildJob, ctx: &Arc<JobContext>) -> Result<Action> 
     }
     let status = job.status.clone().unwrap_or_default();
     match status.phase {
-        BuildPhase::Succeeded | BuildPhase::Failed => finished(job, ctx, &id, &status).await,
+        BuildPhase::Succeeded | BuildPhase::Failed => {
+            lock(&ctx.done).remove(&id.uid);
+            finished(job, ctx, &id, &status).await
+        }
+        // This process started or finished it already; the cached copy is older.
+        BuildPhase::Pending if ctx.has_task(&id.uid) || ctx.is_done(&id.uid) => {
+            Ok(Action::requeue(STALE_RECHECK))
+        }
         BuildPhase::Pending => submit(job, ctx, &id, &status, 1, None).await,
         BuildPhase::Running => running(job, ctx, &id, &status).await,
     }
@@ -433,6 +460,7 @@ async fn running(
     let max = ctx.settings.max_attempts;
     match ctx.state(&id.uid) {
         TaskState::Running => Ok(Action::requeue(ctx.settings.recheck)),
+        TaskState::None if ctx.is_done(&id.uid) => Ok(Action::requeue(STALE_RECHECK)),
         TaskState::None => {
             if status.attempts >= max {
                 let msg = format!(
@@ -448,8 +476,14 @@ async fn running(
             let note = "controller restarted: build resubmitted".to_string();
             submit(job, ctx, id, status, status.attempts + 1, Some(note)).await
         }
-        TaskState::Ended(outcome, tail, worker) => {
+        TaskState::Ended {
+            outcome,
+            tail,
+            worker,
+            attempt,
+        } => {
             let mut status = status.clone();
+            status.attempts = status.attempts.max(attempt);
             status.log_tail = tail;
             if worker.is_some() {
                 status.worker = worker;
@@ -682,7 +716,14 @@ fn spawn(ctx: &Arc<JobContext>, job: &BuildJob, id: &Ids, input: BuildInput, run
         .instrument(span),
     );
     // Replacing a previous attempt's task drops (and aborts) it.
-    lock(&ctx.tasks).insert(id.uid.clone(), Task { live, handle });
+    lock(&ctx.tasks).insert(
+        id.uid.clone(),
+        Task {
+            live,
+            handle,
+            attempt,
+        },
+    );
 }
 
 /// One submission of a job's build.
@@ -757,6 +798,7 @@ async fn succeed(
         (false, "AsExpected", "no problems found".into()),
     );
     write_status(job, ctx, id, &status).await?;
+    lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);
     let mut done = job.clone();
     done.status = Some(status.clone());
@@ -789,6 +831,7 @@ async fn fail(
         (true, reason, message),
     );
     write_status(job, ctx, id, &status).await?;
+    lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);
     let mut done = job.clone();
     done.status = Some(status.clone());

@@ -448,6 +448,7 @@ async fn job_runs_to_success_and_status_says_so_in_order() {
     // The task ends: its last progress patch, then the reconcile writes the outcome.
     h.wait_ended().await;
     assert!(h.ctx.has_task("uid-j"));
+    let running_copy = stored(&h.fake, "j");
     // What the runner was asked to build.
     let input = h.script.inputs.lock().unwrap()[0].clone();
     assert_eq!(input.addr, "tcp://p-gateway.builds.svc:1234");
@@ -515,6 +516,13 @@ async fn job_runs_to_success_and_status_says_so_in_order() {
         let body = s.body.as_ref().map(Value::to_string).unwrap_or_default();
         assert!(!body.contains(SECRET_VALUE), "{}: {body}", s.line());
     }
+
+    // An older cached copy (still Running) neither reruns the build nor writes anything.
+    let before = lock(&h.fake).log.len();
+    let action = job::reconcile(running_copy, h.ctx.clone()).await.unwrap();
+    assert_eq!(lock(&h.fake).log.len(), before);
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+    assert_eq!(h.script.inputs.lock().unwrap().len(), 1);
 
     // A finished job is left alone.
     let (sent, action) = h.reconcile("j").await;
