@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context};
 use base64::Engine as _;
 use clap::Args;
+use kiln_cli::client;
 use kiln_worker::cache::registry::CacheEntry;
 use kiln_worker::control::{
     BuildRequest, CacheRequest, Engine, EngineConfig, ExportRequest, Frontend,
@@ -412,7 +413,7 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
                 insecure: args.insecure_registries.clone(),
                 docker_config: None,
             };
-            crate::remote::build(&args.conn, addr, &registry, req, &caches, attrs, progress).await
+            remote(&args.conn, addr, registry, req, caches, attrs, progress).await
         }
         None => embedded(&args, req, &caches, progress).await,
     };
@@ -429,6 +430,34 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Builds on the daemon or gateway at `addr` through the [`kiln_cli::client`] library.
+async fn remote(
+    conn: &crate::conn::ConnArgs,
+    addr: &str,
+    registry: RegistryConfig,
+    req: BuildRequest,
+    cache: CacheRequest,
+    attrs: BTreeMap<String, String>,
+    progress: Progress,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let frontend = match req.frontend {
+        Frontend::Dockerfile { .. } => client::Frontend::Dockerfile,
+        Frontend::Llb(def) => client::Frontend::Llb(def),
+    };
+    let opts = client::BuildOptions {
+        frontend,
+        frontend_attrs: attrs,
+        locals: req.locals,
+        secrets: req.secrets,
+        registry,
+        exports: req.exports,
+        cache,
+        shared_key: None,
+    };
+    let client = conn.client(addr).await?;
+    Ok(client.build(opts, progress).await?.exporter_response)
 }
 
 /// Builds with the engine inside this process.

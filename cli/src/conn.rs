@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use kiln_proto::transport::{self, Addr, ClientTls, TlsFiles};
+use kiln_cli::client::{Client, TlsConfig};
+use kiln_proto::transport::{Addr, TlsFiles};
 use tonic::transport::Channel;
 
 /// Where the daemon or gateway is and how to authenticate to it.
@@ -35,8 +36,8 @@ pub struct ConnArgs {
 impl ConnArgs {
     /// Connects to `--addr`: TLS when a CA is given (or found in --tlsdir), plaintext
     /// otherwise.
-    pub async fn connect(&self, addr: &str) -> anyhow::Result<Channel> {
-        let parsed: Addr = addr.parse().with_context(|| format!("--addr {addr}"))?;
+    pub async fn client(&self, addr: &str) -> anyhow::Result<Client> {
+        let _: Addr = addr.parse().with_context(|| format!("--addr {addr}"))?;
         let from_dir = |name: &str| self.tlsdir.as_ref().map(|d| d.join(name));
         let files = TlsFiles {
             ca: self.tlscacert.clone().or_else(|| from_dir("ca.pem")),
@@ -44,7 +45,10 @@ impl ConnArgs {
             key: self.tlskey.clone().or_else(|| from_dir("key.pem")),
         };
         let tls = if files.ca.is_some() {
-            Some(ClientTls::load(files, self.tlsservername.clone())?)
+            Some(TlsConfig {
+                files,
+                server_name: self.tlsservername.clone(),
+            })
         } else {
             if files.cert.is_some() || files.key.is_some() {
                 anyhow::bail!("--tlscert/--tlskey need --tlscacert (the CA that signed the server's certificate)");
@@ -52,8 +56,13 @@ impl ConnArgs {
             None
         };
         let tls_note = if tls.is_some() { "TLS" } else { "plaintext" };
-        transport::connect(&parsed, tls)
+        Client::connect(addr, tls)
             .await
             .with_context(|| format!("connecting to {addr} ({tls_note})"))
+    }
+
+    /// [`ConnArgs::client`]'s gRPC channel.
+    pub async fn connect(&self, addr: &str) -> anyhow::Result<Channel> {
+        Ok(self.client(addr).await?.channel())
     }
 }

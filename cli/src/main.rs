@@ -1,13 +1,13 @@
 //! `kiln`: the Kiln command line. `kiln build` accepts `buildctl build`'s flags and a
 //! docker-style short form; with no `--addr` the engine runs embedded in this process
 //! (daemonless), keeping its state under `--root`. `kiln du`, `kiln prune` and
-//! `kiln workers` ask a daemon or gateway.
+//! `kiln workers` ask a daemon or gateway. The BuildKit client itself is the
+//! [`kiln_cli::client`] library, shared with the controller.
 
 mod admin;
 mod build;
 mod conn;
 mod progress;
-mod remote;
 mod timefmt;
 
 use clap::{Parser, Subcommand};

@@ -1,5 +1,5 @@
 //! `kiln-controller`: `crdgen` writes the CRD YAML; `run` is the operator (BuildWorkerPool
-//! reconcile; BuildJob reconcile is not implemented yet).
+//! reconcile, and BuildJobs run through their pool's gateway).
 
 use std::path::PathBuf;
 
@@ -50,8 +50,9 @@ async fn main() -> anyhow::Result<()> {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot build a Kubernetes client: {e}"))?;
-            tracing::info!("kiln-controller starting; BuildJob reconcile is not implemented yet");
-            kiln_controller::reconcile::run(client).await;
+            tracing::info!("kiln-controller starting");
+            let runner = kiln_controller::reconcile::job::runner::GatewayRunner::default();
+            kiln_controller::reconcile::run(client, std::sync::Arc::new(runner)).await;
             Ok(())
         }
     }

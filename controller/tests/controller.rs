@@ -7,6 +7,8 @@ mod cluster;
 mod crdgen;
 #[path = "controller/handshake.rs"]
 mod handshake;
+#[path = "controller/job.rs"]
+mod job;
 #[path = "controller/reconcile.rs"]
 mod reconcile;
 #[path = "controller/transport.rs"]

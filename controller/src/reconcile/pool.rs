@@ -12,7 +12,6 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -21,7 +20,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tracing::{info, warn, Instrument};
 
-use super::Context;
+use super::{condition, unix_time, Context};
 use crate::crd::{
     BuildWorkerPool, BuildWorkerPoolStatus, TlsMode, CONDITION_DEGRADED, CONDITION_PROGRESSING,
     CONDITION_READY,
@@ -421,39 +420,6 @@ fn status_for(
         certificate_not_after: tls.not_after.and_then(unix_time),
         conditions,
     }
-}
-
-/// A condition that keeps its previous transition time when its status did not change.
-fn condition(
-    previous: &[Condition],
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    now: OffsetDateTime,
-) -> Condition {
-    let status = if on { "True" } else { "False" };
-    let since = previous
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .or_else(|| unix_time(now.unix_timestamp()))
-        .unwrap_or(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time: since,
-    }
-}
-
-fn unix_time(secs: i64) -> Option<Time> {
-    k8s_openapi::jiff::Timestamp::from_second(secs)
-        .ok()
-        .map(Time)
 }
 
 /// Writes the status with server-side apply, unless it is already what the pool shows.

@@ -93,3 +93,132 @@ async fn flow(client: Client, ns: &str) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A `BuildJob` on a real cluster (`KUBECONFIG`), run by the controller deployed there (the
+/// chart, with images built from this tree): installs the CRDs, creates a pool and waits
+/// for it to be Ready, then a ConfigMap context, a Secret and a job that pushes to
+/// `KILN_E2E_REGISTRY` (a registry the workers reach, e.g. kind's local registry) from
+/// `KILN_E2E_BASE` (a base image there). Waits for Succeeded; checks the digest and that
+/// the secret's value is nowhere in the status. The namespace is deleted afterwards.
+pub async fn buildjob_succeeds() -> anyhow::Result<()> {
+    use kiln_controller::crd::{BuildJob, BuildJobSpec, BuildPhase};
+
+    let need = |var: &str| {
+        std::env::var(var).with_context(|| {
+            format!("{var} is required for the BuildJob cluster test (see README, BuildJob)")
+        })
+    };
+    let registry = need("KILN_E2E_REGISTRY")?;
+    let base = need("KILN_E2E_BASE")?;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = Client::try_default()
+        .await
+        .context("client from KUBECONFIG")?;
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    let pp = PatchParams::apply("kiln-controller-test").force();
+    for crd in kiln_controller::crdgen::crds() {
+        let name = crd.name_any();
+        crds.patch(&name, &pp, &Patch::Apply(&crd))
+            .await
+            .context("apply CRD")?;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(120),
+            await_condition(crds.clone(), &name, conditions::is_crd_established()),
+        )
+        .await
+        .context("CRD not established")??;
+    }
+    let ns = format!("kiln-job-test-{}", std::process::id());
+    let namespaces = Api::<Namespace>::all(client.clone());
+    let mut ns_obj = Namespace::default();
+    ns_obj.metadata.name = Some(ns.clone());
+    namespaces
+        .create(&PostParams::default(), &ns_obj)
+        .await
+        .context("create namespace")?;
+    let result = async {
+        let mut spec = serde_json::json!({"replicas": 1, "gateway": {"replicas": 1}});
+        if let Ok(img) = std::env::var("KILN_E2E_WORKER_IMAGE") {
+            spec["image"] = img.into();
+        }
+        if let Ok(img) = std::env::var("KILN_E2E_GATEWAY_IMAGE") {
+            spec["gateway"]["image"] = img.into();
+        }
+        let pools = Api::<BuildWorkerPool>::namespaced(client.clone(), &ns);
+        pools
+            .create(
+                &PostParams::default(),
+                &BuildWorkerPool::new("p", serde_json::from_value(spec)?),
+            )
+            .await?;
+        let pool_ready = |p: Option<&BuildWorkerPool>| {
+            p.and_then(|p| p.status.as_ref()).is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        };
+        // Guards against hanging forever, not speed checks.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(600),
+            await_condition(pools.clone(), "p", pool_ready),
+        )
+        .await
+        .context("the pool did not become Ready (is kiln-controller running in the cluster?)")??;
+
+        const VALUE: &str = "cluster-s3cr3t-value";
+        let mut cm = ConfigMap::default();
+        cm.metadata.name = Some("ctx".into());
+        cm.data = Some(BTreeMap::from([(
+            "Dockerfile".to_string(),
+            "ARG BASE\nFROM ${BASE}\nRUN --mount=type=secret,id=tok echo \"token: $(cat /run/secrets/tok)\"\n"
+                .to_string(),
+        )]));
+        Api::<ConfigMap>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &cm)
+            .await?;
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("tok".into());
+        secret.string_data = Some(BTreeMap::from([("tok".to_string(), VALUE.to_string())]));
+        Api::<Secret>::namespaced(client.clone(), &ns)
+            .create(&PostParams::default(), &secret)
+            .await?;
+        let spec: BuildJobSpec = serde_json::from_value(serde_json::json!({
+            "poolRef": {"name": "p"},
+            "source": {"configMap": {"name": "ctx"}},
+            "buildArgs": {"BASE": base},
+            "secrets": [{"id": "tok", "secretName": "tok"}],
+            "outputs": [{"name": format!("{registry}/kiln-e2e/job:{}", std::process::id())}],
+            "timeout": "15m",
+        }))?;
+        let jobs = Api::<BuildJob>::namespaced(client.clone(), &ns);
+        jobs.create(&PostParams::default(), &BuildJob::new("j", spec))
+            .await?;
+        let done = |j: Option<&BuildJob>| {
+            j.and_then(|j| j.status.as_ref())
+                .is_some_and(|s| matches!(s.phase, BuildPhase::Succeeded | BuildPhase::Failed))
+        };
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1200),
+            await_condition(jobs.clone(), "j", done),
+        )
+        .await
+        .context("the BuildJob did not finish")??;
+        let job = jobs.get("j").await?;
+        let status = job.status.context("job has no status")?;
+        let text = serde_json::to_string(&status)?;
+        anyhow::ensure!(status.phase == BuildPhase::Succeeded, "job failed: {text}");
+        anyhow::ensure!(
+            status
+                .image_digest
+                .as_deref()
+                .is_some_and(|d| d.starts_with("sha256:")),
+            "no image digest: {text}"
+        );
+        anyhow::ensure!(!text.contains(VALUE), "the secret is in the status: {text}");
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = namespaces.delete(&ns, &DeleteParams::default()).await;
+    result
+}

@@ -1,0 +1,992 @@
+//! `BuildJob` reconcile against a mocked API server (kube-rs `tower-test` pattern), with the
+//! build itself done by a scripted [`Runner`] so the reconcile logic is tested alone: status
+//! patches in order through success, failure, a lost worker retried, timeout, TTL deletion,
+//! deletion of a running job, a controller restart, missing inputs; and a finished job left
+//! untouched.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::ByteString;
+use kiln_controller::crd::{BuildJob, BuildJobSpec, BuildWorkerPool, BuildWorkerPoolSpec};
+use kiln_controller::reconcile::job::{
+    self, BuildInput, Built, JobContext, Reporter, RunError, RunFuture, Runner, Settings,
+};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const NS: &str = "/namespaces/builds";
+const SECRET_VALUE: &str = "s3cr3t-t0ken-value";
+
+// === the mocked API server ===
+
+#[derive(Clone, Debug)]
+struct Sent {
+    method: String,
+    path: String,
+    content_type: String,
+    body: Option<Value>,
+}
+
+impl Sent {
+    fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+}
+
+#[derive(Default)]
+struct Fake {
+    objects: BTreeMap<String, Value>,
+    log: Vec<Sent>,
+    version: u64,
+}
+
+type Shared = Arc<Mutex<Fake>>;
+
+fn lock(fake: &Shared) -> std::sync::MutexGuard<'_, Fake> {
+    fake.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "not found", "reason": "NotFound", "code": 404})
+}
+
+/// RFC 7386 JSON merge patch.
+fn merge(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            if let Value::Object(t) = target {
+                for (k, v) in p {
+                    if v.is_null() {
+                        t.remove(k);
+                    } else {
+                        merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                    }
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+fn answer(fake: &mut Fake, sent: &Sent) -> (StatusCode, Value) {
+    match sent.method.as_str() {
+        "GET" => match fake.objects.get(&sent.path) {
+            Some(v) => (StatusCode::OK, v.clone()),
+            None => (StatusCode::NOT_FOUND, not_found()),
+        },
+        "PATCH" => {
+            let patch = sent.body.clone().unwrap_or(Value::Null);
+            let path = sent.path.strip_suffix("/status").unwrap_or(&sent.path);
+            fake.version += 1;
+            let version = fake.version.to_string();
+            let Some(obj) = fake.objects.get_mut(path) else {
+                return (StatusCode::NOT_FOUND, not_found());
+            };
+            let mut patch = patch;
+            if sent.path.ends_with("/status") {
+                // The status subresource changes nothing but the status.
+                patch = json!({"status": patch["status"].clone()});
+            } else if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+            merge(obj, &patch);
+            obj["metadata"]["resourceVersion"] = json!(version);
+            (StatusCode::OK, obj.clone())
+        }
+        "DELETE" => match fake.objects.remove(&sent.path) {
+            Some(v) => (StatusCode::OK, v),
+            None => (StatusCode::NOT_FOUND, not_found()),
+        },
+        _ => (StatusCode::METHOD_NOT_ALLOWED, not_found()),
+    }
+}
+
+fn mock_client(fake: Shared) -> kube::Client {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            let bytes = body.collect_bytes().await.unwrap_or_default();
+            let sent = Sent {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .unwrap_or_default(),
+                body: (!bytes.is_empty()).then(|| {
+                    serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                    })
+                }),
+            };
+            let (code, value) = {
+                let mut f = lock(&fake);
+                let out = answer(&mut f, &sent);
+                f.log.push(sent);
+                out
+            };
+            let mut resp = Response::new(Body::from(value.to_string().into_bytes()));
+            *resp.status_mut() = code;
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            send.send_response(resp);
+        }
+    });
+    kube::Client::new(service, "default")
+}
+
+// === the scripted runner ===
+
+/// What one call of the runner does.
+#[derive(Clone, Debug)]
+enum Step {
+    Succeed(&'static str),
+    Fail(&'static str),
+    Lose(&'static str),
+    Hang,
+}
+
+#[derive(Default)]
+struct Script {
+    steps: Mutex<VecDeque<Step>>,
+    inputs: Mutex<Vec<BuildInput>>,
+    /// Set when a hanging build's future is dropped (the build was cancelled).
+    cancelled: Arc<AtomicBool>,
+}
+
+struct DropFlag(Arc<AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Runner for Script {
+    fn run(&self, input: BuildInput, report: Reporter) -> RunFuture {
+        let step = self
+            .steps
+            .lock()
+            .expect("test fixture")
+            .pop_front()
+            .unwrap_or(Step::Fail("script exhausted"));
+        self.inputs.lock().expect("test fixture").push(input);
+        // Dropping the future, at whatever point, marks a hanging build as cancelled.
+        let flag = matches!(step, Step::Hang).then(|| DropFlag(self.cancelled.clone()));
+        Box::pin(async move {
+            let _flag = flag;
+            report.worker("w1");
+            report.line("#1 [internal] load build definition");
+            report.line(&format!("#2 RUN cat /run/secrets/tok -> {SECRET_VALUE}"));
+            match step {
+                Step::Succeed(d) => Ok(Built {
+                    image_digest: Some(d.to_string()),
+                    worker: Some("w1".into()),
+                }),
+                Step::Fail(m) => Err(RunError::Failed {
+                    message: m.into(),
+                    worker: Some("w1".into()),
+                }),
+                Step::Lose(m) => Err(RunError::Unavailable {
+                    message: m.into(),
+                    worker: Some("w1".into()),
+                }),
+                Step::Hang => {
+                    futures::future::pending::<()>().await;
+                    unreachable!()
+                }
+            }
+        })
+    }
+}
+
+// === fixtures ===
+
+/// 2027-01-15T08:00:00Z.
+fn start() -> OffsetDateTime {
+    OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(1_800_000_000)
+}
+
+fn job_path(name: &str) -> String {
+    format!("/apis/kiln.dev/v1alpha1{NS}/buildjobs/{name}")
+}
+
+fn status_path(name: &str) -> String {
+    format!("{}/status", job_path(name))
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> Value {
+    let mut s = Secret::default();
+    s.metadata.name = Some(name.into());
+    s.metadata.namespace = Some("builds".into());
+    s.data = Some(
+        data.iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+            .collect(),
+    );
+    serde_json::to_value(s).expect("test fixture")
+}
+
+/// The pool `p`, its controller certificate Secret, the ConfigMap context and the secret.
+fn seed_world(fake: &Shared) {
+    let mut pool = BuildWorkerPool::new(
+        "p",
+        serde_json::from_value::<BuildWorkerPoolSpec>(json!({})).expect("test fixture"),
+    );
+    pool.metadata.namespace = Some("builds".into());
+    pool.metadata.uid = Some("pool-uid".into());
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some("ctx".into());
+    cm.data = Some(BTreeMap::from([
+        (
+            "Dockerfile".to_string(),
+            "FROM busybox\nCOPY hello.txt /\n".to_string(),
+        ),
+        ("hello.txt".to_string(), "hello\n".to_string()),
+    ]));
+    let mut f = lock(fake);
+    f.objects.insert(
+        format!("/apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p"),
+        serde_json::to_value(pool).expect("test fixture"),
+    );
+    f.objects.insert(
+        format!("/api/v1{NS}/secrets/p-controller-client-tls"),
+        secret(
+            "p-controller-client-tls",
+            &[
+                ("ca.crt", "CA PEM"),
+                ("tls.crt", "CERT PEM"),
+                ("tls.key", "KEY PEM"),
+            ],
+        ),
+    );
+    f.objects.insert(
+        format!("/api/v1{NS}/configmaps/ctx"),
+        serde_json::to_value(cm).expect("test fixture"),
+    );
+    f.objects.insert(
+        format!("/api/v1{NS}/secrets/tok"),
+        secret("tok", &[("token", SECRET_VALUE)]),
+    );
+}
+
+fn job_value(name: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "poolRef": {"name": "p"},
+        "source": {"configMap": {"name": "ctx"}},
+        "target": "app",
+        "buildArgs": {"VERSION": "1"},
+        "platforms": ["linux/amd64"],
+        "secrets": [{"id": "tok", "secretName": "tok", "key": "token"}],
+        "outputs": [{"name": "registry.example/app:1"}],
+        "cacheImport": [{"ref": "registry.example/cache"}],
+        "cacheExport": [{"ref": "registry.example/cache", "mode": "max"}],
+    });
+    if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
+        s.extend(e);
+    }
+    let spec: BuildJobSpec = serde_json::from_value(spec).expect("test fixture");
+    let mut job = BuildJob::new(name, spec);
+    job.metadata.namespace = Some("builds".into());
+    job.metadata.uid = Some(format!("uid-{name}"));
+    job.metadata.generation = Some(1);
+    job.metadata.resource_version = Some("1".into());
+    serde_json::to_value(job).expect("test fixture")
+}
+
+fn seed_job(fake: &Shared, name: &str, extra: Value) {
+    lock(fake)
+        .objects
+        .insert(job_path(name), job_value(name, extra));
+}
+
+/// The job as the fake now holds it.
+fn stored(fake: &Shared, name: &str) -> Arc<BuildJob> {
+    let v = lock(fake)
+        .objects
+        .get(&job_path(name))
+        .cloned()
+        .expect("test fixture");
+    Arc::new(serde_json::from_value(v).expect("test fixture"))
+}
+
+fn settings() -> Settings {
+    Settings {
+        max_attempts: 3,
+        log_tail: 20,
+        progress_interval: Duration::from_secs(3600),
+        retry_backoff: Duration::from_millis(10),
+        recheck: Duration::from_secs(30),
+    }
+}
+
+struct Harness {
+    fake: Shared,
+    script: Arc<Script>,
+    ctx: Arc<JobContext>,
+    ended: UnboundedReceiver<ObjectRef<BuildJob>>,
+}
+
+impl Harness {
+    fn new(steps: Vec<Step>, at: OffsetDateTime) -> Harness {
+        Harness::with(steps, at, settings(), Shared::default())
+    }
+
+    fn with(steps: Vec<Step>, at: OffsetDateTime, settings: Settings, fake: Shared) -> Harness {
+        let script = Arc::new(Script {
+            steps: Mutex::new(steps.into()),
+            ..Script::default()
+        });
+        let (ctx, ended) = JobContext::new(
+            mock_client(fake.clone()),
+            Arc::new(move || at),
+            script.clone(),
+            settings,
+        );
+        Harness {
+            fake,
+            script,
+            ctx,
+            ended,
+        }
+    }
+
+    /// One reconcile of the stored job; the requests it sent and its action.
+    async fn reconcile(&self, name: &str) -> (Vec<Sent>, Action) {
+        let before = lock(&self.fake).log.len();
+        let action = job::reconcile(stored(&self.fake, name), self.ctx.clone())
+            .await
+            .expect("test fixture");
+        (lock(&self.fake).log[before..].to_vec(), action)
+    }
+
+    /// Waits for the job's build task to end (a guard against hanging, not a speed check).
+    async fn wait_ended(&mut self) {
+        tokio::time::timeout(Duration::from_secs(60), self.ended.recv())
+            .await
+            .expect("the build task did not end")
+            .expect("the channel closed");
+    }
+
+    fn status(&self, name: &str) -> Value {
+        lock(&self.fake).objects[&job_path(name)]["status"].clone()
+    }
+}
+
+fn lines(sent: &[Sent]) -> Vec<String> {
+    sent.iter().map(Sent::line).collect()
+}
+
+fn condition(status: &Value, type_: &str) -> (String, String, String) {
+    let c = status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .cloned()
+        .unwrap_or(Value::Null);
+    (
+        c["status"].as_str().unwrap_or("missing").to_string(),
+        c["reason"].as_str().unwrap_or_default().to_string(),
+        c["message"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn start_requests(name: &str) -> Vec<String> {
+    vec![
+        format!("GET /apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p"),
+        format!("GET /api/v1{NS}/secrets/p-controller-client-tls"),
+        format!("GET /api/v1{NS}/configmaps/ctx"),
+        format!("GET /api/v1{NS}/secrets/tok"),
+        format!("PATCH {}", job_path(name)),
+        format!("PATCH {}", status_path(name)),
+    ]
+}
+
+// === scenarios ===
+
+#[tokio::test]
+async fn job_runs_to_success_and_status_says_so_in_order() {
+    let mut h = Harness::new(vec![Step::Succeed("sha256:abc")], start());
+    seed_world(&h.fake);
+    seed_job(&h.fake, "j", json!({}));
+
+    let (sent, action) = h.reconcile("j").await;
+    assert_eq!(lines(&sent), start_requests("j"));
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    // The finalizer, with the resource version as a precondition, then Running.
+    assert_eq!(sent[4].content_type, "application/merge-patch+json");
+    assert_eq!(
+        sent[4].body.as_ref().unwrap()["metadata"],
+        json!({"finalizers": [job::FINALIZER], "resourceVersion": "1"})
+    );
+    let running = &sent[5].body.as_ref().unwrap()["status"];
+    assert_eq!(sent[5].content_type, "application/merge-patch+json");
+    assert_eq!(running["phase"], "Running");
+    assert_eq!(running["attempts"], 1);
+    assert_eq!(running["startTime"], "2027-01-15T08:00:00Z");
+    assert_eq!(running["imageDigest"], Value::Null);
+    assert_eq!(condition(running, "Progressing").0, "True");
+    assert_eq!(condition(running, "Ready").0, "False");
+
+    // The task ends: its last progress patch, then the reconcile writes the outcome.
+    h.wait_ended().await;
+    assert!(h.ctx.has_task("uid-j"));
+    let running_copy = stored(&h.fake, "j");
+    // What the runner was asked to build.
+    let input = h.script.inputs.lock().unwrap()[0].clone();
+    assert_eq!(input.addr, "tcp://p-gateway.builds.svc:1234");
+    assert_eq!(input.tls.server_name, "p-gateway.builds.svc");
+    assert_eq!(input.tls.cert_pem, "CERT PEM");
+    let attrs = &input.frontend_attrs;
+    for (k, v) in [
+        ("filename", "Dockerfile"),
+        ("target", "app"),
+        ("build-arg:VERSION", "1"),
+        ("platform", "linux/amd64"),
+        ("kiln.route-key", "buildjob/builds/j"),
+    ] {
+        assert_eq!(
+            attrs.get(k).map(String::as_str),
+            Some(v),
+            "{k} in {attrs:?}"
+        );
+    }
+    assert!(!attrs.contains_key("context"));
+    let files = input.context_files.clone().unwrap();
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        ["Dockerfile", "hello.txt"]
+    );
+    assert_eq!(input.secrets["tok"], SECRET_VALUE.as_bytes());
+    assert_eq!(input.images, [("registry.example/app:1".to_string(), true)]);
+    assert_eq!(input.cache_imports, ["registry.example/cache"]);
+    assert!(!format!("{input:?}").contains(SECRET_VALUE));
+
+    let (sent, action) = h.reconcile("j").await;
+    assert_eq!(
+        lines(&sent),
+        [
+            format!("PATCH {}", status_path("j")),
+            format!("PATCH {}", job_path("j")),
+        ]
+    );
+    assert_eq!(action, Action::await_change());
+    assert!(!h.ctx.has_task("uid-j"));
+    let done = h.status("j");
+    assert_eq!(done["phase"], "Succeeded");
+    assert_eq!(done["imageDigest"], "sha256:abc");
+    assert_eq!(done["worker"], "w1");
+    assert_eq!(done["completionTime"], "2027-01-15T08:00:00Z");
+    let (ready, reason, message) = condition(&done, "Ready");
+    assert_eq!((ready.as_str(), reason.as_str()), ("True", "Succeeded"));
+    assert!(message.contains("sha256:abc"), "{message}");
+    assert_eq!(condition(&done, "Degraded").0, "False");
+    assert_eq!(condition(&done, "Progressing").0, "False");
+    assert_eq!(
+        stored(&h.fake, "j").metadata.finalizers,
+        Some(Vec::new()),
+        "the finalizer goes when the build is over"
+    );
+    let tail: Vec<String> = serde_json::from_value(done["logTail"].clone()).unwrap();
+    assert!(tail.iter().any(|l| l.contains("-> ****")), "{tail:?}");
+    assert_eq!(
+        tail.last().map(String::as_str),
+        Some("[kiln] attempt 1 succeeded")
+    );
+
+    // No request anywhere carried the secret's value.
+    for s in &lock(&h.fake).log {
+        let body = s.body.as_ref().map(Value::to_string).unwrap_or_default();
+        assert!(!body.contains(SECRET_VALUE), "{}: {body}", s.line());
+    }
+
+    // An older cached copy (still Running) neither reruns the build nor writes anything.
+    let before = lock(&h.fake).log.len();
+    let action = job::reconcile(running_copy, h.ctx.clone()).await.unwrap();
+    assert_eq!(lock(&h.fake).log.len(), before);
+    assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+    assert_eq!(h.script.inputs.lock().unwrap().len(), 1);
+
+    // A finished job is left alone.
+    let (sent, action) = h.reconcile("j").await;
+    assert_eq!(lines(&sent), Vec::<String>::new());
+    assert_eq!(action, Action::await_change());
+}
+
+#[tokio::test]
+async fn a_failed_build_names_its_cause() {
+    let mut h = Harness::new(
+        vec![Step::Fail(
+            "process \"/bin/sh -c false\" did not complete successfully: exit code: 1",
+        )],
+        start(),
+    );
+    seed_world(&h.fake);
+    seed_job(&h.fake, "j", json!({}));
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Failed");
+    assert_eq!(st["attempts"], 1);
+    let (on, reason, message) = condition(&st, "Degraded");
+    assert_eq!((on.as_str(), reason.as_str()), ("True", "BuildFailed"));
+    assert!(message.contains("exit code: 1"), "{message}");
+    assert_eq!(condition(&st, "Ready").0, "False");
+    assert!(st.get("imageDigest").is_none());
+    assert_eq!(
+        h.script.inputs.lock().unwrap().len(),
+        1,
+        "a build failure is not retried"
+    );
+}
+
+#[tokio::test]
+async fn a_lost_worker_is_retried_then_succeeds() {
+    let mut h = Harness::new(
+        vec![
+            Step::Lose("worker w1 failed during build x: transport error"),
+            Step::Succeed("sha256:def"),
+        ],
+        start(),
+    );
+    seed_world(&h.fake);
+    seed_job(&h.fake, "j", json!({}));
+    h.reconcile("j").await;
+    h.wait_ended().await;
+
+    let (sent, _) = h.reconcile("j").await;
+    // Inputs again, then attempt 2 (the finalizer is already there).
+    assert_eq!(
+        lines(&sent),
+        start_requests("j")
+            .into_iter()
+            .filter(|l| l != &format!("PATCH {}", job_path("j")))
+            .collect::<Vec<_>>()
+    );
+    let st = h.status("j");
+    assert_eq!(
+        (st["phase"].as_str(), st["attempts"].as_i64()),
+        (Some("Running"), Some(2))
+    );
+    let tail = st["logTail"].to_string();
+    assert!(tail.contains("attempt 1 lost its worker w1"), "{tail}");
+
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Succeeded");
+    assert_eq!(st["attempts"], 2);
+    assert_eq!(st["imageDigest"], "sha256:def");
+    assert_eq!(h.script.inputs.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_worker_lost_on_every_attempt_fails_the_job() {
+    let s = Settings {
+        max_attempts: 2,
+        ..settings()
+    };
+    let mut h = Harness::with(
+        vec![Step::Lose("worker gone"), Step::Lose("worker gone again")],
+        start(),
+        s,
+        Shared::default(),
+    );
+    seed_world(&h.fake);
+    seed_job(&h.fake, "j", json!({}));
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Failed");
+    assert_eq!(st["attempts"], 2);
+    let (on, reason, message) = condition(&st, "Degraded");
+    assert_eq!((on.as_str(), reason.as_str()), ("True", "WorkerLost"));
+    assert!(
+        message.contains("attempt 2 of 2") && message.contains("worker gone again"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn timeout_cancels_the_build() {
+    let mut h = Harness::new(vec![Step::Hang], start());
+    seed_world(&h.fake);
+    seed_job(&h.fake, "j", json!({"timeout": "1s"}));
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    assert!(
+        h.script.cancelled.load(Ordering::SeqCst),
+        "the build was not dropped"
+    );
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Failed");
+    let (on, reason, message) = condition(&st, "Degraded");
+    assert_eq!(
+        (on.as_str(), reason.as_str(), message.as_str()),
+        ("True", "TimedOut", "timed out after 1s")
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_running_job_cancels_its_build() {
+    let h = Harness::new(vec![Step::Hang], start());
+    seed_world(&h.fake);
+    seed_job(&h.fake, "j", json!({}));
+    h.reconcile("j").await;
+    assert!(h.ctx.has_task("uid-j"));
+    for _ in 0..100 {
+        if !h.script.inputs.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        h.script.inputs.lock().unwrap().len(),
+        1,
+        "the build never started"
+    );
+    lock(&h.fake).objects.get_mut(&job_path("j")).unwrap()["metadata"]["deletionTimestamp"] =
+        json!("2027-01-15T08:01:00Z");
+    let (sent, _) = h.reconcile("j").await;
+    assert_eq!(lines(&sent), [format!("PATCH {}", job_path("j"))]);
+    assert_eq!(
+        sent[0].body.as_ref().unwrap()["metadata"]["finalizers"],
+        json!([])
+    );
+    assert!(!h.ctx.has_task("uid-j"));
+    // The task's abort reaches the runner's future.
+    for _ in 0..100 {
+        if h.script.cancelled.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        h.script.cancelled.load(Ordering::SeqCst),
+        "the build was not cancelled"
+    );
+}
+
+#[tokio::test]
+async fn ttl_deletes_the_finished_job_once_due() {
+    let fake = Shared::default();
+    let finished = json!({"phase": "Succeeded", "attempts": 1, "imageDigest": "sha256:abc",
+                          "completionTime": "2027-01-15T08:00:00Z"});
+    let mut v = job_value("j", json!({"ttlSecondsAfterFinished": 60}));
+    v["status"] = finished;
+    lock(&fake).objects.insert(job_path("j"), v);
+
+    let early = Harness::with(
+        vec![],
+        start() + time::Duration::seconds(20),
+        settings(),
+        fake.clone(),
+    );
+    let (sent, action) = early.reconcile("j").await;
+    assert_eq!(lines(&sent), Vec::<String>::new());
+    assert_eq!(action, Action::requeue(Duration::from_secs(40)));
+
+    let due = Harness::with(
+        vec![],
+        start() + time::Duration::seconds(61),
+        settings(),
+        fake.clone(),
+    );
+    let (sent, action) = due.reconcile("j").await;
+    assert_eq!(lines(&sent), [format!("DELETE {}", job_path("j"))]);
+    assert_eq!(action, Action::await_change());
+    assert!(!lock(&fake).objects.contains_key(&job_path("j")));
+}
+
+#[tokio::test]
+async fn a_controller_restart_resubmits_a_running_job() {
+    let mut h = Harness::new(vec![Step::Succeed("sha256:abc")], start());
+    seed_world(&h.fake);
+    let mut v = job_value("j", json!({}));
+    v["metadata"]["finalizers"] = json!([job::FINALIZER]);
+    v["status"] = json!({"phase": "Running", "attempts": 1, "startTime": "2027-01-15T07:59:00Z",
+                         "worker": "w0", "logTail": ["#1 RUN make"]});
+    lock(&h.fake).objects.insert(job_path("j"), v);
+
+    let (sent, _) = h.reconcile("j").await;
+    assert_eq!(
+        sent.last().unwrap().line(),
+        format!("PATCH {}", status_path("j"))
+    );
+    let st = h.status("j");
+    assert_eq!(st["attempts"], 2);
+    assert_eq!(
+        st["startTime"], "2027-01-15T07:59:00Z",
+        "the start time stays"
+    );
+    assert!(
+        st.get("worker").is_none(),
+        "the previous worker is cleared: {st}"
+    );
+    assert!(st["logTail"].to_string().contains("controller restarted"));
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    assert_eq!(h.status("j")["phase"], "Succeeded");
+}
+
+#[tokio::test]
+async fn a_job_without_its_pool_waits_degraded_and_idempotent() {
+    let h = Harness::new(vec![], start());
+    seed_job(&h.fake, "j", json!({}));
+    let (sent, action) = h.reconcile("j").await;
+    assert_eq!(
+        lines(&sent),
+        [
+            format!("GET /apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p"),
+            format!("PATCH {}", status_path("j")),
+        ]
+    );
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Pending");
+    let (on, reason, message) = condition(&st, "Degraded");
+    assert_eq!((on.as_str(), reason.as_str()), ("True", "PoolNotFound"));
+    assert_eq!(message, "BuildWorkerPool builds/p not found");
+    // Nothing changed: nothing is written.
+    let (sent, _) = h.reconcile("j").await;
+    assert_eq!(
+        lines(&sent),
+        [format!(
+            "GET /apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p"
+        )]
+    );
+    assert!(h.script.inputs.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn context_file_names_that_leave_the_context_are_refused() {
+    let h = Harness::new(vec![], start());
+    seed_world(&h.fake);
+    lock(&h.fake)
+        .objects
+        .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
+        .unwrap()["data"]["../escape"] = json!("x");
+    seed_job(&h.fake, "j", json!({}));
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Pending");
+    let (on, reason, message) = condition(&st, "Degraded");
+    assert_eq!((on.as_str(), reason.as_str()), ("True", "InvalidSource"));
+    assert!(message.contains("\"../escape\""), "{message}");
+    assert!(h.script.inputs.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_secret_key_is_named_without_any_value() {
+    let h = Harness::new(vec![], start());
+    seed_world(&h.fake);
+    seed_job(
+        &h.fake,
+        "j",
+        json!({"secrets": [{"id": "tok", "secretName": "tok", "key": "nope"}]}),
+    );
+    h.reconcile("j").await;
+    let (on, reason, message) = condition(&h.status("j"), "Degraded");
+    assert_eq!((on.as_str(), reason.as_str()), ("True", "SecretNotFound"));
+    assert_eq!(
+        message,
+        "Secret builds/tok has no key \"nope\" (build secret \"tok\")"
+    );
+}
+
+#[tokio::test]
+async fn git_sources_become_a_remote_context() {
+    let mut h = Harness::new(
+        vec![Step::Fail("remote contexts are not supported")],
+        start(),
+    );
+    seed_world(&h.fake);
+    seed_job(
+        &h.fake,
+        "j",
+        json!({"source": {"git": {"url": "https://git.example/app.git", "ref": "v1", "subdir": "svc"}},
+               "secrets": []}),
+    );
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    let input = h.script.inputs.lock().unwrap()[0].clone();
+    assert_eq!(
+        input.frontend_attrs.get("context").map(String::as_str),
+        Some("https://git.example/app.git#v1:svc")
+    );
+    assert!(input.context_files.is_none());
+    h.reconcile("j").await;
+    let (_, reason, message) = condition(&h.status("j"), "Degraded");
+    assert_eq!(reason, "BuildFailed");
+    assert_eq!(message, "remote contexts are not supported");
+}
+
+// === a real build ===
+
+/// The reconcile with the real runner, against a real `kiln-gateway` and `kiln-worker` over
+/// mutual TLS and a real `docker-registry`: a ConfigMap context and a build secret. The
+/// digest in the status is the one the registry serves, the worker is the gateway's, and
+/// the secret's value (which the Dockerfile prints) is in no request the controller made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
+    use kiln_controller::reconcile::job::runner::GatewayRunner;
+    use kiln_e2e::{fleet, registry::Registry};
+
+    let bins = fleet::ensure_binaries()?;
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
+
+    let fake = Shared::default();
+    seed_world(&fake);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p);
+    let identity = secret(
+        "p-controller-client-tls",
+        &[
+            ("ca.crt", &read(&mtls.user.ca)?),
+            ("tls.crt", &read(&mtls.user.cert)?),
+            ("tls.key", &read(&mtls.user.key)?),
+        ],
+    );
+    let dockerfile = "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\n\
+        RUN --mount=type=secret,id=tok echo \"token: $(cat /run/secrets/tok)\" && cat /hello.txt\n";
+    {
+        let mut f = lock(&fake);
+        f.objects.insert(
+            format!("/api/v1{NS}/secrets/p-controller-client-tls"),
+            identity,
+        );
+        let cm = f
+            .objects
+            .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
+            .unwrap();
+        cm["data"]["Dockerfile"] = json!(dockerfile);
+    }
+    let image = format!("{}/kiln/job:1", reg.addr());
+    seed_job(
+        &fake,
+        "j",
+        json!({"target": null, "platforms": [], "cacheImport": [], "cacheExport": [],
+               "buildArgs": {"BASE": format!("{}/kiln/base:1", reg.addr())},
+               "outputs": [{"name": image, "push": true}]}),
+    );
+
+    let runner = GatewayRunner {
+        addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
+        server_name_override: Some("localhost".into()),
+        insecure_registries: Vec::new(),
+    };
+    let s = Settings {
+        progress_interval: Duration::from_millis(200),
+        ..settings()
+    };
+    let (ctx, mut ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        Arc::new(runner),
+        s,
+    );
+    job::reconcile(stored(&fake, "j"), ctx.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(600), ended.recv())
+        .await
+        .expect("the build did not end");
+    job::reconcile(stored(&fake, "j"), ctx.clone()).await?;
+
+    let st = lock(&fake).objects[&job_path("j")]["status"].clone();
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert_eq!(st["worker"], "w0");
+    let digest = st["imageDigest"].as_str().unwrap_or_default().to_string();
+    assert!(digest.starts_with("sha256:"), "{st:#}");
+    let served = kiln_e2e::http::get(
+        &reg.addr(),
+        "/v2/kiln/job/manifests/1",
+        &[(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json,application/vnd.oci.image.index.v1+json,application/vnd.docker.distribution.manifest.v2+json",
+        )],
+    )?;
+    assert_eq!(served.status, 200);
+    assert_eq!(
+        served.header("docker-content-digest"),
+        Some(digest.as_str())
+    );
+
+    let tail: Vec<String> = serde_json::from_value(st["logTail"].clone())?;
+    assert!(tail.iter().any(|l| l.ends_with("token: ****")), "{tail:#?}");
+    assert!(tail.iter().any(|l| l.ends_with(" hello")), "{tail:#?}");
+    let log = lock(&fake).log.clone();
+    assert!(
+        log.iter().any(|s| s.path == status_path("j")
+            && s.body
+                .as_ref()
+                .is_some_and(|b| b["status"]["phase"].is_null())),
+        "no progress patch was made"
+    );
+    for s in &log {
+        let body = s.body.as_ref().map(Value::to_string).unwrap_or_default();
+        assert!(!body.contains(SECRET_VALUE), "{}: {body}", s.line());
+    }
+
+    // A git source goes to the worker as a remote context; what the worker says about it
+    // ends up in the job's condition.
+    seed_job(
+        &fake,
+        "g",
+        json!({"source": {"git": {"url": "https://git.invalid/app.git", "ref": "main"}},
+               "secrets": [], "target": null, "platforms": [], "cacheImport": [], "cacheExport": [],
+               "outputs": [{"name": format!("{}/kiln/git:1", reg.addr())}]}),
+    );
+    job::reconcile(stored(&fake, "g"), ctx.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(600), ended.recv())
+        .await
+        .expect("the git build did not end");
+    job::reconcile(stored(&fake, "g"), ctx.clone()).await?;
+    let st = lock(&fake).objects[&job_path("g")]["status"].clone();
+    assert_eq!(st["phase"], "Failed", "{st:#}");
+    let (on, reason, message) = condition(&st, "Degraded");
+    assert_eq!(
+        (on.as_str(), reason.as_str()),
+        ("True", "BuildFailed"),
+        "{st:#}"
+    );
+    eprintln!("git source: {message}");
+    assert!(
+        message.contains("did not fetch the remote context https://git.invalid/app.git#main"),
+        "{message}"
+    );
+    Ok(())
+}
+
+/// A BuildJob through the controller deployed in a real cluster, when `KUBECONFIG` is set
+/// (needs `KILN_E2E_REGISTRY` and `KILN_E2E_BASE` too; see the README).
+#[tokio::test]
+async fn real_cluster_job_when_kubeconfig_is_set() {
+    if std::env::var_os("KUBECONFIG").is_none() {
+        eprintln!("KUBECONFIG not set: the real-cluster BuildJob variant is skipped (mocked and loopback tests ran)");
+        return;
+    }
+    crate::cluster::buildjob_succeeds().await.unwrap();
+}
