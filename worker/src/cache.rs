@@ -281,6 +281,20 @@ impl Cache {
         self.md.set_last_used(&used)
     }
 
+    /// When the filesystem holding the cache is full (under 1 MiB available), a message
+    /// saying so and naming `what` was being written; `None` otherwise.
+    pub fn no_space(&self, what: &str) -> Option<String> {
+        let d = gc::disk_space(&self.snapshots).ok()?;
+        (d.free < 1 << 20).then(|| {
+            format!(
+                "no space left on device: the worker root's filesystem ({}) has {} bytes free of {} while writing {what}; gc could not free enough",
+                self.snapshots.parent().unwrap_or(&self.snapshots).display(),
+                d.free,
+                d.total
+            )
+        })
+    }
+
     /// How many layers running builds hold now.
     pub fn held_layers(&self) -> usize {
         self.holds.lock().held_count()
