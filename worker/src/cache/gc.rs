@@ -343,6 +343,18 @@ impl Gc {
         Ok(report)
     }
 
+    /// The cache's records that `filters` match (any one; none: all), as DiskUsage lists
+    /// them. Blocking.
+    pub fn usage(&self, filters: &[String]) -> Result<Vec<LayerUsage>> {
+        let matcher = Matcher::new(true, filters, &mut Vec::new())?;
+        Ok(self
+            .cache
+            .usage()?
+            .into_iter()
+            .filter(|r| matcher.matches(r))
+            .collect())
+    }
+
     /// Before a build: when free space is below a rule's `min-free-space` (or the cache
     /// above a `max-used-space`, as last measured), runs the policy now. Blocking.
     pub fn before_build(&self) -> Result<Option<Report>> {

@@ -890,16 +890,16 @@ impl api::control_server::Control for ControlService {
         request: Request<api::DiskUsageRequest>,
     ) -> Result<Response<api::DiskUsageResponse>, Status> {
         let req = request.into_inner();
-        if !req.filter.is_empty() {
-            return Err(Status::unimplemented(
-                "disk usage filters are not implemented yet",
-            ));
-        }
-        let cache = self.engine.worker().cache.clone();
-        let usage = tokio::task::spawn_blocking(move || cache.usage())
+        let gc = self.engine.gc().clone();
+        let usage = tokio::task::spawn_blocking(move || gc.usage(&req.filter))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::cache::Error::Policy(m) => {
+                    Status::invalid_argument(format!("disk usage: {m}"))
+                }
+                e => Status::internal(e.to_string()),
+            })?;
         Ok(Response::new(api::DiskUsageResponse {
             record: usage.iter().map(usage_record).collect(),
         }))

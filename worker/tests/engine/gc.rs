@@ -468,9 +468,13 @@ async fn a_gc_change_in_the_config_file_applies_without_restart() -> anyhow::Res
     })
     .await?;
     assert_eq!(left.len(), 2, "{left:?}\n{}", d.log());
-    let m = metrics(port).await?;
-    let freed = metric(&m, "kiln_worker_gc_freed_bytes_total").unwrap_or(0.0);
-    assert!(freed >= 3.0 * (1 << 20) as f64, "{m}");
+    // The counters move when the run ends (after the files are gone).
+    let m = eventually(10, "the freed bytes in the metrics", async || {
+        let m = metrics(port).await?;
+        let freed = metric(&m, "kiln_worker_gc_freed_bytes_total").unwrap_or(0.0);
+        Ok((freed >= 3.0 * (1 << 20) as f64).then_some(m))
+    })
+    .await?;
     let cache_bytes = metric(&m, "kiln_worker_cache_bytes").unwrap_or(0.0);
     assert!(
         cache_bytes >= 2.0 * (1 << 20) as f64 && cache_bytes <= 2.5 * (1 << 20) as f64,
@@ -515,6 +519,16 @@ async fn a_gc_change_in_the_config_file_applies_without_restart() -> anyhow::Res
             .collect::<Result<_, _>>()?
     };
     assert_eq!(pruned.len(), 1, "{pruned:?}");
+    assert_eq!(pruned[0].record_type, "regular");
+    let filtered = client
+        .disk_usage(api::DiskUsageRequest {
+            filter: vec!["type==source.local".into()],
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .record;
+    assert!(filtered.is_empty(), "{filtered:?}");
     assert_eq!(disk_usage(&mut client).await?.len(), 1);
     let bad = client
         .prune(api::PruneRequest {
