@@ -2,7 +2,9 @@
 //! the gRPC health service over the embedded engine, on unix sockets (default
 //! `/run/kiln/kiln.sock`) and TCP with mutual TLS, plus plain-HTTP metrics and probes.
 //!
-//! Settings come from flags, then the `--config` TOML file, then defaults.
+//! Settings come from flags, then the `--config` TOML file, then defaults. The file's `[gc]`
+//! table (the cache GC policy, see `kiln_worker::cache::gc`) is re-read while the worker runs
+//! and applied without a restart.
 //!
 //! Partial (see `control::service`): raw LLB, and `dockerfile.v0` with the context fetched
 //! over the client's session, on the classic and the LLBBridge path, exported to images; no
