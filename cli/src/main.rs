@@ -29,7 +29,7 @@ enum Command {
     Build(Box<build::BuildArgs>),
     /// Show the disk usage of a daemon's (or every worker's, through a gateway) cache.
     Du(admin::ListArgs),
-    /// Remove cache records from a daemon (when it is idle).
+    /// Remove cache records from a daemon (never those a running build holds).
     Prune(admin::PruneArgs),
     /// List the workers behind an address.
     Workers(admin::ListArgs),

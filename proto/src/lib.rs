@@ -23,6 +23,9 @@
 //! module. Server traits have default methods answering `Unimplemented`, so an
 //! implementation only writes the RPCs it supports.
 //!
+//! [`gc`] is the garbage-collection policy the controller renders and the worker enforces
+//! (types, parsing, the `[gc]` file form).
+//!
 //! [`transport`] is the one module that does I/O: the listeners and dialers every Kiln
 //! component uses for these services (unix sockets, TCP with mutual TLS and certificate
 //! reload). The worker, gateway and CLI depend on this crate, never the reverse.
@@ -31,6 +34,7 @@ pub use prost;
 pub use prost_types;
 pub use tonic;
 
+pub mod gc;
 pub mod transport;
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every .proto in this crate

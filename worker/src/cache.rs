@@ -9,7 +9,12 @@
 //!
 //! Results are shared with other workers through a registry or an OCI layout
 //! ([`registry`]: format, export, import) and the automatic pool cache ([`pool`]).
+//!
+//! Every [`Layer`] value holds its layer while it lives, so [`gc`] (the policy, Prune) never
+//! removes what a running build resolved. Removal unrecords first and deletes files second,
+//! so a crash in between leaves directories without records, which the next open removes.
 
+pub mod gc;
 pub mod metadata;
 pub mod pool;
 pub mod refs;
@@ -23,6 +28,8 @@ use async_trait::async_trait;
 
 pub use metadata::{BlobRecord, LayerRecord, Metadata, ResultRecord};
 pub use refs::{Layer, NewLayer, Ref};
+
+use refs::Holds;
 
 use crate::export::LayerBlob;
 use crate::solver::{BoxError, ResultCache};
@@ -52,6 +59,9 @@ pub enum Error {
     /// Exporting or importing a shared cache failed.
     #[error(transparent)]
     Registry(#[from] registry::Error),
+    /// A GC policy or prune request cannot be applied as given.
+    #[error("gc: {0}")]
+    Policy(String),
 }
 
 /// Crate-local result alias.
@@ -68,15 +78,21 @@ pub(crate) fn io<'a>(
     }
 }
 
-/// One layer's record and size, as disk usage reports it.
-#[derive(Debug, Clone)]
+/// One layer's record and size, as disk usage reports it and GC weighs it.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LayerUsage {
     /// Layer id.
     pub id: u64,
-    /// Bytes of its files.
+    /// Bytes it takes on disk (allocated blocks, hard links counted once).
     pub size: u64,
     /// Unix seconds.
     pub created: u64,
+    /// Unix seconds of its last use (its creation when never used since).
+    pub last_used: u64,
+    /// Whether a running build (or a queued export) holds it now.
+    pub in_use: bool,
+    /// BuildKit's record type: `regular` or `source.local`.
+    pub kind: String,
     /// Digests of the blobs made from or pulled as it.
     pub blobs: Vec<String>,
 }
@@ -86,6 +102,9 @@ pub struct LayerUsage {
 pub struct Cache {
     snapshots: PathBuf,
     md: Metadata,
+    holds: Arc<Holds>,
+    /// Sizes of committed layers (immutable, so measured once per process).
+    sizes: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
     /// One unpack at a time per blob digest (imports of results sharing a layer).
     blob_locks: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -102,6 +121,8 @@ impl Cache {
         let cache = Cache {
             snapshots,
             md,
+            holds: Default::default(),
+            sizes: Default::default(),
             blob_locks: Default::default(),
         };
         cache.recover()?;
@@ -151,83 +172,160 @@ impl Cache {
         NewLayer::create(&self.snapshots, id)
     }
 
-    /// Commits new layers: flushes them to disk, moves them into place and records them.
+    /// Commits new layers: flushes them to disk, moves them into place and records them
+    /// (as `regular` records).
     pub fn commit_layers(&self, layers: Vec<(NewLayer, Vec<LayerBlob>)>) -> Result<Vec<Layer>> {
+        self.commit_layers_as(None, layers)
+    }
+
+    /// [`Cache::commit_layers`] with BuildKit's record type for GC filters (`source.local`
+    /// for a local context; `None`: `regular`).
+    pub fn commit_layers_as(
+        &self,
+        kind: Option<&str>,
+        layers: Vec<(NewLayer, Vec<LayerBlob>)>,
+    ) -> Result<Vec<Layer>> {
         if layers.is_empty() {
             return Ok(Vec::new());
         }
         refs::sync_fs(&self.snapshots)?;
         let mut records = Vec::with_capacity(layers.len());
-        let mut out = Vec::with_capacity(layers.len());
+        let mut dirs = Vec::with_capacity(layers.len());
         for (nl, blobs) in layers {
-            let layer = nl.finish(&self.snapshots)?;
+            let id = nl.id();
+            let dir = nl.finish(&self.snapshots)?;
             records.push((
-                layer.id,
+                id,
                 LayerRecord {
                     blobs: blobs.iter().map(BlobRecord::from).collect(),
                     created: unix_now(),
+                    kind: kind.map(str::to_string),
                 },
             ));
-            out.push(layer);
+            dirs.push((id, dir));
         }
         refs::sync_dir(&self.snapshots)?;
+        // Held before they are recorded: GC never sees them unheld.
+        let out: Vec<Layer> = {
+            let mut t = self.holds.lock();
+            dirs.into_iter()
+                .map(|(id, dir)| Layer::new(id, dir, self.holds.hold(&mut t, id)))
+                .collect()
+        };
         self.md.add_layers(&records)?;
         Ok(out)
     }
 
-    /// A committed layer by id, if its record and directory exist.
+    /// A committed layer by id, if its record and directory exist; the value holds it.
     pub fn layer(&self, id: u64) -> Result<Option<Layer>> {
+        // Under the hold lock: GC either unrecorded it already, or cannot until released.
+        let mut t = self.holds.lock();
         if self.md.layer(id)?.is_none() {
             return Ok(None);
         }
         let dir = self.snapshots.join(id.to_string());
-        Ok(dir.is_dir().then(|| Layer::new(id, dir)))
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        let hold = self.holds.hold(&mut t, id);
+        Ok(Some(Layer::new(id, dir, hold)))
     }
 
-    /// Every committed layer with its size on disk (what `DiskUsage` reports).
+    /// Every committed layer with its size on disk, use and type (what `DiskUsage`
+    /// reports and GC weighs).
     pub fn usage(&self) -> Result<Vec<LayerUsage>> {
+        let stored = self.md.last_used()?;
         let mut out = Vec::new();
         for id in self.md.layer_ids()? {
             let Some(rec) = self.md.layer(id)? else {
                 continue;
             };
-            let dir = self.snapshots.join(id.to_string());
-            let size = walkdir::WalkDir::new(&dir)
+            let size = self.size_of(id);
+            let (in_use, pending) = {
+                let t = self.holds.lock();
+                (t.is_held(id), t.used(id))
+            };
+            let last_used = [Some(rec.created), stored.get(&id).copied(), pending]
                 .into_iter()
                 .flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| !m.is_dir())
-                .map(|m| m.len())
-                .sum();
+                .max()
+                .unwrap_or(0);
             out.push(LayerUsage {
                 id,
                 size,
                 created: rec.created,
+                last_used,
+                in_use,
+                kind: rec.kind.clone().unwrap_or_else(|| "regular".into()),
                 blobs: rec.blobs.iter().map(|b| b.digest.clone()).collect(),
             });
         }
         Ok(out)
     }
 
-    /// Removes every layer created before `older_than` (unix seconds; `None`: all) and
-    /// the results built on them; returns what was removed. The caller guarantees no build
-    /// holds any of them. Records go first, so a crash in between leaves only directories
-    /// that the next open removes.
-    pub fn prune(&self, older_than: Option<u64>) -> Result<Vec<LayerUsage>> {
-        let doomed: Vec<LayerUsage> = self
-            .usage()?
-            .into_iter()
-            .filter(|l| older_than.is_none_or(|t| l.created < t))
-            .collect();
-        if doomed.is_empty() {
-            return Ok(doomed);
+    /// Bytes layer `id` takes on disk, measured once.
+    fn size_of(&self, id: u64) -> u64 {
+        if let Some(s) = self.sizes.lock().ok().and_then(|m| m.get(&id).copied()) {
+            return s;
         }
-        let ids: Vec<u64> = doomed.iter().map(|l| l.id).collect();
-        self.md.remove_layers(&ids)?;
+        let size = disk_usage(&self.snapshots.join(id.to_string()));
+        if let Ok(mut m) = self.sizes.lock() {
+            m.insert(id, size);
+        }
+        size
+    }
+
+    /// Writes the layers' recent use times to the store (GC orders by them).
+    pub fn flush_last_used(&self) -> Result<()> {
+        let used = self.holds.lock().take_used();
+        self.md.set_last_used(&used)
+    }
+
+    /// When the filesystem holding the cache is full (under 1 MiB available), a message
+    /// saying so and naming `what` was being written; `None` otherwise.
+    pub fn no_space(&self, what: &str) -> Option<String> {
+        let d = gc::disk_space(&self.snapshots).ok()?;
+        (d.free < 1 << 20).then(|| {
+            format!(
+                "no space left on device: the worker root's filesystem ({}) has {} bytes free of {} while writing {what}; gc could not free enough",
+                self.snapshots.parent().unwrap_or(&self.snapshots).display(),
+                d.free,
+                d.total
+            )
+        })
+    }
+
+    /// How many layers running builds hold now.
+    pub fn held_layers(&self) -> usize {
+        self.holds.lock().held_count()
+    }
+
+    /// Removes the layers `ids` that nothing holds, and the results built on them; returns
+    /// what was removed. Records go first (one transaction, taken while no one can take a
+    /// new hold), files second: a crash in between leaves only directories without a
+    /// record, which the next open removes.
+    pub fn remove(&self, candidates: &[LayerUsage]) -> Result<Vec<LayerUsage>> {
+        let doomed: Vec<LayerUsage> = {
+            let t = self.holds.lock();
+            let doomed: Vec<LayerUsage> = candidates
+                .iter()
+                .filter(|l| !t.is_held(l.id))
+                .cloned()
+                .collect();
+            if doomed.is_empty() {
+                return Ok(doomed);
+            }
+            let ids: Vec<u64> = doomed.iter().map(|l| l.id).collect();
+            self.md.remove_layers(&ids)?;
+            doomed
+        };
         let present: HashSet<u64> = self.md.layer_ids()?.into_iter().collect();
         self.md.drop_dangling_results(&present)?;
-        for id in &ids {
-            refs::remove_tree(&self.snapshots.join(id.to_string()));
+        for l in &doomed {
+            refs::remove_tree(&self.snapshots.join(l.id.to_string()));
+            if let Ok(mut m) = self.sizes.lock() {
+                m.remove(&l.id);
+            }
         }
         Ok(doomed)
     }
@@ -304,7 +402,20 @@ impl Cache {
     }
 }
 
-fn unix_now() -> u64 {
+/// Bytes a tree takes on disk: allocated blocks, each inode once.
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = HashSet::new();
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.nlink() < 2 || m.is_dir() || seen.insert((m.dev(), m.ino())))
+        .map(|m| m.blocks() * 512)
+        .sum()
+}
+
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -385,6 +496,110 @@ mod tests {
             .map(|e| e.file_name().to_string_lossy().to_string())
             .collect();
         assert_eq!(leftovers, vec![kept.layers()[0].id.to_string()]);
+        Ok(())
+    }
+
+    fn layer_with(cache: &Cache, bytes: usize) -> anyhow::Result<Layer> {
+        let nl = cache.new_layer()?;
+        std::fs::write(nl.fs().join("f"), vec![7u8; bytes])?;
+        Ok(cache.commit_layers(vec![(nl, Vec::new())])?.remove(0))
+    }
+
+    #[test]
+    fn gc_removes_only_what_nothing_holds() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let cache = Cache::open(root.path())?;
+        let (gc, _) = gc::Gc::new(cache.clone(), root.path(), Default::default())?;
+        let l1 = layer_with(&cache, 10_000)?;
+        let l2 = layer_with(&cache, 20_000)?;
+        let l3 = layer_with(&cache, 30_000)?;
+        let ids = [l1.id, l2.id, l3.id];
+        cache.put(&[
+            ("k1:0".into(), Ref::new(vec![l1.clone()])),
+            ("k2:0".into(), Ref::new(vec![l1, l2])),
+            ("k3:0".into(), Ref::new(vec![l3])),
+        ])?;
+        // A build holds k2 (and so its layers); nothing else is held.
+        let held = cache
+            .get("k2:0")?
+            .ok_or_else(|| anyhow::anyhow!("k2 missing"))?;
+        assert_eq!(cache.held_layers(), 2);
+        let usage = cache.usage()?;
+        assert!(usage.iter().all(|u| u.size >= 4096), "{usage:?}");
+        assert_eq!(usage.iter().filter(|u| u.in_use).count(), 2);
+        let report = gc.prune(true, &[], Default::default())?;
+        assert_eq!(
+            report.removed.iter().map(|u| u.id).collect::<Vec<_>>(),
+            vec![ids[2]]
+        );
+        assert!(report.freed >= 30_000, "{report:?}");
+        assert!(cache.get("k3:0")?.is_none());
+        assert_eq!(cache.get("k2:0")?.as_ref(), Some(&held));
+        assert_eq!(
+            std::fs::read(held.layers()[1].fs().join("f"))?.len(),
+            20_000
+        );
+        assert!(!root
+            .path()
+            .join("snapshots")
+            .join(ids[2].to_string())
+            .exists());
+        // Released: everything goes, results with it.
+        drop(held);
+        assert_eq!(cache.held_layers(), 0);
+        let report = gc.prune(true, &[], Default::default())?;
+        assert_eq!(report.removed.len(), 2);
+        assert!(cache.get("k1:0")?.is_none() && cache.get("k2:0")?.is_none());
+        assert_eq!(gc.stats().runs, 2);
+        assert_eq!(gc.stats().cache_bytes, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_crash_between_unrecording_and_deleting_leaves_a_clean_store() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let id = {
+            let cache = Cache::open(root.path())?;
+            let kept = layer_with(&cache, 100)?;
+            let gone = layer_with(&cache, 100)?;
+            cache.put(&[
+                ("kept:0".into(), Ref::new(vec![kept])),
+                ("gone:0".into(), Ref::new(vec![gone.clone()])),
+            ])?;
+            // GC's first step (records) done, the process killed before the files go.
+            cache.metadata().remove_layers(&[gone.id])?;
+            gone.id
+        };
+        let dir = root.path().join("snapshots").join(id.to_string());
+        assert!(dir.exists());
+        let cache = Cache::open(root.path())?;
+        assert!(
+            !dir.exists(),
+            "the unrecorded layer's files must go on open"
+        );
+        assert!(cache.get("gone:0")?.is_none());
+        let kept = cache
+            .get("kept:0")?
+            .ok_or_else(|| anyhow::anyhow!("kept lost"))?;
+        assert_eq!(std::fs::read(kept.layers()[0].fs().join("f"))?.len(), 100);
+        Ok(())
+    }
+
+    #[test]
+    fn last_use_orders_gc_and_survives_reopen() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let (a, b) = {
+            let cache = Cache::open(root.path())?;
+            let a = layer_with(&cache, 10)?;
+            let b = layer_with(&cache, 10)?;
+            let ids = (a.id, b.id);
+            drop((a, b));
+            cache.flush_last_used()?;
+            ids
+        };
+        let cache = Cache::open(root.path())?;
+        let used = cache.metadata().last_used()?;
+        assert!(used.contains_key(&a) && used.contains_key(&b), "{used:?}");
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::gc::Gc;
 use crate::cache::pool::Pool;
 use crate::cache::registry::{self, CacheEntry, Exporter};
 use crate::cache::{Cache, Ref};
@@ -44,6 +45,8 @@ pub struct EngineConfig {
     /// Pool cache repository (`host/path`): every executed vertex result is exported there
     /// in the background and every local miss is looked up there.
     pub cache_registry: Option<String>,
+    /// The garbage-collection policy (`[gc]` of the worker's config file).
+    pub gc: kiln_proto::gc::Policy,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +60,7 @@ impl Default for EngineConfig {
             registry: RegistryConfig::default(),
             snapshotter: None,
             cache_registry: None,
+            gc: kiln_proto::gc::Policy::default(),
         }
     }
 }
@@ -153,6 +157,7 @@ pub struct Engine {
     solver: Arc<Solver<LlbOp>>,
     pool: Option<Arc<Pool>>,
     cache_exporter: Exporter,
+    gc: Arc<Gc>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -218,13 +223,24 @@ impl Engine {
             images,
             cache_mount_locks: Default::default(),
         });
+        let (gc, warnings) =
+            Gc::new(cache.clone(), root, config.gc.clone()).map_err(Error::Cache)?;
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
         let solver = Solver::new(cache, config.max_parallelism);
         Ok(Engine {
             worker,
             solver,
             pool,
             cache_exporter,
+            gc,
         })
+    }
+
+    /// The garbage collector of this engine's cache.
+    pub fn gc(&self) -> &Arc<Gc> {
+        &self.gc
     }
 
     /// The exporter of `--export-cache` and the pool cache.
@@ -304,6 +320,13 @@ impl Engine {
         progress: &Progress,
         cancel: CancellationToken,
     ) -> Result<SolvedBuild> {
+        // Free space short of the GC policy: collect before this build writes anything.
+        let gc = self.gc.clone();
+        match tokio::task::spawn_blocking(move || gc.before_build()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "gc before the build failed"),
+            Err(error) => tracing::warn!(%error, "gc before the build panicked"),
+        }
         let (definition, config) = match &req.frontend {
             Frontend::Llb(def) => {
                 let mut cfg = ImageConfigFile::default();

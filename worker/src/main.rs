@@ -2,7 +2,9 @@
 //! the gRPC health service over the embedded engine, on unix sockets (default
 //! `/run/kiln/kiln.sock`) and TCP with mutual TLS, plus plain-HTTP metrics and probes.
 //!
-//! Settings come from flags, then the `--config` TOML file, then defaults.
+//! Settings come from flags, then the `--config` TOML file, then defaults. The file's `[gc]`
+//! table (the cache GC policy, see `kiln_worker::cache::gc`) is re-read while the worker runs
+//! and applied without a restart.
 //!
 //! Partial (see `control::service`): raw LLB, and `dockerfile.v0` with the context fetched
 //! over the client's session, on the classic and the LLBBridge path, exported to images; no
@@ -11,19 +13,24 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use kiln_proto::gc::{GcSection, Policy};
 use kiln_proto::transport::{Addr, ServeTls, TlsFiles};
+use kiln_worker::cache::gc::Gc;
 use kiln_worker::control::service::{ControlService, HealthService};
 use kiln_worker::control::{Engine, EngineConfig};
 use kiln_worker::executor::Runtime;
-use kiln_worker::metrics::Metrics;
+use kiln_worker::metrics::{EngineStats, Metrics};
 use kiln_worker::source::image::RegistryConfig;
 use serde::Deserialize;
 
 const DEFAULT_ADDR: &str = "unix:///run/kiln/kiln.sock";
 const DEFAULT_ROOT: &str = "/var/lib/kiln";
+/// How often the `--config` file is read again for a changed `[gc]` policy.
+const DEFAULT_CONFIG_POLL: Duration = Duration::from_secs(5);
 
 /// The Kiln worker daemon.
 #[derive(Debug, Parser)]
@@ -69,6 +76,10 @@ struct Args {
     /// This worker's name in ListWorkers (default: the host name, which is the pod name).
     #[arg(long)]
     worker_id: Option<String>,
+    /// How often the --config file is re-read; a changed [gc] policy applies without a
+    /// restart (default 5s).
+    #[arg(long, value_name = "DURATION")]
+    config_poll_interval: Option<String>,
     /// Run without root (not implemented yet: refused with an error).
     #[arg(long)]
     rootless: bool,
@@ -95,35 +106,20 @@ struct ConfigFile {
     cache_registry: Option<String>,
     #[serde(default)]
     tls: TlsSection,
+    config_poll_interval: Option<String>,
+    /// The garbage-collection policy the controller renders (`[gc]`, `[[gc.rules]]`),
+    /// applied again whenever the file changes.
     gc: Option<GcSection>,
 }
 
-/// The garbage-collection policy the controller renders (`[gc]`, `[[gc.rules]]`). Read and
-/// checked; not enforced yet (see `main`).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-#[allow(dead_code)]
-struct GcSection {
-    enabled: Option<bool>,
-    reserved_space: Option<String>,
-    max_used_space: Option<String>,
-    min_free_space: Option<String>,
-    keep_duration: Option<String>,
-    #[serde(default)]
-    rules: Vec<GcRule>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-#[allow(dead_code)]
-struct GcRule {
-    all: Option<bool>,
-    #[serde(default)]
-    filters: Vec<String>,
-    reserved_space: Option<String>,
-    max_used_space: Option<String>,
-    min_free_space: Option<String>,
-    keep_duration: Option<String>,
+impl ConfigFile {
+    /// The GC policy of this file (the worker's default without a `[gc]` table).
+    fn gc_policy(&self) -> anyhow::Result<Policy> {
+        match &self.gc {
+            Some(g) => Ok(g.parse()?),
+            None => Ok(Policy::default()),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +136,52 @@ fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// Reads the config file every `every` (a Kubernetes ConfigMap mount changes by swapping a
+/// `..data` symlink, so the resolved content is compared) and applies a changed `[gc]`
+/// policy; an invalid file is logged and the policy in force kept.
+async fn watch_config(path: PathBuf, every: Duration, gc: Arc<Gc>) {
+    let mut last = std::fs::read_to_string(&path).ok();
+    loop {
+        tokio::time::sleep(every).await;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "cannot re-read the config file; keeping the current gc policy");
+                continue;
+            }
+        };
+        if last.as_deref() == Some(text.as_str()) {
+            continue;
+        }
+        last = Some(text.clone());
+        let policy = toml::from_str::<ConfigFile>(&text)
+            .map_err(anyhow::Error::from)
+            .and_then(|f| f.gc_policy());
+        let policy = match policy {
+            Ok(p) => p,
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), path = %path.display(), "the changed config file is invalid; keeping the current gc policy");
+                continue;
+            }
+        };
+        if policy == gc.policy() {
+            tracing::info!(path = %path.display(), "config file changed; gc policy unchanged (other settings apply at the next restart)");
+            continue;
+        }
+        match gc.set_policy(policy) {
+            Ok(warnings) => {
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!(path = %path.display(), "applied the changed gc policy");
+            }
+            Err(error) => {
+                tracing::error!(%error, path = %path.display(), "the changed gc policy cannot be applied; keeping the current one");
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -154,9 +196,26 @@ async fn main() -> anyhow::Result<()> {
     if args.rootless {
         bail!("--rootless: rootless workers are not implemented yet; run the worker as root (privileged pod)");
     }
-    if file.gc.as_ref().is_some_and(|g| g.enabled != Some(false)) {
-        tracing::warn!("the [gc] policy in --config is read but not enforced yet: the store grows until pruned");
-    }
+    let gc_policy = file.gc_policy().with_context(|| {
+        format!(
+            "--config {}",
+            args.config.as_deref().unwrap_or(Path::new("")).display()
+        )
+    })?;
+    let poll = match args
+        .config_poll_interval
+        .as_deref()
+        .or(file.config_poll_interval.as_deref())
+    {
+        Some(s) => {
+            let d = kiln_proto::gc::parse_duration(s, "--config-poll-interval")?;
+            if d.is_zero() {
+                bail!("--config-poll-interval must be more than zero");
+            }
+            d
+        }
+        None => DEFAULT_CONFIG_POLL,
+    };
 
     let addrs: Vec<Addr> = {
         let given = if !args.addrs.is_empty() {
@@ -201,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
             docker_config: None,
         },
         cache_registry: args.cache_registry.clone().or(file.cache_registry),
+        gc: gc_policy,
         ..Default::default()
     };
     if let Some(n) = args.max_parallelism.or(file.max_parallelism) {
@@ -240,6 +300,27 @@ async fn main() -> anyhow::Result<()> {
                 .filter(|h| !h.is_empty())
         })
         .unwrap_or_else(|| "kiln-worker".to_string());
+    engine.gc().spawn();
+    {
+        let engine = engine.clone();
+        metrics
+            .watch_engine(move || {
+                let gc = engine.gc().stats();
+                EngineStats {
+                    gc_runs: gc.runs,
+                    gc_freed_bytes: gc.freed_bytes,
+                    cache_bytes: gc.cache_bytes,
+                    export_queue_depth: engine
+                        .pool()
+                        .map(|p| p.stats().queue_depth as u64)
+                        .unwrap_or(0),
+                }
+            })
+            .context("registering cache metrics")?;
+    }
+    if let Some(path) = args.config.clone() {
+        tokio::spawn(watch_config(path, poll, engine.gc().clone()));
+    }
     let control = ControlService::new(engine, id).with_metrics(metrics.clone());
     for addr in &addrs {
         let incoming = serve_tls.listen(addr).await?;
@@ -289,9 +370,19 @@ mod tests {
     fn config_file_accepts_what_the_controller_renders() {
         let text = "max-parallelism = 4\n\n[gc]\nenabled = true\nreserved-space = \"10737418240\"\nmax-used-space = \"80%\"\nkeep-duration = \"172800s\"\n\n[[gc.rules]]\nall = false\nfilters = [\"type==source.local\"]\nkeep-duration = \"172800s\"\nmax-used-space = \"536870912\"\n";
         let c: ConfigFile = toml::from_str(text).unwrap();
-        let gc = c.gc.unwrap();
-        assert_eq!(gc.max_used_space.as_deref(), Some("80%"));
+        let gc = c.gc_policy().unwrap();
+        assert_eq!(
+            gc.limits.max_used_space,
+            Some(kiln_proto::gc::Size::Percent(80.0))
+        );
         assert_eq!(gc.rules[0].filters, ["type==source.local"]);
+        assert_eq!(
+            gc.rules[0].limits.keep_duration,
+            Some(Duration::from_secs(172800))
+        );
+        let bad: ConfigFile = toml::from_str("[gc]\nmax-used-space = \"lots\"\n").unwrap();
+        let err = format!("{:#}", bad.gc_policy().unwrap_err());
+        assert!(err.contains("gc.max-used-space"), "{err}");
         let err = toml::from_str::<ConfigFile>("[gc]\nbogus = 1\n").unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");
     }

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::core::{Collector, Desc};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// The worker's metrics, registered in their own registry.
 pub struct Metrics {
@@ -58,7 +61,33 @@ impl Metrics {
         }))
     }
 
-    /// Registers another collector (for example a cache export queue's depth).
+    /// Reports the engine's cache figures, read from `read` at each scrape:
+    /// `kiln_worker_gc_runs_total`, `kiln_worker_gc_freed_bytes_total`,
+    /// `kiln_worker_cache_bytes` and `kiln_worker_cache_export_queue_depth`.
+    pub fn watch_engine(
+        &self,
+        read: impl Fn() -> EngineStats + Send + Sync + 'static,
+    ) -> Result<(), prometheus::Error> {
+        let c = EngineCollector {
+            read: Box::new(read),
+            gc_runs: IntCounter::new("gc_runs_total", "Cache GC runs and prunes completed.")?,
+            gc_freed: IntCounter::new(
+                "gc_freed_bytes_total",
+                "Bytes of cache records removed by GC and prunes.",
+            )?,
+            cache_bytes: IntGauge::new(
+                "cache_bytes",
+                "Bytes the local cache's layers take, as the last GC run measured them.",
+            )?,
+            queue_depth: IntGauge::new(
+                "cache_export_queue_depth",
+                "Pool cache exports queued or running.",
+            )?,
+        };
+        self.registry.register(Box::new(c))
+    }
+
+    /// Registers another collector.
     pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
         if let Err(e) = self.registry.register(c) {
             tracing::warn!(error = %e, "registering a metric");
@@ -120,6 +149,53 @@ impl Metrics {
     }
 }
 
+/// The engine's figures [`Metrics::watch_engine`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// GC runs and prunes completed.
+    pub gc_runs: u64,
+    /// Bytes they freed.
+    pub gc_freed_bytes: u64,
+    /// Bytes the cache takes (last measured).
+    pub cache_bytes: u64,
+    /// Pool cache exports queued or running.
+    pub export_queue_depth: u64,
+}
+
+struct EngineCollector {
+    read: Box<dyn Fn() -> EngineStats + Send + Sync>,
+    gc_runs: IntCounter,
+    gc_freed: IntCounter,
+    cache_bytes: IntGauge,
+    queue_depth: IntGauge,
+}
+
+impl Collector for EngineCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.gc_runs.desc();
+        d.extend(self.gc_freed.desc());
+        d.extend(self.cache_bytes.desc());
+        d.extend(self.queue_depth.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let s = (self.read)();
+        // Counters only go up: add what the engine counted since the last scrape.
+        self.gc_runs
+            .inc_by(s.gc_runs.saturating_sub(self.gc_runs.get()));
+        self.gc_freed
+            .inc_by(s.gc_freed_bytes.saturating_sub(self.gc_freed.get()));
+        self.cache_bytes.set(s.cache_bytes as i64);
+        self.queue_depth.set(s.export_queue_depth as i64);
+        let mut out = self.gc_runs.collect();
+        out.extend(self.gc_freed.collect());
+        out.extend(self.cache_bytes.collect());
+        out.extend(self.queue_depth.collect());
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +219,35 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kiln_worker_builds_in_flight 2"), "{text}");
+    }
+
+    #[test]
+    fn engine_figures_are_read_at_scrape() {
+        let m = Metrics::new().unwrap();
+        let stats = Arc::new(std::sync::Mutex::new(EngineStats {
+            gc_runs: 2,
+            gc_freed_bytes: 4096,
+            cache_bytes: 1 << 20,
+            export_queue_depth: 3,
+        }));
+        let s = stats.clone();
+        m.watch_engine(move || *s.lock().unwrap()).unwrap();
+        let text = m.render();
+        for want in [
+            "kiln_worker_gc_runs_total 2",
+            "kiln_worker_gc_freed_bytes_total 4096",
+            "kiln_worker_cache_bytes 1048576",
+            "kiln_worker_cache_export_queue_depth 3",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        stats.lock().unwrap().gc_runs = 5;
+        stats.lock().unwrap().export_queue_depth = 0;
+        let text = m.render();
+        assert!(text.contains("kiln_worker_gc_runs_total 5"), "{text}");
+        assert!(
+            text.contains("kiln_worker_cache_export_queue_depth 0"),
+            "{text}"
+        );
     }
 }

@@ -3,14 +3,13 @@
 //! validated and written canonically.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 
 use super::{config_map_name, Context, CONFIG_FILE};
 use crate::crd::GcPolicy;
-use crate::units::{format_duration_secs, parse_duration, Size};
 use crate::Result;
+use kiln_proto::gc::{parse_limits, Filter, Policy, Rule};
 
 pub(super) fn config_map(ctx: &Context<'_>) -> Result<ConfigMap> {
     let toml = worker_config_toml(&ctx.pool.spec.gc)?;
@@ -33,71 +32,54 @@ pub fn worker_config_toml(gc: &GcPolicy) -> Result<String> {
     if *gc == GcPolicy::default() {
         return Ok(out);
     }
-    out.push_str("[gc]\n");
-    // Writing to a String cannot fail; the results are ignored for that reason.
-    let _ = writeln!(out, "enabled = {}", !gc.disabled);
-    let prefix = "spec.gc";
-    limits(
-        &mut out,
-        prefix,
-        Limits {
-            keep_duration: gc.keep_duration.as_deref(),
-            reserved_space: gc.reserved_space.as_deref(),
-            max_used_space: gc.max_used_space.as_deref(),
-            min_free_space: gc.min_free_space.as_deref(),
-        },
-    )?;
-    for (i, rule) in gc.rules.iter().enumerate() {
-        let _ = writeln!(out, "\n[[gc.rules]]");
-        let _ = writeln!(out, "all = {}", rule.all);
-        let filters: Vec<String> = rule.filters.iter().map(|f| toml_string(f)).collect();
-        let _ = writeln!(out, "filters = [{}]", filters.join(", "));
-        limits(
-            &mut out,
-            &format!("{prefix}.rules[{i}]"),
-            Limits {
-                keep_duration: rule.keep_duration.as_deref(),
-                reserved_space: rule.reserved_space.as_deref(),
-                max_used_space: rule.max_used_space.as_deref(),
-                min_free_space: rule.min_free_space.as_deref(),
-            },
-        )?;
-    }
+    out.push_str(&policy(gc)?.to_toml());
     Ok(out)
 }
 
-struct Limits<'a> {
-    keep_duration: Option<&'a str>,
-    reserved_space: Option<&'a str>,
-    max_used_space: Option<&'a str>,
-    min_free_space: Option<&'a str>,
-}
-
-fn limits(out: &mut String, prefix: &str, l: Limits<'_>) -> Result<()> {
-    if let Some(d) = l.keep_duration {
-        let d = parse_duration(d, &format!("{prefix}.keepDuration"))?;
-        let _ = writeln!(
-            out,
-            "keep-duration = {}",
-            toml_string(&format_duration_secs(d))
-        );
-    }
-    for (field, key, value) in [
-        ("reservedSpace", "reserved-space", l.reserved_space),
-        ("maxUsedSpace", "max-used-space", l.max_used_space),
-        ("minFreeSpace", "min-free-space", l.min_free_space),
-    ] {
-        if let Some(v) = value {
-            let size = Size::parse(v, &format!("{prefix}.{field}"))?;
-            let _ = writeln!(out, "{key} = {}", toml_string(&size.to_string()));
+/// The spec's policy in the shared form the worker reads; errors name the spec field.
+pub fn policy(gc: &GcPolicy) -> Result<Policy> {
+    const NAMES: [&str; 4] = [
+        "keepDuration",
+        "reservedSpace",
+        "maxUsedSpace",
+        "minFreeSpace",
+    ];
+    let limits = parse_limits(
+        "spec.gc",
+        NAMES,
+        [
+            gc.keep_duration.as_deref(),
+            gc.reserved_space.as_deref(),
+            gc.max_used_space.as_deref(),
+            gc.min_free_space.as_deref(),
+        ],
+    )?;
+    let mut rules = Vec::with_capacity(gc.rules.len());
+    for (i, rule) in gc.rules.iter().enumerate() {
+        for f in &rule.filters {
+            Filter::parse(f, &format!("spec.gc.rules[{i}].filters"))?;
         }
+        rules.push(Rule {
+            all: rule.all,
+            filters: rule.filters.clone(),
+            limits: parse_limits(
+                &format!("spec.gc.rules[{i}]"),
+                NAMES,
+                [
+                    rule.keep_duration.as_deref(),
+                    rule.reserved_space.as_deref(),
+                    rule.max_used_space.as_deref(),
+                    rule.min_free_space.as_deref(),
+                ],
+            )?,
+        });
     }
-    Ok(())
-}
-
-/// A TOML basic string: JSON string escapes are a subset TOML accepts.
-fn toml_string(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
+    Ok(Policy {
+        enabled: !gc.disabled,
+        interval: None,
+        limits,
+        rules,
+    })
 }
 
 #[cfg(test)]
@@ -112,7 +94,10 @@ mod tests {
             max_used_space: Some("80%".into()),
             keep_duration: Some("2d".into()),
             rules: vec![GcRule {
-                filters: vec!["type==source.local".into(), "say \"hi\"".into()],
+                filters: vec![
+                    "type==source.local".into(),
+                    "description==say \"hi\"".into(),
+                ],
                 keep_duration: Some("48h".into()),
                 max_used_space: Some("512Mi".into()),
                 ..GcRule::default()
@@ -128,7 +113,7 @@ mod tests {
         assert!(toml.contains("max-used-space = \"80%\"\n"), "{toml}");
         assert!(toml.contains("keep-duration = \"172800s\"\n"), "{toml}");
         assert!(
-            toml.contains("[[gc.rules]]\nall = false\nfilters = [\"type==source.local\", \"say \\\"hi\\\"\"]\nkeep-duration = \"172800s\"\nmax-used-space = \"536870912\"\n"),
+            toml.contains("[[gc.rules]]\nall = false\nfilters = [\"type==source.local\", \"description==say \\\"hi\\\"\"]\nkeep-duration = \"172800s\"\nmax-used-space = \"536870912\"\n"),
             "{toml}"
         );
     }
@@ -182,5 +167,19 @@ mod tests {
         };
         let e = worker_config_toml(&gc).unwrap_err().to_string();
         assert!(e.contains("spec.gc.rules[1].minFreeSpace"), "{e}");
+    }
+
+    #[test]
+    fn bad_filter_names_its_rule() {
+        let gc = GcPolicy {
+            rules: vec![GcRule {
+                filters: vec!["type==source.local".into(), "not a filter".into()],
+                ..GcRule::default()
+            }],
+            ..GcPolicy::default()
+        };
+        let e = worker_config_toml(&gc).unwrap_err().to_string();
+        assert!(e.contains("spec.gc.rules[0].filters"), "{e}");
+        assert!(e.contains("not a filter"), "{e}");
     }
 }

@@ -17,6 +17,8 @@ const LAYERS: TableDefinition<u64, &[u8]> = TableDefinition::new("layers");
 const RESULTS: TableDefinition<&str, &[u8]> = TableDefinition::new("results");
 const BLOBS: TableDefinition<&str, u64> = TableDefinition::new("blob_layers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Layer id → unix seconds of its last use (written in batches by GC runs).
+const LAST_USED: TableDefinition<u64, u64> = TableDefinition::new("layer_last_used");
 
 /// A committed layer directory.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -27,6 +29,9 @@ pub struct LayerRecord {
     /// Unix seconds.
     #[serde(default)]
     pub created: u64,
+    /// BuildKit's record type when not `regular` (`source.local` for a local context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// [`LayerBlob`] as stored.
@@ -283,9 +288,52 @@ impl Metadata {
         Ok(bad.len())
     }
 
-    /// Removes layer records (and their blob links) whose directories are gone.
+    /// Last-use times of layers (unix seconds), for those that have one.
+    pub fn last_used(&self) -> Result<std::collections::HashMap<u64, u64>> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = match txn.open_table(LAST_USED) {
+            Ok(t) => t,
+            // A store written before use times were kept.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Default::default()),
+            Err(e) => return Err(self.err(e)),
+        };
+        let mut out = std::collections::HashMap::new();
+        for item in t.iter().map_err(|e| self.err(e))? {
+            let (k, v) = item.map_err(|e| self.err(e))?;
+            out.insert(k.value(), v.value());
+        }
+        Ok(out)
+    }
+
+    /// Records last-use times of layers that still have a record, in one transaction.
+    pub fn set_last_used(&self, times: &std::collections::HashMap<u64, u64>) -> Result<()> {
+        if times.is_empty() {
+            return Ok(());
+        }
+        self.write(|txn| {
+            let layers = txn.open_table(LAYERS)?;
+            let mut t = txn.open_table(LAST_USED)?;
+            for (id, at) in times {
+                if layers.get(*id)?.is_some() {
+                    let prev = t.get(*id)?.map(|v| v.value()).unwrap_or(0);
+                    if *at > prev {
+                        t.insert(*id, *at)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Removes layer records (and their blob links and use times) in one transaction.
     pub fn remove_layers(&self, ids: &[u64]) -> Result<()> {
         self.write(|txn| {
+            {
+                let mut used = txn.open_table(LAST_USED)?;
+                for id in ids {
+                    used.remove(*id)?;
+                }
+            }
             let mut t = txn.open_table(LAYERS)?;
             let mut blobs = Vec::new();
             for id in ids {

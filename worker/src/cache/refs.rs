@@ -1,22 +1,56 @@
 //! Refs and layers: an immutable result is a stack of committed layer directories; a new
 //! layer is built under a temporary name and becomes a [`Layer`] only when committed.
+//!
+//! Every [`Layer`] value holds its layer ([`Holds`]): while any clone of it lives (in a
+//! build's results, a mount, an export queue), GC leaves the layer alone. Dropping the
+//! last clone records the layer's last use, which orders GC (least recently used first).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{io, Result};
 
 /// A committed, immutable layer directory (overlay upper format).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct Layer {
     /// Its id in the metadata store.
     pub id: u64,
     dir: PathBuf,
+    _hold: Arc<Hold>,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("id", &self.id)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+impl PartialEq for Layer {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.dir == other.dir
+    }
+}
+
+impl Eq for Layer {}
+
+impl std::hash::Hash for Layer {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+        self.dir.hash(state);
+    }
 }
 
 impl Layer {
-    pub(crate) fn new(id: u64, root: PathBuf) -> Layer {
-        Layer { id, dir: root }
+    pub(crate) fn new(id: u64, root: PathBuf, hold: Arc<Hold>) -> Layer {
+        Layer {
+            id,
+            dir: root,
+            _hold: hold,
+        }
     }
 
     /// The layer's files.
@@ -102,7 +136,8 @@ impl NewLayer {
         Ok(p)
     }
 
-    pub(crate) fn finish(mut self, snapshots: &Path) -> Result<Layer> {
+    /// Moves the layer into place; the caller records and holds it.
+    pub(crate) fn finish(mut self, snapshots: &Path) -> Result<PathBuf> {
         // Only `fs` survives; the work dir and scratch dirs are not part of the layer.
         if let Ok(entries) = std::fs::read_dir(&self.tmp) {
             for e in entries.flatten() {
@@ -114,7 +149,7 @@ impl NewLayer {
         let dest = snapshots.join(self.id.to_string());
         std::fs::rename(&self.tmp, &dest).map_err(io("rename", &self.tmp))?;
         self.done = true;
-        Ok(Layer::new(self.id, dest))
+        Ok(dest)
     }
 }
 
@@ -123,6 +158,82 @@ impl Drop for NewLayer {
         if !self.done {
             remove_tree(&self.tmp);
         }
+    }
+}
+
+// === holds ===
+
+/// Which layers live [`Layer`] values hold, and when layers were last used (not yet
+/// written to the metadata store). GC takes [`Holds::lock`] while it picks and unrecords
+/// layers, so a layer is either held before GC looks or gone before anyone can hold it.
+#[derive(Debug, Default)]
+pub(crate) struct Holds {
+    inner: Mutex<HoldTable>,
+}
+
+/// The table behind [`Holds`].
+#[derive(Debug, Default)]
+pub(crate) struct HoldTable {
+    held: HashMap<u64, usize>,
+    used: HashMap<u64, u64>,
+}
+
+/// One hold on a layer; released (and the use time recorded) when dropped.
+pub(crate) struct Hold {
+    id: u64,
+    holds: Arc<Holds>,
+}
+
+impl Holds {
+    /// The table, locked (a poisoned lock is still a consistent table: every change is one
+    /// map update).
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HoldTable> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds layer `id` (the table must be locked by the caller: `table`).
+    pub(crate) fn hold(self: &Arc<Self>, table: &mut HoldTable, id: u64) -> Arc<Hold> {
+        *table.held.entry(id).or_default() += 1;
+        table.used.insert(id, super::unix_now());
+        Arc::new(Hold {
+            id,
+            holds: self.clone(),
+        })
+    }
+}
+
+impl HoldTable {
+    /// Whether a live value holds layer `id`.
+    pub(crate) fn is_held(&self, id: u64) -> bool {
+        self.held.get(&id).is_some_and(|n| *n > 0)
+    }
+
+    /// How many layers are held now.
+    pub(crate) fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Use times recorded since the last call.
+    pub(crate) fn take_used(&mut self) -> HashMap<u64, u64> {
+        std::mem::take(&mut self.used)
+    }
+
+    /// The last use of `id` not yet written to the store.
+    pub(crate) fn used(&self, id: u64) -> Option<u64> {
+        self.used.get(&id).copied()
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut t = self.holds.lock();
+        if let Some(n) = t.held.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                t.held.remove(&self.id);
+            }
+        }
+        t.used.insert(self.id, super::unix_now());
     }
 }
 

@@ -828,6 +828,8 @@ impl api::control_server::Control for ControlService {
         drop(_enter);
         let _ = collector.await;
         self.finish(&req.r#ref, &job);
+        // The build's records are released: apply the GC policy now (in the background).
+        self.engine.gc().trigger();
         match res {
             Ok(resp) => Ok(Response::new(api::SolveResponse {
                 exporter_response: resp.exporter_response.into_iter().collect(),
@@ -888,16 +890,16 @@ impl api::control_server::Control for ControlService {
         request: Request<api::DiskUsageRequest>,
     ) -> Result<Response<api::DiskUsageResponse>, Status> {
         let req = request.into_inner();
-        if !req.filter.is_empty() {
-            return Err(Status::unimplemented(
-                "disk usage filters are not implemented yet",
-            ));
-        }
-        let cache = self.engine.worker().cache.clone();
-        let usage = tokio::task::spawn_blocking(move || cache.usage())
+        let gc = self.engine.gc().clone();
+        let usage = tokio::task::spawn_blocking(move || gc.usage(&req.filter))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| match e {
+                crate::cache::Error::Policy(m) => {
+                    Status::invalid_argument(format!("disk usage: {m}"))
+                }
+                e => Status::internal(e.to_string()),
+            })?;
         Ok(Response::new(api::DiskUsageResponse {
             record: usage.iter().map(usage_record).collect(),
         }))
@@ -908,45 +910,39 @@ impl api::control_server::Control for ControlService {
         request: Request<api::PruneRequest>,
     ) -> Result<Response<BoxStream<api::UsageRecord>>, Status> {
         let req = request.into_inner();
-        if !req.filter.is_empty()
-            || req.reserved_space != 0
-            || req.max_used_space != 0
-            || req.min_free_space != 0
-        {
-            return Err(Status::unimplemented(
-                "prune filters and space targets are not implemented yet (all and keep-duration are)",
-            ));
+        let bytes = |v: i64, name: &str| {
+            u64::try_from(v)
+                .map_err(|_| Status::invalid_argument(format!("prune: {name} {v} is negative")))
+        };
+        if req.keep_duration < 0 {
+            return Err(Status::invalid_argument(format!(
+                "prune: keepDuration {} is negative",
+                req.keep_duration
+            )));
         }
-        // Nothing tracks which records a running build holds yet, so prune only when idle.
-        let busy = self
-            .jobs
-            .lock()
-            .map(|j| {
-                j.values()
-                    .any(|job| !job.done.load(std::sync::atomic::Ordering::SeqCst))
-            })
-            .unwrap_or(true)
-            || self.bridges.lock().map(|b| !b.is_empty()).unwrap_or(true);
-        if busy {
-            return Err(Status::failed_precondition(
-                "builds are running on this worker; prune when it is idle",
-            ));
-        }
-        let older_than = (req.keep_duration > 0).then(|| {
-            let keep = Duration::from_nanos(req.keep_duration as u64);
-            SystemTime::now()
-                .checked_sub(keep)
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        });
-        let cache = self.engine.worker().cache.clone();
-        let removed = tokio::task::spawn_blocking(move || cache.prune(older_than))
+        let limits = kiln_proto::gc::Resolved {
+            keep_duration: (req.keep_duration > 0)
+                .then(|| Duration::from_nanos(req.keep_duration as u64)),
+            reserved_space: bytes(req.reserved_space, "reservedSpace")?,
+            max_used_space: bytes(req.max_used_space, "maxUsedSpace")?,
+            min_free_space: bytes(req.min_free_space, "minFreeSpace")?,
+        };
+        // Records running builds hold are never removed (see `cache::gc`), so prune runs
+        // beside them.
+        let gc = self.engine.gc().clone();
+        let report = tokio::task::spawn_blocking(move || gc.prune(req.all, &req.filter, limits))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(layers = removed.len(), "pruned");
-        let records: Vec<_> = removed.iter().map(|u| Ok(usage_record(u))).collect();
+            .map_err(|e| match e {
+                crate::cache::Error::Policy(m) => Status::invalid_argument(format!("prune: {m}")),
+                e => Status::internal(e.to_string()),
+            })?;
+        tracing::info!(
+            layers = report.removed.len(),
+            freed = report.freed,
+            "pruned"
+        );
+        let records: Vec<_> = report.removed.iter().map(|u| Ok(usage_record(u))).collect();
         Ok(Response::new(Box::pin(futures::stream::iter(records))))
     }
 
@@ -963,16 +959,19 @@ impl api::control_server::Control for ControlService {
 /// A layer as BuildKit's disk-usage record.
 fn usage_record(u: &crate::cache::LayerUsage) -> api::UsageRecord {
     let created = SystemTime::UNIX_EPOCH + Duration::from_secs(u.created);
+    let last_used = SystemTime::UNIX_EPOCH + Duration::from_secs(u.last_used);
     api::UsageRecord {
         id: u.id.to_string(),
         size: u.size as i64,
+        in_use: u.in_use,
         created_at: ts(Some(created)),
+        last_used_at: ts((u.last_used > u.created).then_some(last_used)),
         description: if u.blobs.is_empty() {
             "layer".to_string()
         } else {
             format!("layer of {}", u.blobs.join(", "))
         },
-        record_type: "regular".into(),
+        record_type: u.kind.clone(),
         ..Default::default()
     }
 }

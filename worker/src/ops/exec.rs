@@ -304,7 +304,15 @@ impl ExecOpImpl {
             m.commit()?;
         }
         drop(throwaway);
-        run?;
+        if let Err(e) = run {
+            // A process writing to a full disk often reports it vaguely ("I/O error").
+            let layers: Vec<String> = writable.iter().map(|w| w.layer.id().to_string()).collect();
+            let what = format!("the step's new layers ({})", layers.join(", "));
+            return Err(match worker.cache.no_space(&what) {
+                Some(note) => format!("{e}\n{note}").into(),
+                None => Box::new(e),
+            });
+        }
 
         let mut committed = Vec::new();
         let mut order = Vec::new();

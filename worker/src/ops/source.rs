@@ -189,7 +189,7 @@ impl LocalSource {
         let layer = blocking(move || {
             let new = cache.new_layer()?;
             s.copy_into(&new.fs())?;
-            let mut l = cache.commit_layers(vec![(new, Vec::new())])?;
+            let mut l = cache.commit_layers_as(Some("source.local"), vec![(new, Vec::new())])?;
             l.pop()
                 .ok_or_else(|| -> BoxError { "layer commit returned nothing".into() })
         })

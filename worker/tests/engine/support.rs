@@ -39,6 +39,37 @@ pub fn env() -> anyhow::Result<Env> {
     })
 }
 
+/// An env whose engine is opened with `config` (a root of the test's choosing, a GC
+/// policy).
+pub fn env_in(config: EngineConfig) -> anyhow::Result<Env> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let base = format!("{}/kiln/base:1", reg.addr());
+    Ok(Env {
+        reg,
+        base,
+        _root: tempfile::tempdir()?,
+        engine: Engine::open(config)?,
+    })
+}
+
+/// The same registry and base image, the engine closed and opened again with `config`.
+pub fn reopen(env: Env, config: EngineConfig) -> anyhow::Result<Env> {
+    let Env {
+        reg,
+        base,
+        _root,
+        engine,
+    } = env;
+    drop(engine);
+    Ok(Env {
+        reg,
+        base,
+        _root,
+        engine: Engine::open(config)?,
+    })
+}
+
 /// A project directory with a Dockerfile and files.
 pub fn project(dockerfile: &str, files: &[(&str, &str)]) -> anyhow::Result<tempfile::TempDir> {
     let d = tempfile::tempdir()?;
