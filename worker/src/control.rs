@@ -428,6 +428,9 @@ impl Engine {
                     wanted.insert(se.id.clone());
                 }
             }
+            if let Some(pb::op::Op::Source(s)) = &op.op {
+                wanted.extend(git_auth_secrets(s));
+            }
         }
         for id in wanted {
             if secrets.contains_key(&id) {
@@ -1071,6 +1074,30 @@ pub fn vertex_name(v: &llb::Vertex) -> String {
         Some(pb::op::Op::Passthrough(p)) => format!("passthrough {}", p.id),
         None => String::new(),
     }
+}
+
+/// The secret names a `git://` source may use for credentials (none for other sources).
+fn git_auth_secrets(s: &pb::SourceOp) -> Vec<String> {
+    if !s.identifier.starts_with("git://") {
+        return Vec::new();
+    }
+    let name = |key: &str, default: &str| {
+        s.attrs
+            .get(key)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    };
+    vec![
+        name(
+            "git.authtokensecret",
+            crate::source::git::DEFAULT_TOKEN_SECRET,
+        ),
+        name(
+            "git.authheadersecret",
+            crate::source::git::DEFAULT_HEADER_SECRET,
+        ),
+    ]
 }
 
 #[cfg(test)]

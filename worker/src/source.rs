@@ -1,6 +1,7 @@
-//! Fetching build inputs: container images from registries ([`image`]) and local
-//! directories of the client ([`local`]). May use `cache`, `content` and `snapshot`.
+//! Fetching build inputs: container images from registries ([`image`]), local
+//! directories of the client ([`local`]) and git repositories ([`git`]). May use `cache`, `content` and `snapshot`.
 
+pub mod git;
 pub mod image;
 pub mod local;
 
@@ -22,6 +23,16 @@ pub enum Error {
         name: String,
         /// Its path.
         path: std::path::PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A git remote could not be resolved, fetched or checked out.
+    #[error("git source {remote} (ref {reference}): {message}")]
+    Git {
+        /// The remote, without credentials.
+        remote: String,
+        /// The ref asked for.
+        reference: String,
         /// What failed.
         message: String,
     },

@@ -4,6 +4,8 @@
 
 #[path = "engine/daemon.rs"]
 mod daemon;
+#[path = "engine/git.rs"]
+mod git;
 #[path = "engine/parity.rs"]
 mod parity;
 #[path = "engine/regcache.rs"]

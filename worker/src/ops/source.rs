@@ -1,5 +1,6 @@
 //! Source ops: `docker-image://` (resolve, fetch layer blobs, unpack each into a layer once
-//! per blob digest) and `local://` (a client directory, keyed by its content).
+//! per blob digest), `local://` (a client directory, keyed by its content) and `git://`
+//! (a commit of a remote, keyed by the commit the ref resolves to).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -199,6 +200,86 @@ impl LocalSource {
             id: format!("transferring {}:", self.name),
             name: "transferring".to_string(),
             current: total,
+            total: 0,
+            timestamp: SystemTime::now(),
+            started: Some(started),
+            completed: Some(SystemTime::now()),
+        }));
+        Ok(Ref::new(vec![layer]))
+    }
+}
+
+/// A `git://` source.
+pub struct GitSource {
+    spec: crate::source::git::GitSpec,
+    commit: OnceCell<String>,
+}
+
+// === impl GitSource ===
+
+impl GitSource {
+    /// The source for the identifier without `git://` and its `git.*` attributes.
+    pub fn new(rest: &str, attrs: &HashMap<String, String>) -> super::Result<GitSource> {
+        let spec = crate::source::git::GitSpec::parse(rest, attrs)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(GitSource {
+            spec,
+            commit: OnceCell::new(),
+        })
+    }
+
+    async fn commit(&self, build: &BuildCtx) -> Result<String, BoxError> {
+        let spec = self.spec.clone();
+        let auth = spec.auth_header(&build.secrets);
+        let c = self
+            .commit
+            .get_or_try_init(|| async move {
+                blocking(move || Ok(crate::source::git::resolve(&spec, auth.as_deref())?)).await
+            })
+            .await?;
+        Ok(c.clone())
+    }
+
+    /// The commit the ref resolves to (a moved branch is a new key).
+    pub async fn cache_key(&self, build: &BuildCtx) -> Result<String, BoxError> {
+        Ok(format!("@{}", self.commit(build).await?))
+    }
+
+    /// Fetches the commit into the worker's mirror of the remote and checks it out into a
+    /// new layer.
+    pub async fn exec(&self, build: &Arc<BuildCtx>, ctx: &VertexCtx) -> Result<Ref, BoxError> {
+        let commit = self.commit(build).await?;
+        let (repo, lock) = crate::source::git::repo_for(&build.worker.root, &self.spec.remote);
+        let _guard = lock.lock().await;
+        let spec = self.spec.clone();
+        let auth = spec.auth_header(&build.secrets);
+        let cache = build.worker.cache.clone();
+        let started = SystemTime::now();
+        let (layer, submodules) = blocking(move || {
+            crate::source::git::ensure_commit(&repo, &spec, &commit, auth.as_deref())?;
+            let new = cache.new_layer()?;
+            let submodules = crate::source::git::checkout(&repo, &spec, &commit, &new.fs())?;
+            let mut l = cache.commit_layers(vec![(new, Vec::new())])?;
+            let layer = l
+                .pop()
+                .ok_or_else(|| -> BoxError { "layer commit returned nothing".into() })?;
+            Ok((layer, submodules))
+        })
+        .await?;
+        if submodules {
+            ctx.progress.warn(
+                Some(&ctx.digest),
+                format!(
+                    "git source {}: .gitmodules found; submodules are not fetched yet",
+                    crate::source::git::redact(&self.spec.remote)
+                ),
+            );
+        }
+        ctx.progress.send(Event::Status(VertexStatus {
+            vertex: ctx.digest.clone(),
+            id: format!("checkout {}", crate::source::git::redact(&self.spec.remote)),
+            name: "checkout".to_string(),
+            current: 0,
             total: 0,
             timestamp: SystemTime::now(),
             started: Some(started),
