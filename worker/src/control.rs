@@ -3,6 +3,7 @@
 //! BuildKit's `moby.buildkit.v1.Control` gRPC service ([`service`]). May use solver, export,
 //! progress and session-level inputs.
 
+pub mod remote;
 pub mod service;
 
 use std::collections::{BTreeMap, HashMap};

@@ -1,7 +1,8 @@
 //! Fetching build inputs: container images from registries ([`image`]), local
-//! directories of the client ([`local`]) and git repositories ([`git`]). May use `cache`, `content` and `snapshot`.
+//! directories of the client ([`local`]), git repositories ([`git`]) and URLs ([`http`]). May use `cache`, `content` and `snapshot`.
 
 pub mod git;
+pub mod http;
 pub mod image;
 pub mod local;
 
@@ -33,6 +34,14 @@ pub enum Error {
         remote: String,
         /// The ref asked for.
         reference: String,
+        /// What failed.
+        message: String,
+    },
+    /// A URL could not be downloaded or did not match its checksum.
+    #[error("http source {url}: {message}")]
+    Http {
+        /// The URL, without credentials.
+        url: String,
         /// What failed.
         message: String,
     },
