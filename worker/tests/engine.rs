@@ -6,6 +6,8 @@
 mod daemon;
 #[path = "engine/git.rs"]
 mod git;
+#[path = "engine/http.rs"]
+mod http;
 #[path = "engine/parity.rs"]
 mod parity;
 #[path = "engine/regcache.rs"]

@@ -33,37 +33,18 @@ pub enum RemoteContext {
 /// `git@host:path`, `github.com/…`, and http(s) URLs whose path ends in `.git` or that
 /// carry a `#ref` fragment are git; other http(s) URLs are downloads.
 pub fn parse(context: &str) -> Option<RemoteContext> {
-    let (location, fragment) = match context.split_once('#') {
-        Some((l, f)) => (l, Some(f)),
-        None => (context, None),
-    };
-    let is_http = location.starts_with("http://") || location.starts_with("https://");
-    let git_remote = if location.starts_with("git://")
-        || location.starts_with("ssh://")
-        || location.starts_with("git@")
-    {
-        Some(location.to_string())
-    } else if location.starts_with("github.com/") {
-        Some(format!("https://{location}"))
-    } else if is_http && (location.ends_with(".git") || fragment.is_some()) {
-        Some(location.to_string())
-    } else {
-        None
-    };
-    match git_remote {
-        Some(remote) => {
-            let (reference, subdir) = git::split_fragment(fragment.unwrap_or(""));
-            Some(RemoteContext::Git {
-                remote,
-                reference,
-                subdir,
-            })
-        }
-        None if is_http => Some(RemoteContext::Http {
-            url: context.to_string(),
-        }),
-        None => None,
+    if let Some((remote, reference, subdir)) = git::parse_url(context) {
+        return Some(RemoteContext::Git {
+            remote,
+            reference,
+            subdir,
+        });
     }
+    (context.starts_with("http://") || context.starts_with("https://")).then(|| {
+        RemoteContext::Http {
+            url: context.to_string(),
+        }
+    })
 }
 
 /// Where a materialized remote context lives.

@@ -167,6 +167,44 @@ impl GitSpec {
     }
 }
 
+/// A git URL in BuildKit's remote forms, split into remote, ref (`HEAD` when none) and
+/// subdir: `git://`, `ssh://`, `git@host:path`, `github.com/…`, and http(s) URLs whose
+/// path ends in `.git` or that carry a `#ref` fragment. `None` for anything else.
+pub fn parse_url(url: &str) -> Option<(String, String, Option<String>)> {
+    let (location, fragment) = match url.split_once('#') {
+        Some((l, f)) => (l, Some(f)),
+        None => (url, None),
+    };
+    let is_http = location.starts_with("http://") || location.starts_with("https://");
+    let remote = if location.starts_with("git://")
+        || location.starts_with("ssh://")
+        || location.starts_with("git@")
+    {
+        location.to_string()
+    } else if location.starts_with("github.com/") {
+        format!("https://{location}")
+    } else if is_http && (location.ends_with(".git") || fragment.is_some()) {
+        location.to_string()
+    } else {
+        return None;
+    };
+    let (reference, subdir) = split_fragment(fragment.unwrap_or(""));
+    Some((remote, reference, subdir))
+}
+
+/// The `git://` LLB identifier of a remote (BuildKit uses it for every transport; the real
+/// URL goes in `git.fullurl`).
+pub fn identifier(remote: &str, reference: &str, subdir: Option<&str>) -> String {
+    let bare = match remote.split_once("://") {
+        Some((_, rest)) => rest.to_string(),
+        None => remote.replacen(':', "/", 1).replacen("git@", "", 1),
+    };
+    match subdir {
+        Some(s) => format!("git://{bare}#{reference}:{s}"),
+        None => format!("git://{bare}#{reference}"),
+    }
+}
+
 /// Whether `s` is a full 40-hex commit id.
 pub fn is_commit_id(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
