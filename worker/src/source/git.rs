@@ -99,6 +99,16 @@ impl GitSpec {
             None => format!("https://{location}"),
         };
         let (reference, subdir) = split_fragment(fragment);
+        // Only network transports: a `file://` or plain-path remote would read the worker's
+        // own disk, and `ext::` runs commands.
+        let allowed = ["git://", "http://", "https://", "ssh://", "git@"];
+        if !allowed.iter().any(|p| remote.starts_with(p)) {
+            return Err(git_err(
+                &remote,
+                &reference,
+                "unsupported remote (git://, http(s)://, ssh:// or git@host:path)",
+            ));
+        }
         if location.is_empty() {
             return Err(git_err(
                 &remote,

@@ -170,6 +170,11 @@ async fn git_source_errors_name_remote_and_ref() -> anyhow::Result<()> {
             assert!(msg.contains(want), "{fragment}: {msg}");
         }
     }
+    let err = solve(&engine, git_definition("file:///etc", "main", &[]))
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a file:// remote must be refused"))?;
+    assert!(format!("{err:#}").contains("unsupported remote"), "{err:#}");
     let missing = daemon.url("nothere");
     let err = solve(&engine, git_definition(&missing, "main", &[]))
         .await
