@@ -145,6 +145,20 @@ async fn git_source_fetches_caches_and_follows_a_moved_branch() -> anyhow::Resul
     .await?;
     assert_eq!(kept.read("README")?, "v2\n");
     assert_eq!(git(kept.out.path(), &["rev-parse", "HEAD"])?, moved);
+
+    // Submodules are not fetched; a `.gitmodules` file says so in a warning.
+    daemon.repo(
+        "mods",
+        &[(
+            ".gitmodules",
+            "[submodule \"x\"]\n\tpath = x\n\turl = ../x.git\n",
+        )],
+    )?;
+    let mods = solve(&engine, git_definition(&daemon.url("mods"), "main", &[])).await?;
+    let warned = mods.events.iter().any(
+        |e| matches!(e, Event::Warning(w) if w.message.contains("submodules are not fetched")),
+    );
+    assert!(warned, "no submodule warning in {:?}", mods.events);
     Ok(())
 }
 
