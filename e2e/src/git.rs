@@ -50,8 +50,13 @@ impl GitDaemon {
     pub fn start() -> anyhow::Result<GitDaemon> {
         let base = tempfile::tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let child = Command::new("git")
-            .arg("daemon")
+        // Run `git-daemon` itself: `git daemon` would leave it running as an orphan when the
+        // `git` wrapper is killed.
+        let exec_path = Command::new("git").arg("--exec-path").output()?;
+        let exec_path = String::from_utf8_lossy(&exec_path.stdout)
+            .trim()
+            .to_string();
+        let child = Command::new(Path::new(&exec_path).join("git-daemon"))
             .arg("--export-all")
             .arg("--reuseaddr")
             .arg("--listen=127.0.0.1")
