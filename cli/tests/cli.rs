@@ -10,6 +10,8 @@ use kiln_e2e::registry::Registry;
 mod auth;
 #[path = "cli/daemon.rs"]
 mod daemon;
+#[path = "cli/remote.rs"]
+mod remote;
 
 fn kiln(args: &[&str]) -> anyhow::Result<Output> {
     Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))

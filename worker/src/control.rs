@@ -3,6 +3,7 @@
 //! BuildKit's `moby.buildkit.v1.Control` gRPC service ([`service`]). May use solver, export,
 //! progress and session-level inputs.
 
+pub mod remote;
 pub mod service;
 
 use std::collections::{BTreeMap, HashMap};
@@ -450,6 +451,9 @@ impl Engine {
                 for se in &e.secretenv {
                     wanted.insert(se.id.clone());
                 }
+            }
+            if let Some(pb::op::Op::Source(s)) = &op.op {
+                wanted.extend(git_auth_secrets(s));
             }
         }
         for id in wanted {
@@ -1094,6 +1098,30 @@ pub fn vertex_name(v: &llb::Vertex) -> String {
         Some(pb::op::Op::Passthrough(p)) => format!("passthrough {}", p.id),
         None => String::new(),
     }
+}
+
+/// The secret names a `git://` source may use for credentials (none for other sources).
+fn git_auth_secrets(s: &pb::SourceOp) -> Vec<String> {
+    if !s.identifier.starts_with("git://") {
+        return Vec::new();
+    }
+    let name = |key: &str, default: &str| {
+        s.attrs
+            .get(key)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    };
+    vec![
+        name(
+            "git.authtokensecret",
+            crate::source::git::DEFAULT_TOKEN_SECRET,
+        ),
+        name(
+            "git.authheadersecret",
+            crate::source::git::DEFAULT_HEADER_SECRET,
+        ),
+    ]
 }
 
 #[cfg(test)]

@@ -87,6 +87,8 @@ pub struct LlbOp {
 enum Kind {
     Image(source::ImageSource),
     Local(source::LocalSource),
+    Git(source::GitSource),
+    Http(source::HttpSource),
     Exec(Box<exec::ExecOpImpl>),
     File(Box<file::FileOpImpl>),
 }
@@ -126,6 +128,8 @@ pub fn resolve_op(op: &pb::Op, build: &Arc<BuildCtx>) -> Result<LlbOp> {
                     }
                     Kind::Local(source::LocalSource::new(rest, &s.attrs)?)
                 }
+                "git" => Kind::Git(source::GitSource::new(rest, &s.attrs)?),
+                "http" | "https" => Kind::Http(source::HttpSource::new(&s.identifier, &s.attrs)?),
                 other => {
                     return Err(Error::Unsupported(format!(
                         "source {other}:// ({}) is not implemented yet",
@@ -160,7 +164,7 @@ impl Op for LlbOp {
 
     fn outputs(&self) -> usize {
         match &self.kind {
-            Kind::Image(_) | Kind::Local(_) => 1,
+            Kind::Image(_) | Kind::Local(_) | Kind::Git(_) | Kind::Http(_) => 1,
             Kind::Exec(e) => e.outputs(),
             Kind::File(f) => f.outputs(),
         }
@@ -177,6 +181,8 @@ impl Op for LlbOp {
         let extra = match &self.kind {
             Kind::Image(i) => i.cache_key(&self.build, ctx).await?,
             Kind::Local(l) => l.cache_key(&self.build).await?,
+            Kind::Git(g) => g.cache_key(&self.build).await?,
+            Kind::Http(h) => h.cache_key(&self.build).await?,
             Kind::Exec(_) => String::new(),
             Kind::File(f) => f.cache_key(&self.build, inputs).await?,
         };
@@ -187,6 +193,8 @@ impl Op for LlbOp {
         match &self.kind {
             Kind::Image(i) => Ok(vec![i.exec(&self.build, ctx, &self.platform).await?]),
             Kind::Local(l) => Ok(vec![l.exec(&self.build, ctx).await?]),
+            Kind::Git(g) => Ok(vec![g.exec(&self.build, ctx).await?]),
+            Kind::Http(h) => Ok(vec![h.exec(&self.build, ctx).await?]),
             Kind::Exec(e) => e.exec(&self.build, ctx, inputs).await,
             Kind::File(f) => f.exec(&self.build, ctx, inputs).await,
         }

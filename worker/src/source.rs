@@ -1,6 +1,8 @@
-//! Fetching build inputs: container images from registries ([`image`]) and local
-//! directories of the client ([`local`]). May use `cache`, `content` and `snapshot`.
+//! Fetching build inputs: container images from registries ([`image`]), local
+//! directories of the client ([`local`]), git repositories ([`git`]) and URLs ([`http`]). May use `cache`, `content` and `snapshot`.
 
+pub mod git;
+pub mod http;
 pub mod image;
 pub mod local;
 
@@ -22,6 +24,24 @@ pub enum Error {
         name: String,
         /// Its path.
         path: std::path::PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A git remote could not be resolved, fetched or checked out.
+    #[error("git source {remote} (ref {reference}): {message}")]
+    Git {
+        /// The remote, without credentials.
+        remote: String,
+        /// The ref asked for.
+        reference: String,
+        /// What failed.
+        message: String,
+    },
+    /// A URL could not be downloaded or did not match its checksum.
+    #[error("http source {url}: {message}")]
+    Http {
+        /// The URL, without credentials.
+        url: String,
         /// What failed.
         message: String,
     },

@@ -6,6 +6,10 @@
 mod daemon;
 #[path = "engine/gc.rs"]
 mod gc;
+#[path = "engine/git.rs"]
+mod git;
+#[path = "engine/http.rs"]
+mod http;
 #[path = "engine/parity.rs"]
 mod parity;
 #[path = "engine/regcache.rs"]

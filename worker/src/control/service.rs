@@ -132,6 +132,131 @@ impl ControlService {
         Ok(Some((dir, guard)))
     }
 
+    /// Gets a Dockerfile build's context: from the remote its `context` attribute names
+    /// ([`fetch_remote_locals`](Self::fetch_remote_locals)), else from the client's session.
+    pub(super) async fn fetch_context(
+        &self,
+        session_id: &str,
+        attrs: &HashMap<String, String>,
+        build: &mut BuildRequest,
+        progress: &Progress,
+    ) -> Result<Fetched, Status> {
+        match attrs.get("context").and_then(|c| super::remote::parse(c)) {
+            Some(remote) => {
+                self.fetch_remote_locals(session_id, attrs, &remote, build, progress)
+                    .await
+            }
+            None => self.fetch_locals(session_id, build, progress).await,
+        }
+    }
+
+    /// Materializes a remote (git or http) context on the worker and points the build's
+    /// context local at it; the Dockerfile comes from it too unless the client sends one
+    /// under `dockerfilekey`. Git credentials are the session's `GIT_AUTH_TOKEN` or
+    /// `GIT_AUTH_HEADER` secrets.
+    async fn fetch_remote_locals(
+        &self,
+        session_id: &str,
+        attrs: &HashMap<String, String>,
+        remote: &super::remote::RemoteContext,
+        build: &mut BuildRequest,
+        progress: &Progress,
+    ) -> Result<Fetched, Status> {
+        let shown = attrs.get("context").cloned().unwrap_or_default();
+        let shown = crate::source::git::redact(&shown);
+        let mut secrets = build.secrets.clone();
+        if let Some(s) = &build.session {
+            for id in [
+                crate::source::git::DEFAULT_TOKEN_SECRET,
+                crate::source::git::DEFAULT_HEADER_SECRET,
+            ] {
+                if let (false, Ok(Some(v))) = (secrets.contains_key(id), s.secret(id).await) {
+                    secrets.insert(id.to_string(), v);
+                }
+            }
+        }
+        let keep_git_dir = matches!(
+            attrs
+                .get("build-arg:BUILDKIT_CONTEXT_KEEP_GIT_DIR")
+                .map(String::as_str),
+            Some("1" | "true")
+        );
+        let base = self.engine.worker().root.join("mounts");
+        std::fs::create_dir_all(&base).map_err(|e| Status::internal(e.to_string()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("remote-")
+            .tempdir_in(&base)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let step = Step::start(
+            progress,
+            &format!("{session_id}-remote-context"),
+            &format!("[internal] load remote build context {shown}"),
+        );
+        let got = super::remote::materialize(
+            &self.engine.worker().root,
+            remote,
+            attrs.get("contextsubdir").map(String::as_str),
+            keep_git_dir,
+            &secrets,
+            tmp.path(),
+        )
+        .await;
+        let got = match got {
+            Ok(g) => {
+                step.finish(None);
+                g
+            }
+            Err(e) => {
+                step.finish(Some(e.to_string()));
+                return Err(Status::failed_precondition(format!(
+                    "fetching the remote build context {shown}: {e}"
+                )));
+            }
+        };
+        let Frontend::Dockerfile {
+            opts,
+            dockerfile_local,
+        } = &mut build.frontend
+        else {
+            return Err(Status::internal("not a Dockerfile build"));
+        };
+        if attrs.contains_key("dockerfilekey") {
+            // The client's Dockerfile wins over the remote's.
+            let session = self
+                .sessions
+                .get(session_id, LOOKUP_WAIT)
+                .await
+                .ok_or_else(|| {
+                    Status::failed_precondition(format!("no active session for {session_id}"))
+                })?;
+            let df_dir = tmp.path().join("client-dockerfile");
+            let wanted = ReceiveOptions {
+                include_patterns: vec![opts.filename.clone()],
+                ..Default::default()
+            };
+            receive(session.channel.clone(), dockerfile_local, &df_dir, &wanted)
+                .await
+                .map_err(|e| {
+                    Status::failed_precondition(format!(
+                        "fetching the Dockerfile over session {session_id}: {e}"
+                    ))
+                })?;
+            build.locals.insert(dockerfile_local.clone(), df_dir);
+        } else {
+            if let Some(f) = &got.filename {
+                opts.filename = f.clone();
+            }
+            build
+                .locals
+                .insert(dockerfile_local.clone(), got.dockerfile);
+        }
+        build.locals.insert(opts.context_name.clone(), got.context);
+        Ok(Fetched {
+            _tmp: Some(tmp),
+            _locks: Vec::new(),
+        })
+    }
+
     /// Fetches the Dockerfile and the context (minus `.dockerignore`d paths) from the
     /// client's session and points the build's locals at them: into a temporary directory,
     /// or, for the context of a session with a shared key, into the directory kept for it.
@@ -371,7 +496,7 @@ impl ControlService {
         // The Dockerfile and context come from the client over the build's session.
         let fetched = match &build.frontend {
             Frontend::Dockerfile { .. } => Some(
-                self.fetch_locals(&req.session, &mut build, progress)
+                self.fetch_context(&req.session, &req.frontend_attrs, &mut build, progress)
                     .await?,
             ),
             Frontend::Llb(_) => {

@@ -1,5 +1,7 @@
 //! Source ops: `docker-image://` (resolve, fetch layer blobs, unpack each into a layer once
-//! per blob digest) and `local://` (a client directory, keyed by its content).
+//! per blob digest), `local://` (a client directory, keyed by its content) and `git://`
+//! (a commit of a remote, keyed by the commit the ref resolves to) and `http(s)://` (one
+//! downloaded file, keyed by its checksum when given, else by its content).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -199,6 +201,167 @@ impl LocalSource {
             id: format!("transferring {}:", self.name),
             name: "transferring".to_string(),
             current: total,
+            total: 0,
+            timestamp: SystemTime::now(),
+            started: Some(started),
+            completed: Some(SystemTime::now()),
+        }));
+        Ok(Ref::new(vec![layer]))
+    }
+}
+
+/// A `git://` source.
+pub struct GitSource {
+    spec: crate::source::git::GitSpec,
+    commit: OnceCell<String>,
+}
+
+// === impl GitSource ===
+
+impl GitSource {
+    /// The source for the identifier without `git://` and its `git.*` attributes.
+    pub fn new(rest: &str, attrs: &HashMap<String, String>) -> super::Result<GitSource> {
+        let spec = crate::source::git::GitSpec::parse(rest, attrs)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(GitSource {
+            spec,
+            commit: OnceCell::new(),
+        })
+    }
+
+    async fn commit(&self, build: &BuildCtx) -> Result<String, BoxError> {
+        let spec = self.spec.clone();
+        let auth = spec.auth_header(&build.secrets);
+        let c = self
+            .commit
+            .get_or_try_init(|| async move {
+                blocking(move || Ok(crate::source::git::resolve(&spec, auth.as_deref())?)).await
+            })
+            .await?;
+        Ok(c.clone())
+    }
+
+    /// The commit the ref resolves to (a moved branch is a new key).
+    pub async fn cache_key(&self, build: &BuildCtx) -> Result<String, BoxError> {
+        Ok(format!("@{}", self.commit(build).await?))
+    }
+
+    /// Fetches the commit into the worker's mirror of the remote and checks it out into a
+    /// new layer.
+    pub async fn exec(&self, build: &Arc<BuildCtx>, ctx: &VertexCtx) -> Result<Ref, BoxError> {
+        let commit = self.commit(build).await?;
+        let (repo, lock) = crate::source::git::repo_for(&build.worker.root, &self.spec.remote);
+        let _guard = lock.lock().await;
+        let spec = self.spec.clone();
+        let auth = spec.auth_header(&build.secrets);
+        let cache = build.worker.cache.clone();
+        let started = SystemTime::now();
+        let (layer, submodules) = blocking(move || {
+            crate::source::git::ensure_commit(&repo, &spec, &commit, auth.as_deref())?;
+            let new = cache.new_layer()?;
+            let submodules = crate::source::git::checkout(&repo, &spec, &commit, &new.fs())?;
+            let mut l = cache.commit_layers(vec![(new, Vec::new())])?;
+            let layer = l
+                .pop()
+                .ok_or_else(|| -> BoxError { "layer commit returned nothing".into() })?;
+            Ok((layer, submodules))
+        })
+        .await?;
+        if submodules {
+            ctx.progress.warn(
+                Some(&ctx.digest),
+                format!(
+                    "git source {}: .gitmodules found; submodules are not fetched yet",
+                    crate::source::git::redact(&self.spec.remote)
+                ),
+            );
+        }
+        ctx.progress.send(Event::Status(VertexStatus {
+            vertex: ctx.digest.clone(),
+            id: format!("checkout {}", crate::source::git::redact(&self.spec.remote)),
+            name: "checkout".to_string(),
+            current: 0,
+            total: 0,
+            timestamp: SystemTime::now(),
+            started: Some(started),
+            completed: Some(SystemTime::now()),
+        }));
+        Ok(Ref::new(vec![layer]))
+    }
+}
+
+/// An `http://` or `https://` source: one file.
+pub struct HttpSource {
+    spec: crate::source::http::HttpSpec,
+    downloaded: OnceCell<Arc<(tempfile::NamedTempFile, String)>>,
+}
+
+// === impl HttpSource ===
+
+impl HttpSource {
+    /// The source for `url` (the whole identifier) and its `http.*` attributes.
+    pub fn new(url: &str, attrs: &HashMap<String, String>) -> super::Result<HttpSource> {
+        let spec = crate::source::http::HttpSpec::parse(url, attrs)
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        Ok(HttpSource {
+            spec,
+            downloaded: OnceCell::new(),
+        })
+    }
+
+    /// Downloads the URL once per build into a temporary file under the worker root and
+    /// checks it against `http.checksum`; the file and its digest.
+    async fn download(
+        &self,
+        build: &BuildCtx,
+    ) -> Result<Arc<(tempfile::NamedTempFile, String)>, BoxError> {
+        let dir = build.worker.root.join("tmp");
+        let url = self.spec.url.clone();
+        let checksum = self.spec.checksum.clone();
+        let d = self
+            .downloaded
+            .get_or_try_init(|| async move {
+                std::fs::create_dir_all(&dir)?;
+                let file = tempfile::NamedTempFile::new_in(&dir)?;
+                let digest = crate::source::http::download(&url, file.path()).await?;
+                crate::source::http::verify(&url, checksum.as_deref(), &digest)?;
+                Ok::<_, BoxError>(Arc::new((file, digest)))
+            })
+            .await?;
+        Ok(d.clone())
+    }
+
+    /// The given checksum, else the digest of the downloaded content.
+    pub async fn cache_key(&self, build: &BuildCtx) -> Result<String, BoxError> {
+        if let Some(c) = &self.spec.checksum {
+            return Ok(format!("@{c}"));
+        }
+        Ok(format!("@{}", self.download(build).await?.1))
+    }
+
+    /// Puts the downloaded file into a new layer with its name, mode and owner.
+    pub async fn exec(&self, build: &Arc<BuildCtx>, ctx: &VertexCtx) -> Result<Ref, BoxError> {
+        let started = SystemTime::now();
+        let got = self.download(build).await?;
+        let spec = self.spec.clone();
+        let cache = build.worker.cache.clone();
+        let layer = blocking(move || {
+            use std::os::unix::fs::PermissionsExt as _;
+            let new = cache.new_layer()?;
+            let dest = new.fs().join(&spec.filename);
+            std::fs::copy(got.0.path(), &dest)?;
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(spec.perm))?;
+            std::os::unix::fs::chown(&dest, Some(spec.uid), Some(spec.gid))?;
+            let mut l = cache.commit_layers(vec![(new, Vec::new())])?;
+            l.pop()
+                .ok_or_else(|| -> BoxError { "layer commit returned nothing".into() })
+        })
+        .await?;
+        ctx.progress.send(Event::Status(VertexStatus {
+            vertex: ctx.digest.clone(),
+            id: format!("downloading {}", crate::source::git::redact(&self.spec.url)),
+            name: "downloading".to_string(),
+            current: 0,
             total: 0,
             timestamp: SystemTime::now(),
             started: Some(started),

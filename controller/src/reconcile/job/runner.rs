@@ -211,8 +211,8 @@ impl GatewayRunner {
 }
 
 /// A job with a remote context (git or http source) serves no files over its session; a
-/// worker that still asks the session for them did not fetch the remote context, so say
-/// that rather than only the session's error.
+/// worker that still asks the session for them did not fetch the remote context (a worker
+/// older than remote-context support), so say that rather than only the session's error.
 fn remote_context_hint(e: RunError, input: &BuildInput) -> RunError {
     let (Some(url), None) = (input.frontend_attrs.get("context"), &input.context_files) else {
         return e;
@@ -220,7 +220,7 @@ fn remote_context_hint(e: RunError, input: &BuildInput) -> RunError {
     match e {
         RunError::Failed { message, worker } if message.contains("FileSync") => RunError::Failed {
             message: format!(
-                "the worker did not fetch the remote context {url} (remote git and http contexts are not supported by this worker yet): {message}"
+                "the worker did not fetch the remote context {url} (a worker older than remote git and http context support asks the client for the files): {message}"
             ),
             worker,
         },

@@ -337,7 +337,7 @@ impl gw::llb_bridge_server::LlbBridge for ControlService {
         let dockerfile = matches!(build.frontend, Frontend::Dockerfile { .. });
         let fetched = if dockerfile {
             Some(
-                self.fetch_locals(&job.session, &mut build, &job.progress)
+                self.fetch_context(&job.session, &req.frontend_opt, &mut build, &job.progress)
                     .await?,
             )
         } else {

@@ -114,6 +114,7 @@ enum SourceKind {
     Stage,
     Image,
     Heredoc,
+    Remote,
 }
 
 struct Converter<'a> {
@@ -354,7 +355,10 @@ fn join_path(base: &str, p: &str) -> String {
 
 fn is_remote(src: &str) -> bool {
     let l = src.to_ascii_lowercase();
-    l.starts_with("http://") || l.starts_with("https://") || l.starts_with("git@")
+    l.starts_with("http://")
+        || l.starts_with("https://")
+        || l.starts_with("git@")
+        || l.starts_with("git://")
 }
 
 fn parse_octal(s: &str) -> Option<u32> {
@@ -661,6 +665,59 @@ impl<'a> Converter<'a> {
     }
 
     /// The build context source op (shared by every use).
+    /// The source op of an `ADD` URL or git repository, and the path to copy from it: a
+    /// git checkout's root, or the downloaded file (named after the destination when it
+    /// is not a directory, else after the URL).
+    fn remote_source(&mut self, src: &str, dest: &str) -> (Output, String) {
+        let mut attrs = HashMap::new();
+        let (identifier, path, shown) = match crate::source::git::parse_url(src) {
+            Some((remote, reference, subdir)) => {
+                attrs.insert("git.fullurl".to_string(), remote.clone());
+                let shown = crate::source::git::redact(src);
+                (
+                    crate::source::git::identifier(&remote, &reference, subdir.as_deref()),
+                    "/".to_string(),
+                    shown,
+                )
+            }
+            None => {
+                let from_url = src
+                    .split(['?', '#'])
+                    .next()
+                    .unwrap_or(src)
+                    .rsplit('/')
+                    .next()
+                    .filter(|s| !s.is_empty() && !src.ends_with("://"))
+                    .unwrap_or("index")
+                    .to_string();
+                let name = if dest.ends_with('/') {
+                    from_url
+                } else {
+                    dest.rsplit('/')
+                        .next()
+                        .filter(|s| !s.is_empty() && *s != "." && *s != "..")
+                        .map(str::to_string)
+                        .unwrap_or(from_url)
+                };
+                attrs.insert("http.filename".to_string(), name.clone());
+                (
+                    src.to_string(),
+                    format!("/{name}"),
+                    crate::source::git::redact(src),
+                )
+            }
+        };
+        let op = pb::Op {
+            inputs: Vec::new(),
+            op: Some(pb::op::Op::Source(pb::SourceOp { identifier, attrs })),
+            platform: None,
+            constraints: Some(Default::default()),
+        };
+        let md = self.metadata(shown, None);
+        let digest = self.builder.add(&op, Some(md));
+        (Output { digest, index: 0 }, path)
+    }
+
     fn context(&mut self) -> Output {
         if let Some(c) = &self.context {
             return c.clone();
@@ -1807,10 +1864,18 @@ impl<'a> Converter<'a> {
                 Some((o, k)) => (o.clone(), k.clone()),
                 None => {
                     if is_remote(&src) {
-                        return Err(self.err(
-                            line,
-                            format!("{kw} from a URL or git repository is not supported: {src}"),
-                        ));
+                        if !c.add {
+                            return Err(self.err(
+                                line,
+                                format!(
+                                    "{kw} does not take a URL or git repository (use ADD): {src}"
+                                ),
+                            ));
+                        }
+                        let (out, path) = self.remote_source(&src, &c.dest);
+                        let idx = index_of(&mut inputs, Some(out));
+                        sources.push((path, idx, SourceKind::Remote));
+                        continue;
                     }
                     (Some(self.context()), SourceKind::Context)
                 }

@@ -264,7 +264,7 @@ fn errors_name_the_line() {
         ("FROM a\nSTOPSIGNAL 0\n", "Dockerfile:2: Invalid signal: 0"),
         ("FROM a\nRUN --network=bridge x\n", "Dockerfile:2: unsupported network mode \"bridge\""),
         ("FROM a\nCOPY a b c\n", "Dockerfile:2: When using COPY with more than one source file, the destination must be a directory and end with a /"),
-        ("FROM a\nADD https://x/y /z\n", "Dockerfile:2: ADD from a URL or git repository is not supported: https://x/y"),
+        ("FROM a\nCOPY https://x/y /z\n", "Dockerfile:2: COPY does not take a URL or git repository (use ADD): https://x/y"),
         ("FROM Bad/Ref\n", "Dockerfile:1: invalid reference format: \"Bad/Ref\""),
         ("FROM a AS x\nFROM b AS x\n", "Dockerfile:2: duplicate stage name \"x\""),
         ("", "Dockerfile: the Dockerfile cannot be empty"),

@@ -1,0 +1,183 @@
+//! Remote build contexts through the `kiln-worker` daemon: `--opt context=` naming a git
+//! repository on a real `git daemon`, or a tarball / a lone Dockerfile on a loopback HTTP
+//! server; the client's own context directory is not used.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::bail;
+use kiln_e2e::git::GitDaemon;
+use kiln_e2e::registry::Registry;
+
+use super::daemon::{free_port, Daemon};
+use super::{kiln, ok};
+
+const REMOTE_DOCKERFILE: &str =
+    "ARG BASE\nFROM ${BASE}\nCOPY f.txt /f.txt\nRUN cat /f.txt > /out\n";
+
+/// `python3 -m http.server` on 127.0.0.1 serving a directory, killed when dropped.
+struct HttpServer {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl HttpServer {
+    fn start(dir: &std::path::Path) -> anyhow::Result<HttpServer> {
+        let port = free_port()?;
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                "--bind",
+                "127.0.0.1",
+                &port.to_string(),
+            ])
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let s = HttpServer {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(&s.addr).is_ok() {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("python3 http.server did not listen on {}", s.addr)
+    }
+}
+
+/// A client context directory whose Dockerfile must not be used.
+fn decoy() -> anyhow::Result<tempfile::TempDir> {
+    let d = tempfile::tempdir()?;
+    std::fs::write(d.path().join("Dockerfile"), "FROM scratch\nRUN exit 9\n")?;
+    Ok(d)
+}
+
+#[test]
+fn daemon_builds_from_git_and_http_contexts() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
+    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let decoy = decoy()?;
+    let decoy = decoy.path().to_string_lossy().to_string();
+    let build = |context: &str, out: &str| -> anyhow::Result<String> {
+        let dest = run.path().join(out);
+        ok(kiln(&[
+            "build",
+            "--addr",
+            &unix,
+            "--build-arg",
+            &arg,
+            "--opt",
+            &format!("context={context}"),
+            "-o",
+            &format!("type=local,dest={}", dest.display()),
+            &decoy,
+        ])?)?;
+        Ok(std::fs::read_to_string(dest.join("out"))?)
+    };
+
+    // git: a subdir of a branch, then the branch moved.
+    let gitd = GitDaemon::start()?;
+    let work = gitd.repo(
+        "app",
+        &[
+            ("svc/Dockerfile", REMOTE_DOCKERFILE),
+            ("svc/f.txt", "git v1\n"),
+            ("README", "root\n"),
+        ],
+    )?;
+    let url = format!("{}#main:svc", gitd.url("app"));
+    assert_eq!(build(&url, "g1")?, "git v1\n");
+    gitd.commit(&work, &[("svc/f.txt", "git v2\n")], "second")?;
+    assert_eq!(build(&url, "g2")?, "git v2\n");
+    // contextsubdir applies on top of the repository root.
+    let dest = run.path().join("g3");
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "--opt",
+        &format!("context={}#main", gitd.url("app")),
+        "--opt",
+        "contextsubdir=svc",
+        "-o",
+        &format!("type=local,dest={}", dest.display()),
+        &decoy,
+    ])?)?;
+    assert_eq!(std::fs::read_to_string(dest.join("out"))?, "git v2\n");
+    // An unknown branch names the remote and the ref.
+    let bad = kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--opt",
+        &format!("context={}#nope", gitd.url("app")),
+        &decoy,
+    ])?;
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains(&gitd.url("app")) && stderr.contains("nope"),
+        "{stderr}"
+    );
+
+    // http: a gzip tarball is the context; a lone file is the Dockerfile.
+    let served = tempfile::tempdir()?;
+    let mut tarball = tar::Builder::new(flate2::write::GzEncoder::new(
+        std::fs::File::create(served.path().join("ctx.tar.gz"))?,
+        flate2::Compression::default(),
+    ));
+    for (name, body) in [("Dockerfile", REMOTE_DOCKERFILE), ("f.txt", "tarball\n")] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tarball.append_data(&mut h, name, body.as_bytes())?;
+    }
+    tarball.into_inner()?.finish()?;
+    std::fs::write(
+        served.path().join("Dockerfile.txt"),
+        "ARG BASE\nFROM ${BASE}\nRUN echo lone > /out\n",
+    )?;
+    let http = HttpServer::start(served.path())?;
+    assert_eq!(
+        build(&format!("http://{}/ctx.tar.gz", http.addr), "h1")?,
+        "tarball\n"
+    );
+    assert_eq!(
+        build(&format!("http://{}/Dockerfile.txt", http.addr), "h2")?,
+        "lone\n"
+    );
+    let missing = kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--opt",
+        &format!("context=http://{}/missing.tar", http.addr),
+        &decoy,
+    ])?;
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success());
+    assert!(
+        stderr.contains("missing.tar") && stderr.contains("404"),
+        "{stderr}"
+    );
+    Ok(())
+}
