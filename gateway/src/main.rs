@@ -8,8 +8,11 @@
 //! the Kubernetes API with the in-cluster or `KUBECONFIG` credentials; the gateway's
 //! service account needs `list` and `watch` on `discovery.k8s.io` `endpointslices`).
 //!
-//! Partial: OTLP traces are not implemented yet; the admin endpoint has no
-//! authentication, so it listens on loopback only.
+//! Traces: every proxied RPC has a span (route key kind, key, worker) exported over OTLP
+//! when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set; the
+//! W3C `traceparent` goes to the worker with the call, so the worker's spans join the trace.
+//!
+//! Partial: the admin endpoint has no authentication, so it listens on loopback only.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -97,10 +100,8 @@ async fn main() -> anyhow::Result<()> {
         .map(str::parse)
         .transpose()
         .context("--workers-endpointslice")?;
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs, and OTLP traces when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; flushed on exit.
+    let _telemetry = kiln_proto::telemetry::init("kiln-gateway", &args.log)?;
     let listen: Addr = args
         .addr
         .parse()
