@@ -2,7 +2,10 @@
 //! addresses behind a DNS name (`--workers-dns NAME:PORT`, the headless Service of a
 //! StatefulSet), re-resolved periodically. Produces member sets for [`crate::health::Pool`];
 //! a worker that disappears from discovery leaves the ring (draining: its running builds
-//! go on). EndpointSlice discovery through the Kubernetes API is not implemented yet.
+//! go on). [`endpointslice`] watches the Kubernetes API instead
+//! (`--workers-endpointslice NAMESPACE/SERVICE`).
+
+pub mod endpointslice;
 
 use std::time::Duration;
 

@@ -19,6 +19,14 @@ pub enum Error {
         /// What failed.
         reason: String,
     },
+    /// A `--workers-endpointslice` target that is not `NAMESPACE/SERVICE`.
+    #[error("worker endpoint slices {target:?}: {reason}")]
+    EndpointSlice {
+        /// The target as given.
+        target: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A broken internal invariant (a poisoned lock).
     #[error("internal error: {0}")]
     Internal(String),

@@ -5,7 +5,7 @@
 //! Uses [`crate::ring`] and [`crate::metrics`]; knows nothing of routes or RPCs beyond
 //! `grpc.health.v1.Health/Check`. Discovery ([`crate::discovery`]) feeds it member sets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -43,7 +43,11 @@ pub struct Worker {
     /// The gRPC channel (connects lazily, reconnects by itself).
     pub channel: Channel,
     healthy: AtomicBool,
+    /// Drained by the operator (admin API).
     draining: AtomicBool,
+    /// Drained by discovery (a terminating pod); kept apart so that discovery never
+    /// clears an operator's drain.
+    terminating: AtomicBool,
     inflight: AtomicUsize,
 }
 
@@ -82,6 +86,7 @@ impl Worker {
             // Optimistic until a check or a call says otherwise: a fresh pool can route at once.
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            terminating: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
         })
     }
@@ -91,9 +96,15 @@ impl Worker {
         self.healthy.load(Ordering::SeqCst)
     }
 
-    /// True when it takes no new builds (its running builds go on).
+    /// True when it takes no new builds (its running builds go on): drained by the
+    /// operator or terminating according to discovery.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::SeqCst)
+        self.draining.load(Ordering::SeqCst) || self.is_terminating()
+    }
+
+    /// True when discovery reported it terminating (it is drained until it leaves).
+    pub fn is_terminating(&self) -> bool {
+        self.terminating.load(Ordering::SeqCst)
     }
 
     /// Builds running on it through this gateway.
@@ -185,6 +196,17 @@ impl Pool {
     /// says otherwise), missing ones leave the ring (builds already on them go on through
     /// the handles they hold), changed addresses get a new channel.
     pub fn set_members(&self, members: &[Member]) -> Result<()> {
+        self.set_members_terminating(members, &BTreeSet::new())
+    }
+
+    /// [`Pool::set_members`], with the members named in `terminating` drained (their pods
+    /// are going away: no new builds, running ones go on) and every other member's
+    /// terminating mark cleared.
+    pub fn set_members_terminating(
+        &self,
+        members: &[Member],
+        terminating: &BTreeSet<String>,
+    ) -> Result<()> {
         let mut fresh = BTreeMap::new();
         for m in members {
             fresh.insert(m.name.clone(), m);
@@ -202,6 +224,10 @@ impl Pool {
                     Arc::new(Worker::new(m, self.worker_tls.clone())?)
                 }
             };
+            let term = terminating.contains(&name);
+            if w.terminating.swap(term, Ordering::SeqCst) != term {
+                tracing::info!(worker = %name, terminating = term, "worker terminating changed");
+            }
             self.metrics.set_healthy(&name, w.is_healthy());
             workers.insert(name, w);
         }

@@ -3,7 +3,7 @@
 //! same project keeps landing where its cache is warm (shared/design/buildkit-wire.md §5).
 //!
 //! Layout (discovery, balancing and transport kept apart, joined here):
-//! * [`discovery`]: static lists and DNS → member sets.
+//! * [`discovery`]: static lists, DNS and Kubernetes EndpointSlices → member sets.
 //! * [`health`]: the worker pool (channels, health checks, ejection, draining, load).
 //! * [`ring`]: consistent hashing with bounded load (pure data).
 //! * [`route`]: routing keys and the session/ref pin tables.

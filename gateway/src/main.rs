@@ -4,8 +4,15 @@
 //! files change) unless `--insecure-tcp` is passed; it reaches workers over mutual TLS with
 //! `--worker-tlscert/--worker-tlskey` (CA: `--worker-tlscacert`, default `--tlscacert`).
 //!
-//! Partial: EndpointSlice discovery and OTLP traces are not implemented yet; the admin
-//! endpoint has no authentication, so it listens on loopback only.
+//! Workers come from `--workers`, `--workers-dns` or `--workers-endpointslice` (a watch on
+//! the Kubernetes API with the in-cluster or `KUBECONFIG` credentials; the gateway's
+//! service account needs `list` and `watch` on `discovery.k8s.io` `endpointslices`).
+//!
+//! Traces: every proxied RPC has a span (route key kind, key, worker) exported over OTLP
+//! when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set; the
+//! W3C `traceparent` goes to the worker with the call, so the worker's spans join the trace.
+//!
+//! Partial: the admin endpoint has no authentication, so it listens on loopback only.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,7 +38,8 @@ struct Args {
     /// How often --workers-dns is re-resolved, in seconds.
     #[arg(long, default_value_t = 10)]
     dns_interval: u64,
-    /// Workers from the EndpointSlices of NAMESPACE/SERVICE (not implemented yet).
+    /// Workers from the EndpointSlices of NAMESPACE/SERVICE (the workers' headless Service;
+    /// its port named `grpc`, or its only port), watched through the Kubernetes API.
     #[arg(long)]
     workers_endpointslice: Option<String>,
     /// Load bound c: no worker takes more than ceil(c × mean) in-flight builds.
@@ -68,8 +76,8 @@ struct Args {
     /// The gateway's client key towards the workers.
     #[arg(long)]
     worker_tlskey: Option<PathBuf>,
-    /// Name expected in the workers' certificates (default: the --workers-dns name, else
-    /// each worker's host).
+    /// Name expected in the workers' certificates (default: the --workers-dns name, or
+    /// SERVICE.NAMESPACE.svc for --workers-endpointslice, else each worker's host).
     #[arg(long)]
     worker_tlsservername: Option<String>,
     /// Reach workers over plaintext TCP even though TLS files are given for clients.
@@ -83,10 +91,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .init();
+    // One process-wide rustls provider (ring) for the Kubernetes client; the transport
+    // module passes its own explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let endpointslice: Option<discovery::endpointslice::Target> = args
+        .workers_endpointslice
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("--workers-endpointslice")?;
+    // Logs, and OTLP traces when OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT is set; flushed on exit.
+    let _telemetry = kiln_proto::telemetry::init("kiln-gateway", &args.log)?;
     let listen: Addr = args
         .addr
         .parse()
@@ -111,18 +126,23 @@ async fn main() -> anyhow::Result<()> {
         }
         None
     } else {
-        let name = args.worker_tlsservername.clone().or_else(|| {
-            args.workers_dns
-                .as_ref()
-                .and_then(|d| d.rsplit_once(':').map(|(h, _)| h.to_string()))
-        });
+        let name = args
+            .worker_tlsservername
+            .clone()
+            .or_else(|| {
+                args.workers_dns
+                    .as_ref()
+                    .and_then(|d| d.rsplit_once(':').map(|(h, _)| h.to_string()))
+            })
+            .or_else(|| {
+                endpointslice
+                    .as_ref()
+                    .map(|t| format!("{}.{}.svc", t.service, t.namespace))
+            });
         Some(ClientTls::load(worker_files, name).context("worker TLS")?)
     };
     if !(args.load_bound.is_finite() && args.load_bound >= 1.0) {
         bail!("--load-bound {}: must be a number >= 1.0", args.load_bound);
-    }
-    if let Some(es) = &args.workers_endpointslice {
-        bail!("--workers-endpointslice {es}: EndpointSlice discovery is not implemented yet; use --workers or --workers-dns");
     }
 
     let metrics = Metrics::new().context("registering metrics")?;
@@ -132,12 +152,12 @@ async fn main() -> anyhow::Result<()> {
         ..Config::default()
     };
     let gateway = Gateway::new(config, metrics.clone());
-    match (&args.workers, &args.workers_dns) {
-        (Some(list), _) => {
+    match (&args.workers, &args.workers_dns, endpointslice) {
+        (Some(list), _, _) => {
             let members = discovery::parse_static(list).context("--workers")?;
             gateway.pool().set_members(&members)?;
         }
-        (None, Some(name)) => {
+        (None, Some(name), _) => {
             let members = discovery::resolve(name).await.context("--workers-dns")?;
             gateway.pool().set_members(&members)?;
             tokio::spawn(discovery::run_dns(
@@ -146,7 +166,23 @@ async fn main() -> anyhow::Result<()> {
                 Duration::from_secs(args.dns_interval.max(1)),
             ));
         }
-        (None, None) => bail!("no workers: pass --workers or --workers-dns"),
+        (None, None, Some(target)) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("--workers-endpointslice: no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+            tracing::info!(%target, "watching worker endpoint slices");
+            tokio::spawn(discovery::endpointslice::run(
+                gateway.pool().clone(),
+                client,
+                target.clone(),
+            ));
+            if !discovery::endpointslice::wait_for_members(gateway.pool()).await {
+                tracing::warn!(%target, "no worker from the endpoint slices yet; serving anyway");
+            }
+        }
+        (None, None, None) => {
+            bail!("no workers: pass --workers, --workers-dns or --workers-endpointslice")
+        }
     }
     gateway.spawn_background(Duration::from_secs(args.health_interval.max(1)));
 

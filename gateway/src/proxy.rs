@@ -15,6 +15,7 @@ use futures::StreamExt;
 use kiln_proto::grpc::health::v1 as health;
 use kiln_proto::metadata as md;
 use kiln_proto::moby::buildkit::v1 as api;
+use kiln_proto::telemetry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -223,6 +224,7 @@ impl Proxy {
     ) {
         tokio::pin!(cancelled);
         let mut req = request_with(&metadata, ReceiverStream::new(inbound), true);
+        telemetry::inject(&tracing::Span::current(), req.metadata_mut());
         let cancel = req.cancellation_handle();
         let mut client = control(&worker);
         let upstream = tokio::select! {
@@ -318,7 +320,11 @@ impl Proxy {
     }
 
     /// Fans a unary call out to every healthy worker.
-    async fn fan_out<T, F, Fut>(&self, call: F) -> Vec<(Arc<Worker>, Result<T, Status>)>
+    async fn fan_out<T, F, Fut>(
+        &self,
+        rpc: &'static str,
+        call: F,
+    ) -> Vec<(Arc<Worker>, Result<T, Status>)>
     where
         F: Fn(Arc<Worker>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
@@ -330,7 +336,8 @@ impl Proxy {
             .filter(|w| w.is_healthy())
             .collect();
         let calls = workers.into_iter().map(|w| {
-            let fut = call(w.clone());
+            let span = tracing::info_span!("proxy.fan_out", rpc, worker = %w.name);
+            let fut = call(w.clone()).instrument(span);
             async move { (w, fut.await) }
         });
         futures::future::join_all(calls).await
@@ -420,11 +427,17 @@ impl api::control_server::Control for Proxy {
             }
         }
         let build = req.r#ref.clone();
-        let span = tracing::info_span!("proxy.solve", r#ref = %build, worker = %worker.name);
-        let res = control(&worker)
-            .solve(request_with(&metadata, req, false))
-            .instrument(span)
-            .await;
+        let span = tracing::info_span!(
+            "proxy.solve",
+            r#ref = %build,
+            worker = %worker.name,
+            key_kind = kind.as_str(),
+            %key
+        );
+        telemetry::set_parent(&span, telemetry::extract(&metadata));
+        let mut fwd = request_with(&metadata, req, false);
+        telemetry::inject(&span, fwd.metadata_mut());
+        let res = control(&worker).solve(fwd).instrument(span).await;
         self.metrics.latency("solve", start.elapsed());
         drop(guard);
         self.routes.ref_done(&build);
@@ -464,8 +477,11 @@ impl api::control_server::Control for Proxy {
             .await?;
         let (metadata, _, msg) = request.into_parts();
         let span = tracing::info_span!("proxy.status", r#ref = %msg.r#ref, worker = %worker.name);
+        telemetry::set_parent(&span, telemetry::extract(&metadata));
+        let mut fwd = request_with(&metadata, msg, false);
+        telemetry::inject(&span, fwd.metadata_mut());
         let up = control(&worker)
-            .status(request_with(&metadata, msg, false))
+            .status(fwd)
             .instrument(span)
             .await
             .map_err(|s| name_worker(&worker, "status", s))?;
@@ -570,6 +586,7 @@ impl api::control_server::Control for Proxy {
                 }
             };
             let span = tracing::info_span!("proxy.session", session = %id, worker = %worker.name);
+            telemetry::set_parent(&span, telemetry::extract(&metadata));
             Proxy::run_session(worker, metadata, in_rx, out_tx, opened, cancelled)
                 .instrument(span)
                 .await;
@@ -589,7 +606,7 @@ impl api::control_server::Control for Proxy {
         let start = Instant::now();
         let (metadata, _, msg) = request.into_parts();
         let results = self
-            .fan_out(|w| {
+            .fan_out("list_workers", |w| {
                 let req = request_with(&metadata, msg.clone(), false);
                 async move { control(&w).list_workers(req).await }
             })
@@ -618,7 +635,7 @@ impl api::control_server::Control for Proxy {
     ) -> Result<Response<api::DiskUsageResponse>, Status> {
         let (metadata, _, msg) = request.into_parts();
         let results = self
-            .fan_out(|w| {
+            .fan_out("disk_usage", |w| {
                 let req = request_with(&metadata, msg.clone(), false);
                 async move { control(&w).disk_usage(req).await }
             })
@@ -644,7 +661,7 @@ impl api::control_server::Control for Proxy {
     ) -> Result<Response<BoxStream<api::UsageRecord>>, Status> {
         let (metadata, _, msg) = request.into_parts();
         let results = self
-            .fan_out(|w| {
+            .fan_out("prune", |w| {
                 let req = request_with(&metadata, msg.clone(), false);
                 async move { control(&w).prune(req).await }
             })
@@ -778,7 +795,7 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let start = Instant::now();
@@ -795,6 +812,7 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
             let mut channel = worker.channel.clone();
             let span =
                 tracing::info_span!("proxy.llbbridge", r#ref = %build, worker = %worker.name);
+            telemetry::inject_headers(&span, req.headers_mut());
             let res = async {
                 futures::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
                 Service::call(&mut channel, req).await

@@ -28,13 +28,16 @@
 //!
 //! [`transport`] is the one module that does I/O: the listeners and dialers every Kiln
 //! component uses for these services (unix sockets, TCP with mutual TLS and certificate
-//! reload). The worker, gateway and CLI depend on this crate, never the reverse.
+//! reload). [`telemetry`] sets up logs and OTLP traces for the daemons and carries trace
+//! context over gRPC metadata. The worker, gateway and CLI depend on this crate, never the
+//! reverse.
 
 pub use prost;
 pub use prost_types;
 pub use tonic;
 
 pub mod gc;
+pub mod telemetry;
 pub mod transport;
 
 /// The encoded `google.protobuf.FileDescriptorSet` of every .proto in this crate

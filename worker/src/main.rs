@@ -185,10 +185,7 @@ async fn watch_config(path: PathBuf, every: Duration, gc: Arc<Gc>) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = kiln_proto::telemetry::init("kiln-worker", &args.log)?;
     let file = match &args.config {
         Some(p) => read_config(p)?,
         None => ConfigFile::default(),

@@ -876,6 +876,7 @@ impl api::control_server::Control for ControlService {
         &self,
         request: Request<api::SolveRequest>,
     ) -> Result<Response<api::SolveResponse>, Status> {
+        let parent = kiln_proto::telemetry::extract(request.metadata());
         let req = request.into_inner();
         if req.r#ref.is_empty() {
             return Err(Status::invalid_argument("solve: ref is required"));
@@ -894,6 +895,7 @@ impl api::control_server::Control for ControlService {
         let outputs = self.client_outputs(&mut exports)?;
         let (job, progress, collector) = self.start_job(&req.r#ref)?;
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
+        kiln_proto::telemetry::set_parent(&span, parent);
         let _enter = span.enter();
         // A client that goes away drops this future; the guard then cancels the build, which
         // stops its containers and releases its mounts.
