@@ -44,6 +44,9 @@ pub struct EngineConfig {
     /// Pool cache repository (`host/path`): every executed vertex result is exported there
     /// in the background and every local miss is looked up there.
     pub cache_registry: Option<String>,
+    /// Most bytes one pulled image layer may expand to when unpacked (decompression bombs
+    /// fail with an error naming the layer digest).
+    pub max_layer_size: u64,
 }
 
 impl Default for EngineConfig {
@@ -57,6 +60,7 @@ impl Default for EngineConfig {
             registry: RegistryConfig::default(),
             snapshotter: None,
             cache_registry: None,
+            max_layer_size: snapshot::layer::DEFAULT_MAX_LAYER_SIZE,
         }
     }
 }
@@ -217,6 +221,9 @@ impl Engine {
             executor,
             images,
             cache_mount_locks: Default::default(),
+            unpack_limits: snapshot::layer::UnpackLimits {
+                max_bytes: config.max_layer_size,
+            },
         });
         let solver = Solver::new(cache, config.max_parallelism);
         Ok(Engine {

@@ -452,8 +452,27 @@ fn extract_entries<R: Read>(
                         )
                     })?
                     .into_owned();
-                let link_rel = clean_rel(&link, layer)?;
-                let link_parent = ensure_parent(dest, &link_rel, layer, false)?;
+                let link_rel = clean_rel(&link, layer).map_err(|_| {
+                    layer_error(
+                        layer,
+                        format_args!(
+                            "hard link {} to {}: target escapes the layer",
+                            rel.display(),
+                            link.display()
+                        ),
+                    )
+                })?;
+                // Only the path inside the layer goes into the message, not the host's.
+                let link_parent = ensure_parent(dest, &link_rel, layer, false).map_err(|_| {
+                    layer_error(
+                        layer,
+                        format_args!(
+                            "hard link {} to {}: target is not a file of this layer",
+                            rel.display(),
+                            link.display()
+                        ),
+                    )
+                })?;
                 let source = match link_rel.file_name() {
                     Some(n) => link_parent.join(n),
                     None => {
