@@ -11,8 +11,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::symlink;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -182,7 +182,12 @@ fn snapshot(dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
                 out.insert(format!("{rel}/"), Vec::new());
                 stack.push(p);
             } else if m.file_type().is_symlink() {
-                out.insert(rel, std::fs::read_link(&p)?.into_os_string().into_encoded_bytes());
+                out.insert(
+                    rel,
+                    std::fs::read_link(&p)?
+                        .into_os_string()
+                        .into_encoded_bytes(),
+                );
             } else if m.is_file() {
                 out.insert(rel, std::fs::read(&p)?);
             } else {
@@ -276,8 +281,11 @@ fn raw_entry(
     Ok(())
 }
 
-/// A layer tar of raw entries `(name, kind, link, data)`.
-fn layer_tar(entries: &[(&str, tar::EntryType, &str, &[u8])]) -> anyhow::Result<Vec<u8>> {
+/// A raw tar entry: name, kind, link target, content.
+type RawEntry<'a> = (&'a str, tar::EntryType, &'a str, &'a [u8]);
+
+/// A layer tar of raw entries.
+fn layer_tar(entries: &[RawEntry]) -> anyhow::Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     for (n, k, l, d) in entries {
         raw_entry(&mut b, n, *k, l, d)?;
@@ -291,7 +299,11 @@ fn push_image(reg: &Registry, name: &str, layer: &[u8]) -> anyhow::Result<(Strin
     let tmp = tempfile::tempdir()?;
     let layout = tmp.path().join("layout");
     kiln_e2e::base::busybox_layout(&layout, kiln_e2e::base::host_arch())?;
-    let blob = |digest: &str| layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let blob = |digest: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
     let put = |bytes: &[u8]| -> anyhow::Result<String> {
         let d = sha256(bytes);
         std::fs::write(blob(&d), bytes)?;
@@ -428,9 +440,17 @@ async fn hostile_layers_fail_or_stay_inside() -> anyhow::Result<()> {
     let canary = format!("{o}/canary");
     let slip = format!("../../../../../../../../../../{o}/{marker}");
     let planted = format!("planted/{marker}");
-    let failing: Vec<(&str, Vec<(&str, tar::EntryType, &str, &[u8])>, &str)> = vec![
-        ("slip", vec![(slip.as_str(), Regular, "", b"x")], "escapes the layer"),
-        ("dotdot", vec![("a/../../x", Regular, "", b"x")], "escapes the layer"),
+    let failing: Vec<(&str, Vec<RawEntry>, &str)> = vec![
+        (
+            "slip",
+            vec![(slip.as_str(), Regular, "", b"x")],
+            "escapes the layer",
+        ),
+        (
+            "dotdot",
+            vec![("a/../../x", Regular, "", b"x")],
+            "escapes the layer",
+        ),
         (
             "through-symlink",
             vec![
@@ -449,18 +469,30 @@ async fn hostile_layers_fail_or_stay_inside() -> anyhow::Result<()> {
             vec![("h", Link, "../../../../../../../../etc/passwd", b"")],
             "target escapes the layer",
         ),
-        ("whiteout-parent", vec![(".wh...", Regular, "", b"")], "names no file"),
-        ("whiteout-self", vec![("etc/.wh..", Regular, "", b"")], "names no file"),
+        (
+            "whiteout-parent",
+            vec![(".wh...", Regular, "", b"")],
+            "names no file",
+        ),
+        (
+            "whiteout-self",
+            vec![("etc/.wh..", Regular, "", b"")],
+            "names no file",
+        ),
     ];
     for (name, entries, expect) in failing {
-        let (image, digest) = push_image(&env.reg, &format!("evil/{name}:1"), &layer_tar(&entries)?)?;
+        let (image, digest) =
+            push_image(&env.reg, &format!("evil/{name}:1"), &layer_tar(&entries)?)?;
         let ctx = env.context(&format!("ctx-{name}"), &format!("FROM {image}\nRUN true\n"))?;
         let err = match env.build(&ctx, None).await? {
             Ok(()) => bail!("{name}: a build on the hostile layer succeeded"),
             Err(e) => e,
         };
         assert!(err.contains(expect), "{name}: {err}");
-        assert!(err.contains(&digest), "{name}: the error does not name the layer: {err}");
+        assert!(
+            err.contains(&digest),
+            "{name}: the error does not name the layer: {err}"
+        );
         env.check_contained(&[])
             .with_context(|| format!("layer case {name}"))?;
         assert!(find_named(env.dir.path(), &marker).is_empty(), "{name}");
@@ -547,9 +579,15 @@ async fn huge_dockerfile_line_is_bounded() -> anyhow::Result<()> {
     let bins = kiln_e2e::fleet::ensure_binaries()?;
     let line = "a".repeat(100 << 20);
     let cases = [
-        ("run", format!("ARG BASE\nFROM ${{BASE}}\nRUN echo {line}\n")),
+        (
+            "run",
+            format!("ARG BASE\nFROM ${{BASE}}\nRUN echo {line}\n"),
+        ),
         ("label", format!("FROM scratch\nLABEL big={line}\n")),
-        ("comment", format!("# {line}\nFROM scratch\nCOPY Dockerfile /\n")),
+        (
+            "comment",
+            format!("# {line}\nFROM scratch\nCOPY Dockerfile /\n"),
+        ),
     ];
     drop(line);
     for (name, text) in cases {
@@ -582,7 +620,14 @@ async fn huge_dockerfile_line_is_bounded() -> anyhow::Result<()> {
         watch.abort();
         let rss_kib = peak.load(std::sync::atomic::Ordering::SeqCst);
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: String = stderr.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(600)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         eprintln!(
             "{name}: exit {:?} in {:?}, peak rss {rss_kib} KiB: {tail}",
             output.status.code(),
@@ -593,7 +638,10 @@ async fn huge_dockerfile_line_is_bounded() -> anyhow::Result<()> {
             "{name}: kiln was killed ({:?}): {tail}",
             output.status
         );
-        assert!(!output.status.success(), "{name}: a 100 MB line was accepted");
+        assert!(
+            !output.status.success(),
+            "{name}: a 100 MB line was accepted"
+        );
         {
             assert!(
                 stderr.contains("more than the limit of"),
@@ -665,7 +713,12 @@ async fn deeply_nested_heredocs_are_bounded() -> anyhow::Result<()> {
         let out = env.mkdir(&format!("out-{name}"))?;
         let started = Instant::now();
         let res = env.build(&ctx, Some(&out)).await?;
-        eprintln!("{name}: {:?} in {:?}", res.as_ref().map_err(|e| e.chars().take(300).collect::<String>()), started.elapsed());
+        eprintln!(
+            "{name}: {:?} in {:?}",
+            res.as_ref()
+                .map_err(|e| e.chars().take(300).collect::<String>()),
+            started.elapsed()
+        );
         if name == "copies" {
             res.map_err(|e| anyhow!("{name}: {e}"))?;
             assert_eq!(std::fs::read_to_string(out.join("dst/F1999"))?, "1999\n");
@@ -722,13 +775,20 @@ async fn cache_mount_ids_stay_in_their_own_cache() -> anyhow::Result<()> {
             bail!("id {id:?}: {e}");
         }
         let got = std::fs::read_to_string(out.join("got"))?;
-        assert!(!got.contains(&secret), "id {id:?} reached the victim's cache: {got}");
+        assert!(
+            !got.contains(&secret),
+            "id {id:?} reached the victim's cache: {got}"
+        );
         env.check_contained(&[&out])
             .with_context(|| format!("id {id:?}"))?;
     }
     // The marker exists only in cache mounts below the worker root.
     for hit in find_named(env.dir.path(), &marker) {
-        assert!(hit.starts_with(env.root()), "{} outside the root", hit.display());
+        assert!(
+            hit.starts_with(env.root()),
+            "{} outside the root",
+            hit.display()
+        );
     }
     assert!(!Path::new("/").join(&marker).exists());
     assert!(!Path::new("/etc").join(&marker).exists());
@@ -779,12 +839,19 @@ async fn bind_mount_sources_stay_in_their_root() -> anyhow::Result<()> {
                 );
             }
         }
-        assert!(!ctx.join(&marker).exists(), "source {source:?} wrote into the context");
+        assert!(
+            !ctx.join(&marker).exists(),
+            "source {source:?} wrote into the context"
+        );
         env.check_contained(&[&out])
             .with_context(|| format!("source {source:?}"))?;
     }
     for hit in find_named(env.dir.path(), &marker) {
-        assert!(hit.starts_with(env.root()), "{} outside the root", hit.display());
+        assert!(
+            hit.starts_with(env.root()),
+            "{} outside the root",
+            hit.display()
+        );
     }
     Ok(())
 }
@@ -984,7 +1051,9 @@ async fn fsutil_packets_cannot_escape_the_worker_root() -> anyhow::Result<()> {
     use kiln_proto::fsutil::types::Stat;
 
     let bins = kiln_e2e::fleet::ensure_binaries()?;
-    let dir = tempfile::Builder::new().prefix("kiln-hostile-fsutil-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("kiln-hostile-fsutil-")
+        .tempdir()?;
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside)?;
     let canary = format!("kiln-hostile-canary-{}", unique());
@@ -1025,10 +1094,22 @@ async fn fsutil_packets_cannot_escape_the_worker_root() -> anyhow::Result<()> {
         ("dotdot", vec![file(&up)], up.as_str()),
         ("deep-dotdot", vec![file(&deep)], deep.as_str()),
         ("absolute", vec![file(&abs)], abs.as_str()),
-        ("inner-dotdot", vec![dirent("a"), file(&inner)], inner.as_str()),
-        ("through-symlink", vec![link("l", &o), file(&through)], through.as_str()),
+        (
+            "inner-dotdot",
+            vec![dirent("a"), file(&inner)],
+            inner.as_str(),
+        ),
+        (
+            "through-symlink",
+            vec![link("l", &o), file(&through)],
+            through.as_str(),
+        ),
         ("hardlink-abs", vec![hard("h", &format!("{o}/canary"))], "h"),
-        ("hardlink-up", vec![file("f"), hard("h", "../../outside/canary")], "h"),
+        (
+            "hardlink-up",
+            vec![file("f"), hard("h", "../../outside/canary")],
+            "h",
+        ),
         ("dir-dotdot", vec![dirent("..")], ".."),
         ("dot", vec![dirent(".")], "."),
     ];
@@ -1038,12 +1119,18 @@ async fn fsutil_packets_cannot_escape_the_worker_root() -> anyhow::Result<()> {
             Ok(()) => bail!("{name}: a listing with {path:?} was accepted"),
             Err(e) => e,
         };
-        assert!(err.contains(&format!("{path:?}")) || err.contains(path), "{name}: {err}");
+        assert!(
+            err.contains(&format!("{path:?}")) || err.contains(path),
+            "{name}: {err}"
+        );
         assert_eq!(snapshot(&outside)?, before, "{name}: outside changed");
         assert!(!Path::new(&abs).exists(), "{name}: {abs} created");
         let hits = find_named(dir.path(), &marker);
         assert!(hits.is_empty(), "{name}: created {hits:?}");
-        assert!(find_bytes(&root, canary.as_bytes())?.is_none(), "{name}: canary copied");
+        assert!(
+            find_bytes(&root, canary.as_bytes())?.is_none(),
+            "{name}: canary copied"
+        );
     }
     // Still serving: an honest listing builds.
     let mut daemon = daemon;

@@ -18,8 +18,21 @@ const CANARY: &[u8] = b"kiln fuzz canary: must never change\n";
 const ABS: &str = "/tmp/kiln-fuzz-fsutil-escape";
 
 const PARTS: &[&str] = &[
-    "a", "b", "c", "..", ".", "", "/", "a/b", "../a", "../../canary", "a/../b", ABS, "\0",
-    "x/", "canary",
+    "a",
+    "b",
+    "c",
+    "..",
+    ".",
+    "",
+    "/",
+    "a/b",
+    "../a",
+    "../../canary",
+    "a/../b",
+    ABS,
+    "\0",
+    "x/",
+    "canary",
 ];
 
 fn path(u: &mut Unstructured) -> Result<String> {
@@ -58,7 +71,12 @@ fn stat(u: &mut Unstructured) -> Result<Stat> {
     };
     let mut xattrs = std::collections::HashMap::new();
     if u.ratio(1, 8)? {
-        let keys = ["user.k", "trusted.overlay.opaque", "security.capability", ""];
+        let keys = [
+            "user.k",
+            "trusted.overlay.opaque",
+            "security.capability",
+            "",
+        ];
         xattrs.insert(u.choose(&keys)?.to_string(), u.arbitrary::<Vec<u8>>()?);
     }
     Ok(Stat {
@@ -131,7 +149,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(packets) = packets(&mut Unstructured::new(data)) else {
         return;
     };
-    let Ok(t) = tempfile::Builder::new().prefix("kiln-fuzz-fsutil-").tempdir() else {
+    let Ok(t) = tempfile::Builder::new()
+        .prefix("kiln-fuzz-fsutil-")
+        .tempdir()
+    else {
         return;
     };
     // outer/{canary, a/b/root}: an escape lands in a/b, a or outer.

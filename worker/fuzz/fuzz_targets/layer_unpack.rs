@@ -24,7 +24,10 @@ fn names(dir: &Path) -> Vec<String> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(t) = tempfile::Builder::new().prefix("kiln-fuzz-layer-").tempdir() else {
+    let Ok(t) = tempfile::Builder::new()
+        .prefix("kiln-fuzz-layer-")
+        .tempdir()
+    else {
         return;
     };
     // outer/{canary, blob, a/b/layer}: an escape lands in a/b, a or outer.

@@ -22,7 +22,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(graph.by_digest.get(&v.digest), Some(&i));
         for input in &v.op.inputs {
             let j = graph.by_digest.get(&input.digest).copied();
-            assert!(j.is_some_and(|j| j < i), "input of {} not before it", v.digest);
+            assert!(
+                j.is_some_and(|j| j < i),
+                "input of {} not before it",
+                v.digest
+            );
             assert!(input.index >= 0);
         }
         assert!(v.op.op.is_some());
