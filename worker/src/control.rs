@@ -48,6 +48,9 @@ pub struct EngineConfig {
     pub cache_registry: Option<String>,
     /// The garbage-collection policy (`[gc]` of the worker's config file).
     pub gc: kiln_proto::gc::Policy,
+    /// Most bytes one pulled image layer may expand to when unpacked (decompression bombs
+    /// fail with an error naming the layer digest).
+    pub max_layer_size: u64,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +65,7 @@ impl Default for EngineConfig {
             snapshotter: None,
             cache_registry: None,
             gc: kiln_proto::gc::Policy::default(),
+            max_layer_size: snapshot::layer::DEFAULT_MAX_LAYER_SIZE,
         }
     }
 }
@@ -223,6 +227,9 @@ impl Engine {
             executor,
             images,
             cache_mount_locks: Default::default(),
+            unpack_limits: snapshot::layer::UnpackLimits {
+                max_bytes: config.max_layer_size,
+            },
         });
         let (gc, warnings) =
             Gc::new(cache.clone(), root, config.gc.clone()).map_err(Error::Cache)?;

@@ -58,6 +58,9 @@ struct Args {
     /// the background and looked up there on a local miss.
     #[arg(long = "cache-registry", value_name = "REF")]
     cache_registry: Option<String>,
+    /// Most bytes one pulled image layer may unpack to (default 10 GiB).
+    #[arg(long, value_name = "BYTES")]
+    max_layer_size: Option<u64>,
     /// Serve TCP without TLS. Only for trusted networks: anyone who reaches the port can build.
     #[arg(long)]
     insecure_tcp: bool,
@@ -104,6 +107,7 @@ struct ConfigFile {
     metrics_addr: Option<SocketAddr>,
     worker_id: Option<String>,
     cache_registry: Option<String>,
+    max_layer_size: Option<u64>,
     #[serde(default)]
     tls: TlsSection,
     config_poll_interval: Option<String>,
@@ -260,6 +264,9 @@ async fn main() -> anyhow::Result<()> {
         gc: gc_policy,
         ..Default::default()
     };
+    if let Some(n) = args.max_layer_size.or(file.max_layer_size) {
+        config.max_layer_size = n;
+    }
     if let Some(n) = args.max_parallelism.or(file.max_parallelism) {
         if n == 0 {
             bail!("--max-parallelism must be at least 1");

@@ -61,6 +61,8 @@ pub struct Worker {
     pub images: ImageResolver,
     /// Serializes users of `sharing=locked` cache mounts, by mount id.
     pub cache_mount_locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bounds on unpacking pulled image layers.
+    pub unpack_limits: crate::snapshot::layer::UnpackLimits,
 }
 
 /// What the ops of one build share.
@@ -95,6 +97,28 @@ enum Kind {
 
 /// Maps an LLB op to its implementation.
 pub fn resolve_op(op: &pb::Op, build: &Arc<BuildCtx>) -> Result<LlbOp> {
+    let (kind, def_key, platform) = resolve_kind(op)?;
+    Ok(LlbOp {
+        build: build.clone(),
+        def_key,
+        platform,
+        kind,
+    })
+}
+
+/// Checks an LLB op as [`resolve_op`] does, without a build: `Ok` with its number of
+/// outputs when the worker can run it. No I/O (the `llb_decode` fuzz target's entry).
+pub fn check_op(op: &pb::Op) -> Result<usize> {
+    let (kind, _, _) = resolve_kind(op)?;
+    Ok(match &kind {
+        Kind::Image(_) | Kind::Local(_) => 1,
+        Kind::Exec(e) => e.outputs(),
+        Kind::File(f) => f.outputs(),
+    })
+}
+
+/// The implementation of an op, the definition part of its cache key and its platform.
+fn resolve_kind(op: &pb::Op) -> Result<(Kind, String, Platform)> {
     let mut stripped = op.clone();
     stripped.inputs.clear();
     let platform = op
@@ -150,12 +174,11 @@ pub fn resolve_op(op: &pb::Op, build: &Arc<BuildCtx>) -> Result<LlbOp> {
         Some(pb::op::Op::Passthrough(_)) => return Err(Error::Unsupported("passthrough".into())),
         None => return Err(Error::Invalid("op without operation".into())),
     };
-    Ok(LlbOp {
-        build: build.clone(),
-        def_key: crate::llb::digest_of(&stripped.encode_to_vec()),
-        platform,
+    Ok((
         kind,
-    })
+        crate::llb::digest_of(&stripped.encode_to_vec()),
+        platform,
+    ))
 }
 
 #[async_trait]

@@ -149,7 +149,15 @@ impl ExecOpImpl {
                     if m.selector.is_empty() || m.selector == "/" {
                         view
                     } else {
-                        resolve_in_root(&view, &m.selector, true)?
+                        let p = resolve_in_root(&view, &m.selector, true)?;
+                        // Say so here rather than let the runtime fail on a host path.
+                        if std::fs::symlink_metadata(&p).is_err() {
+                            return Err(Box::new(Error::Invalid(format!(
+                                "mount {}: source {:?} not found",
+                                m.dest, m.selector
+                            ))));
+                        }
+                        p
                     }
                 }
                 pb::MountType::Cache => {

@@ -14,7 +14,7 @@ use crate::cache::{Layer, Ref};
 use crate::export::LayerBlob;
 use crate::image::Platform;
 use crate::progress::{Event, VertexStatus};
-use crate::snapshot::layer::{unpack_blob, UnpackLimits};
+use crate::snapshot::layer::unpack_blob;
 use crate::solver::{BoxError, VertexCtx};
 use crate::source::image::BlobDesc;
 use crate::source::local::{scan, Scan};
@@ -106,8 +106,9 @@ async fn pull_layer(
     let dest = new.fs();
     let media_type = desc.media_type.clone();
     let digest = desc.digest.clone();
+    let limits = worker.unpack_limits.clone();
     let (new, stats) = blocking(move || {
-        let stats = unpack_blob(&path, &media_type, &dest, &UnpackLimits::default())
+        let stats = unpack_blob(&path, &media_type, &dest, &limits)
             .map_err(|e| -> BoxError { Box::new(e) })?;
         Ok((new, stats))
     })

@@ -15,8 +15,7 @@
 mod receive;
 mod send;
 
-pub(crate) use receive::receive_stream;
-pub use receive::{receive, ReceiveOptions};
+pub use receive::{receive, receive_stream, ReceiveOptions};
 pub(crate) use send::send_dir;
 pub(crate) use send::stat_of;
 pub use send::LocalDirs;

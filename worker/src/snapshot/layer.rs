@@ -40,14 +40,17 @@ pub struct UnpackStats {
 /// Limits that protect the worker from hostile layers.
 #[derive(Debug, Clone)]
 pub struct UnpackLimits {
-    /// Most uncompressed bytes one layer may expand to.
+    /// Most uncompressed bytes one layer may expand to (tar stream and file contents).
     pub max_bytes: u64,
 }
+
+/// The default of [`UnpackLimits::max_bytes`]: 10 GiB unpacked per layer.
+pub const DEFAULT_MAX_LAYER_SIZE: u64 = 10 << 30;
 
 impl Default for UnpackLimits {
     fn default() -> Self {
         UnpackLimits {
-            max_bytes: 64 << 30,
+            max_bytes: DEFAULT_MAX_LAYER_SIZE,
         }
     }
 }
@@ -193,7 +196,7 @@ pub fn unpack_stream(
         layer_error(
             layer,
             format_args!(
-                "uncompressed size exceeds the limit of {} bytes",
+                "uncompressed size exceeds the limit of {} bytes (max-layer-size)",
                 limits.max_bytes
             ),
         )
@@ -354,6 +357,14 @@ fn extract_entries<R: Read>(
                 // Other AUFS metadata (`.wh..wh.plnk` …): nothing to do in overlay format.
                 continue;
             }
+            if hidden == "." || hidden == ".." {
+                // `.wh..` / `.wh...` would whiteout the parent itself or the directory
+                // above it: outside the layer when the parent is the layer root.
+                return Err(layer_error(
+                    layer,
+                    format_args!("whiteout {} names no file", rel.display()),
+                ));
+            }
             let target = parent.join(hidden);
             clear_target(&target, false)?;
             nix::sys::stat::mknod(
@@ -410,7 +421,7 @@ fn extract_entries<R: Read>(
                     return Err(layer_error(
                         layer,
                         format_args!(
-                            "entry {}: files expand past the limit of {max_bytes} bytes",
+                            "entry {}: files expand past the limit of {max_bytes} bytes (max-layer-size)",
                             rel.display()
                         ),
                     ));
@@ -441,8 +452,27 @@ fn extract_entries<R: Read>(
                         )
                     })?
                     .into_owned();
-                let link_rel = clean_rel(&link, layer)?;
-                let link_parent = ensure_parent(dest, &link_rel, layer, false)?;
+                let link_rel = clean_rel(&link, layer).map_err(|_| {
+                    layer_error(
+                        layer,
+                        format_args!(
+                            "hard link {} to {}: target escapes the layer",
+                            rel.display(),
+                            link.display()
+                        ),
+                    )
+                })?;
+                // Only the path inside the layer goes into the message, not the host's.
+                let link_parent = ensure_parent(dest, &link_rel, layer, false).map_err(|_| {
+                    layer_error(
+                        layer,
+                        format_args!(
+                            "hard link {} to {}: target is not a file of this layer",
+                            rel.display(),
+                            link.display()
+                        ),
+                    )
+                })?;
                 let source = match link_rel.file_name() {
                     Some(n) => link_parent.join(n),
                     None => {
@@ -963,6 +993,33 @@ mod tests {
             std::fs::remove_dir_all(t.path().join("d5"))?;
         }
         assert_eq!(std::fs::read(t.path().join("secret"))?, b"secret");
+        Ok(())
+    }
+
+    #[test]
+    fn whiteouts_of_dot_and_dotdot_are_rejected() -> anyhow::Result<()> {
+        // Found by the layer_unpack fuzz target: `.wh...` removed the directory above the
+        // layer root (here: the temp dir holding the canary).
+        for name in [".wh...", ".wh..", "a/.wh...", "a/.wh.."] {
+            let t = tempfile::tempdir()?;
+            std::fs::write(t.path().join("canary"), b"keep")?;
+            let dest = t.path().join("d");
+            let r = unpack_raw(
+                &[
+                    ("a/", tar::EntryType::Directory, "", b""),
+                    (name, tar::EntryType::Regular, "", b""),
+                ],
+                &dest,
+            )?;
+            match r {
+                Err(Error::Layer { message, .. }) => {
+                    assert!(message.contains("names no file"), "{name}: {message}")
+                }
+                other => anyhow::bail!("{name}: expected an error, got {other:?}"),
+            }
+            assert_eq!(std::fs::read(t.path().join("canary"))?, b"keep", "{name}");
+            assert!(dest.join("a").is_dir(), "{name}");
+        }
         Ok(())
     }
 

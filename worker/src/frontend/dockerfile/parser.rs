@@ -190,10 +190,28 @@ fn allows_heredoc(keyword: &str) -> bool {
     matches!(keyword, "run" | "copy" | "add")
 }
 
+/// Longest line of a Dockerfile accepted (1 MiB). No instruction can use more (Linux takes
+/// at most 128 KiB in one exec argument), and every later step of a build copies the text
+/// again: a 100 MB line took gigabytes of memory and minutes before this limit.
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
 /// Parses Dockerfile text into nodes.
 pub fn parse(src: &str) -> Result<Parsed, ParseError> {
     let src = src.strip_prefix('\u{feff}').unwrap_or(src);
     let lines: Vec<&str> = src.lines().collect();
+    if let Some((n, l)) = lines
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.len() > MAX_LINE_BYTES)
+    {
+        return err(
+            n + 1,
+            format!(
+                "line is {} bytes long, more than the limit of {MAX_LINE_BYTES} bytes",
+                l.len()
+            ),
+        );
+    }
     let mut escape = '\\';
     let mut syntax = None;
     let mut warnings = Vec::new();
@@ -335,6 +353,21 @@ mod tests {
         assert_eq!(p.nodes[1].keyword, "run");
         assert_eq!(p.nodes[1].rest, "echo hi");
         assert_eq!(p.nodes[1].line, 5);
+    }
+
+    #[test]
+    fn overlong_lines_are_refused() {
+        let long = "a".repeat(MAX_LINE_BYTES + 1);
+        for src in [
+            format!("FROM a\nRUN echo {long}\n"),
+            format!("# {long}\nFROM a\n"),
+            format!("FROM a\nCOPY <<EOF /x\n{long}\nEOF\n"),
+        ] {
+            let e = parse(&src).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("more than the limit of 1048576 bytes"), "{e}");
+        }
+        let fits = format!("FROM a\nRUN echo {}\n", "a".repeat(MAX_LINE_BYTES - 9));
+        assert_eq!(parse_ok(&fits).nodes.len(), 2);
     }
 
     #[test]

@@ -74,8 +74,8 @@ pub async fn receive(
 
 /// The receiver side of a transfer over any packet stream: validates the listing, requests
 /// the files, writes everything into `dest` and applies metadata. Sends an ERR packet to
-/// the sender when it fails.
-pub(crate) async fn receive_stream<S>(
+/// the sender when it fails. Public for the `fsutil_packet` fuzz target.
+pub async fn receive_stream<S>(
     inbound: &mut S,
     tx: mpsc::UnboundedSender<Packet>,
     dest: &Path,
