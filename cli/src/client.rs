@@ -34,6 +34,7 @@ pub use kiln_proto::transport::TlsFiles;
 pub use kiln_worker::cache::registry::CacheEntry;
 pub use kiln_worker::control::{CacheRequest, ExportRequest};
 pub use kiln_worker::progress::{Event, Progress};
+pub use kiln_worker::solver::error_chain;
 pub use kiln_worker::source::image::RegistryConfig;
 pub use lines::LogLines;
 

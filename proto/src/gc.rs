@@ -598,11 +598,70 @@ impl GcSection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const GIB: u64 = 1 << 30;
 
     fn size(s: &str) -> Size {
         Size::parse(s, "spec.gc.reservedSpace").unwrap()
+    }
+
+    #[test]
+    fn percentages_resolve_against_the_disk() {
+        assert_eq!(size("50%").resolve(10 * GIB), 5 * GIB);
+        assert_eq!(size("1Gi").resolve(10 * GIB), GIB);
+        assert_eq!(size("80%").to_string(), "80%");
+        assert_eq!(size("1Ki").to_string(), "1024");
+    }
+
+    #[test]
+    fn bad_sizes_name_field_and_reason() {
+        for bad in [
+            "", "GB", "-1G", "1.G", "1e3", "10XB", "101%", "abc%", "1..2M", "1Gx",
+        ] {
+            let e = Size::parse(bad, "spec.gc.maxUsedSpace").unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("spec.gc.maxUsedSpace"), "{msg}");
+            assert!(msg.contains("invalid size"), "{msg}");
+        }
+        let e = Size::parse("10XB", "f").unwrap_err();
+        assert!(e.reason.contains("unknown unit"), "{e}");
+        assert!(Size::parse("99999999E", "f")
+            .unwrap_err()
+            .reason
+            .contains("too large"));
+    }
+
+    #[test]
+    fn durations() {
+        let d = |s| parse_duration(s, "spec.gc.keepDuration").unwrap();
+        assert_eq!(d("48h"), Duration::from_secs(48 * 3600));
+        assert_eq!(d("30m"), Duration::from_secs(1800));
+        assert_eq!(d("7d"), Duration::from_secs(7 * 86_400));
+        assert_eq!(d("2w"), Duration::from_secs(14 * 86_400));
+        assert_eq!(d("1h30m"), Duration::from_secs(5400));
+        assert_eq!(d("1.5h"), Duration::from_secs(5400));
+        assert_eq!(d("250ms"), Duration::from_millis(250));
+        assert_eq!(d("0"), Duration::ZERO);
+        assert_eq!(format_duration_secs(d("7d")), "604800s");
+    }
+
+    #[test]
+    fn bad_durations_name_field_and_reason() {
+        for bad in ["", "48", "h", "5y", "1h30", "-1h", "1.h", "3 h"] {
+            let e = parse_duration(bad, "spec.tls.renewBefore").unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("spec.tls.renewBefore"), "{msg}");
+            assert!(msg.contains("invalid duration"), "{msg}");
+        }
+        assert!(parse_duration("5y", "f")
+            .unwrap_err()
+            .reason
+            .contains("unknown unit"));
+        assert!(parse_duration("48", "f")
+            .unwrap_err()
+            .reason
+            .contains("missing a unit"));
     }
 
     #[test]

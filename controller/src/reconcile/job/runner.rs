@@ -12,8 +12,8 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use kiln_cli::client::{
-    BuildOptions, CacheEntry, CacheRequest, Client, Error as ClientError, ExportRequest, LogLines,
-    Progress, RegistryConfig, TlsConfig, TlsFiles,
+    error_chain, BuildOptions, CacheEntry, CacheRequest, Client, Error as ClientError,
+    ExportRequest, LogLines, Progress, RegistryConfig, TlsConfig, TlsFiles,
 };
 
 use super::{BuildInput, Built, Reporter, RunError, RunFuture, Runner};
@@ -241,20 +241,6 @@ fn classify(e: ClientError, addr: &str) -> RunError {
         };
         RunError::Failed { message, worker }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
