@@ -110,11 +110,17 @@ pub fn resolve_op(op: &pb::Op, build: &Arc<BuildCtx>) -> Result<LlbOp> {
 /// outputs when the worker can run it. No I/O (the `llb_decode` fuzz target's entry).
 pub fn check_op(op: &pb::Op) -> Result<usize> {
     let (kind, _, _) = resolve_kind(op)?;
-    Ok(match &kind {
-        Kind::Image(_) | Kind::Local(_) => 1,
-        Kind::Exec(e) => e.outputs(),
-        Kind::File(f) => f.outputs(),
-    })
+    Ok(kind.outputs())
+}
+
+impl Kind {
+    fn outputs(&self) -> usize {
+        match self {
+            Kind::Image(_) | Kind::Local(_) | Kind::Git(_) | Kind::Http(_) => 1,
+            Kind::Exec(e) => e.outputs(),
+            Kind::File(f) => f.outputs(),
+        }
+    }
 }
 
 /// The implementation of an op, the definition part of its cache key and its platform.
@@ -186,11 +192,7 @@ impl Op for LlbOp {
     type Output = Ref;
 
     fn outputs(&self) -> usize {
-        match &self.kind {
-            Kind::Image(_) | Kind::Local(_) | Kind::Git(_) | Kind::Http(_) => 1,
-            Kind::Exec(e) => e.outputs(),
-            Kind::File(f) => f.outputs(),
-        }
+        self.kind.outputs()
     }
 
     fn content_inputs(&self) -> Vec<usize> {
