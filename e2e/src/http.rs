@@ -1,5 +1,6 @@
 //! A tiny blocking HTTP/1.1 client over `std::net`, enough to poke a local registry
-//! (`GET /v2/`, fetch a manifest) without pulling in an HTTP stack.
+//! (`GET /v2/`, fetch a manifest) without pulling in an HTTP stack; and [`FileServer`], a
+//! directory served on 127.0.0.1 for http sources and remote contexts.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -98,5 +99,47 @@ fn dechunk(mut data: &[u8]) -> anyhow::Result<Vec<u8>> {
         }
         out.extend_from_slice(&data[..size]);
         data = &data[size + 2..];
+    }
+}
+
+/// `python3 -m http.server` on 127.0.0.1 serving a directory; killed when dropped.
+pub struct FileServer {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+}
+
+impl FileServer {
+    /// Serves `dir` on a free loopback port and waits until it accepts connections.
+    pub fn start(dir: &std::path::Path) -> anyhow::Result<FileServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = std::process::Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(port.to_string())
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("start python3 -m http.server")?;
+        let s = FileServer {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        for _ in 0..200 {
+            if TcpStream::connect(&s.addr).is_ok() {
+                return Ok(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("python3 http.server did not listen on {}", s.addr)
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -2,60 +2,15 @@
 //! repository on a real `git daemon`, or a tarball / a lone Dockerfile on a loopback HTTP
 //! server; the client's own context directory is not used.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-use anyhow::bail;
 use kiln_e2e::git::GitDaemon;
+use kiln_e2e::http::FileServer;
 use kiln_e2e::registry::Registry;
 
-use super::daemon::{free_port, Daemon};
+use super::daemon::Daemon;
 use super::{kiln, ok};
 
 const REMOTE_DOCKERFILE: &str =
     "ARG BASE\nFROM ${BASE}\nCOPY f.txt /f.txt\nRUN cat /f.txt > /out\n";
-
-/// `python3 -m http.server` on 127.0.0.1 serving a directory, killed when dropped.
-struct HttpServer {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl HttpServer {
-    fn start(dir: &std::path::Path) -> anyhow::Result<HttpServer> {
-        let port = free_port()?;
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                "--bind",
-                "127.0.0.1",
-                &port.to_string(),
-            ])
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let s = HttpServer {
-            child,
-            addr: format!("127.0.0.1:{port}"),
-        };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(&s.addr).is_ok() {
-                return Ok(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("python3 http.server did not listen on {}", s.addr)
-    }
-}
 
 /// A client context directory whose Dockerfile must not be used.
 fn decoy() -> anyhow::Result<tempfile::TempDir> {
@@ -156,7 +111,7 @@ fn daemon_builds_from_git_and_http_contexts() -> anyhow::Result<()> {
         served.path().join("Dockerfile.txt"),
         "ARG BASE\nFROM ${BASE}\nRUN echo lone > /out\n",
     )?;
-    let http = HttpServer::start(served.path())?;
+    let http = FileServer::start(served.path())?;
     assert_eq!(
         build(&format!("http://{}/ctx.tar.gz", http.addr), "h1")?,
         "tarball\n"

@@ -5,11 +5,10 @@
 //! `python3 -m http.server` on 127.0.0.1; the git remote a real `git daemon`.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use kiln_e2e::git::GitDaemon;
+use kiln_e2e::http::FileServer;
 use kiln_worker::control::{BuildRequest, Frontend};
 use kiln_worker::image::Platform;
 use kiln_worker::llb::builder::{Builder, Output};
@@ -19,47 +18,6 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::support::{build, env, project, to};
-
-struct HttpServer {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dir: &std::path::Path) -> anyhow::Result<HttpServer> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            "--bind",
-            "127.0.0.1",
-            &port.to_string(),
-        ])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let s = HttpServer {
-        child,
-        addr: format!("127.0.0.1:{port}"),
-    };
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(&s.addr).is_ok() {
-            return Ok(s);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("python3 http.server did not listen on {}", s.addr)
-}
 
 fn http_definition(url: &str, attrs: &[(&str, &str)]) -> pb::Definition {
     let mut b = Builder::new();
@@ -89,7 +47,7 @@ async fn add_downloads_urls_and_checks_out_git() -> anyhow::Result<()> {
     let env = env()?;
     let served = tempfile::tempdir()?;
     std::fs::write(served.path().join("file.txt"), "hello http\n")?;
-    let http = serve(served.path())?;
+    let http = FileServer::start(served.path())?;
     let gitd = GitDaemon::start()?;
     gitd.repo("app", &[("README", "from git\n")])?;
     let df = format!(
@@ -138,7 +96,7 @@ async fn http_source_attributes_and_checksum() -> anyhow::Result<()> {
     let env = env()?;
     let served = tempfile::tempdir()?;
     std::fs::write(served.path().join("tool.sh"), "#!/bin/sh\necho tool\n")?;
-    let http = serve(served.path())?;
+    let http = FileServer::start(served.path())?;
     let url = format!("http://{}/tool.sh", http.addr);
     let digest = format!(
         "sha256:{}",
