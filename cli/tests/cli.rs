@@ -176,6 +176,26 @@ fn bad_flags_are_named() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reads the child's stderr (plain progress) until a line names `step`; returns the reader
+/// positioned after it.
+fn read_until_step(
+    child: &mut std::process::Child,
+    step: &str,
+) -> anyhow::Result<std::io::BufReader<std::process::ChildStderr>> {
+    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let mut reader = std::io::BufReader::new(stderr);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
+            bail!("build ended before the step {step:?} started");
+        }
+        if line.contains(step) {
+            return Ok(reader);
+        }
+    }
+}
+
 #[test]
 fn kill_9_mid_run_leaves_a_store_that_builds_correctly() -> anyhow::Result<()> {
     let reg = Registry::start()?;
@@ -205,18 +225,7 @@ fn kill_9_mid_run_leaves_a_store_that_builds_correctly() -> anyhow::Result<()> {
         .args(args)
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let mut reader = std::io::BufReader::new(stderr);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
-            bail!("build ended before the slow step started");
-        }
-        if line.contains("RUN sleep 2") {
-            break;
-        }
-    }
+    let _progress = read_until_step(&mut child, "RUN sleep 2")?;
     std::thread::sleep(std::time::Duration::from_millis(300));
     child.kill()?;
     child.wait()?;
@@ -250,18 +259,7 @@ fn sigterm_mid_run_cancels_the_build_and_stops_its_container() -> anyhow::Result
         .arg(dir.path())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let stderr = child.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
-    let mut reader = std::io::BufReader::new(stderr);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if std::io::BufRead::read_line(&mut reader, &mut line)? == 0 {
-            bail!("build ended before the slow step started");
-        }
-        if line.contains("RUN sleep 600") {
-            break;
-        }
-    }
+    let mut reader = read_until_step(&mut child, "RUN sleep 600")?;
     // Give runc time to start the container, then send what `timeout` and Kubernetes send.
     let runc_root = root.path().join("executor/runc");
     let running = || -> anyhow::Result<String> {
