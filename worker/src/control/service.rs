@@ -1,15 +1,15 @@
 //! BuildKit's `moby.buildkit.v1.Control` service over the [`Engine`]: Session (the client's
 //! nested connection, see [`crate::session`]), Solve (a raw LLB definition, or
 //! `dockerfile.v0` with the context and Dockerfile fetched over the build's session),
-//! Status (the job's progress, replayed from the start for late callers), ListWorkers, Info,
-//! and the gRPC health service. Errors become `tonic::Status` here and nowhere else.
+//! Status (the job's progress, replayed from the start for late callers, and from the
+//! build history once the job is gone), ListWorkers, Info, DiskUsage, Prune,
+//! ListenBuildHistory and UpdateBuildHistory ([`history`]), and the gRPC health service.
+//! Outputs go back to the client over the session's FileSend; registry credentials and
+//! secrets come from the client's session. Errors become `tonic::Status` here and nowhere
+//! else.
 //!
 //! A Solve with neither frontend nor definition is driven by the client over LLBBridge
 //! ([`bridge`]), as current buildctl and buildx do.
-//!
-//! Partial: outputs sent back to the client (`local`/`tar`/`oci`/`docker` over FileSend),
-//! credentials and secrets from the session are not served yet; requests that need them
-//! fail saying so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -31,6 +31,7 @@ use crate::session::filesync::{receive, ReceiveOptions};
 use crate::session::manager::{SessionManager, LOOKUP_WAIT};
 
 mod bridge;
+mod history;
 
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -58,6 +59,7 @@ pub struct ControlService {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     bridges: Arc<Mutex<HashMap<String, Arc<bridge::BridgeJob>>>>,
     local_locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
+    history: Arc<history::History>,
 }
 
 // === impl ControlService ===
@@ -65,8 +67,12 @@ pub struct ControlService {
 impl ControlService {
     /// A service over `engine`; `worker_id` names this worker in ListWorkers.
     pub fn new(engine: Arc<Engine>, worker_id: impl Into<String>) -> ControlService {
+        let history = Arc::new(history::History::open(
+            &engine.worker().root.join("history"),
+        ));
         ControlService {
             engine,
+            history,
             jobs: Default::default(),
             registered: Arc::new(Notify::new()),
             worker_id: worker_id.into(),
@@ -894,6 +900,7 @@ impl api::control_server::Control for ControlService {
         let caches = Self::cache_opts(&req)?;
         let outputs = self.client_outputs(&mut exports)?;
         let (job, progress, collector) = self.start_job(&req.r#ref)?;
+        self.history.started(&req);
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
         kiln_proto::telemetry::set_parent(&span, parent);
         let _enter = span.enter();
@@ -954,6 +961,13 @@ impl api::control_server::Control for ControlService {
         drop(progress);
         drop(_enter);
         let _ = collector.await;
+        if let Ok(events) = job.events.lock() {
+            self.history.completed(
+                &req.r#ref,
+                res.as_ref().map(|r| &r.exporter_response),
+                &events,
+            );
+        }
         self.finish(&req.r#ref, &job);
         // The build's records are released: apply the GC policy now (in the background).
         self.engine.gc().trigger();
@@ -979,21 +993,57 @@ impl api::control_server::Control for ControlService {
             if let Some(j) = self.job(&r) {
                 break j;
             }
+            // A build that finished long ago: replay its stored progress from the history.
+            if let Some(stored) = self.history.progress(&r) {
+                let stream = futures::stream::iter(stored.into_iter().map(Ok));
+                return Ok(with_timestamp(Response::new(
+                    Box::pin(stream) as BoxStream<api::StatusResponse>
+                )));
+            }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(Status::not_found(format!("no such job {r}")));
             }
         };
         let stream = async_stream(job);
-        let mut resp = Response::new(Box::pin(stream) as BoxStream<api::StatusResponse>);
-        if let Ok(v) = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_nanos().to_string())
-            .unwrap_or_default()
-            .parse()
-        {
-            resp.metadata_mut().insert("buildkit-current-timestamp", v);
-        }
-        Ok(resp)
+        Ok(with_timestamp(Response::new(
+            Box::pin(stream) as BoxStream<api::StatusResponse>
+        )))
+    }
+
+    async fn listen_build_history(
+        &self,
+        request: Request<api::BuildHistoryRequest>,
+    ) -> Result<Response<BoxStream<api::BuildHistoryEvent>>, Status> {
+        use futures::StreamExt as _;
+        let req = request.into_inner();
+        let (first, rx) = self.history.listen(&req)?;
+        let first = futures::stream::iter(first.into_iter().map(Ok));
+        let stream: BoxStream<api::BuildHistoryEvent> = match rx {
+            None => Box::pin(first),
+            Some(rx) => {
+                let later =
+                    tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| {
+                        let out = match ev {
+                            Ok(ev) => history::History::wanted(&req, &ev).then_some(Ok(ev)),
+                            // A listener too slow for the event rate loses events; say so.
+                            Err(e) => Some(Err(Status::data_loss(format!(
+                                "build history: this listener fell behind: {e}"
+                            )))),
+                        };
+                        std::future::ready(out)
+                    });
+                Box::pin(first.chain(later))
+            }
+        };
+        Ok(with_timestamp(Response::new(stream)))
+    }
+
+    async fn update_build_history(
+        &self,
+        request: Request<api::UpdateBuildHistoryRequest>,
+    ) -> Result<Response<api::UpdateBuildHistoryResponse>, Status> {
+        self.history.update(request.get_ref())?;
+        Ok(Response::new(api::UpdateBuildHistoryResponse {}))
     }
 
     async fn session(
@@ -1110,6 +1160,17 @@ fn version() -> api::types::BuildkitVersion {
         revision: String::new(),
         dockerfile_version: String::new(),
     }
+}
+
+/// Adds the `buildkit-current-timestamp` header (daemon time, RFC 3339 with nanoseconds)
+/// that `Status` and `ListenBuildHistory` carry.
+fn with_timestamp<T>(mut resp: Response<T>) -> Response<T> {
+    let now = prost_types::Timestamp::from(SystemTime::now()).to_string();
+    if let Ok(v) = now.parse() {
+        resp.metadata_mut()
+            .insert(kiln_proto::metadata::CURRENT_TIMESTAMP, v);
+    }
+    resp
 }
 
 /// Replays a job's events, then follows them until the build is done.

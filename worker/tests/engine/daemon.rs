@@ -787,3 +787,231 @@ async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Every event a `ListenBuildHistory` call with `req` yields (it must end by itself).
+async fn history(
+    client: &mut api::control_client::ControlClient<tonic::transport::Channel>,
+    req: api::BuildHistoryRequest,
+) -> anyhow::Result<Vec<api::BuildHistoryEvent>> {
+    let resp = client.listen_build_history(req).await?;
+    let ts = resp
+        .metadata()
+        .get(kiln_proto::metadata::CURRENT_TIMESTAMP)
+        .ok_or_else(|| anyhow!("no timestamp header"))?
+        .to_str()?
+        .to_string();
+    // RFC 3339 with a fraction, as buildx parses it.
+    assert!(
+        ts.contains('T') && ts.ends_with('Z') && ts.contains('.'),
+        "{ts}"
+    );
+    let mut stream = resp.into_inner();
+    let mut out = Vec::new();
+    while let Some(ev) = stream.message().await? {
+        out.push(ev);
+    }
+    Ok(out)
+}
+
+fn refs(events: &[api::BuildHistoryEvent]) -> Vec<(i32, String)> {
+    events
+        .iter()
+        .map(|e| (e.r#type, e.record.clone().unwrap_or_default().r#ref))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn build_history_is_listed_followed_updated_and_replayed() -> anyhow::Result<()> {
+    use api::BuildHistoryEventType::{Complete, Deleted, Started};
+    let env = env()?;
+    let root = tempfile::tempdir()?;
+    let engine = Engine::open(EngineConfig {
+        root: root.path().to_path_buf(),
+        ..Default::default()
+    })?;
+    let (_dir, channel) = serve(engine).await?;
+    let mut client = api::control_client::ControlClient::new(channel);
+
+    // A follower sees the build start and complete.
+    let mut follower = client
+        .listen_build_history(api::BuildHistoryRequest::default())
+        .await?
+        .into_inner();
+    let solve = |r: &str, script: &str| api::SolveRequest {
+        r#ref: r.into(),
+        definition: Some(exec_definition(&env.base, script)),
+        frontend_attrs: [("build-arg:A".to_string(), "1".to_string())].into(),
+        ..Default::default()
+    };
+    client.solve(solve("hist-ok", "echo hist > /x")).await?;
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let ev = follower
+            .message()
+            .await?
+            .ok_or_else(|| anyhow!("follower ended"))?;
+        seen.push(ev);
+    }
+    assert_eq!(
+        refs(&seen),
+        vec![
+            (Started as i32, "hist-ok".to_string()),
+            (Complete as i32, "hist-ok".to_string())
+        ]
+    );
+    let err = client
+        .solve(solve("hist-bad", "exit 3"))
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("exit 3 must fail"))?;
+    // An internal build is not recorded.
+    let mut internal = solve("hist-internal", "true");
+    internal.internal = true;
+    client.solve(internal).await?;
+
+    let all = history(
+        &mut client,
+        api::BuildHistoryRequest {
+            early_exit: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert_eq!(
+        refs(&all),
+        vec![
+            (Complete as i32, "hist-bad".to_string()),
+            (Complete as i32, "hist-ok".to_string())
+        ],
+        "newest first, internal builds left out"
+    );
+    let ok = all[1].record.clone().unwrap_or_default();
+    assert!(ok.error.is_none() && ok.completed_at.is_some() && ok.created_at.is_some());
+    assert!(ok.num_total_steps >= 2, "{ok:?}");
+    assert_eq!(ok.num_completed_steps, ok.num_total_steps, "{ok:?}");
+    assert_eq!(
+        ok.frontend_attrs.get("build-arg:A").map(String::as_str),
+        Some("1")
+    );
+    let bad = all[0].record.clone().unwrap_or_default();
+    assert_eq!(
+        bad.error.as_ref().map(|e| e.message.clone()),
+        Some(err.message().to_string())
+    );
+    let failed = history(
+        &mut client,
+        api::BuildHistoryRequest {
+            early_exit: true,
+            filter: vec!["status==failed".into()],
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert_eq!(
+        refs(&failed),
+        vec![(Complete as i32, "hist-bad".to_string())]
+    );
+    let newest = history(
+        &mut client,
+        api::BuildHistoryRequest {
+            early_exit: true,
+            limit: 1,
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert_eq!(
+        refs(&newest),
+        vec![(Complete as i32, "hist-bad".to_string())]
+    );
+    let err = client
+        .listen_build_history(api::BuildHistoryRequest {
+            filter: vec!["duration>1s".into()],
+            ..Default::default()
+        })
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("an unsupported filter must fail"))?;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("duration>1s"), "{}", err.message());
+
+    // Pin one, delete the other: the follower sees the deletion.
+    client
+        .update_build_history(api::UpdateBuildHistoryRequest {
+            r#ref: "hist-ok".into(),
+            pinned: true,
+            ..Default::default()
+        })
+        .await?;
+    client
+        .update_build_history(api::UpdateBuildHistoryRequest {
+            r#ref: "hist-bad".into(),
+            delete: true,
+            ..Default::default()
+        })
+        .await?;
+    let mut deleted = None;
+    while deleted.is_none() {
+        let ev = follower
+            .message()
+            .await?
+            .ok_or_else(|| anyhow!("follower ended"))?;
+        if ev.r#type == Deleted as i32 {
+            deleted = ev.record.map(|r| r.r#ref);
+        }
+    }
+    assert_eq!(deleted.as_deref(), Some("hist-bad"));
+    let err = client
+        .update_build_history(api::UpdateBuildHistoryRequest {
+            r#ref: "hist-bad".into(),
+            delete: true,
+            ..Default::default()
+        })
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("deleting twice must fail"))?;
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // A daemon started later on the history kept on disk lists the pinned record and
+    // replays the finished build's progress through Status.
+    let root2 = tempfile::tempdir()?;
+    let copy = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(root.path().join("history"))
+        .arg(root2.path())
+        .status()?;
+    assert!(copy.success());
+    let engine2 = Engine::open(EngineConfig {
+        root: root2.path().to_path_buf(),
+        ..Default::default()
+    })?;
+    let (_dir2, channel2) = serve(engine2).await?;
+    let mut client2 = api::control_client::ControlClient::new(channel2);
+    let kept = history(
+        &mut client2,
+        api::BuildHistoryRequest {
+            early_exit: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    assert_eq!(refs(&kept), vec![(Complete as i32, "hist-ok".to_string())]);
+    assert!(kept[0].record.as_ref().is_some_and(|r| r.pinned));
+    let mut replay = client2
+        .status(api::StatusRequest {
+            r#ref: "hist-ok".into(),
+        })
+        .await?
+        .into_inner();
+    let mut vertexes = Vec::new();
+    while let Some(msg) = replay.message().await? {
+        vertexes.extend(msg.vertexes);
+    }
+    assert!(
+        vertexes
+            .iter()
+            .any(|v| v.name.contains("echo hist") && v.completed.is_some()),
+        "{vertexes:?}"
+    );
+    Ok(())
+}
