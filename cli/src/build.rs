@@ -60,6 +60,10 @@ pub struct BuildArgs {
     /// Secret: id=ID[,src=FILE|,env=VAR].
     #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     secrets: Vec<String>,
+    /// SSH agent for `RUN --mount=type=ssh`: `default` (or ID) forwards $SSH_AUTH_SOCK,
+    /// ID=SOCKET another agent socket (buildctl syntax; key files are not supported yet).
+    #[arg(long = "ssh", value_name = "ID[=SOCKET]")]
+    ssh: Vec<String>,
     /// Output: type=image|oci|docker|local|tar[,key=value…].
     #[arg(long = "output", short = 'o', value_name = "type=TYPE,…")]
     outputs: Vec<String>,
@@ -399,7 +403,9 @@ pub fn build_opts(opts: &BTreeMap<String, String>) -> anyhow::Result<BuildOpts> 
 /// Runs `kiln build`.
 pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     let caches = cache_request(&args.export_cache, &args.import_cache)?;
-    let (req, attrs) = request(&args)?;
+    let (mut req, attrs) = request(&args)?;
+    let ssh = kiln_worker::session::sshforward::SshAgents::parse(&args.ssh)
+        .map_err(anyhow::Error::msg)?;
     let stdout_used = req
         .exports
         .iter()
@@ -413,9 +419,16 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
                 insecure: args.insecure_registries.clone(),
                 docker_config: None,
             };
-            remote(&args.conn, addr, registry, req, caches, attrs, progress).await
+            let session = Session { attrs, ssh };
+            remote(&args.conn, addr, registry, req, caches, session, progress).await
         }
-        None => embedded(&args, req, &caches, progress).await,
+        None => {
+            // Daemonless: the build reaches the agents directly.
+            if !ssh.is_empty() {
+                req.session = Some(std::sync::Arc::new(ssh));
+            }
+            embedded(&args, req, &caches, progress).await
+        }
     };
     renderer.finish(res.is_ok()).await;
     let resp = res?;
@@ -432,6 +445,13 @@ pub async fn run(args: BuildArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a daemon build's session carries besides the request: frontend attributes and
+/// the SSH agents it forwards.
+struct Session {
+    attrs: BTreeMap<String, String>,
+    ssh: kiln_worker::session::sshforward::SshAgents,
+}
+
 /// Builds on the daemon or gateway at `addr` through the [`kiln_cli::client`] library.
 async fn remote(
     conn: &crate::conn::ConnArgs,
@@ -439,7 +459,7 @@ async fn remote(
     registry: RegistryConfig,
     req: BuildRequest,
     cache: CacheRequest,
-    attrs: BTreeMap<String, String>,
+    session: Session,
     progress: Progress,
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let frontend = match req.frontend {
@@ -448,9 +468,10 @@ async fn remote(
     };
     let opts = client::BuildOptions {
         frontend,
-        frontend_attrs: attrs,
+        frontend_attrs: session.attrs,
         locals: req.locals,
         secrets: req.secrets,
+        ssh: session.ssh,
         registry,
         exports: req.exports,
         cache,

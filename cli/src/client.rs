@@ -1,14 +1,13 @@
 //! A BuildKit client for a `kiln-worker` or a `kiln-gateway` (or anything serving BuildKit's
 //! Control API): [`Client::connect`] dials an address with optional mutual TLS, and
 //! [`Client::build`] runs one build as buildctl ≥ 0.11 does — a session serving the local
-//! directories (FileSync), outputs coming back (FileSend), secrets and registry credentials
-//! (Auth); `Control.Solve` naming no frontend; the frontend driven over LLBBridge (Ping,
+//! directories (FileSync), outputs coming back (FileSend), secrets, registry credentials
+//! (Auth) and SSH agents (SSH); `Control.Solve` naming no frontend; the frontend driven over LLBBridge (Ping,
 //! Solve, Return); the Status stream forwarded as progress events.
 //!
 //! Dropping the future returned by [`Client::build`] cancels the build: the calls and the
 //! session close, and the daemon stops the build when its client goes away.
 //!
-//! Partial, like the daemon it talks to: no SSH forwarding over the session yet.
 
 mod lines;
 
@@ -24,6 +23,7 @@ use kiln_worker::progress::{self, VertexState};
 use kiln_worker::session::attachables::{AuthProvider, SecretStore};
 use kiln_worker::session::filesend::{FileSendTargets, OutputTarget};
 use kiln_worker::session::filesync::LocalDirs;
+pub use kiln_worker::session::sshforward::SshAgents;
 use kiln_worker::session::transport::{health_service, pipe, serve};
 use kiln_worker::session::SessionHeaders;
 use sha2::{Digest as _, Sha256};
@@ -143,6 +143,8 @@ pub struct BuildOptions {
     pub locals: HashMap<String, PathBuf>,
     /// Secret values by id, served over the session's Secrets service.
     pub secrets: HashMap<String, Vec<u8>>,
+    /// SSH agents by id, forwarded over the session's SSH service.
+    pub ssh: SshAgents,
     /// Where registry credentials come from (served over the session's Auth service).
     pub registry: RegistryConfig,
     /// Outputs. Types other than `image` need a `dest` and come back over the session.
@@ -285,17 +287,22 @@ impl Client {
             .shared_key
             .clone()
             .unwrap_or_else(|| shared_key(&opts.locals));
+        let mut methods: Vec<String> = vec![
+            "/moby.filesync.v1.FileSync/DiffCopy".into(),
+            "/moby.filesync.v1.FileSync/TarStream".into(),
+            kiln_worker::session::filesend::DIFF_COPY.into(),
+            kiln_worker::session::attachables::GET_SECRET.into(),
+            kiln_worker::session::attachables::CREDENTIALS.into(),
+            "/grpc.health.v1.Health/Check".into(),
+        ];
+        if !opts.ssh.is_empty() {
+            methods.push(kiln_worker::session::sshforward::CHECK_AGENT.into());
+            methods.push(kiln_worker::session::sshforward::FORWARD_AGENT.into());
+        }
         SessionHeaders {
             id: session_id.clone(),
             shared_key,
-            methods: vec![
-                "/moby.filesync.v1.FileSync/DiffCopy".into(),
-                "/moby.filesync.v1.FileSync/TarStream".into(),
-                kiln_worker::session::filesend::DIFF_COPY.into(),
-                kiln_worker::session::attachables::GET_SECRET.into(),
-                kiln_worker::session::attachables::CREDENTIALS.into(),
-                "/grpc.health.v1.Health/Check".into(),
-            ],
+            methods,
             name: None,
         }
         .to_metadata(open.metadata_mut())
@@ -313,7 +320,8 @@ impl Client {
             .add_service(health_service())
             .add_service(FileSendTargets::new(targets))
             .add_service(SecretStore::new(opts.secrets.clone()).into_service())
-            .add_service(AuthProvider::new(opts.registry.clone()).into_service());
+            .add_service(AuthProvider::new(opts.registry.clone()).into_service())
+            .add_service(opts.ssh.clone().into_service());
         let served = serve(pipe(inbound, out_tx), routes);
         tasks.session = Some(tokio::spawn(async move {
             let _ = served.await;

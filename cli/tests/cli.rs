@@ -12,6 +12,8 @@ mod auth;
 mod daemon;
 #[path = "cli/remote.rs"]
 mod remote;
+#[path = "cli/ssh.rs"]
+mod ssh;
 
 fn kiln(args: &[&str]) -> anyhow::Result<Output> {
     Ok(Command::new(env!("CARGO_BIN_EXE_kiln"))

@@ -123,6 +123,19 @@ pub trait SessionServices: Send + Sync + std::fmt::Debug {
         &self,
         host: &str,
     ) -> std::result::Result<Option<oci_client::secrets::RegistryAuth>, String>;
+    /// Whether the client forwards the SSH agent `id` (`RUN --mount=type=ssh`).
+    async fn has_ssh_agent(&self, id: &str) -> std::result::Result<bool, String> {
+        let _ = id;
+        Ok(false)
+    }
+    /// One new connection to the client's SSH agent `id`; `None` when it has none.
+    async fn ssh_agent(
+        &self,
+        id: &str,
+    ) -> std::result::Result<Option<crate::session::sshforward::AgentConn>, String> {
+        let _ = id;
+        Ok(None)
+    }
 }
 
 /// The caches of one build (BuildKit's `SolveRequest.Cache`): `--export-cache` and
@@ -367,6 +380,7 @@ impl Engine {
             locals: req.locals.clone(),
             secrets: self.secrets_for(req, &definition).await?,
             images: self.images_for(req.session.as_ref()),
+            session: req.session.clone(),
         });
         let mut vertices = Vec::with_capacity(graph.vertices.len());
         for v in &graph.vertices {

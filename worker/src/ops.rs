@@ -37,6 +37,9 @@ pub enum Error {
     /// A secret the build asked for was not given.
     #[error("secret {0} not found")]
     SecretNotFound(String),
+    /// An SSH agent a RUN mounts was not forwarded by the client.
+    #[error("ssh agent {0:?} not found: forward it with `kiln build --ssh {0}` (or ID=SOCKET), or mount it with required=false")]
+    SshAgentNotFound(String),
     /// The build names a local directory the client did not provide.
     #[error("local {0:?} was not provided (pass --local {0}=DIR)")]
     LocalNotFound(String),
@@ -75,6 +78,8 @@ pub struct BuildCtx {
     pub secrets: HashMap<String, Vec<u8>>,
     /// Registries as this build reaches them (with the client's credentials on a daemon).
     pub images: crate::source::image::ImageResolver,
+    /// The client's services (SSH agents for `RUN --mount=type=ssh`), when it has any.
+    pub session: Option<Arc<dyn crate::control::SessionServices>>,
 }
 
 /// One LLB op ready to run.

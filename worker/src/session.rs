@@ -13,6 +13,8 @@
 //! * [`manager`]: [`manager::SessionManager`] is the daemon's table of open sessions;
 //!   its `handle` is the whole daemon side of `Control.Session`, its `get` the lookup
 //!   a solve does by session ID.
+//! * [`attachables`] and [`sshforward`]: secrets, registry credentials and SSH agents the
+//!   client serves.
 //!
 //! The module does not know about builds.
 
@@ -20,6 +22,7 @@ pub mod attachables;
 pub mod filesend;
 pub mod filesync;
 pub mod manager;
+pub mod sshforward;
 pub mod transport;
 
 use std::path::PathBuf;

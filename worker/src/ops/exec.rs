@@ -1,4 +1,5 @@
-//! The exec op: mounts its inputs (root filesystem, bind, cache, tmpfs and secret mounts),
+//! The exec op: mounts its inputs (root filesystem, bind, cache, tmpfs, secret and SSH agent
+//! mounts),
 //! runs the process in a container and commits each writable mount as a new layer on top
 //! of its input.
 
@@ -55,11 +56,6 @@ impl ExecOpImpl {
             if m.dest == "/" {
                 has_root = true;
             }
-            if m.mount_type() == pb::MountType::Ssh {
-                return Err(Error::Unsupported(
-                    "RUN --mount=type=ssh is not implemented yet".into(),
-                ));
-            }
         }
         if !has_root {
             return Err(Error::Invalid("exec op without a root mount".into()));
@@ -106,6 +102,8 @@ impl ExecOpImpl {
         let mut rootfs: Option<PathBuf> = None;
         let mut mounts = Vec::new();
         let mut locks = Vec::new();
+        // SSH agent sockets: served while the process runs, closed when this returns.
+        let mut agents: Vec<AgentSocket> = Vec::new();
 
         for (n, m) in self.op.mounts.iter().enumerate() {
             let base = if m.input >= 0 {
@@ -219,9 +217,20 @@ impl ExecOpImpl {
                     file
                 }
                 pb::MountType::Ssh => {
-                    return Err(Box::new(Error::Unsupported(
-                        "RUN --mount=type=ssh is not implemented yet".into(),
-                    )))
+                    let opt = m.ssh_opt.clone().unwrap_or_default();
+                    let id = if opt.id.is_empty() {
+                        crate::session::sshforward::DEFAULT_ID.to_string()
+                    } else {
+                        opt.id.clone()
+                    };
+                    let session = match &build.session {
+                        Some(s) if s.has_ssh_agent(&id).await.map_err(BoxError::from)? => s.clone(),
+                        _ if opt.optional => continue,
+                        _ => return Err(Box::new(Error::SshAgentNotFound(id))),
+                    };
+                    let (sock, server) = agent_socket(session, &id, &opt)?;
+                    agents.push(server);
+                    sock
                 }
             };
             if m.dest == "/" {
@@ -371,6 +380,55 @@ fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// An SSH agent socket a RUN mounts: a listener in a private temporary directory whose
+/// connections are carried to the client's agent. Dropping it stops serving.
+struct AgentSocket {
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AgentSocket {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Makes the socket of agent `id` (owner and mode from `opt`, default 0600) and serves it.
+/// The socket lives outside the worker root so its path stays short (unix socket paths
+/// are limited to 108 bytes) and in a 0700 directory only root can reach.
+fn agent_socket(
+    session: Arc<dyn crate::control::SessionServices>,
+    id: &str,
+    opt: &pb::SshOpt,
+) -> Result<(PathBuf, AgentSocket), BoxError> {
+    let dir = tempfile::Builder::new().prefix("kiln-ssh-").tempdir()?;
+    let sock = dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&sock)?;
+    std::os::unix::fs::chown(&sock, Some(opt.uid), Some(opt.gid))?;
+    let mode = if opt.mode == 0 {
+        0o600
+    } else {
+        opt.mode & 0o777
+    };
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    let id = id.to_string();
+    let task = tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (session, id) = (session.clone(), id.clone());
+            tokio::spawn(async move {
+                match session.ssh_agent(&id).await {
+                    Ok(Some(mut agent)) => {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut agent).await;
+                    }
+                    Ok(None) => tracing::warn!(%id, "ssh agent went away"),
+                    Err(e) => tracing::warn!(%id, error = %e, "cannot reach the ssh agent"),
+                }
+            });
+        }
+    });
+    Ok((sock, AgentSocket { _dir: dir, task }))
 }
 
 fn write_secret(

@@ -165,6 +165,32 @@ impl crate::control::SessionServices for SessionClient {
         }
     }
 
+    async fn has_ssh_agent(&self, id: &str) -> Result<bool, String> {
+        let session = self.session().await?;
+        if !session.headers.supports(super::sshforward::CHECK_AGENT) {
+            return Ok(false);
+        }
+        match tokio::time::timeout(
+            CALL_TIMEOUT,
+            super::sshforward::check_agent(session.channel.clone(), id),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err("the client's SSH service did not answer in 60 s".into()),
+        }
+    }
+
+    async fn ssh_agent(&self, id: &str) -> Result<Option<super::sshforward::AgentConn>, String> {
+        let session = self.session().await?;
+        if !session.headers.supports(super::sshforward::FORWARD_AGENT) {
+            return Ok(None);
+        }
+        super::sshforward::forward_agent(session.channel.clone(), id)
+            .await
+            .map(Some)
+    }
+
     async fn secret(&self, id: &str) -> Result<Option<Vec<u8>>, String> {
         let session = self.session().await?;
         if !session.headers.supports(GET_SECRET) {

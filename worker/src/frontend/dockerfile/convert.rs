@@ -1470,10 +1470,25 @@ impl<'a> Converter<'a> {
             CmdLine::Shell(s) => with_shell(s.clone()),
         };
         let name = self.step_name(st, instr, &name_suffix);
+        let mut ssh_sockets = Vec::new();
         for m in mount_flags {
             let m = self.expand(&env, m, line)?;
-            if let Some(mount) = self.parse_mount(st, &m, line, &mut inputs, &mut secret_env)? {
+            if let Some(mut mount) = self.parse_mount(st, &m, line, &mut inputs, &mut secret_env)? {
+                if mount.mount_type == pb::MountType::Ssh as i32 {
+                    if mount.dest.is_empty() {
+                        mount.dest = format!("/run/buildkit/ssh_agent.{}", ssh_sockets.len());
+                    }
+                    ssh_sockets.push(mount.dest.clone());
+                }
                 extra.push(mount);
+            }
+        }
+        let mut run_env = st.run_env();
+        // As BuildKit's LLB client does: the first agent socket is SSH_AUTH_SOCK unless the
+        // stage sets it.
+        if let Some(first) = ssh_sockets.first() {
+            if !run_env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+                run_env.push(format!("SSH_AUTH_SOCK={first}"));
             }
         }
         extra.sort_by(|a, b| a.dest.cmp(&b.dest));
@@ -1497,7 +1512,7 @@ impl<'a> Converter<'a> {
         let exec = pb::ExecOp {
             meta: Some(pb::Meta {
                 args: args.clone(),
-                env: st.run_env(),
+                env: run_env,
                 cwd: st.cwd.clone(),
                 user: st.config.config.user.clone(),
                 proxy_env: self.proxy_env(),
@@ -1755,6 +1770,28 @@ impl<'a> Converter<'a> {
                         uid: uid.unwrap_or(0),
                         gid: gid.unwrap_or(0),
                         mode: mode.unwrap_or(0o400),
+                        optional: !required,
+                    }),
+                    ..Default::default()
+                }))
+            }
+            "ssh" => {
+                // The agent socket; an empty dest gets BuildKit's default
+                // (`/run/buildkit/ssh_agent.N`) in dispatch_run.
+                let id = id
+                    .filter(|i| !i.is_empty())
+                    .unwrap_or_else(|| "default".into());
+                Ok(Some(pb::Mount {
+                    input: -1,
+                    dest: target.map(|t| abs_target(&t)).unwrap_or_default(),
+                    output: -1,
+                    readonly: true,
+                    mount_type: pb::MountType::Ssh as i32,
+                    ssh_opt: Some(pb::SshOpt {
+                        id,
+                        uid: uid.unwrap_or(0),
+                        gid: gid.unwrap_or(0),
+                        mode: mode.unwrap_or(0o600),
                         optional: !required,
                     }),
                     ..Default::default()
