@@ -293,6 +293,7 @@ impl Client {
             kiln_worker::session::filesend::DIFF_COPY.into(),
             kiln_worker::session::attachables::GET_SECRET.into(),
             kiln_worker::session::attachables::CREDENTIALS.into(),
+            kiln_worker::session::attachables::FETCH_TOKEN.into(),
             "/grpc.health.v1.Health/Check".into(),
         ];
         if !opts.ssh.is_empty() {

@@ -123,6 +123,16 @@ pub trait SessionServices: Send + Sync + std::fmt::Debug {
         &self,
         host: &str,
     ) -> std::result::Result<Option<oci_client::secrets::RegistryAuth>, String>;
+    /// A registry bearer token the client fetched with its own credentials
+    /// (`Auth.FetchToken`), so they never reach this worker; `None` when the client does
+    /// not fetch tokens (then [`SessionServices::registry_auth`] is asked).
+    async fn fetch_token(
+        &self,
+        req: &crate::source::image::token::TokenRequest,
+    ) -> std::result::Result<Option<crate::source::image::token::Token>, String> {
+        let _ = req;
+        Ok(None)
+    }
     /// Whether the client forwards the SSH agent `id` (`RUN --mount=type=ssh`).
     async fn has_ssh_agent(&self, id: &str) -> std::result::Result<bool, String> {
         let _ = id;

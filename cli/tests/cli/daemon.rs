@@ -389,9 +389,22 @@ fn daemon_gets_secrets_from_the_client_session_and_never_stores_them() -> anyhow
 
 #[test]
 fn daemon_uses_registry_credentials_served_by_the_client() -> anyhow::Result<()> {
+    // Basic auth: the client serves its credentials (Auth.Credentials). Token auth: the
+    // client fetches scoped tokens itself (Auth.FetchToken) and the password stays with it.
+    for token in [false, true] {
+        registry_auth_over_the_session(token)?;
+    }
+    Ok(())
+}
+
+fn registry_auth_over_the_session(token: bool) -> anyhow::Result<()> {
     const USER: &str = "builder";
     const PASS: &str = "hunter2";
-    let reg = Registry::start_with_auth(USER, PASS)?;
+    let reg = if token {
+        Registry::start_with_token_auth(USER, PASS)?
+    } else {
+        Registry::start_with_auth(USER, PASS)?
+    };
     kiln_e2e::base::push_base_with_creds(&reg.addr(), "kiln/base:1", USER, PASS)?;
     let run = tempfile::tempdir()?;
     // The worker has no credentials of its own.
@@ -429,7 +442,7 @@ fn daemon_uses_registry_credentials_served_by_the_client() -> anyhow::Result<()>
     let out = build(&empty)?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unauthorized"), "{err}");
+    assert!(err.contains("unauthorized"), "token={token}: {err}");
     // With them (served over the session) it pulls the base and pushes the result.
     let out = ok(build(&docker)?)?;
     let digest = String::from_utf8(out.stdout)?.trim().to_string();

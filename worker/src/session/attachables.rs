@@ -15,7 +15,9 @@ use kiln_proto::moby::buildkit::secrets::v1::secrets_server::{Secrets, SecretsSe
 use kiln_proto::moby::buildkit::secrets::v1::{GetSecretRequest, GetSecretResponse};
 use kiln_proto::moby::filesync::v1::auth_client::AuthClient;
 use kiln_proto::moby::filesync::v1::auth_server::{Auth, AuthServer};
-use kiln_proto::moby::filesync::v1::{CredentialsRequest, CredentialsResponse};
+use kiln_proto::moby::filesync::v1::{
+    CredentialsRequest, CredentialsResponse, FetchTokenRequest, FetchTokenResponse,
+};
 use oci_client::secrets::RegistryAuth;
 use tonic::{Request, Response, Status};
 
@@ -25,6 +27,8 @@ use super::manager::{SessionManager, LOOKUP_WAIT};
 pub const GET_SECRET: &str = "/moby.buildkit.secrets.v1.Secrets/GetSecret";
 /// The credentials method the daemon calls.
 pub const CREDENTIALS: &str = "/moby.filesync.v1.Auth/Credentials";
+/// The token method the daemon calls first for token-auth registries.
+pub const FETCH_TOKEN: &str = "/moby.filesync.v1.Auth/FetchToken";
 /// How long one call to the client may take (BuildKit: 60 s).
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -72,8 +76,9 @@ impl Secrets for SecretStore {
 }
 
 /// Client side: registry credentials from the client's docker config (and its credential
-/// helpers), served per host. Token exchange stays with the daemon (`FetchToken` and the
-/// token-authority calls answer `Unimplemented`, which means "not offered").
+/// helpers), served per host, and `FetchToken`: the token exchange done here with those
+/// credentials, so a token-auth registry's password never leaves the client. The
+/// token-authority calls answer `Unimplemented` ("not offered").
 #[derive(Debug, Clone, Default)]
 pub struct AuthProvider {
     config: crate::source::image::RegistryConfig,
@@ -108,6 +113,36 @@ impl Auth for AuthProvider {
             RegistryAuth::Anonymous => (String::new(), String::new()),
         };
         Ok(Response::new(CredentialsResponse { username, secret }))
+    }
+
+    async fn fetch_token(
+        &self,
+        request: Request<FetchTokenRequest>,
+    ) -> Result<Response<FetchTokenResponse>, Status> {
+        let r = request.into_inner();
+        let config = self.config.clone();
+        let host = r.host.clone();
+        let auth = tokio::task::spawn_blocking(move || config.auth_for(&host))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let req = crate::source::image::token::TokenRequest {
+            host: r.host,
+            realm: r.realm,
+            service: r.service,
+            scopes: r.scopes,
+        };
+        let token = crate::source::image::token::exchange(&req, &auth)
+            .await
+            .map_err(Status::permission_denied)?;
+        let issued_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        Ok(Response::new(FetchTokenResponse {
+            token: token.token,
+            expires_in: token.expires_in as i64,
+            issued_at,
+        }))
     }
 }
 
@@ -160,6 +195,36 @@ impl crate::control::SessionServices for SessionClient {
             {
                 Ok(None)
             }
+            Ok(Err(s)) => Err(format!("the client's Auth service: {}", s.message())),
+            Err(_) => Err("the client's Auth service did not answer in 60 s".into()),
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        req: &crate::source::image::token::TokenRequest,
+    ) -> Result<Option<crate::source::image::token::Token>, String> {
+        let session = self.session().await?;
+        if !session.headers.supports(FETCH_TOKEN) {
+            return Ok(None);
+        }
+        let mut client = AuthClient::new(session.channel.clone());
+        let msg = FetchTokenRequest {
+            client_id: "kiln".to_string(),
+            host: req.host.clone(),
+            realm: req.realm.clone(),
+            service: req.service.clone(),
+            scopes: req.scopes.clone(),
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, client.fetch_token(msg)).await {
+            Ok(Ok(resp)) => {
+                let r = resp.into_inner();
+                Ok(Some(crate::source::image::token::Token {
+                    token: r.token,
+                    expires_in: r.expires_in.max(0) as u64,
+                }))
+            }
+            Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Ok(None),
             Ok(Err(s)) => Err(format!("the client's Auth service: {}", s.message())),
             Err(_) => Err("the client's Auth service did not answer in 60 s".into()),
         }

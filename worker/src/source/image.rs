@@ -17,6 +17,8 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+pub mod token;
+
 use super::{Error, Result};
 use crate::content::ContentStore;
 use crate::image::{ImageConfigFile, Platform};
@@ -576,6 +578,8 @@ pub struct ImageResolver {
     session: Option<Arc<dyn crate::control::SessionServices>>,
     /// One client per registry host, with the credentials stored in it.
     clients: Arc<Mutex<HashMap<String, RegistryClient>>>,
+    /// Bearer tokens the client's session fetched (`Auth.FetchToken`), by repository.
+    tokens: Arc<token::Tokens>,
 }
 
 /// A client for one registry host.
@@ -586,6 +590,9 @@ struct RegistryClient {
     auth: RegistryAuth,
     /// What a 401 from this registry means (which credentials were sent, from where).
     unauthorized: Arc<str>,
+    /// Token realm and service when the client's session fetches this registry's tokens
+    /// (its credentials never reach this worker).
+    bearer: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for ImageResolver {
@@ -606,6 +613,7 @@ impl ImageResolver {
             content,
             clients: Arc::new(Mutex::new(HashMap::new())),
             session: None,
+            tokens: Default::default(),
         }
     }
 
@@ -658,6 +666,89 @@ impl ImageResolver {
         }
     }
 
+    /// The token realm and service of `r`'s registry when it asks for bearer tokens and the
+    /// client's session fetches them (checked by fetching one for pulling from `r`).
+    async fn session_bearer(
+        &self,
+        session: &dyn crate::control::SessionServices,
+        r: &Reference,
+        plain_http: bool,
+    ) -> Option<(String, String)> {
+        let host = r.resolve_registry().to_string();
+        let token::Challenge::Bearer { realm, service } =
+            token::challenge(&host, plain_http).await.ok()?
+        else {
+            return None;
+        };
+        let req = token::TokenRequest {
+            host: r.registry().to_string(),
+            realm: realm.clone(),
+            service: service.clone(),
+            scopes: vec![format!("repository:{}:pull", r.repository())],
+        };
+        match session.fetch_token(&req).await {
+            Ok(Some(t)) => {
+                self.tokens.put(&host, r.repository(), false, &t);
+                Some((realm, service))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                // The client offers tokens but could not get this one: its Credentials
+                // are the fallback, as BuildKit does.
+                tracing::warn!(registry = %host, error = %e, "the client's session could not fetch a registry token");
+                None
+            }
+        }
+    }
+
+    /// The client for `r`'s registry, with a token for `r`'s repository (push access when
+    /// `push`) in it when the client's session fetches this registry's tokens.
+    async fn authorize(&self, r: &Reference, push: bool) -> (Client, RegistryAuth) {
+        let (client, auth) = self.client(r).await;
+        let host = r.resolve_registry().to_string();
+        let bearer = self
+            .clients
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&host).and_then(|c| c.bearer.clone()));
+        let (Some((realm, service)), Some(session)) = (bearer, &self.session) else {
+            return (client, auth);
+        };
+        let token = match self.tokens.get(&host, r.repository(), push) {
+            Some(t) => Some(t),
+            None => {
+                let access = if push { "pull,push" } else { "pull" };
+                let req = token::TokenRequest {
+                    host: r.registry().to_string(),
+                    realm,
+                    service,
+                    scopes: vec![format!("repository:{}:{access}", r.repository())],
+                };
+                match session.fetch_token(&req).await {
+                    Ok(Some(t)) => {
+                        self.tokens.put(&host, r.repository(), push, &t);
+                        Some(t.token)
+                    }
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::warn!(registry = %host, error = %e, "the client's session could not fetch a registry token");
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(token) = token {
+            let op = if push {
+                oci_client::RegistryOperation::Push
+            } else {
+                oci_client::RegistryOperation::Pull
+            };
+            // With a bearer token this only stores it for `r` and `op`: no request.
+            let _ = client.auth(r, &RegistryAuth::Bearer(token), op).await;
+        }
+        (client, auth)
+    }
+
     /// A client for the registry of `r` (one per registry, so tokens are reused and the
     /// docker config and credential helpers are consulted once), with its credentials
     /// stored; returns them too.
@@ -686,7 +777,14 @@ impl ImageResolver {
         let config = self.config.clone();
         let registry = r.registry().to_string();
         let fallback = format!("unauthorized: authentication required for {}", r.registry());
+        // A token-auth registry and a client that fetches tokens itself: ask it for tokens
+        // per repository (Auth.FetchToken) instead of for its credentials.
+        let bearer_from_session = match &self.session {
+            Some(s) => self.session_bearer(s.as_ref(), r, insecure).await,
+            None => None,
+        };
         let from_session = match &self.session {
+            Some(_) if bearer_from_session.is_some() => None,
             Some(s) => match s.registry_auth(&registry).await {
                 Ok(found) => found,
                 Err(e) => {
@@ -696,7 +794,12 @@ impl ImageResolver {
             },
             None => None,
         };
-        let (auth, unauthorized) = match from_session {
+        let (auth, unauthorized) = match bearer_from_session {
+            Some(_) => (
+                RegistryAuth::Anonymous,
+                format!("unauthorized: {registry} refused the token the client's session fetched for it"),
+            ),
+            None => match from_session {
             Some(auth) => {
                 let user = match &auth {
                     RegistryAuth::Basic(u, _) => format!("user {u:?}"),
@@ -710,6 +813,7 @@ impl ImageResolver {
             None => tokio::task::spawn_blocking(move || config.auth_and_explanation(&registry))
                 .await
                 .unwrap_or((RegistryAuth::Anonymous, fallback)),
+            },
         };
         client.store_auth_if_needed(&host, &auth).await;
         if let Ok(mut m) = self.clients.lock() {
@@ -719,6 +823,7 @@ impl ImageResolver {
                     client: client.clone(),
                     auth: auth.clone(),
                     unauthorized: unauthorized.into(),
+                    bearer: bearer_from_session,
                 },
             );
         }
@@ -730,7 +835,7 @@ impl ImageResolver {
     pub async fn fetch_manifest_raw(&self, reference: &str) -> Result<(Vec<u8>, String)> {
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let (client, auth) = self.client(&r).await;
+        let (client, auth) = self.authorize(&r, false).await;
         let (bytes, digest) = client
             .pull_manifest_raw(&r, &auth, ACCEPT)
             .await
@@ -826,7 +931,7 @@ impl ImageResolver {
         }
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let (client, _) = self.client(&r).await;
+        let (client, _) = self.authorize(&r, false).await;
         let fail = |m: String| reg_err(&canonical, format!("blob {}: {m}", desc.digest));
         let mut stream = client
             .pull_blob_stream(&r, desc.digest.as_str())
@@ -861,7 +966,7 @@ impl ImageResolver {
     /// True when the registry of `reference` already has the blob `digest`.
     pub async fn blob_exists(&self, reference: &str, digest: &str) -> Result<bool> {
         let r = parse_ref(reference)?;
-        let (client, _) = self.client(&r).await;
+        let (client, _) = self.authorize(&r, false).await;
         client.blob_exists(&r, digest).await.map_err(|e| {
             reg_err(
                 &r.whole(),
@@ -886,7 +991,7 @@ impl ImageResolver {
         }
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let (client, _) = self.client(&r).await;
+        let (client, _) = self.authorize(&r, true).await;
         let path = self.content.path(digest)?;
         let file = tokio::fs::File::open(&path)
             .await
@@ -922,7 +1027,7 @@ impl ImageResolver {
     ) -> Result<String> {
         let r = parse_ref(reference)?;
         let canonical = r.whole();
-        let (client, _) = self.client(&r).await;
+        let (client, _) = self.authorize(&r, true).await;
         let ct = media_type
             .parse()
             .map_err(|e| reg_err(&canonical, format!("media type {media_type:?}: {e}")))?;
@@ -1390,6 +1495,7 @@ mod registry_format_tests {
 mod auth_tests {
     use super::*;
     use kiln_e2e::registry::Registry;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     const USER: &str = "kiln-user";
     const PASS: &str = "kiln-pass";
@@ -1464,6 +1570,112 @@ mod auth_tests {
             assert_eq!(Some(&stats.diff_id), img.config.rootfs.diff_ids.first());
             assert!(dest.join("bin/busybox").is_file());
         }
+        Ok(())
+    }
+
+    /// A client's session as `kiln build --addr` serves it to a token-auth registry: it
+    /// fetches tokens with its own password and counts how often it is asked for the
+    /// password itself.
+    #[derive(Debug)]
+    struct TokenSession {
+        auth: RegistryAuth,
+        tokens: AtomicU64,
+        credentials: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::control::SessionServices for TokenSession {
+        async fn secret(&self, _id: &str) -> std::result::Result<Option<Vec<u8>>, String> {
+            Ok(None)
+        }
+        async fn registry_auth(
+            &self,
+            _host: &str,
+        ) -> std::result::Result<Option<RegistryAuth>, String> {
+            self.credentials.fetch_add(1, Ordering::SeqCst);
+            Ok(None)
+        }
+        async fn fetch_token(
+            &self,
+            req: &token::TokenRequest,
+        ) -> std::result::Result<Option<token::Token>, String> {
+            self.tokens.fetch_add(1, Ordering::SeqCst);
+            token::exchange(req, &self.auth).await.map(Some)
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_from_the_session_pull_and_push_without_credentials_on_the_worker(
+    ) -> anyhow::Result<()> {
+        let s = setup(Kind::Token)?;
+        let session = Arc::new(TokenSession {
+            auth: RegistryAuth::Basic(USER.into(), PASS.into()),
+            tokens: AtomicU64::new(0),
+            credentials: AtomicU64::new(0),
+        });
+        // The worker itself has no credentials for this registry.
+        let empty = s.dir.path().join("empty.json");
+        std::fs::write(&empty, br#"{"auths":{}}"#)?;
+        let worker = ImageResolver::new(
+            RegistryConfig {
+                docker_config: Some(empty.clone()),
+                ..Default::default()
+            },
+            s.cs.clone(),
+        );
+        let resolver = worker.with_session(session.clone());
+        let img = resolver.resolve(&s.reference, &Platform::host()).await?;
+        resolver
+            .fetch_blob(&s.reference, &img.layers[0], &|_, _| {})
+            .await?;
+        // Push the image to another repository: push-scoped tokens for it.
+        let dest = format!("{}/pushed/app:1", s.reg.addr());
+        resolver
+            .push_blob(&dest, &img.layers[0].digest, &|_, _| {})
+            .await?;
+        resolver
+            .push_blob(&dest, &img.config_digest, &|_, _| {})
+            .await?;
+        let (manifest, digest) = resolver.fetch_manifest_raw(&s.reference).await?;
+        let pushed = resolver
+            .push_manifest(
+                &dest,
+                "application/vnd.oci.image.manifest.v1+json",
+                &manifest,
+            )
+            .await?;
+        assert_eq!(pushed, digest);
+        let (_, again) = resolver.fetch_manifest_raw(&dest).await?;
+        assert_eq!(again, digest);
+        assert_eq!(session.credentials.load(Ordering::SeqCst), 0);
+        // Pull of the base, then pull and push of the destination; cached after that.
+        let fetched = session.tokens.load(Ordering::SeqCst);
+        assert!((3..=4).contains(&fetched), "{fetched} token requests");
+
+        // A client whose token request fails: the worker falls back to asking for
+        // credentials, gets none, and says the registry refused.
+        let wrong = Arc::new(TokenSession {
+            auth: RegistryAuth::Basic(USER.into(), "wrong".into()),
+            tokens: AtomicU64::new(0),
+            credentials: AtomicU64::new(0),
+        });
+        let cs2 = Arc::new(ContentStore::open(&s.dir.path().join("cs2"))?);
+        let resolver = ImageResolver::new(
+            RegistryConfig {
+                docker_config: Some(empty),
+                ..Default::default()
+            },
+            cs2,
+        )
+        .with_session(wrong.clone());
+        let err = resolver
+            .resolve(&s.reference, &Platform::host())
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("unauthorized"), "{err}");
+        assert_eq!(wrong.credentials.load(Ordering::SeqCst), 1);
         Ok(())
     }
 
