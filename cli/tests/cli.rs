@@ -12,6 +12,8 @@ mod auth;
 mod daemon;
 #[path = "cli/remote.rs"]
 mod remote;
+#[path = "cli/session.rs"]
+mod session;
 #[path = "cli/ssh.rs"]
 mod ssh;
 

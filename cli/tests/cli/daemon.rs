@@ -459,7 +459,7 @@ fn registry_auth_over_the_session(token: bool) -> anyhow::Result<()> {
 }
 
 /// Containers of a build in the daemon's runtime state directory.
-fn containers(root: &Path) -> Vec<String> {
+pub fn containers(root: &Path) -> Vec<String> {
     std::fs::read_dir(root.join("executor/runc"))
         .map(|rd| {
             rd.flatten()
@@ -470,7 +470,7 @@ fn containers(root: &Path) -> Vec<String> {
 }
 
 /// Polls `cond` every 100 ms for up to `secs` seconds.
-fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     for _ in 0..secs * 10 {
         if cond() {
             return true;
