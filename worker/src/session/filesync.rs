@@ -176,4 +176,6 @@ fn kind_name(kind: i32) -> String {
 }
 
 #[cfg(test)]
+mod recorded;
+#[cfg(test)]
 mod tests;
