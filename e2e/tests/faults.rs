@@ -494,8 +494,8 @@ fn kill_9_mid_push_then_restart_pushes_the_clean_digest() -> anyhow::Result<()> 
 }
 
 /// Layers of the GC project: each RUN makes a directory of files.
-const GC_LAYERS: usize = 12;
-const GC_FILES: usize = 300;
+const GC_LAYERS: usize = 8;
+const GC_FILES: usize = 500;
 
 fn gc_dockerfile() -> String {
     let mut df = String::from("ARG BASE\nFROM ${BASE}\n");
@@ -550,9 +550,9 @@ fn kill_9_mid_gc_leaves_only_complete_records() -> anyhow::Result<()> {
         let dest = format!("type=local,dest={}", out.display());
         env.build(&w.addr(), &project, "go", &["-o", &dest])?;
         check_gc_output(&out)?;
-        let mut partial = 0;
-        for delay_ms in [0u64, 20, 50, 100, 200, 400, 800, 1600, 3200] {
-            let (full, _) = store_state_live(&mut w, &env.bins)?;
+        let (full, _) = store_state_live(&mut w, &env.bins)?;
+        let mut inside = 0;
+        for delay_ms in [0u64, 15, 60, 240, 960] {
             let mut prune = Command::new(env.bins.join("kiln"));
             prune
                 .args(["prune", "--all", "--addr", &format!("tcp://{}", w.addr())])
@@ -569,22 +569,28 @@ fn kill_9_mid_gc_leaves_only_complete_records() -> anyhow::Result<()> {
                 "killed {delay_ms} ms into a prune: layers {missing:?} recorded without directories"
             );
             eprintln!(
-                "killed {delay_ms} ms into a prune: {} of {full} layers left recorded, {} dirs",
+                "killed {delay_ms} ms into a prune: {} of {full} layers still recorded, {} directories left",
                 recorded.len(),
                 dirs.len()
             );
-            if recorded.len() < full && !recorded.is_empty() {
-                partial += 1;
+            let finished = recorded.is_empty() && dirs.is_empty();
+            if !finished && recorded.len() < full {
+                inside += 1;
             }
             w.start(&env.bins)?;
+            let (recorded_after, dirs_after) = store_state_live(&mut w, &env.bins)?;
+            assert_eq!(
+                recorded_after, dirs_after,
+                "after the restart the store has {recorded_after} records and {dirs_after} directories"
+            );
             let _ = std::fs::remove_dir_all(&out);
             env.build(&w.addr(), &project, "go", &["-o", &dest])?;
             check_gc_output(&out)?;
-            if recorded.is_empty() {
+            if finished {
                 break;
             }
         }
-        eprintln!("kills that left a partly pruned store: {partial}");
+        eprintln!("kills that landed inside a prune: {inside}");
         Ok(())
     })();
     if result.is_err() {
@@ -673,13 +679,12 @@ fn registry_down_and_back() -> anyhow::Result<()> {
         let dest = format!("type=local,dest={}", out.display());
         let built = env.build(&w.addr(), &b, "go", &["-o", &dest])?;
         assert_eq!(std::fs::read_to_string(out.join("b"))?, "b\n");
-        eprintln!(
-            "build with the pool registry down: {}",
-            String::from_utf8_lossy(&built.stderr)
-                .lines()
-                .filter(|l| l.contains("warn") || l.contains(&reg.addr()))
-                .collect::<Vec<_>>()
-                .join("\n")
+        let warnings = rawjson_warnings(&built.stderr);
+        eprintln!("warnings of the build with the pool registry down: {warnings:?}");
+        assert!(
+            warnings.iter().any(|w| w.contains(&reg.addr())),
+            "no warning names the stopped pool registry {}: {warnings:?}",
+            reg.addr()
         );
 
         let name2 = format!("{}/kiln/a:2", reg.addr());
@@ -720,6 +725,24 @@ fn registry_down_and_back() -> anyhow::Result<()> {
         eprintln!("{}", w.logs());
     }
     result
+}
+
+/// The warnings (`short`, base64 in rawjson) of a build's progress, decoded.
+fn rawjson_warnings(stderr: &[u8]) -> Vec<String> {
+    use base64::Engine;
+    let mut out = Vec::new();
+    for line in String::from_utf8_lossy(stderr).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        for w in v["warnings"].as_array().into_iter().flatten() {
+            let short = w["short"].as_str().unwrap_or_default();
+            if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(short) {
+                out.push(String::from_utf8_lossy(&b).into_owned());
+            }
+        }
+    }
+    out
 }
 
 /// Gateway metrics: `kiln_gateway_builds_total` and `kiln_gateway_worker_healthy` by worker.
