@@ -31,6 +31,8 @@ struct Shared {
     stop: AtomicBool,
     /// Bytes per second each direction of a connection may carry (0: unlimited).
     rate: AtomicU64,
+    /// Bytes forwarded so far, both directions.
+    bytes: AtomicU64,
     /// Both ends of every forwarded connection, to cut them on a partition.
     live: Mutex<Vec<TcpStream>>,
     /// Connections accepted while partitioned, held open and never served.
@@ -50,6 +52,7 @@ impl Forwarder {
             partitioned: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             rate: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             live: Mutex::new(Vec::new()),
             held: Mutex::new(Vec::new()),
         });
@@ -77,6 +80,11 @@ impl Forwarder {
     /// that a transfer through the forwarder takes a known minimum time.
     pub fn set_rate(&self, bytes_per_sec: u64) {
         self.shared.rate.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// Bytes forwarded so far (both directions, all connections).
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::SeqCst)
     }
 
     /// Closes the black-holed connections and forwards new ones again.
@@ -158,6 +166,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
+                shared.bytes.fetch_add(n as u64, Ordering::SeqCst);
                 let rate = shared.rate.load(Ordering::SeqCst);
                 if rate > 0 {
                     std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));

@@ -493,6 +493,86 @@ fn kill_9_mid_push_then_restart_pushes_the_clean_digest() -> anyhow::Result<()> 
     result
 }
 
+/// A worker killed with SIGKILL while its pool cache exports a 24 MiB layer in the
+/// background (the pool registry behind a forwarder slowed to 4 MiB/s; killed once a MiB
+/// went through and the export queue is not empty). Restarted, it builds the project
+/// again; a fresh worker sharing the same pool builds it with the digest of a clean build
+/// on a fresh root without a pool, so the pool holds nothing half-written that is served.
+#[test]
+fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let df = format!("{GATED}COPY noise /noise\n");
+    let project = env.project("big", &df)?;
+    write_noise(&project.join("noise"), 24 << 20)?;
+    let slow = Forwarder::start(&env.base_reg.addr())?;
+    slow.set_rate(4 << 20);
+    let pool = format!("{}/kiln/pool", slow.addr());
+    let mport = fleet::free_port()?;
+    let metrics = format!("127.0.0.1:{mport}");
+    let mut w = Worker::new(
+        "w0",
+        &env.path("w0"),
+        &["--cache-registry", &pool, "--metrics-addr", &metrics],
+    )?;
+    w.start(&env.bins)?;
+    let result = (|| -> anyhow::Result<()> {
+        let out = env.path("out");
+        let dest = format!("type=local,dest={}", out.display());
+        env.build(&w.addr(), &project, "go", &["-o", &dest])?;
+        let depth = |text: &str| -> f64 {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("kiln_worker_cache_export_queue_depth "))
+                .filter_map(|n| n.trim().parse().ok())
+                .next()
+                .unwrap_or(0.0)
+        };
+        let seen = wait_for("the pool export under way", || {
+            let r = kiln_e2e::http::get(&metrics, "/metrics", &[])?;
+            let d = depth(&String::from_utf8_lossy(&r.body));
+            Ok((d > 0.0 && slow.bytes() > 1 << 20).then_some((d, slow.bytes())))
+        })?;
+        w.kill();
+        eprintln!(
+            "killed mid pool export: queue depth {}, {} bytes through to the registry",
+            seen.0, seen.1
+        );
+
+        w.start(&env.bins)?;
+        slow.set_rate(0);
+        let _ = std::fs::remove_dir_all(&out);
+        env.build(&w.addr(), &project, "go", &["-o", &dest])?;
+        assert_eq!(std::fs::read_to_string(out.join("out/f"))?, "made\n");
+        assert_eq!(
+            std::fs::metadata(out.join("noise"))?.len(),
+            24 << 20,
+            "the rebuilt noise file has the wrong size"
+        );
+
+        let mut sharing = Worker::new("w1", &env.path("w1"), &["--cache-registry", &pool])?;
+        sharing.start(&env.bins)?;
+        let name = format!("{}/kiln/from-pool:1", env.base_reg.addr());
+        let from_pool = env.build(&sharing.addr(), &project, "go", &["-t", &name, "--push"])?;
+        let cached = String::from_utf8_lossy(&from_pool.stderr)
+            .matches("\"cached\":true")
+            .count();
+        eprintln!("the worker sharing the pool had {cached} cached vertex states");
+        let from_pool = digest_of(&from_pool)?;
+        let mut clean = Worker::new("clean", &env.path("clean"), &[])?;
+        clean.start(&env.bins)?;
+        let name = format!("{}/kiln/pool-clean:1", env.base_reg.addr());
+        let expected = env.push(&clean.addr(), &project, &name)?;
+        assert_eq!(
+            from_pool, expected,
+            "a build from the pool a killed export wrote differs from a clean build"
+        );
+        Ok(())
+    })();
+    if result.is_err() {
+        eprintln!("{}", w.logs());
+    }
+    result
+}
+
 /// Layers of the GC project: each RUN makes a directory of files.
 const GC_LAYERS: usize = 8;
 const GC_FILES: usize = 500;
