@@ -573,6 +573,63 @@ fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
     result
 }
 
+/// A worker killed with SIGKILL while it receives a 24 MiB context file (the client
+/// reaches it through a forwarder slowed to 4 MiB/s; killed once 6 MiB went through): the
+/// context kept for the session's shared key is half written. Restarted, the next build
+/// from the same directory outputs the file byte for byte.
+#[test]
+fn kill_9_mid_context_upload_then_rebuild_has_the_whole_file() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let project = env.project("ctx", "ARG BASE\nFROM ${BASE}\nCOPY noise /noise\n")?;
+    write_noise(&project.join("noise"), 24 << 20)?;
+    let mut w = Worker::new("w0", &env.path("w0"), &[])?;
+    w.start(&env.bins)?;
+    let slow = Forwarder::start(&w.addr())?;
+    slow.set_rate(4 << 20);
+    let result = (|| -> anyhow::Result<()> {
+        let out = env.path("out");
+        let dest = format!("type=local,dest={}", out.display());
+        let (child, progress) =
+            spawn_build(env.build_cmd(&slow.addr(), &project, "go", &["-o", &dest]))?;
+        wait_for("6 MiB of the context sent", || {
+            Ok((slow.bytes() > 6 << 20).then_some(()))
+        })?;
+        w.kill();
+        let (status, _) = finish_interrupted(child, progress)?;
+        assert!(!status.success(), "the client of a killed worker exited 0");
+        // The kept context holds the file half written.
+        let mut kept = Vec::new();
+        for e in std::fs::read_dir(w.root().join("locals"))? {
+            if let Ok(m) = std::fs::metadata(e?.path().join("noise")) {
+                kept.push(m.len());
+            }
+        }
+        eprintln!("kept context after the kill: noise sizes {kept:?}");
+        assert!(
+            kept.iter().any(|n| *n < 24 << 20),
+            "no half-written noise in the kept context: {kept:?}"
+        );
+
+        w.start(&env.bins)?;
+        slow.set_rate(0);
+        let _ = std::fs::remove_dir_all(&out);
+        env.build(&slow.addr(), &project, "go", &["-o", &dest])?;
+        let got = std::fs::read(out.join("noise"))?;
+        let want = std::fs::read(project.join("noise"))?;
+        assert!(
+            got == want,
+            "the context file after the restart differs: {} bytes, want {}",
+            got.len(),
+            want.len()
+        );
+        Ok(())
+    })();
+    if result.is_err() {
+        eprintln!("{}", w.logs());
+    }
+    result
+}
+
 /// Layers of the GC project: each RUN makes a directory of files.
 const GC_LAYERS: usize = 8;
 const GC_FILES: usize = 500;
