@@ -386,6 +386,15 @@ fn kill_9_mid_run_then_restart_builds_the_clean_digest() -> anyhow::Result<()> {
             Vec::<String>::new(),
             "mounts left after the restart"
         );
+        let scratch = std::fs::read_dir(w.root().join("mounts"))?.count();
+        assert_eq!(scratch, 0, "scratch dirs of the killed run left in mounts/");
+        for e in std::fs::read_dir(w.root().join("snapshots"))? {
+            let name = e?.file_name().to_string_lossy().into_owned();
+            assert!(
+                name.parse::<u64>().is_ok(),
+                "unfinished snapshot {name} left after the restart"
+            );
+        }
         let name = format!("{}/kiln/after-kill:1", env.base_reg.addr());
         let after = env.push(&w.addr(), &project, &name)?;
 
