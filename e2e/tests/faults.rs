@@ -557,14 +557,18 @@ fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
             "the rebuilt noise file has the wrong size"
         );
 
+        // Whatever the restarted worker exports (if anything) is done before another
+        // worker looks at the pool.
+        wait_for("the export queue drained", || {
+            let r = kiln_e2e::http::get(&metrics, "/metrics", &[])?;
+            Ok((depth(&String::from_utf8_lossy(&r.body)) == 0.0).then_some(()))
+        })?;
         let mut sharing = Worker::new("w1", &env.path("w1"), &["--cache-registry", &pool])?;
         sharing.start(&env.bins)?;
         let name = format!("{}/kiln/from-pool:1", env.base_reg.addr());
         let from_pool = env.build(&sharing.addr(), &project, "go", &["-t", &name, "--push"])?;
-        let cached = String::from_utf8_lossy(&from_pool.stderr)
-            .matches("\"cached\":true")
-            .count();
-        eprintln!("the worker sharing the pool had {cached} cached vertex states");
+        let vertices = rawjson_vertices(&from_pool.stderr);
+        eprintln!("the worker sharing the pool: {vertices:?}");
         let from_pool = digest_of(&from_pool)?;
         let mut clean = Worker::new("clean", &env.path("clean"), &[])?;
         clean.start(&env.bins)?;
@@ -871,6 +875,22 @@ fn registry_down_and_back() -> anyhow::Result<()> {
         eprintln!("{}", w.logs());
     }
     result
+}
+
+/// The last state of each vertex in rawjson progress: `(name, cached)`.
+fn rawjson_vertices(stderr: &[u8]) -> Vec<(String, bool)> {
+    let mut last = BTreeMap::new();
+    for line in String::from_utf8_lossy(stderr).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        for x in v["vertexes"].as_array().into_iter().flatten() {
+            let d = x["digest"].as_str().unwrap_or_default().to_string();
+            let name = x["name"].as_str().unwrap_or_default().to_string();
+            last.insert(d, (name, x["cached"] == true));
+        }
+    }
+    last.into_values().collect()
 }
 
 /// The warnings (`short`, base64 in rawjson) of a build's progress, decoded.
