@@ -568,7 +568,11 @@ fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
         let name = format!("{}/kiln/from-pool:1", env.base_reg.addr());
         let from_pool = env.build(&sharing.addr(), &project, "go", &["-t", &name, "--push"])?;
         let vertices = rawjson_vertices(&from_pool.stderr);
-        eprintln!("the worker sharing the pool: {vertices:?}");
+        let tags = kiln_e2e::http::get(&env.base_reg.addr(), "/v2/kiln/pool/tags/list", &[])?;
+        eprintln!(
+            "pool tags: {}; the worker sharing the pool: {vertices:?}",
+            String::from_utf8_lossy(&tags.body)
+        );
         let from_pool = digest_of(&from_pool)?;
         let mut clean = Worker::new("clean", &env.path("clean"), &[])?;
         clean.start(&env.bins)?;
