@@ -362,6 +362,7 @@ fn kill_9_mid_run_then_restart_builds_the_clean_digest() -> anyhow::Result<()> {
         })?;
         let mounts_before = w.mounts()?;
         w.kill();
+        complete_records_only(&w.root(), "mid-RUN")?;
         let (status, rest) = finish_interrupted(child, progress)?;
         assert!(!status.success(), "the client of a killed worker exited 0");
         eprintln!(
@@ -464,6 +465,7 @@ fn kill_9_mid_push_then_restart_pushes_the_clean_digest() -> anyhow::Result<()> 
             })
         })?;
         w.kill();
+        complete_records_only(&w.root(), "mid-push")?;
         let (status, rest) = finish_interrupted(child, progress)?;
         assert!(!status.success(), "the client of a killed worker exited 0");
         eprintln!(
@@ -541,6 +543,7 @@ fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
             Ok((d > 0.0 && slow.bytes() > 1 << 20).then_some((d, slow.bytes())))
         })?;
         w.kill();
+        complete_records_only(&w.root(), "mid pool export")?;
         eprintln!(
             "killed mid pool export: queue depth {}, {} bytes through to the registry",
             seen.0, seen.1
@@ -612,6 +615,7 @@ fn kill_9_mid_context_upload_then_rebuild_has_the_whole_file() -> anyhow::Result
             Ok((slow.bytes() > 6 << 20).then_some(()))
         })?;
         w.kill();
+        complete_records_only(&w.root(), "mid context upload")?;
         let (status, _) = finish_interrupted(child, progress)?;
         assert!(!status.success(), "the client of a killed worker exited 0");
         // The kept context holds the file half written.
@@ -689,6 +693,16 @@ fn store_state(root: &Path) -> anyhow::Result<(BTreeSet<u64>, BTreeSet<u64>)> {
     Ok((recorded, dirs))
 }
 
+/// Fails unless every layer the killed worker's store records has its directory.
+fn complete_records_only(root: &Path, when: &str) -> anyhow::Result<()> {
+    let (recorded, dirs) = store_state(root)?;
+    let missing: Vec<&u64> = recorded.difference(&dirs).collect();
+    if !missing.is_empty() {
+        bail!("killed {when}: layers {missing:?} recorded without directories");
+    }
+    Ok(())
+}
+
 /// A worker killed with SIGKILL at increasing delays after `kiln prune --all` started, until
 /// a prune finishes before the kill. After each kill, every layer the store records still
 /// has its directory (GC unrecords before deleting), and after each restart the project
@@ -716,12 +730,8 @@ fn kill_9_mid_gc_leaves_only_complete_records() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(delay_ms));
             w.kill();
             let _ = wait_bounded(prune)?;
+            complete_records_only(&w.root(), &format!("{delay_ms} ms into a prune"))?;
             let (recorded, dirs) = store_state(&w.root())?;
-            let missing: Vec<&u64> = recorded.difference(&dirs).collect();
-            assert!(
-                missing.is_empty(),
-                "killed {delay_ms} ms into a prune: layers {missing:?} recorded without directories"
-            );
             eprintln!(
                 "killed {delay_ms} ms into a prune: {} of {full} layers still recorded, {} directories left",
                 recorded.len(),
