@@ -28,6 +28,8 @@ pub struct Forwarder {
 struct Shared {
     target: SocketAddr,
     partitioned: AtomicBool,
+    /// Open connections stop carrying bytes (but stay open) while set.
+    frozen: AtomicBool,
     stop: AtomicBool,
     /// Bytes per second each direction of a connection may carry (0: unlimited).
     rate: AtomicU64,
@@ -50,6 +52,7 @@ impl Forwarder {
         let shared = Arc::new(Shared {
             target,
             partitioned: AtomicBool::new(false),
+            frozen: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             rate: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -87,8 +90,18 @@ impl Forwarder {
         self.shared.bytes.load(Ordering::SeqCst)
     }
 
-    /// Closes the black-holed connections and forwards new ones again.
+    /// A silent partition: open connections stay open but carry nothing (no FIN, no
+    /// RST, as when packets are dropped on the way), new ones are black-holed, until
+    /// [`Forwarder::heal`].
+    pub fn freeze(&self) {
+        self.shared.frozen.store(true, Ordering::SeqCst);
+        self.shared.partitioned.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes the black-holed connections and forwards new ones again (and open ones,
+    /// after a freeze).
     pub fn heal(&self) {
+        self.shared.frozen.store(false, Ordering::SeqCst);
         self.shared.partitioned.store(false, Ordering::SeqCst);
         cut(&self.shared.held);
     }
@@ -163,6 +176,13 @@ fn pump(mut from: TcpStream, mut to: TcpStream, shared: &Shared) {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                // Frozen: the chunk waits (and nothing more is read) until healed.
+                while shared.frozen.load(Ordering::SeqCst) {
+                    if shared.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 shared.bytes.fetch_add(n as u64, Ordering::SeqCst);
                 if to.write_all(&buf[..n]).is_err() {
                     break;

@@ -132,19 +132,24 @@ fn run_bounded(cmd: &mut Command) -> anyhow::Result<Output> {
 
 /// Waits for `child`'s end and output, killing it (and failing) after [`HANG`].
 fn wait_bounded(child: Child) -> anyhow::Result<Output> {
+    wait_bounded_for(child, HANG)
+}
+
+/// [`wait_bounded`] with another limit.
+fn wait_bounded_for(child: Child, limit: Duration) -> anyhow::Result<Output> {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(HANG) {
+    match rx.recv_timeout(limit) {
         Ok(out) => Ok(out?),
         Err(_) => {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            bail!("process {pid} still running after {HANG:?} (hang)")
+            bail!("process {pid} still running after {limit:?} (hang)")
         }
     }
 }
@@ -330,14 +335,23 @@ fn spawn_build(
 /// returns its exit status and the rest of stderr.
 fn finish_interrupted(
     child: Child,
+    reader: std::io::BufReader<std::process::ChildStderr>,
+) -> anyhow::Result<(std::process::ExitStatus, String)> {
+    finish_interrupted_within(child, reader, HANG)
+}
+
+/// [`finish_interrupted`], calling it a hang only after `limit`.
+fn finish_interrupted_within(
+    child: Child,
     mut reader: std::io::BufReader<std::process::ChildStderr>,
+    limit: Duration,
 ) -> anyhow::Result<(std::process::ExitStatus, String)> {
     let rest = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::Read::read_to_string(&mut reader, &mut s);
         s
     });
-    let out = wait_bounded(child)?;
+    let out = wait_bounded_for(child, limit)?;
     let rest = rest.join().map_err(|_| anyhow!("stderr reader panicked"))?;
     Ok((out.status, rest))
 }
@@ -1023,6 +1037,57 @@ fn partitioned_worker_is_ejected_and_rejoins() -> anyhow::Result<()> {
         for w in &workers {
             eprintln!("{}", w.logs());
         }
+    }
+    result
+}
+
+/// A silent partition (the link between gateway and worker stops carrying bytes, no
+/// connection is closed) while a build runs: the client gets an error instead of hanging,
+/// and once healed the worker serves builds again.
+#[test]
+fn silent_partition_mid_build_fails_the_build_instead_of_hanging() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let project = env.project("gated", GATED)?;
+    let mut w = Worker::new("w0", &env.path("w0"), &[])?;
+    w.start(&env.bins)?;
+    let link = Forwarder::start(&w.addr())?;
+    let members = [format!("w0=tcp://{}", link.addr())];
+    let (gport, mport) = (fleet::free_port()?, fleet::free_port()?);
+    let gdir = env.path("gateway");
+    std::fs::create_dir_all(&gdir)?;
+    let gateway = fleet::start_gateway(&env.bins, gport, mport, &members, &gdir)?;
+    let gaddr = format!("127.0.0.1:{gport}");
+    let result = (|| -> anyhow::Result<()> {
+        let (child, mut progress) = spawn_build(env.build_cmd(&gaddr, &project, "block", &[]))?;
+        read_until(&mut progress, "the RUN step started", |v| {
+            vertex_running(v, "RUN --mount=type=secret")
+        })?;
+        link.freeze();
+        let frozen = Instant::now();
+        // Nothing closes the link: the build ends when HTTP/2 keep-alive gives up on it
+        // (about 100 s on this machine), so the hang limit is longer here.
+        let (status, rest) = finish_interrupted_within(child, progress, 3 * HANG)?;
+        eprintln!(
+            "client {:?} after the freeze: {status}: {}",
+            frozen.elapsed(),
+            rest.lines().last().unwrap_or_default()
+        );
+        assert!(
+            !status.success(),
+            "the build succeeded across a frozen link"
+        );
+        link.heal();
+        let metrics = format!("127.0.0.1:{mport}");
+        wait_for("w0 healthy again", || {
+            let h = gateway_metric(&metrics, "kiln_gateway_worker_healthy")?;
+            Ok((h.get("w0") == Some(&1.0)).then_some(()))
+        })?;
+        let name = format!("{}/kiln/after-freeze:1", env.base_reg.addr());
+        env.push(&gaddr, &project, &name)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        eprintln!("gateway:\n{}\n{}", gateway.output(), w.logs());
     }
     result
 }
