@@ -1,9 +1,11 @@
 //! Faults on a real fleet on loopback (real `kiln-worker`, `kiln-gateway`, `kiln`, runc and
-//! `docker-registry` processes): a worker killed with SIGKILL mid-RUN, mid-export and
-//! mid-GC and restarted on the same root; the gateway killed mid-build; the registry down
-//! and back; a network partition between the gateway and one worker. No timed assertions:
-//! each test waits on what it can observe (progress lines, `runc list`, metrics, the store
-//! on disk), with generous limits that only turn a hang into a failure.
+//! `docker-registry` processes): a worker killed with SIGKILL mid-RUN, mid-push, mid pool
+//! export, mid context upload and mid-GC, and restarted on the same root; the gateway
+//! killed mid-build; the registry down and back; a network partition between the gateway
+//! and one of three workers, and a silent one (a frozen link) mid-build. No timed
+//! assertions: each test waits on what it can observe (progress lines, `runc list`,
+//! metrics, bytes through a forwarder, the store on disk), with generous limits that only
+//! turn a hang into a failure.
 //!
 //! Image digests are compared with a clean build on a fresh root: the projects are made
 //! reproducible (files with fixed mtimes copied out of the RUN stage, `SOURCE_DATE_EPOCH`
