@@ -419,7 +419,7 @@ impl Client {
                     Some(e) if s.message().is_empty() => Err(e),
                     _ => Err(Error::Build {
                         code: s.code(),
-                        message: s.message().to_string(),
+                        message: failure(&self.addr, &s),
                         worker,
                     }),
                 }
@@ -574,6 +574,27 @@ fn bridge_request<T>(build_ref: &str, msg: T) -> Result<tonic::Request<T>> {
     r.metadata_mut()
         .insert(kiln_proto::metadata::BUILD_ID, value);
     Ok(r)
+}
+
+/// What a failed call says: the daemon's own message, or, when the connection itself broke
+/// (tonic then reports a bare "transport error" with the cause as its source), which
+/// address was lost and why.
+fn failure(addr: &str, s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let Some(mut source) = s.source() else {
+        return s.message().to_string();
+    };
+    let mut causes = vec![source.to_string()];
+    while let Some(next) = source.source() {
+        causes.push(next.to_string());
+        source = next;
+    }
+    causes.dedup();
+    format!(
+        "lost the connection to {addr} during the build ({}: {})",
+        s.message(),
+        causes.join(": ")
+    )
 }
 
 fn bridge_error(call: &str, s: &tonic::Status) -> Error {
