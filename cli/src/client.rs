@@ -590,6 +590,7 @@ fn failure(addr: &str, s: &tonic::Status) -> String {
         source = next;
     }
     causes.dedup();
+    causes.retain(|c| c != s.message());
     format!(
         "lost the connection to {addr} during the build ({}: {})",
         s.message(),
