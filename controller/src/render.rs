@@ -3,8 +3,9 @@
 //!
 //! Names are stable so that workers keep their identity and PVCs across restarts:
 //! StatefulSet `<pool>-worker` (pods `<pool>-worker-N`), headless Service `<pool>-workers`,
-//! gateway Deployment and Service `<pool>-gateway`, ConfigMap `<pool>-worker-config`,
-//! PodDisruptionBudget `<pool>-workers`.
+//! gateway Deployment and Service `<pool>-gateway` (and its ServiceAccount, Role and
+//! RoleBinding, same name), ConfigMap `<pool>-worker-config`, PodDisruptionBudget
+//! `<pool>-workers`.
 
 mod config;
 mod gateway;
@@ -13,8 +14,9 @@ mod worker;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
@@ -57,12 +59,19 @@ pub struct Rendered {
     pub gateway_deployment: Deployment,
     /// The gateway's Service.
     pub gateway_service: Service,
+    /// The gateway's ServiceAccount.
+    pub gateway_service_account: ServiceAccount,
+    /// What the gateway may read: the workers' EndpointSlices.
+    pub gateway_role: Role,
+    /// Binds the Role to the gateway's ServiceAccount.
+    pub gateway_role_binding: RoleBinding,
     /// Keeps all but one worker up during voluntary disruptions.
     pub pdb: PodDisruptionBudget,
 }
 
 impl Rendered {
-    /// Every object as JSON, in apply order (config first, then Services, then workloads).
+    /// Every object as JSON, in apply order (config and access first, then Services, then
+    /// workloads).
     pub fn to_values(&self) -> Result<Vec<serde_json::Value>> {
         let to = |v: serde_json::Result<serde_json::Value>, what: &str| {
             v.map_err(|e| Error::Yaml {
@@ -72,6 +81,15 @@ impl Rendered {
         };
         Ok(vec![
             to(serde_json::to_value(&self.config_map), "ConfigMap")?,
+            to(
+                serde_json::to_value(&self.gateway_service_account),
+                "ServiceAccount",
+            )?,
+            to(serde_json::to_value(&self.gateway_role), "Role")?,
+            to(
+                serde_json::to_value(&self.gateway_role_binding),
+                "RoleBinding",
+            )?,
             to(serde_json::to_value(&self.workers_service), "Service")?,
             to(serde_json::to_value(&self.gateway_service), "Service")?,
             to(serde_json::to_value(&self.pdb), "PodDisruptionBudget")?,
@@ -105,6 +123,9 @@ pub fn render(pool: &BuildWorkerPool) -> Result<Rendered> {
         workers_service: worker::headless_service(&ctx),
         gateway_deployment: gateway::deployment(&ctx)?,
         gateway_service: gateway::service(&ctx),
+        gateway_service_account: gateway::service_account(&ctx),
+        gateway_role: gateway::role(&ctx),
+        gateway_role_binding: gateway::role_binding(&ctx),
         pdb: worker::pdb(&ctx),
     })
 }
@@ -305,6 +326,33 @@ mod tests {
         if std::env::var_os("KILN_PRINT_RENDER").is_some() {
             eprintln!("{}", r.to_yaml().unwrap());
         }
+        // The gateway reads its workers' EndpointSlices with its own ServiceAccount.
+        let gw_pod = r
+            .gateway_deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        assert_eq!(gw_pod.service_account_name.as_deref(), Some("p-gateway"));
+        let rule = &r.gateway_role.rules.as_ref().unwrap()[0];
+        assert_eq!(
+            rule.resources.as_deref(),
+            Some(&["endpointslices".to_string()][..])
+        );
+        assert_eq!(rule.verbs, ["get", "list", "watch"]);
+        assert_eq!(r.gateway_role_binding.role_ref.name, "p-gateway");
+        let subject = &r.gateway_role_binding.subjects.as_ref().unwrap()[0];
+        assert_eq!(
+            (
+                subject.kind.as_str(),
+                subject.name.as_str(),
+                subject.namespace.as_deref()
+            ),
+            ("ServiceAccount", "p-gateway", Some("ns"))
+        );
         let sts = r.stateful_set.spec.as_ref().unwrap();
         assert_eq!(r.stateful_set.metadata.name.as_deref(), Some("p-worker"));
         assert_eq!(sts.service_name.as_deref(), Some("p-workers"));
@@ -376,7 +424,7 @@ mod tests {
             .containers[0];
         let a = args(gw);
         for want in [
-            "--workers-dns=p-workers.ns.svc:1234",
+            "--workers-endpointslice=ns/p-workers",
             "--load-bound=1.25",
             "--metrics-addr=0.0.0.0:9090",
             "--tlscert=/etc/kiln/tls/tls.crt",

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
@@ -78,6 +79,24 @@ async fn reconcile_pool(pool: &BuildWorkerPool, ctx: &Context) -> Result<Action>
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), &ns),
         &rendered.config_map,
+        &pp,
+    )
+    .await?;
+    apply(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+        &rendered.gateway_service_account,
+        &pp,
+    )
+    .await?;
+    apply(
+        &Api::<Role>::namespaced(client.clone(), &ns),
+        &rendered.gateway_role,
+        &pp,
+    )
+    .await?;
+    apply(
+        &Api::<RoleBinding>::namespaced(client.clone(), &ns),
+        &rendered.gateway_role_binding,
         &pp,
     )
     .await?;

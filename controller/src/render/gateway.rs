@@ -1,12 +1,16 @@
-//! The gateway: a Deployment running `kiln-gateway` against the workers' headless Service, and
-//! the Service clients reach it through.
+//! The gateway: a Deployment running `kiln-gateway`, which finds the workers by watching the
+//! EndpointSlices of their headless Service (so a terminating worker pod is drained before
+//! it goes), the ServiceAccount, Role and RoleBinding that let it read them, and the Service
+//! clients reach it through.
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, PodSecurityContext, PodSpec, PodTemplateSpec,
     SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
     VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -31,9 +35,9 @@ pub(super) fn deployment(ctx: &Context<'_>) -> Result<Deployment> {
     let args = vec![
         format!("--addr=tcp://0.0.0.0:{GRPC_PORT}"),
         format!(
-            "--workers-dns={}.{}.svc:{GRPC_PORT}",
-            workers_service_name(&ctx.name),
-            ctx.namespace
+            "--workers-endpointslice={}/{}",
+            ctx.namespace,
+            workers_service_name(&ctx.name)
         ),
         format!("--load-bound={}", gw.load_bound),
         format!("--metrics-addr=0.0.0.0:{METRICS_PORT}"),
@@ -120,6 +124,9 @@ pub(super) fn deployment(ctx: &Context<'_>) -> Result<Deployment> {
                         secret_volume("client-tls", ctx.gateway_client_secret()),
                     ]),
                     affinity: Some(anti_affinity(selector)),
+                    // Its token reads the workers' EndpointSlices (see `role`).
+                    service_account_name: Some(gateway_name(&ctx.name)),
+                    automount_service_account_token: Some(true),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
@@ -157,5 +164,45 @@ pub(super) fn service(ctx: &Context<'_>) -> Service {
             ..ServiceSpec::default()
         }),
         ..Service::default()
+    }
+}
+
+/// The gateway's identity in the API server.
+pub(super) fn service_account(ctx: &Context<'_>) -> ServiceAccount {
+    ServiceAccount {
+        metadata: ctx.meta(gateway_name(&ctx.name), COMPONENT),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+/// Read access to the EndpointSlices of the pool's namespace, and nothing else.
+pub(super) fn role(ctx: &Context<'_>) -> Role {
+    Role {
+        metadata: ctx.meta(gateway_name(&ctx.name), COMPONENT),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["discovery.k8s.io".into()]),
+            resources: Some(vec!["endpointslices".into()]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+/// Grants [`role`] to [`service_account`].
+pub(super) fn role_binding(ctx: &Context<'_>) -> RoleBinding {
+    RoleBinding {
+        metadata: ctx.meta(gateway_name(&ctx.name), COMPONENT),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: gateway_name(&ctx.name),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: gateway_name(&ctx.name),
+            namespace: Some(ctx.namespace.clone()),
+            ..Subject::default()
+        }]),
     }
 }

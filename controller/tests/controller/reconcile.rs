@@ -222,6 +222,9 @@ async fn create_applies_exactly_the_rendered_objects() {
     }
     want.extend([
         format!("PATCH /api/v1{NS}/configmaps/p-worker-config"),
+        format!("PATCH /api/v1{NS}/serviceaccounts/p-gateway"),
+        format!("PATCH /apis/rbac.authorization.k8s.io/v1{NS}/roles/p-gateway"),
+        format!("PATCH /apis/rbac.authorization.k8s.io/v1{NS}/rolebindings/p-gateway"),
         format!("PATCH /api/v1{NS}/services/p-workers"),
         format!("PATCH /api/v1{NS}/services/p-gateway"),
         format!("PATCH /apis/policy/v1{NS}/poddisruptionbudgets/p-workers"),
@@ -244,7 +247,7 @@ async fn create_applies_exactly_the_rendered_objects() {
 
     // Workload bodies are exactly what render() produces.
     let rendered = render::render(&p).unwrap().to_values().unwrap();
-    let bodies: Vec<Value> = sent[10..16]
+    let bodies: Vec<Value> = sent[10..19]
         .iter()
         .map(|s| s.body.clone().unwrap())
         .collect();
@@ -287,7 +290,7 @@ async fn create_applies_exactly_the_rendered_objects() {
     assert_eq!(pem(server, "ca.crt"), pem(&ca, "ca.crt"));
 
     // Status: nothing is ready yet, so Progressing; the certificate expiry is reported.
-    let status = &sent[16].body.clone().unwrap()["status"];
+    let status = &sent[19].body.clone().unwrap()["status"];
     assert_eq!(condition(status, "Ready"), "False");
     assert_eq!(condition(status, "Progressing"), "True");
     assert_eq!(condition(status, "Degraded"), "False");
@@ -353,7 +356,7 @@ async fn second_reconcile_only_reapplies_and_reports_ready() {
         lines(&third)
     );
     assert_eq!(applies(&third), applies(&second));
-    assert_eq!(third.iter().filter(|s| s.method == "PATCH").count(), 6);
+    assert_eq!(third.iter().filter(|s| s.method == "PATCH").count(), 9);
 }
 
 #[tokio::test]
@@ -375,7 +378,7 @@ async fn scaling_reissues_only_the_server_certificate() {
             .collect()
     };
     let (old, new) = (bodies(&before), bodies(&sent));
-    assert_eq!(old.len(), 6);
+    assert_eq!(old.len(), 9);
     let changed: Vec<_> = new
         .iter()
         .filter(|(k, v)| old.get(*k) != Some(v))

@@ -89,10 +89,10 @@ fn rendered_objects_and_crds_pass_strict_validation() {
         out.status.success(),
         "kubernetes-validate failed:\n{stdout}\n{stderr}"
     );
-    // 6 objects per pool, 4 CRD files; every one must be reported valid.
+    // 9 objects per pool, 4 CRD files; every one must be reported valid.
     assert_eq!(
         stdout.matches(" passed for resource ").count(),
-        16,
+        22,
         "not every document was validated:\n{stdout}\n{stderr}"
     );
 }
