@@ -28,6 +28,11 @@ use crate::source::image::{
 
 /// Media type of Kiln's cache config blob.
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cacheconfig.v1+json";
+/// Manifest annotation holding a copy of the cache config blob (read instead of fetching
+/// the blob when its digest and size match the config descriptor).
+pub const CONFIG_ANNOTATION: &str = "dev.kiln.cacheconfig.v1";
+/// Largest cache config copied into [`CONFIG_ANNOTATION`].
+const MAX_EMBEDDED_CONFIG: usize = 64 * 1024;
 /// Annotation carrying a layer blob's uncompressed digest (containerd's name).
 pub const UNCOMPRESSED_ANNOTATION: &str = "containerd.io/uncompressed";
 /// Image config label holding the cache config of an inline cache (`type=inline`).
@@ -582,15 +587,20 @@ impl Exporter {
             "size": config_desc.1,
         });
         let (manifest, media_type) = if opts.image_manifest {
-            (
-                serde_json::json!({
-                    "schemaVersion": 2,
-                    "mediaType": OCI_MANIFEST,
-                    "config": config_json,
-                    "layers": layer_descs,
-                }),
-                OCI_MANIFEST,
-            )
+            let mut m = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config_json,
+                "layers": layer_descs,
+            });
+            // A copy of the config in the manifest spares an importer a round trip and a
+            // blob write per lookup (the pool cache does one lookup per vertex).
+            if config_bytes.len() <= MAX_EMBEDDED_CONFIG {
+                if let Ok(text) = std::str::from_utf8(&config_bytes) {
+                    m["annotations"] = serde_json::json!({ CONFIG_ANNOTATION: text });
+                }
+            }
+            (m, OCI_MANIFEST)
         } else {
             let mt = if opts.image.oci_mediatypes {
                 OCI_INDEX
@@ -940,6 +950,21 @@ enum ConfigAt {
     Inline(BlobDesc),
 }
 
+/// The copy of the cache config `desc` in a manifest's [`CONFIG_ANNOTATION`], when it is
+/// there and matches `desc`'s digest and size (else the blob is fetched).
+pub(crate) fn embedded_config(manifest: &[u8], desc: &BlobDesc) -> Option<Vec<u8>> {
+    use sha2::Digest as _;
+    let m: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    let text = m["annotations"][CONFIG_ANNOTATION].as_str()?;
+    let bytes = text.as_bytes();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+    if digest != desc.digest || bytes.len() as u64 != desc.size {
+        tracing::warn!(config = %desc.digest, "embedded cache config does not match its digest; fetching the blob");
+        return None;
+    }
+    Some(bytes.to_vec())
+}
+
 /// Finds the cache config in a manifest or index.
 fn config_desc(manifest: &[u8]) -> Result<ConfigAt, String> {
     let m: serde_json::Value =
@@ -980,7 +1005,10 @@ async fn records(
     manifest: &[u8],
 ) -> Result<Found, String> {
     let bytes = match config_desc(manifest)? {
-        ConfigAt::Blob(desc) => source.read(content, &desc).await?,
+        ConfigAt::Blob(desc) => match embedded_config(manifest, &desc) {
+            Some(b) => b,
+            None => source.read(content, &desc).await?,
+        },
         ConfigAt::Inline(desc) => {
             let image = source.read(content, &desc).await?;
             let image: ImageConfigFile = serde_json::from_slice(&image)
@@ -1065,22 +1093,95 @@ pub async fn import(
 
 /// Turns records into local refs: each layer is found locally by blob digest, or fetched
 /// (verified), unpacked (diffID checked) and committed; then the results are recorded
-/// under their keys. Nothing is recorded unless every layer is complete.
+/// under their keys. Nothing is recorded unless every layer is complete. Distinct blobs are
+/// fetched and unpacked concurrently and the new layers committed together (one flush).
 pub async fn materialize(
     cache: &Arc<Cache>,
     content: &Arc<ContentStore>,
     source: &BlobSource,
     entries: &[(String, Chain)],
 ) -> Result<Vec<Ref>, String> {
+    // Each distinct blob once, locked in digest order (no deadlock between two imports
+    // sharing blobs) until its layer is committed.
+    let mut digests: Vec<&LayerBlob> = entries
+        .iter()
+        .flat_map(|(_, c)| c.iter().flatten())
+        .collect();
+    digests.sort_by(|a, b| a.digest.cmp(&b.digest));
+    digests.dedup_by(|a, b| a.digest == b.digest);
+    let mut guards = Vec::with_capacity(digests.len());
+    for b in &digests {
+        guards.push(cache.blob_lock(&b.digest).lock_owned().await);
+    }
+    let made =
+        futures::future::try_join_all(digests.iter().map(|b| layer(cache, content, source, b)))
+            .await?;
+    let empties = entries
+        .iter()
+        .map(|(_, c)| c.iter().filter(|b| b.is_none()).count())
+        .sum::<usize>();
+    let cache2 = cache.clone();
+    let (found, empty) = tokio::task::spawn_blocking(
+        move || -> Result<(Vec<super::Layer>, Vec<super::Layer>), String> {
+            let mut found = Vec::with_capacity(made.len());
+            let mut new = Vec::new();
+            for m in made {
+                match m {
+                    Made::Have(l) => {
+                        found.push(Some(l));
+                    }
+                    Made::New(nl, blob) => {
+                        found.push(None);
+                        new.push((nl, vec![blob]));
+                    }
+                }
+            }
+            for _ in 0..empties {
+                let nl = cache2.new_layer().map_err(|e| e.to_string())?;
+                new.push((nl, Vec::new()));
+            }
+            let mut committed = cache2
+                .commit_layers(new)
+                .map_err(|e| e.to_string())?
+                .into_iter();
+            let mut layers = Vec::with_capacity(found.len());
+            for f in found {
+                match f {
+                    Some(l) => layers.push(l),
+                    None => layers.push(
+                        committed
+                            .next()
+                            .ok_or_else(|| "layer commit returned too few layers".to_string())?,
+                    ),
+                }
+            }
+            Ok((layers, committed.collect()))
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())??;
+    drop(guards);
+    let by_digest: HashMap<&str, &super::Layer> = digests
+        .iter()
+        .map(|b| b.digest.as_str())
+        .zip(found.iter())
+        .collect();
+    let mut empty = empty.into_iter();
     let mut refs = Vec::with_capacity(entries.len());
     for (_, chain) in entries {
-        // The layers of a chain are fetched and unpacked concurrently.
-        let layers = futures::future::try_join_all(
-            chain
-                .iter()
-                .map(|blob| layer(cache, content, source, blob.as_ref())),
-        )
-        .await?;
+        let mut layers = Vec::with_capacity(chain.len());
+        for blob in chain {
+            let l = match blob {
+                Some(b) => by_digest
+                    .get(b.digest.as_str())
+                    .map(|l| (*l).clone())
+                    .ok_or_else(|| format!("blob {} was not imported", b.digest))?,
+                None => empty
+                    .next()
+                    .ok_or_else(|| "layer commit returned too few layers".to_string())?,
+            };
+            layers.push(l);
+        }
         refs.push(Ref::new(layers));
     }
     let puts: Vec<(String, Ref)> = entries
@@ -1092,32 +1193,27 @@ pub async fn materialize(
     Ok(refs)
 }
 
+/// A layer of an import: already in the store, or unpacked and not yet committed.
+enum Made {
+    /// Found locally by blob digest.
+    Have(super::Layer),
+    /// Unpacked (diffID checked), to be committed.
+    New(super::NewLayer, LayerBlob),
+}
+
+/// Finds the layer of `blob` locally or fetches (verified) and unpacks it; the caller holds
+/// the blob's lock.
 async fn layer(
     cache: &Arc<Cache>,
     content: &Arc<ContentStore>,
     source: &BlobSource,
-    blob: Option<&LayerBlob>,
-) -> Result<super::Layer, String> {
-    let Some(blob) = blob else {
-        let cache = cache.clone();
-        return tokio::task::spawn_blocking(move || -> Result<super::Layer, String> {
-            let nl = cache.new_layer().map_err(|e| e.to_string())?;
-            cache
-                .commit_layers(vec![(nl, Vec::new())])
-                .map_err(|e| e.to_string())?
-                .pop()
-                .ok_or_else(|| "layer commit returned nothing".to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    };
-    let lock = cache.blob_lock(&blob.digest);
-    let _held = lock.lock().await;
+    blob: &LayerBlob,
+) -> Result<Made, String> {
     if let Some(l) = cache
         .layer_for_blob(&blob.digest)
         .map_err(|e| e.to_string())?
     {
-        return Ok(l);
+        return Ok(Made::Have(l));
     }
     let desc = BlobDesc {
         media_type: blob.media_type.clone(),
@@ -1128,7 +1224,7 @@ async fn layer(
     let path = source.fetch(content, &desc).await?;
     let fetched = started.elapsed();
     let (cache, blob) = (cache.clone(), blob.clone());
-    tokio::task::spawn_blocking(move || -> Result<super::Layer, String> {
+    tokio::task::spawn_blocking(move || -> Result<Made, String> {
         let _done = Done(started, fetched, blob.digest.clone());
         let nl = cache.new_layer().map_err(|e| e.to_string())?;
         let stats = unpack_blob(&path, &blob.media_type, &nl.fs(), &UnpackLimits::default())
@@ -1139,11 +1235,7 @@ async fn layer(
                 blob.digest, stats.diff_id, blob.diff_id
             ));
         }
-        cache
-            .commit_layers(vec![(nl, vec![blob])])
-            .map_err(|e| e.to_string())?
-            .pop()
-            .ok_or_else(|| "layer commit returned nothing".to_string())
+        Ok(Made::New(nl, blob))
     })
     .await
     .map_err(|e| e.to_string())?
