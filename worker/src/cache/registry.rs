@@ -1093,95 +1093,22 @@ pub async fn import(
 
 /// Turns records into local refs: each layer is found locally by blob digest, or fetched
 /// (verified), unpacked (diffID checked) and committed; then the results are recorded
-/// under their keys. Nothing is recorded unless every layer is complete. Distinct blobs are
-/// fetched and unpacked concurrently and the new layers committed together (one flush).
+/// under their keys. Nothing is recorded unless every layer is complete.
 pub async fn materialize(
     cache: &Arc<Cache>,
     content: &Arc<ContentStore>,
     source: &BlobSource,
     entries: &[(String, Chain)],
 ) -> Result<Vec<Ref>, String> {
-    // Each distinct blob once, locked in digest order (no deadlock between two imports
-    // sharing blobs) until its layer is committed.
-    let mut digests: Vec<&LayerBlob> = entries
-        .iter()
-        .flat_map(|(_, c)| c.iter().flatten())
-        .collect();
-    digests.sort_by(|a, b| a.digest.cmp(&b.digest));
-    digests.dedup_by(|a, b| a.digest == b.digest);
-    let mut guards = Vec::with_capacity(digests.len());
-    for b in &digests {
-        guards.push(cache.blob_lock(&b.digest).lock_owned().await);
-    }
-    let made =
-        futures::future::try_join_all(digests.iter().map(|b| layer(cache, content, source, b)))
-            .await?;
-    let empties = entries
-        .iter()
-        .map(|(_, c)| c.iter().filter(|b| b.is_none()).count())
-        .sum::<usize>();
-    let cache2 = cache.clone();
-    let (found, empty) = tokio::task::spawn_blocking(
-        move || -> Result<(Vec<super::Layer>, Vec<super::Layer>), String> {
-            let mut found = Vec::with_capacity(made.len());
-            let mut new = Vec::new();
-            for m in made {
-                match m {
-                    Made::Have(l) => {
-                        found.push(Some(l));
-                    }
-                    Made::New(nl, blob) => {
-                        found.push(None);
-                        new.push((nl, vec![blob]));
-                    }
-                }
-            }
-            for _ in 0..empties {
-                let nl = cache2.new_layer().map_err(|e| e.to_string())?;
-                new.push((nl, Vec::new()));
-            }
-            let mut committed = cache2
-                .commit_layers(new)
-                .map_err(|e| e.to_string())?
-                .into_iter();
-            let mut layers = Vec::with_capacity(found.len());
-            for f in found {
-                match f {
-                    Some(l) => layers.push(l),
-                    None => layers.push(
-                        committed
-                            .next()
-                            .ok_or_else(|| "layer commit returned too few layers".to_string())?,
-                    ),
-                }
-            }
-            Ok((layers, committed.collect()))
-        },
-    )
-    .await
-    .map_err(|e| e.to_string())??;
-    drop(guards);
-    let by_digest: HashMap<&str, &super::Layer> = digests
-        .iter()
-        .map(|b| b.digest.as_str())
-        .zip(found.iter())
-        .collect();
-    let mut empty = empty.into_iter();
     let mut refs = Vec::with_capacity(entries.len());
     for (_, chain) in entries {
-        let mut layers = Vec::with_capacity(chain.len());
-        for blob in chain {
-            let l = match blob {
-                Some(b) => by_digest
-                    .get(b.digest.as_str())
-                    .map(|l| (*l).clone())
-                    .ok_or_else(|| format!("blob {} was not imported", b.digest))?,
-                None => empty
-                    .next()
-                    .ok_or_else(|| "layer commit returned too few layers".to_string())?,
-            };
-            layers.push(l);
-        }
+        // The layers of a chain are fetched and unpacked concurrently.
+        let layers = futures::future::try_join_all(
+            chain
+                .iter()
+                .map(|blob| layer(cache, content, source, blob.as_ref())),
+        )
+        .await?;
         refs.push(Ref::new(layers));
     }
     let puts: Vec<(String, Ref)> = entries
@@ -1193,27 +1120,32 @@ pub async fn materialize(
     Ok(refs)
 }
 
-/// A layer of an import: already in the store, or unpacked and not yet committed.
-enum Made {
-    /// Found locally by blob digest.
-    Have(super::Layer),
-    /// Unpacked (diffID checked), to be committed.
-    New(super::NewLayer, LayerBlob),
-}
-
-/// Finds the layer of `blob` locally or fetches (verified) and unpacks it; the caller holds
-/// the blob's lock.
 async fn layer(
     cache: &Arc<Cache>,
     content: &Arc<ContentStore>,
     source: &BlobSource,
-    blob: &LayerBlob,
-) -> Result<Made, String> {
+    blob: Option<&LayerBlob>,
+) -> Result<super::Layer, String> {
+    let Some(blob) = blob else {
+        let cache = cache.clone();
+        return tokio::task::spawn_blocking(move || -> Result<super::Layer, String> {
+            let nl = cache.new_layer().map_err(|e| e.to_string())?;
+            cache
+                .commit_layers(vec![(nl, Vec::new())])
+                .map_err(|e| e.to_string())?
+                .pop()
+                .ok_or_else(|| "layer commit returned nothing".to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    };
+    let lock = cache.blob_lock(&blob.digest);
+    let _held = lock.lock().await;
     if let Some(l) = cache
         .layer_for_blob(&blob.digest)
         .map_err(|e| e.to_string())?
     {
-        return Ok(Made::Have(l));
+        return Ok(l);
     }
     let desc = BlobDesc {
         media_type: blob.media_type.clone(),
@@ -1224,7 +1156,7 @@ async fn layer(
     let path = source.fetch(content, &desc).await?;
     let fetched = started.elapsed();
     let (cache, blob) = (cache.clone(), blob.clone());
-    tokio::task::spawn_blocking(move || -> Result<Made, String> {
+    tokio::task::spawn_blocking(move || -> Result<super::Layer, String> {
         let _done = Done(started, fetched, blob.digest.clone());
         let nl = cache.new_layer().map_err(|e| e.to_string())?;
         let stats = unpack_blob(&path, &blob.media_type, &nl.fs(), &UnpackLimits::default())
@@ -1235,7 +1167,11 @@ async fn layer(
                 blob.digest, stats.diff_id, blob.diff_id
             ));
         }
-        Ok(Made::New(nl, blob))
+        cache
+            .commit_layers(vec![(nl, vec![blob])])
+            .map_err(|e| e.to_string())?
+            .pop()
+            .ok_or_else(|| "layer commit returned nothing".to_string())
     })
     .await
     .map_err(|e| e.to_string())?
