@@ -1430,4 +1430,32 @@ mod tests {
             .err()
             .is_some_and(|e| e.contains("not a kiln cache")));
     }
+
+    #[test]
+    fn embedded_config_is_used_only_when_it_matches_its_digest() {
+        use sha2::Digest as _;
+        let text = r#"{"schemaVersion":1,"layers":[],"records":[]}"#;
+        let desc = BlobDesc {
+            media_type: CONFIG_MEDIA_TYPE.into(),
+            digest: format!("sha256:{}", hex::encode(sha2::Sha256::digest(text))),
+            size: text.len() as u64,
+        };
+        let manifest = |t: &str| {
+            serde_json::to_vec(&serde_json::json!({"annotations": {CONFIG_ANNOTATION: t}}))
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            embedded_config(&manifest(text), &desc).as_deref(),
+            Some(text.as_bytes())
+        );
+        // A tampered copy, or none at all, means fetching the blob.
+        let tampered = text.replace("[]}", "[{}]}");
+        assert!(embedded_config(&manifest(&tampered), &desc).is_none());
+        assert!(embedded_config(b"{}", &desc).is_none());
+        let short = BlobDesc {
+            size: desc.size - 1,
+            ..desc.clone()
+        };
+        assert!(embedded_config(&manifest(text), &short).is_none());
+    }
 }
