@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::registry::{self, BlobSource, CacheConfig, ExportOpts, Exporter, Found, Target};
+use super::registry::{
+    self, BlobSource, CacheConfig, ExportOpts, Exporter, Found, Target, POOL_TAG_PREFIX,
+};
 use super::{Cache, Ref};
 use crate::content::ContentStore;
 use crate::export::image::ImageOpts;
@@ -88,6 +90,14 @@ impl Pool {
             return Err(bad(format!(
                 "--cache-registry {repo:?} must be a repository (host/path) without tag or digest"
             )));
+        }
+        // The registry client (credentials, connection) is set up now, not by the first
+        // build's lookups: one request for a tag that is never pushed.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (images, probe) = (images.clone(), format!("{repo}:{POOL_TAG_PREFIX}warm-up"));
+            rt.spawn(async move {
+                let _ = images.fetch_manifest_raw(&probe).await;
+            });
         }
         Ok(Arc::new(Pool {
             repo: repo.trim_end_matches('/').to_string(),
@@ -226,16 +236,22 @@ impl Pool {
             }
         };
         let desc = config_of(&manifest)?;
-        let path = self
-            .images
-            .fetch_blob(&reference, &desc, &|_, _| {})
-            .await
-            .map_err(|e| e.to_string())?;
+        // One round trip when the manifest carries the config (verified by digest).
+        let bytes = match registry::embedded_config(&manifest, &desc) {
+            Some(b) => b,
+            None => {
+                let path = self
+                    .images
+                    .fetch_blob(&reference, &desc, &|_, _| {})
+                    .await
+                    .map_err(|e| e.to_string())?;
+                std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?
+            }
+        };
         let source = BlobSource::Registry {
             resolver: self.images.clone(),
             reference,
         };
-        let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
         let config = CacheConfig::parse(&bytes)?;
         let found = Found {
             records: config.chains(),

@@ -28,6 +28,11 @@ use crate::source::image::{
 
 /// Media type of Kiln's cache config blob.
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.kiln.cacheconfig.v1+json";
+/// Manifest annotation holding a copy of the cache config blob (read instead of fetching
+/// the blob when its digest and size match the config descriptor).
+pub const CONFIG_ANNOTATION: &str = "dev.kiln.cacheconfig.v1";
+/// Largest cache config copied into [`CONFIG_ANNOTATION`].
+const MAX_EMBEDDED_CONFIG: usize = 64 * 1024;
 /// Annotation carrying a layer blob's uncompressed digest (containerd's name).
 pub const UNCOMPRESSED_ANNOTATION: &str = "containerd.io/uncompressed";
 /// Image config label holding the cache config of an inline cache (`type=inline`).
@@ -582,15 +587,20 @@ impl Exporter {
             "size": config_desc.1,
         });
         let (manifest, media_type) = if opts.image_manifest {
-            (
-                serde_json::json!({
-                    "schemaVersion": 2,
-                    "mediaType": OCI_MANIFEST,
-                    "config": config_json,
-                    "layers": layer_descs,
-                }),
-                OCI_MANIFEST,
-            )
+            let mut m = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config_json,
+                "layers": layer_descs,
+            });
+            // A copy of the config in the manifest spares an importer a round trip and a
+            // blob write per lookup (the pool cache does one lookup per vertex).
+            if config_bytes.len() <= MAX_EMBEDDED_CONFIG {
+                if let Ok(text) = std::str::from_utf8(&config_bytes) {
+                    m["annotations"] = serde_json::json!({ CONFIG_ANNOTATION: text });
+                }
+            }
+            (m, OCI_MANIFEST)
         } else {
             let mt = if opts.image.oci_mediatypes {
                 OCI_INDEX
@@ -940,6 +950,21 @@ enum ConfigAt {
     Inline(BlobDesc),
 }
 
+/// The copy of the cache config `desc` in a manifest's [`CONFIG_ANNOTATION`], when it is
+/// there and matches `desc`'s digest and size (else the blob is fetched).
+pub(crate) fn embedded_config(manifest: &[u8], desc: &BlobDesc) -> Option<Vec<u8>> {
+    use sha2::Digest as _;
+    let m: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    let text = m["annotations"][CONFIG_ANNOTATION].as_str()?;
+    let bytes = text.as_bytes();
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+    if digest != desc.digest || bytes.len() as u64 != desc.size {
+        tracing::warn!(config = %desc.digest, "embedded cache config does not match its digest; fetching the blob");
+        return None;
+    }
+    Some(bytes.to_vec())
+}
+
 /// Finds the cache config in a manifest or index.
 fn config_desc(manifest: &[u8]) -> Result<ConfigAt, String> {
     let m: serde_json::Value =
@@ -980,7 +1005,10 @@ async fn records(
     manifest: &[u8],
 ) -> Result<Found, String> {
     let bytes = match config_desc(manifest)? {
-        ConfigAt::Blob(desc) => source.read(content, &desc).await?,
+        ConfigAt::Blob(desc) => match embedded_config(manifest, &desc) {
+            Some(b) => b,
+            None => source.read(content, &desc).await?,
+        },
         ConfigAt::Inline(desc) => {
             let image = source.read(content, &desc).await?;
             let image: ImageConfigFile = serde_json::from_slice(&image)
@@ -1401,5 +1429,33 @@ mod tests {
         assert!(config_desc(&serde_json::to_vec(&other).unwrap_or_default())
             .err()
             .is_some_and(|e| e.contains("not a kiln cache")));
+    }
+
+    #[test]
+    fn embedded_config_is_used_only_when_it_matches_its_digest() {
+        use sha2::Digest as _;
+        let text = r#"{"schemaVersion":1,"layers":[],"records":[]}"#;
+        let desc = BlobDesc {
+            media_type: CONFIG_MEDIA_TYPE.into(),
+            digest: format!("sha256:{}", hex::encode(sha2::Sha256::digest(text))),
+            size: text.len() as u64,
+        };
+        let manifest = |t: &str| {
+            serde_json::to_vec(&serde_json::json!({"annotations": {CONFIG_ANNOTATION: t}}))
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            embedded_config(&manifest(text), &desc).as_deref(),
+            Some(text.as_bytes())
+        );
+        // A tampered copy, or none at all, means fetching the blob.
+        let tampered = text.replace("[]}", "[{}]}");
+        assert!(embedded_config(&manifest(&tampered), &desc).is_none());
+        assert!(embedded_config(b"{}", &desc).is_none());
+        let short = BlobDesc {
+            size: desc.size - 1,
+            ..desc.clone()
+        };
+        assert!(embedded_config(&manifest(text), &short).is_none());
     }
 }

@@ -553,3 +553,167 @@ fn dockerfile_request(
         secrets: HashMap::new(),
     }
 }
+
+/// A loopback TCP proxy to a registry that records the request line of every request
+/// (`GET /v2/… HTTP/1.1`). Requests with a body are relayed by `Content-Length`.
+struct Proxy {
+    addr: String,
+    requests: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn proxy(upstream: String) -> anyhow::Result<Proxy> {
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = requests.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(up) = TcpStream::connect(&upstream) else {
+                continue;
+            };
+            let (Ok(mut back), Ok(mut from_up)) = (client.try_clone(), up.try_clone()) else {
+                continue;
+            };
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_up, &mut back);
+                let _ = back.shutdown(std::net::Shutdown::Write);
+            });
+            let log = log.clone();
+            std::thread::spawn(move || relay_requests(client, up, &log));
+        }
+    });
+    Ok(Proxy { addr, requests })
+}
+
+fn relay_requests(
+    client: std::net::TcpStream,
+    mut up: std::net::TcpStream,
+    log: &std::sync::Mutex<Vec<String>>,
+) {
+    use std::io::BufRead;
+    let mut r = std::io::BufReader::new(client);
+    loop {
+        let mut head = Vec::new();
+        let mut len = 0u64;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = up.shutdown(std::net::Shutdown::Write);
+                    return;
+                }
+                Ok(_) => {}
+            }
+            if head.is_empty() {
+                if let Ok(mut l) = log.lock() {
+                    l.push(line.trim_end().to_string());
+                }
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+            head.extend_from_slice(line.as_bytes());
+            if line == "\r\n" {
+                break;
+            }
+        }
+        if up.write_all(&head).is_err() || std::io::copy(&mut (&mut r).take(len), &mut up).is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The pool tags (`kiln-<hex>`) and blob digests a worker's requests to `proxy` named.
+fn pool_requests(proxy: &Proxy, method: &str) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let requests = proxy
+        .requests
+        .lock()
+        .map_err(|_| anyhow!("poisoned"))?
+        .clone();
+    let path_of = |r: &String| -> Option<String> {
+        let mut parts = r.split(' ');
+        (parts.next() == Some(method)).then(|| parts.next().unwrap_or_default().to_string())
+    };
+    let paths: Vec<String> = requests.iter().filter_map(path_of).collect();
+    let tags = paths
+        .iter()
+        .filter_map(|p| p.strip_prefix("/v2/kiln/pool/manifests/"))
+        .filter(|t| !t.ends_with("warm-up"))
+        .map(str::to_string)
+        .collect();
+    let blobs = paths
+        .iter()
+        .filter_map(|p| p.strip_prefix("/v2/kiln/pool/blobs/"))
+        .map(str::to_string)
+        .collect();
+    Ok((tags, blobs))
+}
+
+/// Issue 4's laziness: a cold worker looks up only the vertices whose results it needs (the
+/// final one and the `COPY --from` sources, whose contents feed keys); a hit that only
+/// feeds another hit is never looked up and downloads nothing. The manifests carry their
+/// cache config, so a lookup is one request (no config blob GET), each layer blob is
+/// fetched at most once, only blobs of the looked-up results are fetched, and the image
+/// digest is the first worker's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pool_hits_that_only_feed_hits_download_nothing() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let a = worker(Some(format!("{}/kiln/pool", reg.addr())))?;
+    let built_a = build(&a, &base, dir.path(), CacheRequest::default()).await?;
+    assert_eq!(built_a.executed_runs().len(), 4);
+    let p = a.engine.pool().context("pool")?;
+    p.wait_idle().await;
+    assert!(p.stats().exported >= 4, "{:?}", p.stats());
+
+    let proxy = proxy(reg.addr())?;
+    let b = worker(Some(format!("{}/kiln/pool", proxy.addr)))?;
+    let built_b = build(&b, &base, dir.path(), CacheRequest::default()).await?;
+    assert!(
+        built_b.executed_runs().is_empty(),
+        "{:?}",
+        warnings(&built_b)
+    );
+    assert_eq!(digest(&built_b)?, digest(&built_a)?);
+    b.engine.pool().context("pool")?.wait_idle().await;
+
+    let (tags, blobs) = pool_requests(&proxy, "GET")?;
+    // Looked up: the results whose contents feed keys (the local context, hashed by the
+    // `COPY a.txt`/`COPY b.txt` keys; stage a's last RUN and stage b's RUN, hashed by the
+    // `COPY --from` keys) and the final RUN. Not looked up though in the pool (A exported
+    // every vertex it executed): stage a's first RUN, the two context copies and the two
+    // `COPY --from` results, which only feed hits.
+    assert_eq!(tags.len(), 4, "{tags:?}");
+    let exported = p.stats().exported as usize;
+    assert!(exported >= tags.len() + 5, "{exported} {tags:?}");
+    let mut wanted = std::collections::HashSet::new();
+    for t in &tags {
+        let m = reg.get_authorized(
+            &format!("/v2/kiln/pool/manifests/{t}"),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        )?;
+        let m: serde_json::Value = serde_json::from_slice(&m.body)?;
+        assert!(
+            m["annotations"]["dev.kiln.cacheconfig.v1"].is_string(),
+            "{m}"
+        );
+        for l in m["layers"].as_array().context("layers")? {
+            wanted.insert(l["digest"].as_str().context("digest")?.to_string());
+        }
+    }
+    let distinct: std::collections::HashSet<String> = blobs.iter().cloned().collect();
+    assert_eq!(
+        distinct.len(),
+        blobs.len(),
+        "a blob fetched twice: {blobs:?}"
+    );
+    assert!(
+        distinct.is_subset(&wanted),
+        "fetched {distinct:?}, needed only {wanted:?}"
+    );
+    Ok(())
+}
