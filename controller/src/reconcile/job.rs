@@ -270,6 +270,8 @@ pub struct JobContext {
     pub runner: Arc<dyn Runner>,
     /// Tunables.
     pub settings: Settings,
+    /// Publishes the jobs' Kubernetes Events.
+    recorder: kube::runtime::events::Recorder,
     tasks: Mutex<HashMap<String, Task>>,
     /// Jobs whose final status this process wrote and has not yet seen back: a reconcile
     /// of an older copy of them (the watch cache lags) must not run them again.
@@ -290,7 +292,12 @@ impl JobContext {
         mpsc::UnboundedReceiver<ObjectRef<BuildJob>>,
     ) {
         let (trigger, rx) = mpsc::unbounded_channel();
+        let reporter = kube::runtime::events::Reporter {
+            controller: "kiln-controller".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
         let ctx = JobContext {
+            recorder: kube::runtime::events::Recorder::new(client.clone(), reporter),
             client,
             clock,
             runner,
@@ -535,6 +542,7 @@ async fn submit(
         Ok(input) => input,
         Err(problem) => {
             warn!(reason = problem.reason, message = %problem.message, "job inputs not ready");
+            event(ctx, job, true, problem.reason, &problem.message);
             let mut next = status.clone();
             next.observed_generation = job.metadata.generation;
             next.conditions = conditions(
@@ -611,6 +619,24 @@ async fn submit(
         log_tail: tail.clone(),
     };
     write_status(job, ctx, id, &next).await?;
+    if attempt == 1 {
+        event(
+            ctx,
+            job,
+            false,
+            "Started",
+            &format!("submitted to the gateway of pool {pool}"),
+        );
+    } else {
+        let why = next.log_tail.last().cloned().unwrap_or_default();
+        event(
+            ctx,
+            job,
+            true,
+            "Retrying",
+            &format!("attempt {attempt} of at most {max}: {why}"),
+        );
+    }
     let delay = if attempt > 1 {
         let doublings = u32::try_from(attempt - 2).unwrap_or(0).min(6);
         ctx.settings.retry_backoff * 2u32.pow(doublings)
@@ -793,11 +819,12 @@ async fn succeed(
         job,
         &status,
         now,
-        (true, "Succeeded", message),
+        (true, "Succeeded", message.clone()),
         (false, "Finished", "the build finished".into()),
         (false, "AsExpected", "no problems found".into()),
     );
     write_status(job, ctx, id, &status).await?;
+    event(ctx, job, false, "Succeeded", &message);
     lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);
     let mut done = job.clone();
@@ -828,14 +855,48 @@ async fn fail(
         now,
         (false, reason, message.clone()),
         (false, "Finished", "the build finished".into()),
-        (true, reason, message),
+        (true, reason, message.clone()),
     );
     write_status(job, ctx, id, &status).await?;
+    event(ctx, job, true, reason, &message);
     lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);
     let mut done = job.clone();
     done.status = Some(status.clone());
     finished(&done, ctx, id, &status).await
+}
+
+/// Publishes a Kubernetes Event about `job` (`kubectl describe buildjob` shows them) in the
+/// background: a failure to publish is logged and never fails or delays the reconcile.
+fn event(ctx: &JobContext, job: &BuildJob, warning: bool, reason: &str, note: &str) {
+    use kube::runtime::events::{Event, EventType};
+    use kube::Resource as _;
+    let mut note = note.to_string();
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Build".into(),
+        secondary: None,
+    };
+    let reference = job.object_ref(&());
+    let recorder = ctx.recorder.clone();
+    tokio::spawn(async move {
+        if let Err(error) = recorder.publish(&ev, &reference).await {
+            warn!(%error, reason = %ev.reason, "cannot publish an event");
+        }
+    });
 }
 
 /// One condition's wanted state: on, reason, message.

@@ -46,6 +46,8 @@ impl Sent {
 struct Fake {
     objects: BTreeMap<String, Value>,
     log: Vec<Sent>,
+    /// Events the controller published (kept apart: they are sent in the background).
+    events: Vec<Value>,
     version: u64,
 }
 
@@ -137,9 +139,15 @@ fn mock_client(fake: Shared) -> kube::Client {
             };
             let (code, value) = {
                 let mut f = lock(&fake);
-                let out = answer(&mut f, &sent);
-                f.log.push(sent);
-                out
+                if sent.path.ends_with("/events") && sent.method == "POST" {
+                    let body = sent.body.clone().unwrap_or(Value::Null);
+                    f.events.push(body.clone());
+                    (StatusCode::CREATED, body)
+                } else {
+                    let out = answer(&mut f, &sent);
+                    f.log.push(sent);
+                    out
+                }
             };
             let mut resp = Response::new(Body::from(value.to_string().into_bytes()));
             *resp.status_mut() = code;
@@ -391,6 +399,28 @@ impl Harness {
     }
 }
 
+/// `(type, reason)` of the events published about the jobs, once `n` have arrived (they are
+/// sent in the background; the wait guards against hanging, it checks no speed).
+async fn events(fake: &Shared, n: usize) -> Vec<(String, String, String)> {
+    for _ in 0..500 {
+        if lock(fake).events.len() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    lock(fake)
+        .events
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+                e["note"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
 fn lines(sent: &[Sent]) -> Vec<String> {
     sent.iter().map(Sent::line).collect()
 }
@@ -528,6 +558,21 @@ async fn job_runs_to_success_and_status_says_so_in_order() {
     let (sent, action) = h.reconcile("j").await;
     assert_eq!(lines(&sent), Vec::<String>::new());
     assert_eq!(action, Action::await_change());
+
+    // `kubectl describe` shows the start and the outcome as Events on the job.
+    let evs = events(&h.fake, 2).await;
+    let kinds: Vec<(&str, &str)> = evs
+        .iter()
+        .map(|(t, r, _)| (t.as_str(), r.as_str()))
+        .collect();
+    assert_eq!(kinds, [("Normal", "Started"), ("Normal", "Succeeded")]);
+    assert!(evs[1].2.contains("sha256:abc"), "{:?}", evs[1]);
+    let published = lock(&h.fake).events.clone();
+    assert_eq!(published[0]["regarding"]["kind"], "BuildJob");
+    assert_eq!(published[0]["regarding"]["name"], "j");
+    for e in &published {
+        assert!(!e.to_string().contains(SECRET_VALUE), "{e}");
+    }
 }
 
 #[tokio::test]
@@ -556,6 +601,12 @@ async fn a_failed_build_names_its_cause() {
         1,
         "a build failure is not retried"
     );
+    let evs = events(&h.fake, 2).await;
+    assert_eq!(
+        (evs[1].0.as_str(), evs[1].1.as_str()),
+        ("Warning", "BuildFailed")
+    );
+    assert!(evs[1].2.contains("exit code: 1"), "{:?}", evs[1]);
 }
 
 #[tokio::test]
@@ -596,6 +647,20 @@ async fn a_lost_worker_is_retried_then_succeeds() {
     assert_eq!(st["attempts"], 2);
     assert_eq!(st["imageDigest"], "sha256:def");
     assert_eq!(h.script.inputs.lock().unwrap().len(), 2);
+    let evs = events(&h.fake, 3).await;
+    let kinds: Vec<(&str, &str)> = evs
+        .iter()
+        .map(|(t, r, _)| (t.as_str(), r.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("Normal", "Started"),
+            ("Warning", "Retrying"),
+            ("Normal", "Succeeded")
+        ]
+    );
+    assert!(evs[1].2.contains("attempt 2"), "{:?}", evs[1]);
 }
 
 #[tokio::test]
