@@ -1,6 +1,7 @@
 //! Whole-system tests of Kiln; the tests live in `tests/`, helpers for them here: a real
 //! registry ([`registry`]), a busybox base image to push into it ([`base`]) and test
-//! certificates ([`pki`]), and a git daemon ([`git`]). This crate
+//! certificates ([`pki`]), a git daemon ([`git`]), and the load harness behind `kiln-load`
+//! ([`load`]). This crate
 //! never depends on `kiln-worker`, so the helpers stay usable from scripts and other crates'
 //! tests alike.
 
@@ -8,5 +9,6 @@ pub mod base;
 pub mod fleet;
 pub mod git;
 pub mod http;
+pub mod load;
 pub mod pki;
 pub mod registry;
