@@ -153,6 +153,9 @@ pub struct Report {
     pub workers: BTreeMap<String, WorkerLoad>,
     /// Load average (1, 5, 15 min) before and after the load.
     pub loadavg: (String, String),
+    /// CPU seconds used during the load, by who: `kiln` clients, each worker (with its
+    /// runc children), the gateway.
+    pub cpu: BTreeMap<String, f64>,
 }
 
 impl Report {
@@ -244,6 +247,21 @@ impl fmt::Display for Report {
             "p99(cached under load) / unloaded median = {:.2}x (target <= 3x)",
             self.cached_ratio()
         )?;
+        let cpu_total: f64 = self.cpu.values().sum();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        writeln!(
+            f,
+            "CPU during the load: {:.1} s of {:.1} s available ({:.0}%); per build {:.1} ms: {}",
+            cpu_total,
+            self.elapsed.as_secs_f64() * cores as f64,
+            100.0 * cpu_total / (self.elapsed.as_secs_f64() * cores as f64).max(1e-9),
+            1000.0 * cpu_total / (self.builds.max(1) as f64),
+            self.cpu
+                .iter()
+                .map(|(k, v)| format!("{k} {:.1}", 1000.0 * v / self.builds.max(1) as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
         writeln!(
             f,
             "load average before {} / after {}; {} cores",
@@ -260,6 +278,8 @@ impl fmt::Display for Report {
 
 /// The fleet and the projects of one run.
 struct Bench {
+    /// Process ids of the fleet by name (`w0`…, `kiln-gateway`).
+    pids: Vec<(String, u32)>,
     bins: PathBuf,
     gateway: String,
     metrics: String,
@@ -402,6 +422,45 @@ fn percentiles(mut v: Vec<Duration>) -> Percentiles {
     }
 }
 
+/// CPU seconds of process `pid` (`self` for this one): its own and, with `children`, that
+/// of its reaped children instead (`/proc/PID/stat`, in USER_HZ = 100 ticks).
+fn cpu_seconds(pid: &str, children: bool) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name: state is field 3; utime, stime,
+    // cutime, cstime are fields 14-17.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    if f.len() < 4 {
+        return 0.0;
+    }
+    let ticks = if children {
+        f[2] + f[3]
+    } else {
+        f[0] + f[1] + f[2] + f[3]
+    };
+    ticks / 100.0
+}
+
+/// CPU seconds so far: `kiln` clients (this process's reaped children) and each fleet
+/// process with its own children.
+fn cpu_now(bench: &Bench) -> BTreeMap<String, f64> {
+    let mut m = BTreeMap::new();
+    m.insert("clients".to_string(), cpu_seconds("self", true));
+    for (name, pid) in &bench.pids {
+        m.insert(name.clone(), cpu_seconds(&pid.to_string(), false));
+    }
+    m
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -463,6 +522,10 @@ pub fn run(o: &Options) -> anyhow::Result<Report> {
     )?);
     let projects = tmp.path().join("projects");
     let bench = Arc::new(Bench {
+        pids: procs
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.id()?)))
+            .collect(),
         bins: o.bins.clone(),
         gateway: format!("127.0.0.1:{gport}"),
         metrics: format!("127.0.0.1:{mport}"),
@@ -544,6 +607,7 @@ fn drive(o: &Options, bench: &Arc<Bench>) -> anyhow::Result<Report> {
         })
     };
     let load_before = loadavg();
+    let cpu_before = cpu_now(bench);
     let results: Arc<Mutex<Vec<Sample>>> = Arc::default();
     let errors: Arc<Mutex<Vec<String>>> = Arc::default();
     let start = Instant::now();
@@ -622,6 +686,13 @@ fn drive(o: &Options, bench: &Arc<Bench>) -> anyhow::Result<Report> {
         .join()
         .map_err(|_| anyhow!("the sampler thread panicked"))?;
     let load_after = loadavg();
+    let cpu: BTreeMap<String, f64> = cpu_now(bench)
+        .into_iter()
+        .map(|(k, v)| {
+            let b = cpu_before.get(&k).copied().unwrap_or(0.0);
+            (k, v - b)
+        })
+        .collect();
     let counters_after = bench.scrape()?;
 
     let results = std::mem::take(&mut *results.lock().expect("lock"));
@@ -675,6 +746,7 @@ fn drive(o: &Options, bench: &Arc<Bench>) -> anyhow::Result<Report> {
         by_kind,
         workers,
         loadavg: (load_before, load_after),
+        cpu,
     })
 }
 
