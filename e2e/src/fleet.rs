@@ -121,6 +121,11 @@ impl Proc {
         })
     }
 
+    /// Its process id, while it runs.
+    pub fn id(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The process's output so far.
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -211,6 +216,20 @@ pub fn start_gateway_tls(
     log_dir: &Path,
     tls: Option<(&crate::pki::Identity, &crate::pki::Identity)>,
 ) -> anyhow::Result<Proc> {
+    start_gateway_opts(bins, port, metrics_port, workers, log_dir, tls, &[])
+}
+
+/// [`start_gateway_tls`] with `extra` flags appended to the gateway's command line (for
+/// example `--max-builds-per-worker 4`).
+pub fn start_gateway_opts(
+    bins: &Path,
+    port: u16,
+    metrics_port: u16,
+    workers: &[String],
+    log_dir: &Path,
+    tls: Option<(&crate::pki::Identity, &crate::pki::Identity)>,
+    extra: &[String],
+) -> anyhow::Result<Proc> {
     let addr = format!("127.0.0.1:{port}");
     let mut cmd = Command::new(bins.join("kiln-gateway"));
     cmd.arg("--addr").arg(format!("tcp://{addr}"));
@@ -233,7 +252,8 @@ pub fn start_gateway_tls(
         .arg("--metrics-addr")
         .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--health-interval")
-        .arg("1");
+        .arg("1")
+        .args(extra);
     let mut p = Proc::spawn("kiln-gateway", cmd, &log_dir.join("gateway.log"))?;
     wait_until_listening(&mut p, &addr)?;
     wait_until_listening(&mut p, &format!("127.0.0.1:{metrics_port}"))?;

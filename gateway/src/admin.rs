@@ -13,13 +13,18 @@ pub fn handle(pool: &Pool, method: &str, path: &str) -> (u16, String) {
         ("GET", "/workers") => {
             let mut out = String::new();
             for w in pool.workers() {
+                let limit = match w.limit() {
+                    0 => "unlimited".to_string(),
+                    n => n.to_string(),
+                };
                 out.push_str(&format!(
-                    "{} {} healthy={} draining={} inflight={}\n",
+                    "{} {} healthy={} draining={} inflight={} queued={} limit={limit}\n",
                     w.name,
                     w.addr,
                     w.is_healthy(),
                     w.is_draining(),
-                    w.inflight()
+                    w.inflight(),
+                    w.queued(),
                 ));
             }
             (200, out)
@@ -73,6 +78,7 @@ mod tests {
         let (code, body) = handle(&pool, "GET", "/workers");
         assert_eq!(code, 200);
         assert!(body.contains("w0 tcp://127.0.0.1:9") && body.contains("draining=true"));
+        assert!(body.contains("queued=0 limit=unlimited"), "{body}");
         assert_eq!(handle(&pool, "POST", "/undrain?worker=w0").0, 200);
         assert!(pool.get("w0").is_some_and(|w| !w.is_draining()));
         let (code, body) = handle(&pool, "POST", "/drain?worker=nope");

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use kiln_proto::grpc::health::v1 as health;
 use kiln_proto::transport::ClientTls;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::metrics::Metrics;
@@ -49,12 +50,17 @@ pub struct Worker {
     /// clears an operator's drain.
     terminating: AtomicBool,
     inflight: AtomicUsize,
+    /// Builds waiting in the gateway for one of its build slots.
+    queued: AtomicUsize,
+    /// Its build slots (FIFO); `None` when unlimited.
+    slots: Option<Arc<Semaphore>>,
+    limit: usize,
 }
 
 // === impl Worker ===
 
 impl Worker {
-    fn new(m: &Member, tls: Option<Arc<ClientTls>>) -> Result<Worker> {
+    fn new(m: &Member, tls: Option<Arc<ClientTls>>, limit: usize) -> Result<Worker> {
         let hostport = m
             .addr
             .strip_prefix("tcp://")
@@ -88,6 +94,9 @@ impl Worker {
             draining: AtomicBool::new(false),
             terminating: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            slots: (limit > 0).then(|| Arc::new(Semaphore::new(limit))),
+            limit,
         })
     }
 
@@ -107,9 +116,24 @@ impl Worker {
         self.terminating.load(Ordering::SeqCst)
     }
 
-    /// Builds running on it through this gateway.
+    /// Builds running on it through this gateway (admitted, not queued).
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Builds waiting in the gateway's queue for one of its build slots.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Its limit of concurrent builds; 0 when unlimited.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The load the ring weighs: running plus queued builds.
+    fn load(&self) -> usize {
+        self.inflight() + self.queued()
     }
 
     /// `name (addr)`, for error messages.
@@ -140,17 +164,98 @@ impl Worker {
     }
 }
 
-/// Counts one build on a worker while alive.
+/// One build on a worker: counted as running once admitted (holding one of the worker's
+/// build slots), as queued before that. Dropping it frees the slot or leaves the queue.
 #[derive(Debug)]
 pub struct InflightGuard {
     worker: Arc<Worker>,
     metrics: Metrics,
+    /// Holds the build slot while running (none when the worker is unlimited).
+    permit: Option<OwnedSemaphorePermit>,
+    queued: bool,
+}
+
+/// A queued build gave up: the worker stayed at its limit for the whole queue timeout.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueTimeout {
+    /// How long it waited.
+    pub waited: Duration,
+}
+
+// === impl InflightGuard ===
+
+impl InflightGuard {
+    /// Takes a slot of `worker` if one is free (never ahead of queued builds), else joins
+    /// its queue.
+    fn take(worker: &Arc<Worker>, metrics: &Metrics) -> InflightGuard {
+        let permit = match &worker.slots {
+            None => None,
+            Some(s) => match s.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let now = worker.queued.fetch_add(1, Ordering::SeqCst) + 1;
+                    metrics.set_queued(&worker.name, now);
+                    return InflightGuard {
+                        worker: worker.clone(),
+                        metrics: metrics.clone(),
+                        permit: None,
+                        queued: true,
+                    };
+                }
+            },
+        };
+        let now = worker.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics.set_inflight(&worker.name, now);
+        InflightGuard {
+            worker: worker.clone(),
+            metrics: metrics.clone(),
+            permit,
+            queued: false,
+        }
+    }
+
+    /// True while the build waits for a slot.
+    pub fn is_queued(&self) -> bool {
+        self.queued
+    }
+
+    /// Waits (FIFO) up to `timeout` for a slot of the worker; at once when already
+    /// admitted. Cancel-safe: dropping the future (or the guard) leaves the queue.
+    pub async fn admit(&mut self, timeout: Duration) -> std::result::Result<(), QueueTimeout> {
+        let Some(slots) = self.worker.slots.clone().filter(|_| self.queued) else {
+            return Ok(());
+        };
+        let start = tokio::time::Instant::now();
+        let got = tokio::time::timeout(timeout, slots.acquire_owned()).await;
+        let waited = start.elapsed();
+        self.metrics.queue_wait(&self.worker.name, waited);
+        match got {
+            Ok(Ok(p)) => {
+                self.permit = Some(p);
+                self.queued = false;
+                let q = self.worker.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+                self.metrics.set_queued(&self.worker.name, q);
+                let now = self.worker.inflight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.metrics.set_inflight(&self.worker.name, now);
+                Ok(())
+            }
+            // The semaphore is never closed; treat it like a timeout if it were.
+            Ok(Err(_)) | Err(_) => Err(QueueTimeout { waited }),
+        }
+    }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        let now = self.worker.inflight.fetch_sub(1, Ordering::SeqCst) - 1;
-        self.metrics.set_inflight(&self.worker.name, now);
+        if self.queued {
+            let now = self.worker.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+            self.metrics.set_queued(&self.worker.name, now);
+        } else {
+            let now = self.worker.inflight.fetch_sub(1, Ordering::SeqCst) - 1;
+            self.metrics.set_inflight(&self.worker.name, now);
+        }
+        // The permit (if any) drops after the count, handing the slot to the next in line.
+        drop(self.permit.take());
     }
 }
 
@@ -163,6 +268,7 @@ pub struct Pool {
     load_bound: f64,
     metrics: Metrics,
     worker_tls: Option<Arc<ClientTls>>,
+    max_builds: usize,
 }
 
 #[derive(Debug, Default)]
@@ -183,7 +289,15 @@ impl Pool {
             load_bound,
             metrics,
             worker_tls: None,
+            max_builds: 0,
         }
+    }
+
+    /// Limits every worker that joins from now on to `n` concurrent builds (0: unlimited);
+    /// builds beyond it wait in the gateway's queue (see [`InflightGuard::admit`]).
+    pub fn with_max_builds(mut self, n: usize) -> Pool {
+        self.max_builds = n;
+        self
     }
 
     /// Dials workers with mutual TLS (the gateway's client certificate).
@@ -221,7 +335,7 @@ impl Pool {
                 Some(w) if w.addr == m.addr => w.clone(),
                 _ => {
                     tracing::info!(worker = %name, addr = %m.addr, "worker joined");
-                    Arc::new(Worker::new(m, self.worker_tls.clone())?)
+                    Arc::new(Worker::new(m, self.worker_tls.clone(), self.max_builds)?)
                 }
             };
             let term = terminating.contains(&name);
@@ -265,8 +379,9 @@ impl Pool {
             .collect()
     }
 
-    /// The worker for `key` under bounded load, skipping `exclude`d names; counts the build
-    /// on it until the returned guard drops.
+    /// The worker for `key` under bounded load (running plus queued builds), skipping
+    /// `exclude`d names; counts the build on it (running, or queued when the worker is at
+    /// its limit) until the returned guard drops.
     pub fn pick(&self, key: &str, exclude: &[String]) -> Option<(Arc<Worker>, InflightGuard)> {
         // One decision at a time, so concurrent builds cannot both take the last slot
         // under the load bound.
@@ -275,33 +390,21 @@ impl Pool {
         let load = |n: &str| {
             let w = inner.workers.get(n)?;
             (w.is_healthy() && !w.is_draining() && !exclude.iter().any(|e| e == n))
-                .then(|| w.inflight())
+                .then(|| w.load())
         };
         let name = inner.ring.pick(key, self.load_bound, load)?;
         let w = inner.workers.get(name)?.clone();
-        let now = w.inflight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.metrics.set_inflight(&w.name, now);
-        Some((
-            w.clone(),
-            InflightGuard {
-                worker: w,
-                metrics: self.metrics.clone(),
-            },
-        ))
+        let guard = InflightGuard::take(&w, &self.metrics);
+        Some((w, guard))
     }
 
     /// Counts one more build on `worker` (chosen by an earlier pin, not by the ring) unless
-    /// it is draining.
+    /// it is draining; queued when the worker is at its limit.
     pub fn pin(&self, worker: &Arc<Worker>) -> Option<InflightGuard> {
         if worker.is_draining() {
             return None;
         }
-        let now = worker.inflight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.metrics.set_inflight(&worker.name, now);
-        Some(InflightGuard {
-            worker: worker.clone(),
-            metrics: self.metrics.clone(),
-        })
+        Some(InflightGuard::take(worker, &self.metrics))
     }
 
     /// The key's home worker ignoring load and health (for tests and diagnostics).

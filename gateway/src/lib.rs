@@ -10,6 +10,10 @@
 //! * [`proxy`]: the gRPC services that forward calls.
 //! * [`metrics`]: Prometheus metrics and their HTTP endpoint.
 //! * [`admin`]: the operator's drain/undrain endpoint.
+//!
+//! Admission: each worker runs at most [`Config::max_builds_per_worker`] builds through
+//! the gateway; a Solve beyond that waits in a FIFO queue at the gateway (its Session
+//! already open on the worker) until a slot frees or [`proxy::Timeouts::queue`] runs out.
 
 pub mod admin;
 pub mod discovery;
@@ -47,7 +51,12 @@ pub struct Config {
     pub timeouts: proxy::Timeouts,
     /// TLS towards the workers (CA and the gateway's client certificate); plaintext if none.
     pub worker_tls: Option<std::sync::Arc<kiln_proto::transport::ClientTls>>,
+    /// Concurrent builds per worker before new ones queue at the gateway; 0 = unlimited.
+    pub max_builds_per_worker: usize,
 }
+
+/// Default [`Config::max_builds_per_worker`].
+pub const DEFAULT_MAX_BUILDS_PER_WORKER: usize = 8;
 
 impl Default for Config {
     fn default() -> Self {
@@ -57,6 +66,7 @@ impl Default for Config {
             keep: route::DEFAULT_KEEP,
             timeouts: proxy::Timeouts::default(),
             worker_tls: None,
+            max_builds_per_worker: DEFAULT_MAX_BUILDS_PER_WORKER,
         }
     }
 }
@@ -67,7 +77,8 @@ impl Gateway {
     /// A gateway with an empty pool; feed it with [`health::Pool::set_members`].
     pub fn new(config: Config, metrics: metrics::Metrics) -> Gateway {
         let pool = health::Pool::new(config.vnodes, config.load_bound, metrics.clone())
-            .with_worker_tls(config.worker_tls.clone());
+            .with_worker_tls(config.worker_tls.clone())
+            .with_max_builds(config.max_builds_per_worker);
         Gateway {
             proxy: proxy::Proxy {
                 pool,

@@ -45,6 +45,14 @@ struct Args {
     /// Load bound c: no worker takes more than ceil(c × mean) in-flight builds.
     #[arg(long, default_value_t = kiln_gateway::ring::DEFAULT_LOAD_BOUND)]
     load_bound: f64,
+    /// Concurrent builds per worker; builds beyond it wait in a FIFO queue at the gateway
+    /// (`kiln_gateway_queue_depth`) until a slot frees. 0 = unlimited.
+    #[arg(long, default_value_t = kiln_gateway::DEFAULT_MAX_BUILDS_PER_WORKER)]
+    max_builds_per_worker: usize,
+    /// How long a build may wait in a worker's queue before it fails with
+    /// resource_exhausted, in seconds.
+    #[arg(long, default_value_t = kiln_gateway::proxy::DEFAULT_QUEUE_TIMEOUT.as_secs())]
+    queue_timeout: u64,
     /// Health-check interval, in seconds.
     #[arg(long, default_value_t = 2)]
     health_interval: u64,
@@ -146,10 +154,19 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let metrics = Metrics::new().context("registering metrics")?;
+    if args.queue_timeout == 0 {
+        bail!("--queue-timeout 0: must be at least 1 second");
+    }
+    let defaults = Config::default();
     let config = Config {
         load_bound: args.load_bound,
         worker_tls,
-        ..Config::default()
+        max_builds_per_worker: args.max_builds_per_worker,
+        timeouts: kiln_gateway::proxy::Timeouts {
+            queue: Duration::from_secs(args.queue_timeout),
+            ..defaults.timeouts.clone()
+        },
+        ..defaults
     };
     let gateway = Gateway::new(config, metrics.clone());
     match (&args.workers, &args.workers_dns, endpointslice) {

@@ -25,6 +25,8 @@ struct Inner {
     pin_waits: IntCounterVec,
     pin_wait_seconds: HistogramVec,
     latency: HistogramVec,
+    queue_depth: IntGaugeVec,
+    queue_wait: HistogramVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -55,6 +57,15 @@ impl Metrics {
             let buckets = vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
             ];
+            histogram_with(r, name, help, labels, buckets)
+        }
+        fn histogram_with(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+            buckets: Vec<f64>,
+        ) -> R<HistogramVec> {
             reg(
                 r,
                 HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?,
@@ -109,6 +120,22 @@ impl Metrics {
                 "Time from a call's arrival to the worker's response headers, by RPC.",
                 &["rpc"],
             )?,
+            queue_depth: gauge(
+                &registry,
+                "kiln_gateway_queue_depth",
+                "Builds waiting in the gateway for a build slot of each worker.",
+                &["worker"],
+            )?,
+            queue_wait: histogram_with(
+                &registry,
+                "kiln_gateway_queue_wait_seconds",
+                "Time builds waited in the gateway's queue for a build slot, by worker.",
+                &["worker"],
+                vec![
+                    0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                    300.0, 600.0,
+                ],
+            )?,
             registry,
         };
         Ok(Metrics {
@@ -130,6 +157,22 @@ impl Metrics {
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
+    /// Sets the queue depth of `worker`.
+    pub fn set_queued(&self, worker: &str, n: usize) {
+        self.inner
+            .queue_depth
+            .with_label_values(&[worker])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// One build waited `waited` in the queue of `worker` (admitted or timed out).
+    pub fn queue_wait(&self, worker: &str, waited: Duration) {
+        self.inner
+            .queue_wait
+            .with_label_values(&[worker])
+            .observe(waited.as_secs_f64());
+    }
+
     /// Sets the health gauge of `worker`.
     pub fn set_healthy(&self, worker: &str, healthy: bool) {
         self.inner
@@ -147,6 +190,7 @@ impl Metrics {
     pub fn forget_worker(&self, worker: &str) {
         let _ = self.inner.healthy.remove_label_values(&[worker]);
         let _ = self.inner.inflight.remove_label_values(&[worker]);
+        let _ = self.inner.queue_depth.remove_label_values(&[worker]);
     }
 
     /// A call of `rpc` waited `waited` for its pin; `outcome` is `found` or `timeout`.
@@ -256,6 +300,8 @@ mod tests {
         m.ejection("w0");
         m.pin_wait("status", "found", Duration::from_millis(3));
         m.latency("solve", Duration::from_micros(300));
+        m.set_queued("w0", 3);
+        m.queue_wait("w0", Duration::from_secs(2));
         let text = m.render();
         for name in [
             "kiln_gateway_builds_total{worker=\"w0\"} 1",
@@ -266,6 +312,8 @@ mod tests {
             "kiln_gateway_pinning_waits_total{outcome=\"found\",rpc=\"status\"} 1",
             "kiln_gateway_pinning_wait_seconds_count{rpc=\"status\"} 1",
             "kiln_gateway_proxy_latency_seconds_count{rpc=\"solve\"} 1",
+            "kiln_gateway_queue_depth{worker=\"w0\"} 3",
+            "kiln_gateway_queue_wait_seconds_count{worker=\"w0\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -40,7 +40,13 @@ pub struct Timeouts {
     pub session_key_wait: Duration,
     /// How long a Solve waits for its released Session stream to be accepted by the worker.
     pub session_open: Duration,
+    /// How long a Solve waits in a worker's admission queue before it fails with
+    /// `resource_exhausted`.
+    pub queue: Duration,
 }
+
+/// Default [`Timeouts::queue`].
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl Default for Timeouts {
     fn default() -> Self {
@@ -49,6 +55,7 @@ impl Default for Timeouts {
             session_hold: route::DEFAULT_SESSION_HOLD,
             session_key_wait: Duration::from_secs(2),
             session_open: Duration::from_secs(10),
+            queue: DEFAULT_QUEUE_TIMEOUT,
         }
     }
 }
@@ -319,6 +326,45 @@ impl Proxy {
         Ok((w, g, kind, key))
     }
 
+    /// Binds the build's Session stream to `worker` and, when it was held, waits for the
+    /// worker to accept it.
+    async fn open_session_for(
+        &self,
+        req: &api::SolveRequest,
+        worker: &Arc<Worker>,
+    ) -> Result<(), Status> {
+        match self.routes.bind_session(&req.session, worker) {
+            BindOutcome::Released(opened) => {
+                match tokio::time::timeout(self.timeouts.session_open, opened).await {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => {
+                        return Err(Status::unavailable(format!(
+                            "build {}: session {} could not be opened on worker {}: {e}",
+                            req.r#ref,
+                            req.session,
+                            worker.describe()
+                        )));
+                    }
+                    Ok(Err(_)) | Err(_) => tracing::warn!(
+                        r#ref = %req.r#ref,
+                        session = %req.session,
+                        "session stream did not confirm; forwarding the solve anyway"
+                    ),
+                }
+            }
+            BindOutcome::Prebound => {}
+            BindOutcome::AlreadyBound(w) if w.name != worker.name => tracing::warn!(
+                r#ref = %req.r#ref,
+                session = %req.session,
+                session_worker = %w.name,
+                worker = %worker.name,
+                "the build's session lives on another worker"
+            ),
+            BindOutcome::AlreadyBound(_) => {}
+        }
+        Ok(())
+    }
+
     /// Fans a unary call out to every healthy worker.
     async fn fan_out<T, F, Fut>(
         &self,
@@ -368,6 +414,19 @@ fn all_failed<T>(rpc: &str, results: Vec<(Arc<Worker>, Result<T, Status>)>) -> S
     ))
 }
 
+/// Takes a queued build's ref out of the queued set when the Solve stops waiting (admitted
+/// builds are pinned first, so this is a no-op for them).
+struct QueuedRef {
+    routes: Routes,
+    r#ref: String,
+}
+
+impl Drop for QueuedRef {
+    fn drop(&mut self) {
+        self.routes.unqueue_ref(&self.r#ref);
+    }
+}
+
 /// Label put on every record of an aggregated ListWorkers answer: the worker's name.
 pub const WORKER_LABEL: &str = "org.kiln.gateway.worker";
 
@@ -383,48 +442,56 @@ impl api::control_server::Control for Proxy {
         if req.r#ref.is_empty() {
             return Err(Status::invalid_argument("solve: ref is required"));
         }
-        let (worker, guard, kind, key) = self.choose(&req).await?;
-        // Pins first, so Status/LLBBridge calls waiting for this ref proceed at once.
-        self.routes.pin_ref(&req.r#ref, &worker);
+        let (worker, mut guard, kind, key) = self.choose(&req).await?;
+        let queued = guard.is_queued();
+        // Pins first when the build runs at once, so Status/LLBBridge calls waiting for this
+        // ref proceed; a queued build's calls wait at the gateway until it is admitted.
+        let _queued_ref = if queued {
+            self.routes.queue_ref(&req.r#ref);
+            Some(QueuedRef {
+                routes: self.routes.clone(),
+                r#ref: req.r#ref.clone(),
+            })
+        } else {
+            self.routes.pin_ref(&req.r#ref, &worker);
+            None
+        };
         self.metrics.routed(&worker.name, kind.as_str());
         tracing::info!(
             r#ref = %req.r#ref,
             worker = %worker.name,
             key_kind = kind.as_str(),
             %key,
+            queued,
             "routed build"
         );
+        // The session opens on the worker now, queued or not, so its bytes keep flowing
+        // while only the Solve waits for a slot.
         if !req.session.is_empty() {
-            match self.routes.bind_session(&req.session, &worker) {
-                BindOutcome::Released(opened) => {
-                    match tokio::time::timeout(self.timeouts.session_open, opened).await {
-                        Ok(Ok(Ok(()))) => {}
-                        Ok(Ok(Err(e))) => {
-                            self.routes.ref_done(&req.r#ref);
-                            return Err(Status::unavailable(format!(
-                                "build {}: session {} could not be opened on worker {}: {e}",
-                                req.r#ref,
-                                req.session,
-                                worker.describe()
-                            )));
-                        }
-                        Ok(Err(_)) | Err(_) => tracing::warn!(
-                            r#ref = %req.r#ref,
-                            session = %req.session,
-                            "session stream did not confirm; forwarding the solve anyway"
-                        ),
-                    }
-                }
-                BindOutcome::Prebound => {}
-                BindOutcome::AlreadyBound(w) if w.name != worker.name => tracing::warn!(
-                    r#ref = %req.r#ref,
-                    session = %req.session,
-                    session_worker = %w.name,
-                    worker = %worker.name,
-                    "the build's session lives on another worker"
-                ),
-                BindOutcome::AlreadyBound(_) => {}
+            if let Err(s) = self.open_session_for(&req, &worker).await {
+                self.routes.ref_done(&req.r#ref);
+                return Err(s);
             }
+        }
+        if queued {
+            tracing::info!(
+                r#ref = %req.r#ref,
+                worker = %worker.name,
+                limit = worker.limit(),
+                queued = worker.queued(),
+                "worker at its build limit; build queued at the gateway"
+            );
+            if let Err(t) = guard.admit(self.timeouts.queue).await {
+                return Err(Status::resource_exhausted(format!(
+                    "build {}: worker {} stayed at its limit of {} concurrent builds; waited {:.1?} in the gateway's queue (--queue-timeout {:?})",
+                    req.r#ref,
+                    worker.describe(),
+                    worker.limit(),
+                    t.waited,
+                    self.timeouts.queue,
+                )));
+            }
+            self.routes.pin_ref(&req.r#ref, &worker);
         }
         let build = req.r#ref.clone();
         let span = tracing::info_span!(

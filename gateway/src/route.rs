@@ -6,7 +6,7 @@
 //!
 //! Uses [`crate::health`] worker handles; no I/O. [`crate::proxy`] drives it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -130,6 +130,8 @@ struct RefPin {
 struct Tables {
     sessions: HashMap<String, SessionPin>,
     refs: HashMap<String, RefPin>,
+    /// Builds whose Solve waits in a worker's admission queue: their calls wait too.
+    queued: HashSet<String>,
 }
 
 /// What [`Routes::bind_session`] did.
@@ -294,14 +296,36 @@ impl Routes {
 
     /// Pins build `r#ref` to `worker` (before the Solve is forwarded) and wakes waiters.
     pub fn pin_ref(&self, r#ref: &str, worker: &Arc<Worker>) {
-        self.lock().refs.insert(
+        let mut t = self.lock();
+        t.queued.remove(r#ref);
+        t.refs.insert(
             r#ref.to_string(),
             RefPin {
                 worker: worker.clone(),
                 expires: None,
             },
         );
+        drop(t);
         self.changed.notify_waiters();
+    }
+
+    /// Build `r#ref` waits in an admission queue: calls looking for its worker wait
+    /// (without their usual bound) until it is pinned or leaves the queue.
+    pub fn queue_ref(&self, r#ref: &str) {
+        self.lock().queued.insert(r#ref.to_string());
+        self.changed.notify_waiters();
+    }
+
+    /// Build `r#ref` left its admission queue without being pinned (timeout, client gone).
+    pub fn unqueue_ref(&self, r#ref: &str) {
+        if self.lock().queued.remove(r#ref) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// How many builds wait in admission queues.
+    pub fn queued_refs(&self) -> usize {
+        self.lock().queued.len()
     }
 
     /// The build `r#ref` finished: its pin expires after the keep time.
@@ -312,17 +336,26 @@ impl Routes {
         }
     }
 
-    /// The worker of build `r#ref`, waiting up to `wait` for its Solve to pin it.
+    /// The worker of build `r#ref`, waiting up to `wait` for its Solve to pin it; while
+    /// the Solve waits in an admission queue, the wait is not counted (the deadline
+    /// restarts when the build leaves the queue).
     pub async fn ref_worker(&self, r#ref: &str, wait: Duration) -> Option<Arc<Worker>> {
-        let deadline = Instant::now() + wait;
+        let mut deadline = Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(p) = self.lock().refs.get(r#ref) {
-                return Some(p.worker.clone());
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let queued = {
+                let t = self.lock();
+                if let Some(p) = t.refs.get(r#ref) {
+                    return Some(p.worker.clone());
+                }
+                t.queued.contains(r#ref)
+            };
+            if queued {
+                notified.await;
+                deadline = Instant::now() + wait;
+            } else if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return None;
             }
         }

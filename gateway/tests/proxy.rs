@@ -1,8 +1,9 @@
 //! The gateway's forwarding against in-process fake workers (tonic servers on 127.0.0.1,
 //! each behind a TCP relay the test can cut): Session pass-through (payload bytes,
 //! repeated metadata, half-close, cancellation), late binding, Status before Solve,
-//! LLBBridge by build ID, node-wide calls, retry before Solve, death mid-build, and a
-//! held session released after its timeout.
+//! LLBBridge by build ID, node-wide calls, retry before Solve, death mid-build, a
+//! held session released after its timeout, and per-worker admission (builds beyond a
+//! worker's limit queue at the gateway; cancelled or timed-out ones leave the queue).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -325,6 +326,10 @@ async fn setup(members: Vec<Member>, timeouts: Timeouts) -> Setup {
         timeouts,
         ..Config::default()
     };
+    setup_with(members, config).await
+}
+
+async fn setup_with(members: Vec<Member>, config: Config) -> Setup {
     let gateway = Gateway::new(config, Metrics::new().expect("metrics"));
     gateway.pool().set_members(&members).expect("members");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -864,4 +869,227 @@ async fn draining_and_leaving_workers_finish_running_builds_and_take_no_new_ones
             assert_eq!(header(resp.metadata(), WORKER_HEADER), "w0");
         }
     }
+}
+
+/// The value of the sample `name{worker="w"}` in the gateway's metrics, if rendered.
+fn sample(s: &Setup, name: &str, worker: &str) -> Option<f64> {
+    let prefix = format!("{name}{{worker=\"{worker}\"}} ");
+    s.gateway
+        .proxy
+        .metrics
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Waits until the gateway's `kiln_gateway_queue_depth` of `worker` is `depth`.
+async fn wait_queue_depth(s: &Setup, worker: &str, depth: f64) {
+    within(&format!("queue depth {depth} on {worker}"), async {
+        while sample(s, "kiln_gateway_queue_depth", worker) != Some(depth) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+}
+
+fn limited(limit: usize, timeouts: Timeouts) -> Config {
+    Config {
+        max_builds_per_worker: limit,
+        timeouts,
+        ..Config::default()
+    }
+}
+
+#[tokio::test]
+async fn build_beyond_the_worker_limit_queues_with_its_session_alive_then_runs() {
+    let backends = [Backend::start("w0").await];
+    // A short pin wait: the queued build's Status call must outlast it.
+    let timeouts = Timeouts {
+        pin_wait: Duration::from_millis(200),
+        ..Timeouts::default()
+    };
+    let mut s = setup_with(
+        backends.iter().map(Backend::member).collect(),
+        limited(1, timeouts),
+    )
+    .await;
+    let fake = &backends[0].fake;
+    let (_tx1, _from1, _c1) = open_session(&mut s.client, "qs1").await;
+    let mut first = solve("q-first", "qs1", "project-q");
+    first.frontend_attrs.insert("wait".into(), "1".into());
+    let mut c = s.client.clone();
+    let first = tokio::spawn(async move { c.solve(first).await });
+    fake.wait_for("first build on the worker", |f| {
+        f.state.solves.lock().expect("lock").len() == 1
+    })
+    .await;
+
+    let (tx2, mut from2, _c2) = open_session(&mut s.client, "qs2").await;
+    let mut c = s.client.clone();
+    let second = tokio::spawn(async move { c.solve(solve("q-second", "qs2", "project-q")).await });
+    wait_queue_depth(&s, "w0", 1.0).await;
+    let w0 = s.gateway.pool().get("w0").expect("w0");
+    assert_eq!((w0.inflight(), w0.queued(), w0.limit()), (1, 1, 1));
+    let (code, listing) = kiln_gateway::admin::handle(s.gateway.pool(), "GET", "/workers");
+    assert_eq!(code, 200);
+    assert!(listing.contains("inflight=1 queued=1 limit=1"), "{listing}");
+
+    // Queued: the session is open on the worker and carries bytes both ways.
+    let hello = within("hello", from2.message())
+        .await
+        .expect("stream")
+        .expect("message");
+    assert_eq!(hello.data, b"hello from w0");
+    tx2.send(api::BytesMessage {
+        data: b"while queued".to_vec(),
+    })
+    .await
+    .expect("send");
+    let echo = within("echo", from2.message())
+        .await
+        .expect("stream")
+        .expect("message");
+    assert_eq!(echo.data, b"echo:while queued");
+    // Only the first Solve reached the worker.
+    assert_eq!(fake.state.solves.lock().expect("lock").len(), 1);
+
+    // A Status call of the queued build waits for it past the pin wait.
+    let mut sc = s.client.clone();
+    let status = tokio::spawn(async move {
+        sc.status(api::StatusRequest {
+            r#ref: "q-second".into(),
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !status.is_finished(),
+        "status gave up while its build queued"
+    );
+
+    fake.state.release.notify_one();
+    within("first build", first)
+        .await
+        .expect("join")
+        .expect("first build");
+    let resp = within("second build", second)
+        .await
+        .expect("join")
+        .expect("queued build");
+    assert_eq!(header(resp.metadata(), WORKER_HEADER), "w0");
+    let st = within("status", status)
+        .await
+        .expect("join")
+        .expect("status of the queued build");
+    let msg = within("status message", st.into_inner().message())
+        .await
+        .expect("status stream")
+        .expect("one message");
+    assert_eq!(msg.vertexes[0].name, "q-second on w0");
+    wait_queue_depth(&s, "w0", 0.0).await;
+    assert_eq!(
+        sample(&s, "kiln_gateway_queue_wait_seconds_count", "w0"),
+        Some(1.0)
+    );
+    assert_eq!(s.gateway.proxy.routes.queued_refs(), 0);
+}
+
+#[tokio::test]
+async fn queued_build_whose_client_goes_away_leaves_the_queue() {
+    let backends = [Backend::start("w0").await];
+    let s = setup_with(
+        backends.iter().map(Backend::member).collect(),
+        limited(1, Timeouts::default()),
+    )
+    .await;
+    let fake = &backends[0].fake;
+    let mut first = solve("c-first", "", "project-c");
+    first.frontend_attrs.insert("wait".into(), "1".into());
+    let mut c = s.client.clone();
+    let first = tokio::spawn(async move { c.solve(first).await });
+    fake.wait_for("first build on the worker", |f| {
+        f.state.solves.lock().expect("lock").len() == 1
+    })
+    .await;
+    let mut c = s.client.clone();
+    let gone = tokio::spawn(async move { c.solve(solve("c-gone", "", "project-c")).await });
+    wait_queue_depth(&s, "w0", 1.0).await;
+    // The client goes away: its call is reset and the gateway drops the queued Solve.
+    gone.abort();
+    wait_queue_depth(&s, "w0", 0.0).await;
+    let w0 = s.gateway.pool().get("w0").expect("w0");
+    assert_eq!((w0.inflight(), w0.queued()), (1, 0));
+    within("queued ref forgotten", async {
+        while s.gateway.proxy.routes.queued_refs() != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // The slot it waited for is not lost: after the first build, the next runs at once.
+    fake.state.release.notify_one();
+    within("first build", first)
+        .await
+        .expect("join")
+        .expect("first build");
+    let mut c = s.client.clone();
+    within("next build", c.solve(solve("c-next", "", "project-c")))
+        .await
+        .expect("next build");
+    let refs: Vec<String> = fake
+        .state
+        .solves
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|r| r.r#ref.clone())
+        .collect();
+    assert_eq!(
+        refs,
+        ["c-first", "c-next"],
+        "the cancelled build reached the worker"
+    );
+    assert_eq!(w0.inflight(), 0);
+}
+
+#[tokio::test]
+async fn build_queued_past_the_queue_timeout_fails_naming_the_worker() {
+    let backends = [Backend::start("w0").await];
+    let timeouts = Timeouts {
+        queue: Duration::from_millis(300),
+        ..Timeouts::default()
+    };
+    let s = setup_with(
+        backends.iter().map(Backend::member).collect(),
+        limited(1, timeouts),
+    )
+    .await;
+    let fake = &backends[0].fake;
+    let mut first = solve("t-first", "", "project-t");
+    first.frontend_attrs.insert("wait".into(), "1".into());
+    let mut c = s.client.clone();
+    let first = tokio::spawn(async move { c.solve(first).await });
+    fake.wait_for("first build on the worker", |f| {
+        f.state.solves.lock().expect("lock").len() == 1
+    })
+    .await;
+    let mut c = s.client.clone();
+    let err = within("timed-out build", c.solve(solve("t-late", "", "project-t")))
+        .await
+        .expect_err("a build past the queue timeout succeeded");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    for part in ["t-late", "w0", "limit of 1", "queue"] {
+        assert!(
+            err.message().contains(part),
+            "{part} not in {:?}",
+            err.message()
+        );
+    }
+    wait_queue_depth(&s, "w0", 0.0).await;
+    fake.state.release.notify_one();
+    within("first build", first)
+        .await
+        .expect("join")
+        .expect("first build");
+    assert_eq!(fake.state.solves.lock().expect("lock").len(), 1);
 }
