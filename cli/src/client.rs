@@ -21,6 +21,7 @@ use kiln_proto::transport::{self, Addr, ClientTls};
 use kiln_worker::llb::pb;
 use kiln_worker::progress::{self, VertexState};
 use kiln_worker::session::attachables::{AuthProvider, SecretStore};
+use kiln_worker::session::content::{self, ContentStores};
 use kiln_worker::session::filesend::{FileSendTargets, OutputTarget};
 use kiln_worker::session::filesync::LocalDirs;
 pub use kiln_worker::session::sshforward::SshAgents;
@@ -244,6 +245,9 @@ impl Client {
     pub async fn build(&self, opts: BuildOptions, progress: Progress) -> Result<BuildOutcome> {
         let mut exporters = Vec::new();
         let mut targets = HashMap::new();
+        // The directory of the one `oci`/`docker` output with `tar=false`: the daemon
+        // writes its blobs into the session's content store `export`.
+        let mut layout_dir: Option<PathBuf> = None;
         for (i, e) in opts.exports.iter().enumerate() {
             if e.typ != "image" {
                 // The daemon streams this output back over the session's FileSend.
@@ -254,6 +258,32 @@ impl Client {
                     .ok_or_else(|| {
                         Error::Options(format!("--output type={}: dest is required", e.typ))
                     })?;
+                let tar = kiln_worker::control::tar_output(e)
+                    .map_err(|err| Error::Options(format!("--output type={}: {err}", e.typ)))?;
+                if matches!(e.typ.as_str(), "oci" | "docker") && !tar {
+                    if layout_dir.is_some() {
+                        return Err(Error::Options(
+                            "at most one --output type=oci|docker with tar=false".into(),
+                        ));
+                    }
+                    std::fs::create_dir_all(&dest).map_err(|err| {
+                        Error::Options(format!(
+                            "--output type={}: cannot create {}: {err}",
+                            e.typ,
+                            dest.display()
+                        ))
+                    })?;
+                    layout_dir = Some(dest);
+                    exporters.push(api::Exporter {
+                        r#type: e.typ.clone(),
+                        attrs: e
+                            .attrs
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    });
+                    continue;
+                }
                 targets.insert(
                     i,
                     if e.typ == "local" {
@@ -296,6 +326,9 @@ impl Client {
             kiln_worker::session::attachables::FETCH_TOKEN.into(),
             "/grpc.health.v1.Health/Check".into(),
         ];
+        if layout_dir.is_some() {
+            methods.extend(content::METHODS.iter().map(|m| m.to_string()));
+        }
         if !opts.ssh.is_empty() {
             methods.push(kiln_worker::session::sshforward::CHECK_AGENT.into());
             methods.push(kiln_worker::session::sshforward::FORWARD_AGENT.into());
@@ -322,7 +355,16 @@ impl Client {
             .add_service(FileSendTargets::new(targets))
             .add_service(SecretStore::new(opts.secrets.clone()).into_service())
             .add_service(AuthProvider::new(opts.registry.clone()).into_service())
-            .add_service(opts.ssh.clone().into_service());
+            .add_service(opts.ssh.clone().into_service())
+            .add_service(
+                ContentStores::new(
+                    layout_dir
+                        .iter()
+                        .map(|d| (content::EXPORT_STORE.to_string(), d.clone()))
+                        .collect(),
+                )
+                .into_service(),
+            );
         let served = serve(pipe(inbound, out_tx), routes);
         tasks.session = Some(tokio::spawn(async move {
             let _ = served.await;
@@ -400,8 +442,13 @@ impl Client {
         match res {
             Ok(resp) => {
                 let worker = worker_header(resp.metadata());
+                let exporter_response: BTreeMap<String, String> =
+                    resp.into_inner().exporter_response.into_iter().collect();
+                if let Some(dir) = &layout_dir {
+                    write_layout_index(dir, &exporter_response)?;
+                }
                 Ok(BuildOutcome {
-                    exporter_response: resp.into_inner().exporter_response.into_iter().collect(),
+                    exporter_response,
                     worker,
                 })
             }
@@ -467,6 +514,108 @@ fn entries(v: &[CacheEntry]) -> Vec<api::CacheOptionsEntry> {
                 .collect(),
         })
         .collect()
+}
+
+/// After a build with a `tar=false` output, as buildctl does: adds the exporter
+/// response's `containerimage.descriptor` to `dir/index.json`, once per name of
+/// `image.name` (tag `latest` without one), replacing entries of the same name, and
+/// writes `dir/oci-layout`.
+fn write_layout_index(dir: &std::path::Path, resp: &BTreeMap<String, String>) -> Result<()> {
+    use base64::Engine as _;
+    let bad = |message: String| Error::Build {
+        code: tonic::Code::Internal,
+        message,
+        worker: None,
+    };
+    let encoded = resp.get("containerimage.descriptor").ok_or_else(|| {
+        bad("the daemon returned no containerimage.descriptor for the tar=false output".into())
+    })?;
+    let desc: serde_json::Value = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| bad(format!("containerimage.descriptor from the daemon: {e}")))?;
+    let digest = desc["digest"].as_str().unwrap_or_default();
+    if kiln_worker::session::content::digest_hex(digest).is_none()
+        || !desc["mediaType"].is_string()
+        || !desc["size"].is_u64()
+    {
+        return Err(bad(format!(
+            "containerimage.descriptor from the daemon is not a descriptor: {desc}"
+        )));
+    }
+    let blob = dir.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    if !blob.is_file() {
+        return Err(bad(format!(
+            "the daemon did not write the manifest {digest} into {}",
+            dir.display()
+        )));
+    }
+    let io = |what: &str, path: &std::path::Path, e: std::io::Error| {
+        Error::Options(format!("{what} {}: {e}", path.display()))
+    };
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = match std::fs::read(&index_path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            Error::Options(format!("{} is not valid JSON: {e}", index_path.display()))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(io("reading", &index_path, e)),
+    };
+    if !index.is_object() {
+        return Err(Error::Options(format!(
+            "{} is not an OCI index",
+            index_path.display()
+        )));
+    }
+    index["schemaVersion"] = 2.into();
+    index["mediaType"] = "application/vnd.oci.image.index.v1+json".into();
+    let mut manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    let names: Vec<(Option<String>, String)> = match resp.get("image.name") {
+        Some(n) if !n.trim().is_empty() => n
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| (Some(n.to_string()), reference_name(n)))
+            .collect(),
+        _ => vec![(None, "latest".to_string())],
+    };
+    const IMAGE_NAME: &str = "io.containerd.image.name";
+    const REF_NAME: &str = "org.opencontainers.image.ref.name";
+    for (image, refname) in names {
+        manifests.retain(|m| {
+            m["annotations"][REF_NAME].as_str() != Some(refname.as_str())
+                || m["annotations"][IMAGE_NAME].as_str() != image.as_deref()
+        });
+        let mut d = desc.clone();
+        if !d["annotations"].is_object() {
+            d["annotations"] = serde_json::json!({});
+        }
+        if let Some(image) = image {
+            d["annotations"][IMAGE_NAME] = image.into();
+        }
+        d["annotations"][REF_NAME] = refname.into();
+        manifests.push(d);
+    }
+    index["manifests"] = manifests.into();
+    let tmp = dir.join(".index.json.tmp");
+    let json = serde_json::to_vec(&index).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(&tmp, json).map_err(|e| io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, &index_path).map_err(|e| io("writing", &index_path, e))?;
+    let layout = dir.join("oci-layout");
+    std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(|e| io("writing", &layout, e))
+}
+
+/// The OCI reference name of an image name, as containerd and buildctl derive it: the
+/// tag (`docker.io/library/a:1` → `1`), or the name itself without one.
+fn reference_name(name: &str) -> String {
+    let name = name.split('@').next().unwrap_or(name);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    match last.split_once(':') {
+        Some((_, tag)) if !tag.is_empty() => tag.to_string(),
+        _ => name.to_string(),
+    }
 }
 
 /// A fresh random-enough identifier (time, pid and a counter, hashed).

@@ -630,14 +630,18 @@ impl ControlService {
                 dest: None,
             });
         }
+        let mut layouts = 0;
         for e in &exports {
-            let to_client = matches!(e.typ.as_str(), "oci" | "docker");
-            if to_client && e.attrs.get("tar").map(String::as_str) == Some("false") {
-                return Err(Status::unimplemented(format!(
-                    "exporter {:?} with tar=false writes through the session content store, which is not implemented yet (tar=true works)",
-                    e.typ
-                )));
+            if matches!(e.typ.as_str(), "oci" | "docker")
+                && !super::tar_output(e).map_err(|e| Status::invalid_argument(e.to_string()))?
+            {
+                layouts += 1;
             }
+        }
+        if layouts > 1 {
+            return Err(Status::invalid_argument(
+                "at most one oci/docker output with tar=false: they share the client's content store \"export\"",
+            ));
         }
         Ok(exports)
     }
@@ -699,7 +703,16 @@ impl ControlService {
             }
             let path = tmp.path().join(format!("output-{i}"));
             e.dest = Some(path.clone());
-            sends.push((i, e.typ == "local", path));
+            let how = if e.typ == "local" {
+                Delivery::Dir
+            } else if matches!(e.typ.as_str(), "oci" | "docker")
+                && !super::tar_output(e).map_err(|e| Status::invalid_argument(e.to_string()))?
+            {
+                Delivery::Store
+            } else {
+                Delivery::File
+            };
+            sends.push((i, how, path));
         }
         Ok(Some(ClientOutputs { _tmp: tmp, sends }))
     }
@@ -721,27 +734,38 @@ impl ControlService {
                     "outputs go back to the client over its session, and there is no active session {session_id:?}"
                 ))
             })?;
-        if !session
-            .headers
-            .supports(crate::session::filesend::DIFF_COPY)
-        {
-            return Err(Status::failed_precondition(
-                "the client's session does not accept outputs (it serves no FileSend)",
-            ));
+        for (_, how, _) in &outputs.sends {
+            let (method, what) = match how {
+                Delivery::Store => (
+                    crate::session::content::WRITE,
+                    "the client's session serves no content store for tar=false outputs (Content.Write)",
+                ),
+                _ => (
+                    crate::session::filesend::DIFF_COPY,
+                    "the client's session does not accept outputs (it serves no FileSend)",
+                ),
+            };
+            if !session.headers.supports(method) {
+                return Err(Status::failed_precondition(what));
+            }
         }
         let step = Step::start(progress, "send-outputs", "sending outputs to the client");
         let mut res = Ok(());
-        for (index, is_dir, path) in &outputs.sends {
-            let sent = if *is_dir {
-                crate::session::filesend::send_dir(session.channel.clone(), *index, path).await
-            } else {
-                crate::session::filesend::send_file(
-                    session.channel.clone(),
-                    *index,
-                    &response.exporter_response,
-                    path,
-                )
-                .await
+        for (index, how, path) in &outputs.sends {
+            let sent = match how {
+                Delivery::Dir => {
+                    crate::session::filesend::send_dir(session.channel.clone(), *index, path).await
+                }
+                Delivery::File => {
+                    crate::session::filesend::send_file(
+                        session.channel.clone(),
+                        *index,
+                        &response.exporter_response,
+                        path,
+                    )
+                    .await
+                }
+                Delivery::Store => upload_layout(session.channel.clone(), path).await,
             };
             if let Err(e) = sent {
                 res = Err(Status::unavailable(format!(
@@ -773,8 +797,57 @@ pub(super) struct Fetched {
 /// Outputs staged on the worker on their way to the client.
 struct ClientOutputs {
     _tmp: tempfile::TempDir,
-    /// (exporter index, is a directory, staged path)
-    sends: Vec<(usize, bool, PathBuf)>,
+    /// (exporter index, how it goes back, staged path)
+    sends: Vec<(usize, Delivery, PathBuf)>,
+}
+
+/// How a staged output goes back to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// A file over FileSend (`tar`, `oci`, `docker`).
+    File,
+    /// A directory over FileSend (`local`).
+    Dir,
+    /// The blobs of an OCI layout into the client's content store `export` (`oci`,
+    /// `docker` with `tar=false`); the client writes `index.json` itself.
+    Store,
+}
+
+/// Uploads every `blobs/sha256/*` file of the staged layout at `dir` to the client's
+/// `export` content store.
+async fn upload_layout(
+    channel: tonic::transport::Channel,
+    dir: &std::path::Path,
+) -> Result<(), crate::session::SessionError> {
+    use crate::session::{content, SessionError};
+    let blobs = dir.join("blobs").join("sha256");
+    let mut entries = tokio::fs::read_dir(&blobs)
+        .await
+        .map_err(|e| SessionError::io("read", &blobs, e))?;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| SessionError::io("read", &blobs, e))?
+    {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let digest = format!("sha256:{name}");
+        if content::digest_hex(&digest).is_none() {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .await
+            .map_err(|e| SessionError::io("stat", entry.path(), e))?;
+        content::write_blob(
+            channel.clone(),
+            content::EXPORT_STORE,
+            &digest,
+            meta.len(),
+            &entry.path(),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Counts a build as in flight while it lives; a build dropped before it finished (its
