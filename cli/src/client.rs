@@ -302,6 +302,60 @@ impl Client {
                     .collect(),
             });
         }
+        // `type=local` caches: the daemon reads and writes them through the session's
+        // content store `local:<dir>`; imports name their manifest by digest.
+        let mut stores: HashMap<String, PathBuf> = layout_dir
+            .iter()
+            .map(|d| (content::EXPORT_STORE.to_string(), d.clone()))
+            .collect();
+        let mut cache_export: Option<(PathBuf, String)> = None;
+        for e in &opts.cache.exports {
+            if e.typ != "local" {
+                continue;
+            }
+            let Some(dest) = e.attrs.get("dest").filter(|d| !d.is_empty()) else {
+                continue;
+            };
+            std::fs::create_dir_all(dest).map_err(|err| {
+                Error::Options(format!(
+                    "--export-cache type=local: cannot create {dest}: {err}"
+                ))
+            })?;
+            stores.insert(format!("local:{dest}"), PathBuf::from(dest));
+            let tag = e.attrs.get("tag").filter(|t| !t.is_empty());
+            cache_export = Some((
+                PathBuf::from(dest),
+                tag.cloned().unwrap_or_else(|| "latest".into()),
+            ));
+        }
+        let mut cache_imports = Vec::new();
+        for e in &opts.cache.imports {
+            let mut e = e.clone();
+            if e.typ == "local" {
+                if let Some(src) = e.attrs.get("src").filter(|d| !d.is_empty()).cloned() {
+                    if !e.attrs.contains_key("digest") {
+                        let tag = e.attrs.get("tag").filter(|t| !t.is_empty());
+                        let tag = tag.map(String::as_str).unwrap_or("latest");
+                        match local_cache_digest(std::path::Path::new(&src), tag) {
+                            Ok(d) => {
+                                e.attrs.insert("digest".into(), d);
+                            }
+                            Err(why) => {
+                                progress.warn(
+                                    None,
+                                    format!(
+                                        "local cache import at {src} not found: {why}; building without it"
+                                    ),
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                    stores.insert(format!("local:{src}"), PathBuf::from(&src));
+                }
+            }
+            cache_imports.push(e);
+        }
         let mut control = api::control_client::ControlClient::new(self.channel.clone());
         let mut tasks = Tasks::default();
 
@@ -326,7 +380,7 @@ impl Client {
             kiln_worker::session::attachables::FETCH_TOKEN.into(),
             "/grpc.health.v1.Health/Check".into(),
         ];
-        if layout_dir.is_some() {
+        if !stores.is_empty() {
             methods.extend(content::METHODS.iter().map(|m| m.to_string()));
         }
         if !opts.ssh.is_empty() {
@@ -356,15 +410,7 @@ impl Client {
             .add_service(SecretStore::new(opts.secrets.clone()).into_service())
             .add_service(AuthProvider::new(opts.registry.clone()).into_service())
             .add_service(opts.ssh.clone().into_service())
-            .add_service(
-                ContentStores::new(
-                    layout_dir
-                        .iter()
-                        .map(|d| (content::EXPORT_STORE.to_string(), d.clone()))
-                        .collect(),
-                )
-                .into_service(),
-            );
+            .add_service(ContentStores::new(stores).into_service());
         let served = serve(pipe(inbound, out_tx), routes);
         tasks.session = Some(tokio::spawn(async move {
             let _ = served.await;
@@ -386,7 +432,7 @@ impl Client {
             exporters,
             cache: Some(api::CacheOptions {
                 exports: entries(&opts.cache.exports),
-                imports: entries(&opts.cache.imports),
+                imports: entries(&cache_imports),
                 ..Default::default()
             }),
             ..Default::default()
@@ -446,6 +492,17 @@ impl Client {
                     resp.into_inner().exporter_response.into_iter().collect();
                 if let Some(dir) = &layout_dir {
                     write_layout_index(dir, &exporter_response)?;
+                }
+                if let Some((dir, tag)) = &cache_export {
+                    // Absent when the export failed and ignore-error=true was given.
+                    if exporter_response.contains_key("cache.manifest") {
+                        let desc = response_descriptor(
+                            &exporter_response,
+                            "cache.manifest",
+                            "the local cache export",
+                        )?;
+                        put_index(dir, &desc, &[(None, tag.clone())])?;
+                    }
                 }
                 Ok(BuildOutcome {
                     exporter_response,
@@ -521,20 +578,53 @@ fn entries(v: &[CacheEntry]) -> Vec<api::CacheOptionsEntry> {
 /// `image.name` (tag `latest` without one), replacing entries of the same name, and
 /// writes `dir/oci-layout`.
 fn write_layout_index(dir: &std::path::Path, resp: &BTreeMap<String, String>) -> Result<()> {
-    use base64::Engine as _;
-    let bad = |message: String| Error::Build {
+    let desc = response_descriptor(resp, "containerimage.descriptor", "the tar=false output")?;
+    let names: Vec<(Option<String>, String)> = match resp.get("image.name") {
+        Some(n) if !n.trim().is_empty() => n
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| (Some(n.to_string()), reference_name(n)))
+            .collect(),
+        _ => vec![(None, "latest".to_string())],
+    };
+    put_index(dir, &desc, &names)
+}
+
+fn daemon_error(message: String) -> Error {
+    Error::Build {
         code: tonic::Code::Internal,
         message,
         worker: None,
-    };
-    let encoded = resp.get("containerimage.descriptor").ok_or_else(|| {
-        bad("the daemon returned no containerimage.descriptor for the tar=false output".into())
-    })?;
-    let desc: serde_json::Value = base64::engine::general_purpose::STANDARD
+    }
+}
+
+/// The base64 JSON descriptor under `key` of an exporter response.
+fn response_descriptor(
+    resp: &BTreeMap<String, String>,
+    key: &str,
+    what: &str,
+) -> Result<serde_json::Value> {
+    use base64::Engine as _;
+    let encoded = resp
+        .get(key)
+        .ok_or_else(|| daemon_error(format!("the daemon returned no {key} for {what}")))?;
+    base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-        .map_err(|e| bad(format!("containerimage.descriptor from the daemon: {e}")))?;
+        .map_err(|e| daemon_error(format!("{key} from the daemon: {e}")))
+}
+
+/// Adds `desc` to the OCI layout `dir`'s `index.json` once per (image name, reference
+/// name), replacing entries with the same pair, as buildctl's `ociindex` does; writes
+/// `oci-layout`. The manifest must already be in `dir`.
+fn put_index(
+    dir: &std::path::Path,
+    desc: &serde_json::Value,
+    names: &[(Option<String>, String)],
+) -> Result<()> {
+    let bad = daemon_error;
     let digest = desc["digest"].as_str().unwrap_or_default();
     if kiln_worker::session::content::digest_hex(digest).is_none()
         || !desc["mediaType"].is_string()
@@ -571,15 +661,6 @@ fn write_layout_index(dir: &std::path::Path, resp: &BTreeMap<String, String>) ->
     index["schemaVersion"] = 2.into();
     index["mediaType"] = "application/vnd.oci.image.index.v1+json".into();
     let mut manifests = index["manifests"].as_array().cloned().unwrap_or_default();
-    let names: Vec<(Option<String>, String)> = match resp.get("image.name") {
-        Some(n) if !n.trim().is_empty() => n
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(|n| (Some(n.to_string()), reference_name(n)))
-            .collect(),
-        _ => vec![(None, "latest".to_string())],
-    };
     const IMAGE_NAME: &str = "io.containerd.image.name";
     const REF_NAME: &str = "org.opencontainers.image.ref.name";
     for (image, refname) in names {
@@ -592,9 +673,9 @@ fn write_layout_index(dir: &std::path::Path, resp: &BTreeMap<String, String>) ->
             d["annotations"] = serde_json::json!({});
         }
         if let Some(image) = image {
-            d["annotations"][IMAGE_NAME] = image.into();
+            d["annotations"][IMAGE_NAME] = image.clone().into();
         }
-        d["annotations"][REF_NAME] = refname.into();
+        d["annotations"][REF_NAME] = refname.clone().into();
         manifests.push(d);
     }
     index["manifests"] = manifests.into();
@@ -605,6 +686,24 @@ fn write_layout_index(dir: &std::path::Path, resp: &BTreeMap<String, String>) ->
     let layout = dir.join("oci-layout");
     std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
         .map_err(|e| io("writing", &layout, e))
+}
+
+/// The manifest digest of entry `tag` in the OCI layout `dir`'s `index.json`.
+fn local_cache_digest(dir: &std::path::Path, tag: &str) -> Result<String, String> {
+    let path = dir.join("index.json");
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let index: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+    index["manifests"]
+        .as_array()
+        .and_then(|ms| {
+            ms.iter()
+                .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        })
+        .and_then(|m| m["digest"].as_str())
+        .filter(|d| content::digest_hex(d).is_some())
+        .map(str::to_string)
+        .ok_or_else(|| format!("no entry {tag:?} in {}", path.display()))
 }
 
 /// The OCI reference name of an image name, as containerd and buildctl derive it: the

@@ -685,3 +685,92 @@ fn daemon_writes_oci_layout_directories_through_the_session_content_store() -> a
     );
     Ok(())
 }
+
+#[test]
+fn daemon_exports_and_imports_local_caches_through_the_session() -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let dir = context_dir()?;
+    let ctx = dir.path().to_str().context("path")?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let cache = run.path().join("cache");
+    let export = format!("type=local,dest={},mode=max", cache.display());
+    {
+        let unix = format!("unix://{}", run.path().join("a.sock").display());
+        let _daemon = Daemon::start(&["--addr", &unix])?;
+        ok(kiln(&[
+            "build",
+            "--addr",
+            &unix,
+            "--build-arg",
+            &arg,
+            "--export-cache",
+            &export,
+            ctx,
+        ])?)?;
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json"))?)?;
+    let manifests = index["manifests"].as_array().context("manifests")?;
+    assert_eq!(manifests.len(), 1, "{index}");
+    assert_eq!(
+        manifests[0]["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    let digest = manifests[0]["digest"].as_str().context("digest")?;
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(cache.join("blobs/sha256").join(hex).is_file());
+    let mut blobs = 0;
+    for e in std::fs::read_dir(cache.join("blobs/sha256"))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let got = hex::encode(sha2::Sha256::digest(std::fs::read(e.path())?));
+        assert_eq!(got, name, "blob {name} does not match its digest");
+        blobs += 1;
+    }
+    assert!(blobs >= 3, "{blobs} blobs");
+
+    // A fresh daemon imports it from the client: the RUN steps are cached.
+    let unix = format!("unix://{}", run.path().join("b.sock").display());
+    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let import = format!("type=local,src={}", cache.display());
+    let out = ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--progress",
+        "rawjson",
+        "--build-arg",
+        &arg,
+        "--import-cache",
+        &import,
+        ctx,
+    ])?)?;
+    let vertices = rawjson_vertices(&out.stderr)?;
+    let runs: Vec<_> = vertices
+        .iter()
+        .filter(|v| v["name"].as_str().unwrap_or_default().contains("RUN"))
+        .collect();
+    assert!(!runs.is_empty(), "{vertices:?}");
+    for v in runs {
+        assert_eq!(v["cached"], true, "not cached from the local cache: {v}");
+    }
+
+    // An import of a directory without a cache is a miss, not a failure.
+    let empty = run.path().join("empty");
+    std::fs::create_dir_all(&empty)?;
+    let import = format!("type=local,src={}", empty.display());
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "--import-cache",
+        &import,
+        ctx,
+    ])?)?;
+    Ok(())
+}
