@@ -222,6 +222,9 @@ async fn ingest(
     tx: &mpsc::Sender<Result<WriteContentResponse, Status>>,
 ) -> Result<(), Status> {
     let mut cur: Option<Ingest> = None;
+    // Set once the stream turned out to write a blob the store has: every later request
+    // (a writer's STAT or COMMIT) gets the same full-size answer.
+    let mut existing: Option<(String, i64)> = None;
     while let Some(req) = inbound.next().await {
         let req = req?;
         let action = WriteAction::try_from(req.action).map_err(|_| {
@@ -229,6 +232,19 @@ async fn ingest(
         })?;
         if !req.expected.is_empty() {
             blob_path(dir, &req.expected)?;
+        }
+        if let Some((digest, size)) = &existing {
+            let resp = WriteContentResponse {
+                action: req.action,
+                offset: *size,
+                total: *size,
+                digest: digest.clone(),
+                ..Default::default()
+            };
+            if tx.send(Ok(resp)).await.is_err() || action == WriteAction::Commit {
+                return Ok(());
+            }
+            continue;
         }
         if cur.is_none() {
             // An existing blob: answer with its full size so the writer skips it.
@@ -244,6 +260,7 @@ async fn ingest(
                             digest: req.expected.clone(),
                             ..Default::default()
                         };
+                        existing = Some((req.expected.clone(), size));
                         if tx.send(Ok(resp)).await.is_err() || action == WriteAction::Commit {
                             return Ok(());
                         }
@@ -417,11 +434,11 @@ pub async fn write_blob(
         .into_inner();
     let closed =
         || SessionError::protocol(format!("{}: the client ended the stream", call("Write")));
-    let stat = inbound
-        .message()
-        .await
-        .map_err(|s| rpc("Write", s))?
-        .ok_or_else(closed)?;
+    let stat = match inbound.message().await {
+        // A containerd store refuses to open a writer for content it has.
+        Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+        res => res.map_err(|s| rpc("Write", s))?.ok_or_else(closed)?,
+    };
     if stat.offset == size as i64 && stat.digest == digest {
         return Ok(());
     }

@@ -66,6 +66,47 @@ async fn blobs_round_trip_and_existing_blobs_are_skipped() -> anyhow::Result<()>
     // A second write is skipped (the source is gone, so a re-upload would fail).
     std::fs::remove_file(&src)?;
     write_blob(channel.clone(), "export", &digest, data.len() as u64, &src).await?;
+    // A containerd-style writer of the existing blob: STAT, a bare STAT, then COMMIT, each
+    // answered with the full size and nothing written.
+    let (tx, rx) = mpsc::channel(4);
+    let base = WriteContentRequest {
+        r#ref: "again".into(),
+        total: data.len() as i64,
+        expected: digest.clone(),
+        ..Default::default()
+    };
+    tx.send(WriteContentRequest {
+        action: WriteAction::Stat as i32,
+        ..base.clone()
+    })
+    .await?;
+    let mut c = client(channel.clone());
+    let mut resp = c
+        .write(with_store("export", ReceiverStream::new(rx))?)
+        .await?
+        .into_inner();
+    let next = |m: Option<WriteContentResponse>| m.ok_or_else(|| anyhow::anyhow!("no answer"));
+    let first = next(resp.message().await?)?;
+    assert_eq!(first.offset, data.len() as i64, "{first:?}");
+    tx.send(WriteContentRequest {
+        action: WriteAction::Stat as i32,
+        ..Default::default()
+    })
+    .await?;
+    let bare = next(resp.message().await?)?;
+    assert_eq!(bare.offset, data.len() as i64, "{bare:?}");
+    tx.send(WriteContentRequest {
+        action: WriteAction::Commit as i32,
+        offset: data.len() as i64,
+        ..base.clone()
+    })
+    .await?;
+    let commit = next(resp.message().await?)?;
+    assert_eq!(commit.offset, data.len() as i64, "{commit:?}");
+    assert_eq!(commit.digest, digest);
+    assert!(resp.message().await?.is_none());
+    drop(tx);
+    assert_eq!(blobs(store.path()), vec![hex.clone()]);
     // Read it back, verified.
     let dest = work.path().join("back");
     let n = read_blob(channel.clone(), "export", &digest, &dest).await?;
