@@ -905,3 +905,77 @@ async fn drive_bridge(channel: Channel, build_ref: String, solve: gw::SolveReque
         worker: worker_header(s.metadata()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    #[test]
+    fn reference_names_are_tags_as_buildctl_derives_them() {
+        assert_eq!(reference_name("docker.io/library/a:1"), "1");
+        assert_eq!(reference_name("localhost:5000/a/b:v2"), "v2");
+        assert_eq!(reference_name("localhost:5000/a/b"), "localhost:5000/a/b");
+        assert_eq!(reference_name("a:1@sha256:abcd"), "1");
+    }
+
+    #[test]
+    fn layout_index_adds_names_and_replaces_the_same_name() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let manifest = b"{}";
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(manifest)));
+        std::fs::create_dir_all(dir.path().join("blobs/sha256"))?;
+        std::fs::write(
+            dir.path()
+                .join("blobs/sha256")
+                .join(&digest["sha256:".len()..]),
+            manifest,
+        )?;
+        let desc = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": 2,
+        });
+        let resp = |name: Option<&str>| {
+            let mut r = BTreeMap::from([(
+                "containerimage.descriptor".to_string(),
+                base64::engine::general_purpose::STANDARD.encode(desc.to_string()),
+            )]);
+            if let Some(n) = name {
+                r.insert("image.name".into(), n.into());
+            }
+            r
+        };
+        write_layout_index(dir.path(), &resp(None))?;
+        write_layout_index(dir.path(), &resp(Some("example.com/a:1,example.com/a:2")))?;
+        // The same name again replaces its entry.
+        write_layout_index(dir.path(), &resp(Some("example.com/a:1")))?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("index.json"))?)?;
+        let refs: Vec<&str> = index["manifests"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(refs, vec!["latest", "2", "1"], "{index}");
+        assert!(dir.path().join("oci-layout").is_file());
+
+        // A descriptor naming a manifest the directory lacks is refused, naming it.
+        let missing = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", "0".repeat(64)),
+            "size": 2,
+        });
+        let err = put_index(dir.path(), &missing, &[(None, "x".into())])
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("accepted"))?;
+        assert!(err.to_string().contains(&"0".repeat(64)), "{err}");
+        // Garbage from the daemon is an error, not a panic.
+        let bad = BTreeMap::from([("containerimage.descriptor".to_string(), "!!".to_string())]);
+        assert!(write_layout_index(dir.path(), &bad).is_err());
+        Ok(())
+    }
+}
