@@ -889,7 +889,8 @@ impl ControlService {
         Ok(Some(ClientOutputs { _tmp: tmp, sends }))
     }
 
-    /// Sends the outputs prepared by [`Self::client_outputs`] to the client over FileSend.
+    /// Sends the outputs prepared by [`Self::client_outputs`] to the client: over FileSend,
+    /// or (`tar=false` layouts) into its content store `export`.
     async fn deliver(
         &self,
         session_id: &str,
