@@ -21,6 +21,7 @@ use kiln_proto::transport::{self, Addr, ClientTls};
 use kiln_worker::llb::pb;
 use kiln_worker::progress::{self, VertexState};
 use kiln_worker::session::attachables::{AuthProvider, SecretStore};
+use kiln_worker::session::content::{self, ContentStores};
 use kiln_worker::session::filesend::{FileSendTargets, OutputTarget};
 use kiln_worker::session::filesync::LocalDirs;
 pub use kiln_worker::session::sshforward::SshAgents;
@@ -244,6 +245,9 @@ impl Client {
     pub async fn build(&self, opts: BuildOptions, progress: Progress) -> Result<BuildOutcome> {
         let mut exporters = Vec::new();
         let mut targets = HashMap::new();
+        // The directory of the one `oci`/`docker` output with `tar=false`: the daemon
+        // writes its blobs into the session's content store `export`.
+        let mut layout_dir: Option<PathBuf> = None;
         for (i, e) in opts.exports.iter().enumerate() {
             if e.typ != "image" {
                 // The daemon streams this output back over the session's FileSend.
@@ -254,6 +258,32 @@ impl Client {
                     .ok_or_else(|| {
                         Error::Options(format!("--output type={}: dest is required", e.typ))
                     })?;
+                let tar = kiln_worker::control::tar_output(e)
+                    .map_err(|err| Error::Options(format!("--output type={}: {err}", e.typ)))?;
+                if matches!(e.typ.as_str(), "oci" | "docker") && !tar {
+                    if layout_dir.is_some() {
+                        return Err(Error::Options(
+                            "at most one --output type=oci|docker with tar=false".into(),
+                        ));
+                    }
+                    std::fs::create_dir_all(&dest).map_err(|err| {
+                        Error::Options(format!(
+                            "--output type={}: cannot create {}: {err}",
+                            e.typ,
+                            dest.display()
+                        ))
+                    })?;
+                    layout_dir = Some(dest);
+                    exporters.push(api::Exporter {
+                        r#type: e.typ.clone(),
+                        attrs: e
+                            .attrs
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    });
+                    continue;
+                }
                 targets.insert(
                     i,
                     if e.typ == "local" {
@@ -271,6 +301,60 @@ impl Client {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
             });
+        }
+        // `type=local` caches: the daemon reads and writes them through the session's
+        // content store `local:<dir>`; imports name their manifest by digest.
+        let mut stores: HashMap<String, PathBuf> = layout_dir
+            .iter()
+            .map(|d| (content::EXPORT_STORE.to_string(), d.clone()))
+            .collect();
+        let mut cache_export: Option<(PathBuf, String)> = None;
+        for e in &opts.cache.exports {
+            if e.typ != "local" {
+                continue;
+            }
+            let Some(dest) = e.attrs.get("dest").filter(|d| !d.is_empty()) else {
+                continue;
+            };
+            std::fs::create_dir_all(dest).map_err(|err| {
+                Error::Options(format!(
+                    "--export-cache type=local: cannot create {dest}: {err}"
+                ))
+            })?;
+            stores.insert(format!("local:{dest}"), PathBuf::from(dest));
+            let tag = e.attrs.get("tag").filter(|t| !t.is_empty());
+            cache_export = Some((
+                PathBuf::from(dest),
+                tag.cloned().unwrap_or_else(|| "latest".into()),
+            ));
+        }
+        let mut cache_imports = Vec::new();
+        for e in &opts.cache.imports {
+            let mut e = e.clone();
+            if e.typ == "local" {
+                if let Some(src) = e.attrs.get("src").filter(|d| !d.is_empty()).cloned() {
+                    if !e.attrs.contains_key("digest") {
+                        let tag = e.attrs.get("tag").filter(|t| !t.is_empty());
+                        let tag = tag.map(String::as_str).unwrap_or("latest");
+                        match local_cache_digest(std::path::Path::new(&src), tag) {
+                            Ok(d) => {
+                                e.attrs.insert("digest".into(), d);
+                            }
+                            Err(why) => {
+                                progress.warn(
+                                    None,
+                                    format!(
+                                        "local cache import at {src} not found: {why}; building without it"
+                                    ),
+                                );
+                                continue;
+                            }
+                        }
+                    }
+                    stores.insert(format!("local:{src}"), PathBuf::from(&src));
+                }
+            }
+            cache_imports.push(e);
         }
         let mut control = api::control_client::ControlClient::new(self.channel.clone());
         let mut tasks = Tasks::default();
@@ -296,6 +380,9 @@ impl Client {
             kiln_worker::session::attachables::FETCH_TOKEN.into(),
             "/grpc.health.v1.Health/Check".into(),
         ];
+        if !stores.is_empty() {
+            methods.extend(content::METHODS.iter().map(|m| m.to_string()));
+        }
         if !opts.ssh.is_empty() {
             methods.push(kiln_worker::session::sshforward::CHECK_AGENT.into());
             methods.push(kiln_worker::session::sshforward::FORWARD_AGENT.into());
@@ -322,7 +409,8 @@ impl Client {
             .add_service(FileSendTargets::new(targets))
             .add_service(SecretStore::new(opts.secrets.clone()).into_service())
             .add_service(AuthProvider::new(opts.registry.clone()).into_service())
-            .add_service(opts.ssh.clone().into_service());
+            .add_service(opts.ssh.clone().into_service())
+            .add_service(ContentStores::new(stores).into_service());
         let served = serve(pipe(inbound, out_tx), routes);
         tasks.session = Some(tokio::spawn(async move {
             let _ = served.await;
@@ -344,7 +432,7 @@ impl Client {
             exporters,
             cache: Some(api::CacheOptions {
                 exports: entries(&opts.cache.exports),
-                imports: entries(&opts.cache.imports),
+                imports: entries(&cache_imports),
                 ..Default::default()
             }),
             ..Default::default()
@@ -400,8 +488,24 @@ impl Client {
         match res {
             Ok(resp) => {
                 let worker = worker_header(resp.metadata());
+                let exporter_response: BTreeMap<String, String> =
+                    resp.into_inner().exporter_response.into_iter().collect();
+                if let Some(dir) = &layout_dir {
+                    write_layout_index(dir, &exporter_response)?;
+                }
+                if let Some((dir, tag)) = &cache_export {
+                    // Absent when the export failed and ignore-error=true was given.
+                    if exporter_response.contains_key("cache.manifest") {
+                        let desc = response_descriptor(
+                            &exporter_response,
+                            "cache.manifest",
+                            "the local cache export",
+                        )?;
+                        put_index(dir, &desc, &[(None, tag.clone())])?;
+                    }
+                }
                 Ok(BuildOutcome {
-                    exporter_response: resp.into_inner().exporter_response.into_iter().collect(),
+                    exporter_response,
                     worker,
                 })
             }
@@ -467,6 +571,150 @@ fn entries(v: &[CacheEntry]) -> Vec<api::CacheOptionsEntry> {
                 .collect(),
         })
         .collect()
+}
+
+/// After a build with a `tar=false` output, as buildctl does: adds the exporter
+/// response's `containerimage.descriptor` to `dir/index.json`, once per name of
+/// `image.name` (tag `latest` without one), replacing entries of the same name, and
+/// writes `dir/oci-layout`.
+fn write_layout_index(dir: &std::path::Path, resp: &BTreeMap<String, String>) -> Result<()> {
+    let desc = response_descriptor(resp, "containerimage.descriptor", "the tar=false output")?;
+    let names: Vec<(Option<String>, String)> = match resp.get("image.name") {
+        Some(n) if !n.trim().is_empty() => n
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| (Some(n.to_string()), reference_name(n)))
+            .collect(),
+        _ => vec![(None, "latest".to_string())],
+    };
+    put_index(dir, &desc, &names)
+}
+
+fn daemon_error(message: String) -> Error {
+    Error::Build {
+        code: tonic::Code::Internal,
+        message,
+        worker: None,
+    }
+}
+
+/// The base64 JSON descriptor under `key` of an exporter response.
+fn response_descriptor(
+    resp: &BTreeMap<String, String>,
+    key: &str,
+    what: &str,
+) -> Result<serde_json::Value> {
+    use base64::Engine as _;
+    let encoded = resp
+        .get(key)
+        .ok_or_else(|| daemon_error(format!("the daemon returned no {key} for {what}")))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| daemon_error(format!("{key} from the daemon: {e}")))
+}
+
+/// Adds `desc` to the OCI layout `dir`'s `index.json` once per (image name, reference
+/// name), replacing entries with the same pair, as buildctl's `ociindex` does; writes
+/// `oci-layout`. The manifest must already be in `dir`.
+fn put_index(
+    dir: &std::path::Path,
+    desc: &serde_json::Value,
+    names: &[(Option<String>, String)],
+) -> Result<()> {
+    let bad = daemon_error;
+    let digest = desc["digest"].as_str().unwrap_or_default();
+    if kiln_worker::session::content::digest_hex(digest).is_none()
+        || !desc["mediaType"].is_string()
+        || !desc["size"].is_u64()
+    {
+        return Err(bad(format!(
+            "containerimage.descriptor from the daemon is not a descriptor: {desc}"
+        )));
+    }
+    let blob = dir.join("blobs/sha256").join(&digest["sha256:".len()..]);
+    if !blob.is_file() {
+        return Err(bad(format!(
+            "the daemon did not write the manifest {digest} into {}",
+            dir.display()
+        )));
+    }
+    let io = |what: &str, path: &std::path::Path, e: std::io::Error| {
+        Error::Options(format!("{what} {}: {e}", path.display()))
+    };
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = match std::fs::read(&index_path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            Error::Options(format!("{} is not valid JSON: {e}", index_path.display()))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::json!({}),
+        Err(e) => return Err(io("reading", &index_path, e)),
+    };
+    if !index.is_object() {
+        return Err(Error::Options(format!(
+            "{} is not an OCI index",
+            index_path.display()
+        )));
+    }
+    index["schemaVersion"] = 2.into();
+    index["mediaType"] = "application/vnd.oci.image.index.v1+json".into();
+    let mut manifests = index["manifests"].as_array().cloned().unwrap_or_default();
+    const IMAGE_NAME: &str = "io.containerd.image.name";
+    const REF_NAME: &str = "org.opencontainers.image.ref.name";
+    for (image, refname) in names {
+        manifests.retain(|m| {
+            m["annotations"][REF_NAME].as_str() != Some(refname.as_str())
+                || m["annotations"][IMAGE_NAME].as_str() != image.as_deref()
+        });
+        let mut d = desc.clone();
+        if !d["annotations"].is_object() {
+            d["annotations"] = serde_json::json!({});
+        }
+        if let Some(image) = image {
+            d["annotations"][IMAGE_NAME] = image.clone().into();
+        }
+        d["annotations"][REF_NAME] = refname.clone().into();
+        manifests.push(d);
+    }
+    index["manifests"] = manifests.into();
+    let tmp = dir.join(".index.json.tmp");
+    let json = serde_json::to_vec(&index).map_err(|e| bad(e.to_string()))?;
+    std::fs::write(&tmp, json).map_err(|e| io("writing", &tmp, e))?;
+    std::fs::rename(&tmp, &index_path).map_err(|e| io("writing", &index_path, e))?;
+    let layout = dir.join("oci-layout");
+    std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .map_err(|e| io("writing", &layout, e))
+}
+
+/// The manifest digest of entry `tag` in the OCI layout `dir`'s `index.json`.
+fn local_cache_digest(dir: &std::path::Path, tag: &str) -> Result<String, String> {
+    let path = dir.join("index.json");
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let index: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))?;
+    index["manifests"]
+        .as_array()
+        .and_then(|ms| {
+            ms.iter()
+                .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        })
+        .and_then(|m| m["digest"].as_str())
+        .filter(|d| content::digest_hex(d).is_some())
+        .map(str::to_string)
+        .ok_or_else(|| format!("no entry {tag:?} in {}", path.display()))
+}
+
+/// The OCI reference name of an image name, as containerd and buildctl derive it: the
+/// tag (`docker.io/library/a:1` → `1`), or the name itself without one.
+fn reference_name(name: &str) -> String {
+    let name = name.split('@').next().unwrap_or(name);
+    let last = name.rsplit('/').next().unwrap_or(name);
+    match last.split_once(':') {
+        Some((_, tag)) if !tag.is_empty() => tag.to_string(),
+        _ => name.to_string(),
+    }
 }
 
 /// A fresh random-enough identifier (time, pid and a counter, hashed).
@@ -656,4 +904,78 @@ async fn drive_bridge(channel: Channel, build_ref: String, solve: gw::SolveReque
         message: s.message().to_string(),
         worker: worker_header(s.metadata()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine as _;
+
+    #[test]
+    fn reference_names_are_tags_as_buildctl_derives_them() {
+        assert_eq!(reference_name("docker.io/library/a:1"), "1");
+        assert_eq!(reference_name("localhost:5000/a/b:v2"), "v2");
+        assert_eq!(reference_name("localhost:5000/a/b"), "localhost:5000/a/b");
+        assert_eq!(reference_name("a:1@sha256:abcd"), "1");
+    }
+
+    #[test]
+    fn layout_index_adds_names_and_replaces_the_same_name() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let manifest = b"{}";
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(manifest)));
+        std::fs::create_dir_all(dir.path().join("blobs/sha256"))?;
+        std::fs::write(
+            dir.path()
+                .join("blobs/sha256")
+                .join(&digest["sha256:".len()..]),
+            manifest,
+        )?;
+        let desc = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": digest,
+            "size": 2,
+        });
+        let resp = |name: Option<&str>| {
+            let mut r = BTreeMap::from([(
+                "containerimage.descriptor".to_string(),
+                base64::engine::general_purpose::STANDARD.encode(desc.to_string()),
+            )]);
+            if let Some(n) = name {
+                r.insert("image.name".into(), n.into());
+            }
+            r
+        };
+        write_layout_index(dir.path(), &resp(None))?;
+        write_layout_index(dir.path(), &resp(Some("example.com/a:1,example.com/a:2")))?;
+        // The same name again replaces its entry.
+        write_layout_index(dir.path(), &resp(Some("example.com/a:1")))?;
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("index.json"))?)?;
+        let refs: Vec<&str> = index["manifests"]
+            .as_array()
+            .map(|ms| {
+                ms.iter()
+                    .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert_eq!(refs, vec!["latest", "2", "1"], "{index}");
+        assert!(dir.path().join("oci-layout").is_file());
+
+        // A descriptor naming a manifest the directory lacks is refused, naming it.
+        let missing = serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", "0".repeat(64)),
+            "size": 2,
+        });
+        let err = put_index(dir.path(), &missing, &[(None, "x".into())])
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("accepted"))?;
+        assert!(err.to_string().contains(&"0".repeat(64)), "{err}");
+        // Garbage from the daemon is an error, not a panic.
+        let bad = BTreeMap::from([("containerimage.descriptor".to_string(), "!!".to_string())]);
+        assert!(write_layout_index(dir.path(), &bad).is_err());
+        Ok(())
+    }
 }

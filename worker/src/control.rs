@@ -974,7 +974,11 @@ impl Engine {
                 let content = worker.content.clone();
                 let names = opts.names.clone();
                 let typ = typ.to_string();
+                let layout = !tar_output(exp)?;
                 tokio::task::spawn_blocking(move || -> Result<(), export::Error> {
+                    if layout {
+                        return write_oci_layout(&content, &built, &names, &dest);
+                    }
                     let mut out: Box<dyn std::io::Write> = if dest == Path::new("-") {
                         Box::new(std::io::stdout().lock())
                     } else {
@@ -1004,6 +1008,55 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Whether an `oci`/`docker` output is a tarball (`tar=true`, the default) rather than
+/// an OCI layout directory (`tar=false`).
+pub fn tar_output(exp: &ExportRequest) -> Result<bool, export::Error> {
+    match exp.attrs.get("tar").map(String::as_str) {
+        None | Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(other) => Err(export::Error::Attr {
+            exporter: exp.typ.clone(),
+            message: format!("tar={other:?} is not a boolean"),
+        }),
+    }
+}
+
+/// Writes the image as an OCI layout directory at `dir` (`tar=false`): its blobs (kept
+/// when already there with the right size), `oci-layout` and `index.json` naming it.
+fn write_oci_layout(
+    content: &ContentStore,
+    built: &export::image::BuiltImage,
+    names: &[String],
+    dir: &Path,
+) -> Result<(), export::Error> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| export::Error::Io { path, source }
+    };
+    let blobs = dir.join("blobs").join("sha256");
+    std::fs::create_dir_all(&blobs).map_err(io(&blobs))?;
+    for digest in export::oci::blob_digests(built) {
+        let hex = crate::content::validate_digest(&digest)?;
+        let size = content.size(&digest)?;
+        let path = blobs.join(hex);
+        if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == size) {
+            continue;
+        }
+        // Written beside and renamed, so a blob is never seen half-written.
+        let tmp = blobs.join(format!(".{hex}.tmp"));
+        let mut src = content.open_blob(&digest)?;
+        let mut out = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        std::io::copy(&mut src, &mut out).map_err(io(&tmp))?;
+        out.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+    }
+    let layout = dir.join("oci-layout");
+    std::fs::write(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io(&layout))?;
+    let index = dir.join("index.json");
+    let json = export::oci::index_json(built, names)?;
+    std::fs::write(&index, json).map_err(io(&index))
 }
 
 /// The snapshotter kind for this root: probed once (a test overlay mount costs tens of

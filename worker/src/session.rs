@@ -19,6 +19,7 @@
 //! The module does not know about builds.
 
 pub mod attachables;
+pub mod content;
 pub mod filesend;
 pub mod filesync;
 pub mod manager;

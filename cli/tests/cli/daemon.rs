@@ -518,3 +518,259 @@ fn client_going_away_cancels_the_build_and_its_container() -> anyhow::Result<()>
     ok(kiln(&["workers", "--addr", &unix])?)?;
     Ok(())
 }
+
+/// Checks an OCI layout directory: `oci-layout`, `index.json` → manifest → config and
+/// layers, every blob matching its digest; returns the index.
+fn check_layout(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    use sha2::Digest as _;
+    let layout: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("oci-layout"))?)?;
+    assert_eq!(layout["imageLayoutVersion"], "1.0.0");
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)?;
+    let blob = |d: &serde_json::Value| -> anyhow::Result<Vec<u8>> {
+        let digest = d["digest"].as_str().context("descriptor without digest")?;
+        let hex = digest.strip_prefix("sha256:").context("not sha256")?;
+        let data = std::fs::read(dir.join("blobs/sha256").join(hex))
+            .with_context(|| format!("blob {digest}"))?;
+        assert_eq!(
+            Some(data.len() as u64),
+            d["size"].as_u64(),
+            "size of {digest}"
+        );
+        Ok(data)
+    };
+    let manifests = index["manifests"].as_array().context("no manifests")?;
+    assert!(!manifests.is_empty());
+    for m in manifests {
+        let manifest: serde_json::Value = serde_json::from_slice(&blob(m)?)?;
+        blob(&manifest["config"])?;
+        let layers = manifest["layers"].as_array().context("no layers")?;
+        assert!(!layers.is_empty());
+        for l in layers {
+            blob(l)?;
+        }
+    }
+    // Every blob in the directory verifies by digest, and nothing else is left there.
+    for e in std::fs::read_dir(dir.join("blobs/sha256"))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let got = hex::encode(sha2::Sha256::digest(std::fs::read(e.path())?));
+        assert_eq!(got, name, "blob {name} does not match its digest");
+    }
+    Ok(index)
+}
+
+#[test]
+fn daemon_writes_oci_layout_directories_through_the_session_content_store() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
+    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let dir = context_dir()?;
+    let ctx = dir.path().to_str().context("path")?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let layout = run.path().join("layout");
+    let out = format!("type=oci,dest={},tar=false", layout.display());
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "-o",
+        &out,
+        ctx,
+    ])?)?;
+    let index = check_layout(&layout)?;
+    let manifests = index["manifests"].as_array().context("manifests")?;
+    assert_eq!(manifests.len(), 1, "{index}");
+    assert_eq!(
+        manifests[0]["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    let first = manifests[0]["digest"].clone();
+    // skopeo reads it.
+    let inspect = Command::new("skopeo")
+        .args(["inspect", &format!("oci:{}", layout.display())])
+        .output()?;
+    assert!(
+        inspect.status.success(),
+        "skopeo inspect: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    assert_eq!(info["Digest"], first);
+
+    // A named build into the same layout: blobs already there are skipped, the index
+    // gains the named entry and keeps `latest`.
+    let named = format!("{out},name=example.com/kiln/app:v2");
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "-o",
+        &named,
+        ctx,
+    ])?)?;
+    let index = check_layout(&layout)?;
+    let manifests = index["manifests"].as_array().context("manifests")?;
+    assert_eq!(manifests.len(), 2, "{index}");
+    let tagged = manifests
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "v2")
+        .context("no v2 entry")?;
+    assert_eq!(
+        tagged["annotations"]["io.containerd.image.name"],
+        "example.com/kiln/app:v2"
+    );
+    let inspect = Command::new("skopeo")
+        .args(["inspect", &format!("oci:{}:v2", layout.display())])
+        .output()?;
+    assert!(
+        inspect.status.success(),
+        "skopeo inspect :v2: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+
+    // Daemonless, the same flags give the same layout.
+    let root = tempfile::tempdir()?;
+    let local_layout = run.path().join("local-layout");
+    let out = format!("type=oci,dest={},tar=false", local_layout.display());
+    ok(kiln(&[
+        "build",
+        "--root",
+        root.path().to_str().context("path")?,
+        "--build-arg",
+        &arg,
+        "-o",
+        &out,
+        ctx,
+    ])?)?;
+    let index = check_layout(&local_layout)?;
+    assert_eq!(index["manifests"].as_array().map(Vec::len), Some(1));
+    let inspect = Command::new("skopeo")
+        .args(["inspect", &format!("oci:{}", local_layout.display())])
+        .output()?;
+    assert!(
+        inspect.status.success(),
+        "skopeo inspect (daemonless): {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+
+    // Two tar=false outputs share one store: refused, naming the flag.
+    let other = format!(
+        "type=docker,dest={},tar=false",
+        run.path().join("b").display()
+    );
+    let two = kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "-o",
+        &out,
+        "-o",
+        &other,
+        ctx,
+    ])?;
+    assert!(!two.status.success());
+    assert!(
+        String::from_utf8_lossy(&two.stderr).contains("tar=false"),
+        "{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn daemon_exports_and_imports_local_caches_through_the_session() -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let dir = context_dir()?;
+    let ctx = dir.path().to_str().context("path")?;
+    let arg = format!("BASE={}/kiln/base:1", reg.addr());
+    let cache = run.path().join("cache");
+    let export = format!("type=local,dest={},mode=max", cache.display());
+    {
+        let unix = format!("unix://{}", run.path().join("a.sock").display());
+        let _daemon = Daemon::start(&["--addr", &unix])?;
+        ok(kiln(&[
+            "build",
+            "--addr",
+            &unix,
+            "--build-arg",
+            &arg,
+            "--export-cache",
+            &export,
+            ctx,
+        ])?)?;
+    }
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json"))?)?;
+    let manifests = index["manifests"].as_array().context("manifests")?;
+    assert_eq!(manifests.len(), 1, "{index}");
+    assert_eq!(
+        manifests[0]["annotations"]["org.opencontainers.image.ref.name"],
+        "latest"
+    );
+    let digest = manifests[0]["digest"].as_str().context("digest")?;
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(cache.join("blobs/sha256").join(hex).is_file());
+    let mut blobs = 0;
+    for e in std::fs::read_dir(cache.join("blobs/sha256"))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let got = hex::encode(sha2::Sha256::digest(std::fs::read(e.path())?));
+        assert_eq!(got, name, "blob {name} does not match its digest");
+        blobs += 1;
+    }
+    assert!(blobs >= 3, "{blobs} blobs");
+
+    // A fresh daemon imports it from the client: the RUN steps are cached.
+    let unix = format!("unix://{}", run.path().join("b.sock").display());
+    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let import = format!("type=local,src={}", cache.display());
+    let out = ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--progress",
+        "rawjson",
+        "--build-arg",
+        &arg,
+        "--import-cache",
+        &import,
+        ctx,
+    ])?)?;
+    let vertices = rawjson_vertices(&out.stderr)?;
+    let runs: Vec<_> = vertices
+        .iter()
+        .filter(|v| v["name"].as_str().unwrap_or_default().contains("RUN"))
+        .collect();
+    assert!(!runs.is_empty(), "{vertices:?}");
+    for v in runs {
+        assert_eq!(v["cached"], true, "not cached from the local cache: {v}");
+    }
+
+    // An import of a directory without a cache is a miss, not a failure.
+    let empty = run.path().join("empty");
+    std::fs::create_dir_all(&empty)?;
+    let import = format!("type=local,src={}", empty.display());
+    ok(kiln(&[
+        "build",
+        "--addr",
+        &unix,
+        "--build-arg",
+        &arg,
+        "--import-cache",
+        &import,
+        ctx,
+    ])?)?;
+    Ok(())
+}

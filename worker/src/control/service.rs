@@ -630,20 +630,24 @@ impl ControlService {
                 dest: None,
             });
         }
+        let mut layouts = 0;
         for e in &exports {
-            let to_client = matches!(e.typ.as_str(), "oci" | "docker");
-            if to_client && e.attrs.get("tar").map(String::as_str) == Some("false") {
-                return Err(Status::unimplemented(format!(
-                    "exporter {:?} with tar=false writes through the session content store, which is not implemented yet (tar=true works)",
-                    e.typ
-                )));
+            if matches!(e.typ.as_str(), "oci" | "docker")
+                && !super::tar_output(e).map_err(|e| Status::invalid_argument(e.to_string()))?
+            {
+                layouts += 1;
             }
+        }
+        if layouts > 1 {
+            return Err(Status::invalid_argument(
+                "at most one oci/docker output with tar=false: they share the client's content store \"export\"",
+            ));
         }
         Ok(exports)
     }
 
     /// The cache imports and exports a Solve asks for. `type=local` caches live on the
-    /// client and would go through the session's content store, which is not served yet.
+    /// client: [`Self::stage_local_caches`] points them at scratch layouts on this worker.
     fn cache_opts(req: &api::SolveRequest) -> Result<CacheOpts, Status> {
         use crate::cache::registry::{self, CacheEntry, Target};
         let entries = |v: &[api::CacheOptionsEntry]| -> Vec<CacheEntry> {
@@ -664,17 +668,189 @@ impl ControlService {
             .collect::<Result<Vec<_>, _>>()
             .map_err(bad)?;
         let exports = registry::parse_exports(&entries(&cache.exports)).map_err(bad)?;
-        let local = imports
+        let local_exports = exports
             .iter()
-            .map(|i| &i.target)
-            .chain(exports.iter().map(|e| &e.target))
-            .any(|t| matches!(t, Target::Layout { .. }));
-        if local {
-            return Err(Status::unimplemented(
-                "type=local caches with a daemon go through the session's content store, which is not implemented yet (type=registry and type=inline work)",
+            .filter(|e| matches!(e.target, Target::Layout { .. }))
+            .count();
+        if local_exports > 1 {
+            return Err(Status::invalid_argument(
+                "at most one type=local cache export (its manifest comes back as cache.manifest)",
             ));
         }
-        Ok(CacheOpts { imports, exports })
+        Ok(CacheOpts {
+            imports,
+            exports,
+            staged: None,
+        })
+    }
+
+    /// Moves `type=local` caches onto this worker: each import's manifest and blobs are
+    /// read from the client's content store `local:<src>` into a scratch layout, and each
+    /// export is pointed at a scratch layout that [`Self::deliver_caches`] uploads to
+    /// `local:<dest>` after the build.
+    async fn stage_local_caches(
+        &self,
+        session_id: &str,
+        caches: &mut CacheOpts,
+        progress: &Progress,
+    ) -> Result<(), Status> {
+        use crate::cache::registry::Target;
+        use crate::session::content;
+        let local = caches
+            .imports
+            .iter()
+            .map(|i| &i.target)
+            .chain(caches.exports.iter().map(|e| &e.target))
+            .any(|t| matches!(t, Target::Layout { .. }));
+        if !local {
+            return Ok(());
+        }
+        let session = self
+            .sessions
+            .get(session_id, LOOKUP_WAIT)
+            .await
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "type=local caches live on the client, and there is no active session {session_id:?}"
+                ))
+            })?;
+        if !session.headers.supports(content::READ) || !session.headers.supports(content::WRITE) {
+            return Err(Status::failed_precondition(
+                "type=local caches go through the client's content store, and its session serves none (Content.Read/Write)",
+            ));
+        }
+        let base = self.engine.worker().root.join("mounts");
+        std::fs::create_dir_all(&base).map_err(|e| Status::internal(e.to_string()))?;
+        let tmp = tempfile::Builder::new()
+            .prefix("caches-")
+            .tempdir_in(&base)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let mut staged = StagedCaches {
+            _tmp: None,
+            exports: Vec::new(),
+        };
+        // A cache that cannot be read is a miss, not a failed build (as without a daemon).
+        let mut missed = Vec::new();
+        for (i, import) in caches.imports.iter_mut().enumerate() {
+            let Target::Layout { dir, digest, .. } = &mut import.target else {
+                continue;
+            };
+            let store = format!("local:{}", dir.display());
+            let Some(manifest) = digest.clone() else {
+                progress.warn(
+                    None,
+                    format!(
+                        "type=local cache import {} through a daemon needs its manifest digest (kiln build sets digest= from index.json); building without this cache",
+                        dir.display()
+                    ),
+                );
+                missed.push(i);
+                continue;
+            };
+            let step = Step::start(
+                progress,
+                &format!("cache-import-{i}"),
+                &format!("reading cache {} from the client", dir.display()),
+            );
+            let scratch = tmp.path().join(format!("import-{i}"));
+            let res = fetch_layout(session.channel.clone(), &store, &manifest, &scratch).await;
+            step.finish(None);
+            if let Err(e) = res {
+                progress.warn(
+                    None,
+                    format!("{}; building without this cache", e.message()),
+                );
+                missed.push(i);
+                continue;
+            }
+            *dir = scratch;
+        }
+        let mut i = 0;
+        caches.imports.retain(|_| {
+            i += 1;
+            !missed.contains(&(i - 1))
+        });
+        for (i, export) in caches.exports.iter_mut().enumerate() {
+            let Target::Layout { dir, tag, .. } = &mut export.target else {
+                continue;
+            };
+            let store = format!("local:{}", dir.display());
+            let scratch = tmp.path().join(format!("export-{i}"));
+            staged.exports.push((store, tag.clone(), scratch.clone()));
+            *dir = scratch;
+        }
+        staged._tmp = Some(tmp);
+        caches.staged = Some(staged);
+        Ok(())
+    }
+
+    /// Uploads the staged `type=local` cache exports to the client's stores and returns
+    /// the `cache.manifest` exporter response (the base64 JSON manifest descriptor).
+    async fn deliver_caches(
+        &self,
+        session_id: &str,
+        caches: &CacheOpts,
+        progress: &Progress,
+    ) -> Result<Option<String>, Status> {
+        use base64::Engine as _;
+        let Some(staged) = caches.staged.as_ref().filter(|s| !s.exports.is_empty()) else {
+            return Ok(None);
+        };
+        let session = self
+            .sessions
+            .get(session_id, LOOKUP_WAIT)
+            .await
+            .ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "type=local caches go back over the client's session, and there is no active session {session_id:?}"
+                ))
+            })?;
+        let mut manifest = None;
+        for (store, tag, dir) in &staged.exports {
+            if !dir.join("index.json").exists() {
+                // The export failed and was ignored (ignore-error=true): nothing to send.
+                continue;
+            }
+            let step = Step::start(
+                progress,
+                "cache-export-send",
+                &format!("sending cache to the client ({store})"),
+            );
+            let res = async {
+                let index: serde_json::Value = std::fs::read(dir.join("index.json"))
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                    .map_err(|e| Status::internal(format!("staged cache index: {e}")))?;
+                let desc = index["manifests"]
+                    .as_array()
+                    .and_then(|ms| {
+                        ms.iter().find(|m| {
+                            m["annotations"]["org.opencontainers.image.ref.name"].as_str()
+                                == Some(tag.as_str())
+                        })
+                    })
+                    .cloned()
+                    .ok_or_else(|| Status::internal("staged cache index has no entry"))?;
+                upload_layout(session.channel.clone(), dir, store)
+                    .await
+                    .map_err(|e| {
+                        Status::unavailable(format!(
+                            "sending the cache to the client: {}",
+                            crate::solver::error_chain(&e)
+                        ))
+                    })?;
+                let desc = serde_json::json!({
+                    "mediaType": desc["mediaType"],
+                    "digest": desc["digest"],
+                    "size": desc["size"],
+                });
+                Ok::<_, Status>(base64::engine::general_purpose::STANDARD.encode(desc.to_string()))
+            }
+            .await;
+            step.finish(res.as_ref().err().map(|e| e.message().to_string()));
+            manifest = Some(res?);
+        }
+        Ok(manifest)
     }
 
     /// Points every output that goes back to the client (`local`, `tar`, `oci`, `docker`)
@@ -699,12 +875,22 @@ impl ControlService {
             }
             let path = tmp.path().join(format!("output-{i}"));
             e.dest = Some(path.clone());
-            sends.push((i, e.typ == "local", path));
+            let how = if e.typ == "local" {
+                Delivery::Dir
+            } else if matches!(e.typ.as_str(), "oci" | "docker")
+                && !super::tar_output(e).map_err(|e| Status::invalid_argument(e.to_string()))?
+            {
+                Delivery::Store
+            } else {
+                Delivery::File
+            };
+            sends.push((i, how, path));
         }
         Ok(Some(ClientOutputs { _tmp: tmp, sends }))
     }
 
-    /// Sends the outputs prepared by [`Self::client_outputs`] to the client over FileSend.
+    /// Sends the outputs prepared by [`Self::client_outputs`] to the client: over FileSend,
+    /// or (`tar=false` layouts) into its content store `export`.
     async fn deliver(
         &self,
         session_id: &str,
@@ -721,27 +907,45 @@ impl ControlService {
                     "outputs go back to the client over its session, and there is no active session {session_id:?}"
                 ))
             })?;
-        if !session
-            .headers
-            .supports(crate::session::filesend::DIFF_COPY)
-        {
-            return Err(Status::failed_precondition(
-                "the client's session does not accept outputs (it serves no FileSend)",
-            ));
+        for (_, how, _) in &outputs.sends {
+            let (method, what) = match how {
+                Delivery::Store => (
+                    crate::session::content::WRITE,
+                    "the client's session serves no content store for tar=false outputs (Content.Write)",
+                ),
+                _ => (
+                    crate::session::filesend::DIFF_COPY,
+                    "the client's session does not accept outputs (it serves no FileSend)",
+                ),
+            };
+            if !session.headers.supports(method) {
+                return Err(Status::failed_precondition(what));
+            }
         }
         let step = Step::start(progress, "send-outputs", "sending outputs to the client");
         let mut res = Ok(());
-        for (index, is_dir, path) in &outputs.sends {
-            let sent = if *is_dir {
-                crate::session::filesend::send_dir(session.channel.clone(), *index, path).await
-            } else {
-                crate::session::filesend::send_file(
-                    session.channel.clone(),
-                    *index,
-                    &response.exporter_response,
-                    path,
-                )
-                .await
+        for (index, how, path) in &outputs.sends {
+            let sent = match how {
+                Delivery::Dir => {
+                    crate::session::filesend::send_dir(session.channel.clone(), *index, path).await
+                }
+                Delivery::File => {
+                    crate::session::filesend::send_file(
+                        session.channel.clone(),
+                        *index,
+                        &response.exporter_response,
+                        path,
+                    )
+                    .await
+                }
+                Delivery::Store => {
+                    upload_layout(
+                        session.channel.clone(),
+                        path,
+                        crate::session::content::EXPORT_STORE,
+                    )
+                    .await
+                }
             };
             if let Err(e) = sent {
                 res = Err(Status::unavailable(format!(
@@ -761,6 +965,91 @@ impl ControlService {
 pub(super) struct CacheOpts {
     imports: Vec<crate::cache::registry::ImportOpts>,
     exports: Vec<crate::cache::registry::ExportOpts>,
+    /// Scratch layouts of `type=local` caches, when a Solve has some.
+    staged: Option<StagedCaches>,
+}
+
+/// Scratch layouts on this worker standing in for the client's `type=local` caches.
+pub(super) struct StagedCaches {
+    _tmp: Option<tempfile::TempDir>,
+    /// (client store ID `local:<dest>`, tag, scratch layout) per export.
+    exports: Vec<(String, String, PathBuf)>,
+}
+
+/// Reads the manifest `digest` and every blob it names (config, layers, or the entries of
+/// a cache index) from the client's store `store` into a new OCI layout at `dir`, with an
+/// `index.json` naming the manifest by digest.
+async fn fetch_layout(
+    channel: tonic::transport::Channel,
+    store: &str,
+    digest: &str,
+    dir: &std::path::Path,
+) -> Result<(), Status> {
+    use crate::session::content;
+    let fail = |e: crate::session::SessionError| {
+        Status::unavailable(format!(
+            "reading cache {digest} from the client's store {store:?}: {}",
+            crate::solver::error_chain(&e)
+        ))
+    };
+    let blobs = dir.join("blobs").join("sha256");
+    tokio::fs::create_dir_all(&blobs)
+        .await
+        .map_err(|e| Status::internal(format!("create {}: {e}", blobs.display())))?;
+    let hex = content::digest_hex(digest)
+        .ok_or_else(|| Status::invalid_argument(format!("cache digest {digest:?} is invalid")))?;
+    let size = content::read_blob(channel.clone(), store, digest, &blobs.join(hex))
+        .await
+        .map_err(fail)?;
+    let bytes = tokio::fs::read(blobs.join(hex))
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+    let manifest: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        Status::invalid_argument(format!(
+            "cache manifest {digest} from {store:?} is not JSON: {e}"
+        ))
+    })?;
+    let mut descs = Vec::new();
+    if manifest["config"].is_object() {
+        descs.push(&manifest["config"]);
+    }
+    for key in ["layers", "manifests"] {
+        if let Some(list) = manifest[key].as_array() {
+            descs.extend(list.iter());
+        }
+    }
+    for d in descs {
+        let blob = d["digest"].as_str().unwrap_or_default();
+        let hex = content::digest_hex(blob).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "cache manifest {digest} names an invalid digest {blob:?}"
+            ))
+        })?;
+        let dest = blobs.join(hex);
+        if dest.exists() {
+            continue;
+        }
+        let got = content::read_blob(channel.clone(), store, blob, &dest)
+            .await
+            .map_err(fail)?;
+        if d["size"].as_u64().is_some_and(|s| s != got) {
+            return Err(Status::invalid_argument(format!(
+                "cache blob {blob} from {store:?} has {got} bytes, its descriptor says {}",
+                d["size"]
+            )));
+        }
+    }
+    let media_type = manifest["mediaType"]
+        .as_str()
+        .unwrap_or("application/vnd.oci.image.manifest.v1+json");
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": media_type, "digest": digest, "size": size}],
+    });
+    tokio::fs::write(dir.join("index.json"), index.to_string())
+        .await
+        .map_err(|e| Status::internal(e.to_string()))
 }
 
 /// Directories fetched from the client for one build, kept until the build ends: a
@@ -773,8 +1062,51 @@ pub(super) struct Fetched {
 /// Outputs staged on the worker on their way to the client.
 struct ClientOutputs {
     _tmp: tempfile::TempDir,
-    /// (exporter index, is a directory, staged path)
-    sends: Vec<(usize, bool, PathBuf)>,
+    /// (exporter index, how it goes back, staged path)
+    sends: Vec<(usize, Delivery, PathBuf)>,
+}
+
+/// How a staged output goes back to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// A file over FileSend (`tar`, `oci`, `docker`).
+    File,
+    /// A directory over FileSend (`local`).
+    Dir,
+    /// The blobs of an OCI layout into the client's content store `export` (`oci`,
+    /// `docker` with `tar=false`); the client writes `index.json` itself.
+    Store,
+}
+
+/// Uploads every `blobs/sha256/*` file of the staged layout at `dir` to the client's
+/// content store `store`.
+async fn upload_layout(
+    channel: tonic::transport::Channel,
+    dir: &std::path::Path,
+    store: &str,
+) -> Result<(), crate::session::SessionError> {
+    use crate::session::{content, SessionError};
+    let blobs = dir.join("blobs").join("sha256");
+    let mut entries = tokio::fs::read_dir(&blobs)
+        .await
+        .map_err(|e| SessionError::io("read", &blobs, e))?;
+    while let Some(entry) = entries
+        .next_entry()
+        .await
+        .map_err(|e| SessionError::io("read", &blobs, e))?
+    {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let digest = format!("sha256:{name}");
+        if content::digest_hex(&digest).is_none() {
+            continue;
+        }
+        let meta = entry
+            .metadata()
+            .await
+            .map_err(|e| SessionError::io("stat", entry.path(), e))?;
+        content::write_blob(channel.clone(), store, &digest, meta.len(), &entry.path()).await?;
+    }
+    Ok(())
 }
 
 /// Counts a build as in flight while it lives; a build dropped before it finished (its
@@ -897,9 +1229,12 @@ impl api::control_server::Control for ControlService {
             Some(Self::request(&req)?)
         };
         let mut exports = Self::exports(&req)?;
-        let caches = Self::cache_opts(&req)?;
+        let mut caches = Self::cache_opts(&req)?;
         let outputs = self.client_outputs(&mut exports)?;
         let (job, progress, collector) = self.start_job(&req.r#ref)?;
+        let staged = self
+            .stage_local_caches(&req.session, &mut caches, &progress)
+            .await;
         self.history.started(&req);
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
         kiln_proto::telemetry::set_parent(&span, parent);
@@ -936,15 +1271,28 @@ impl api::control_server::Control for ControlService {
             .metrics
             .as_ref()
             .map(|m| InFlight::new(m.clone(), started));
-        let res = match build {
-            Some(build) => {
+        let res = match (staged, build) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(build)) => {
                 self.solve_classic(&req, build, &exports, &caches, &progress, cancel)
                     .await
             }
-            None => {
+            (Ok(()), None) => {
                 self.solve_bridged(&req, &exports, &caches, &progress, cancel)
                     .await
             }
+        };
+        let res = match res {
+            Ok(mut resp) => match self.deliver_caches(&req.session, &caches, &progress).await {
+                Ok(Some(manifest)) => {
+                    resp.exporter_response
+                        .insert("cache.manifest".into(), manifest);
+                    Ok(resp)
+                }
+                Ok(None) => Ok(resp),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
         };
         let res = match (res, &outputs) {
             (Ok(resp), Some(outputs)) => self
