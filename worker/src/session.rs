@@ -13,7 +13,8 @@
 //! * [`manager`]: [`manager::SessionManager`] is the daemon's table of open sessions;
 //!   its `handle` is the whole daemon side of `Control.Session`, its `get` the lookup
 //!   a solve does by session ID.
-//! * [`attachables`] and [`sshforward`]: secrets, registry credentials and SSH agents the
+//! * [`attachables`], [`sshforward`] and [`content`]: secrets, registry credentials, SSH
+//!   agents and content stores (OCI layouts for `tar=false` outputs and local caches) the
 //!   client serves.
 //!
 //! The module does not know about builds.
