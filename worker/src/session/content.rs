@@ -48,12 +48,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Checks that `digest` is `sha256:<64 lowercase hex>` and returns its hex part.
 pub fn digest_hex(digest: &str) -> Option<&str> {
-    let hex = digest.strip_prefix("sha256:")?;
-    (hex.len() == 64
-        && hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then_some(hex)
+    crate::content::validate_digest(digest).ok()
 }
 
 /// The path of `digest` inside the OCI layout at `dir`.

@@ -93,18 +93,31 @@ pub fn parse_challenge(header: &str) -> Challenge {
     Challenge::None
 }
 
+/// The HTTP client for challenges and token requests: one per process and TLS mode, so the
+/// root store is loaded once rather than on every probe (every daemon build probes).
 fn http_client(accept_invalid_certs: bool) -> Result<reqwest::Client, String> {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Fails only when a provider is already installed, which is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
-    reqwest::Client::builder()
-        .danger_accept_invalid_certs(accept_invalid_certs)
-        .connect_timeout(Duration::from_secs(30))
-        .timeout(Duration::from_secs(60))
-        .build()
-        .map_err(|e| format!("http client: {e}"))
+    static VERIFYING: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    static INSECURE: std::sync::OnceLock<Result<reqwest::Client, String>> =
+        std::sync::OnceLock::new();
+    let cell = if accept_invalid_certs {
+        &INSECURE
+    } else {
+        &VERIFYING
+    };
+    cell.get_or_init(|| {
+        super::install_crypto_provider();
+        reqwest::Client::builder()
+            .danger_accept_invalid_certs(accept_invalid_certs)
+            .connect_timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(60))
+            // No kept connections: they would belong to the first caller's runtime, and
+            // these requests are one-offs anyway.
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| format!("http client: {e}"))
+    })
+    .clone()
 }
 
 /// Asks `scheme://host/v2/` how to authenticate (`plain_http` registries are also not
