@@ -96,6 +96,18 @@ impl ControlService {
             .max_encoding_message_size(16 << 20)
     }
 
+    /// The open session `id` (waiting for it a little, as BuildKit does), or a
+    /// `FailedPrecondition` saying why the build needed it.
+    async fn client_session(
+        &self,
+        id: &str,
+        purpose: &str,
+    ) -> Result<crate::session::manager::Session, Status> {
+        self.sessions.get(id, LOOKUP_WAIT).await.ok_or_else(|| {
+            Status::failed_precondition(format!("{purpose}, and there is no active session {id:?}"))
+        })
+    }
+
     /// Marks a job done; its progress stays readable for a while.
     fn finish(&self, r#ref: &str, job: &Job) {
         job.done.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -706,14 +718,8 @@ impl ControlService {
             return Ok(());
         }
         let session = self
-            .sessions
-            .get(session_id, LOOKUP_WAIT)
-            .await
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "type=local caches live on the client, and there is no active session {session_id:?}"
-                ))
-            })?;
+            .client_session(session_id, "type=local caches live on the client")
+            .await?;
         if !session.headers.supports(content::READ) || !session.headers.supports(content::WRITE) {
             return Err(Status::failed_precondition(
                 "type=local caches go through the client's content store, and its session serves none (Content.Read/Write)",
@@ -765,11 +771,12 @@ impl ControlService {
             }
             *dir = scratch;
         }
-        let mut i = 0;
-        caches.imports.retain(|_| {
-            i += 1;
-            !missed.contains(&(i - 1))
-        });
+        caches.imports = std::mem::take(&mut caches.imports)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !missed.contains(i))
+            .map(|(_, import)| import)
+            .collect();
         for (i, export) in caches.exports.iter_mut().enumerate() {
             let Target::Layout { dir, tag, .. } = &mut export.target else {
                 continue;
@@ -797,14 +804,11 @@ impl ControlService {
             return Ok(None);
         };
         let session = self
-            .sessions
-            .get(session_id, LOOKUP_WAIT)
-            .await
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "type=local caches go back over the client's session, and there is no active session {session_id:?}"
-                ))
-            })?;
+            .client_session(
+                session_id,
+                "type=local caches go back over the client's session",
+            )
+            .await?;
         let mut manifest = None;
         for (store, tag, dir) in &staged.exports {
             if !dir.join("index.json").exists() {
@@ -899,14 +903,8 @@ impl ControlService {
         progress: &Progress,
     ) -> Result<(), Status> {
         let session = self
-            .sessions
-            .get(session_id, LOOKUP_WAIT)
-            .await
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "outputs go back to the client over its session, and there is no active session {session_id:?}"
-                ))
-            })?;
+            .client_session(session_id, "outputs go back to the client over its session")
+            .await?;
         for (_, how, _) in &outputs.sends {
             let (method, what) = match how {
                 Delivery::Store => (
