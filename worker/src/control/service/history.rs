@@ -3,9 +3,10 @@
 //!
 //! Every non-internal Solve gets a `BuildHistoryRecord`: active while it runs (in memory),
 //! then complete, written to `root/history/<sha256 of ref>.rec` (the record and the build's
-//! progress as length-delimited protobuf, written to a temporary file and renamed, so a
-//! crash leaves the old state or the new, never half a record). Unreadable files are
-//! skipped with a warning and removed. At most [`MAX_RECORDS`] unpinned records are kept,
+//! progress as length-delimited protobuf, written to a temporary file and renamed). The
+//! file is not synced: it is written as every Solve returns, and history is not worth an
+//! fsync on that path; a record torn by a power loss fails to decode and, like any
+//! unreadable file, is skipped with a warning and removed at open. At most [`MAX_RECORDS`] unpinned records are kept,
 //! none older than [`MAX_AGE`]; evicted and deleted ones are announced as `DELETED`.
 //!
 //! Partial: the record's `logs`, `trace` and `externalError` descriptors stay empty (Kiln
@@ -14,7 +15,6 @@
 //! `frontend` and `status` (`running`, `completed`, `failed`, `canceled`).
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
@@ -460,9 +460,7 @@ fn rewrite_record(
         p.encode_length_delimited(&mut buf)?;
     }
     let tmp = file.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&buf)?;
-    f.sync_all()?;
+    std::fs::write(&tmp, &buf)?;
     std::fs::rename(&tmp, file)
 }
 
