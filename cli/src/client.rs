@@ -606,13 +606,19 @@ fn response_descriptor(
     what: &str,
 ) -> Result<serde_json::Value> {
     use base64::Engine as _;
-    let encoded = resp
+    let value = resp
         .get(key)
         .ok_or_else(|| daemon_error(format!("the daemon returned no {key} for {what}")))?;
-    base64::engine::general_purpose::STANDARD
-        .decode(encoded)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    // BuildKit sends `containerimage.descriptor` as base64 of the JSON and `cache.manifest`
+    // as the JSON itself (shared/design/buildkit-wire.md §9.4).
+    let json = if key == "cache.manifest" {
+        Ok(value.as_bytes().to_vec())
+    } else {
+        base64::engine::general_purpose::STANDARD
+            .decode(value)
+            .map_err(|e| e.to_string())
+    };
+    json.and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
         .map_err(|e| daemon_error(format!("{key} from the daemon: {e}")))
 }
 

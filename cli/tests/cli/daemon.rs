@@ -697,6 +697,7 @@ fn daemon_exports_and_imports_local_caches_through_the_session() -> anyhow::Resu
     let arg = format!("BASE={}/kiln/base:1", reg.addr());
     let cache = run.path().join("cache");
     let export = format!("type=local,dest={},mode=max", cache.display());
+    let meta = run.path().join("meta.json");
     {
         let unix = format!("unix://{}", run.path().join("a.sock").display());
         let _daemon = Daemon::start(&["--addr", &unix])?;
@@ -708,6 +709,8 @@ fn daemon_exports_and_imports_local_caches_through_the_session() -> anyhow::Resu
             &arg,
             "--export-cache",
             &export,
+            "--metadata-file",
+            meta.to_str().context("path")?,
             ctx,
         ])?)?;
     }
@@ -722,6 +725,12 @@ fn daemon_exports_and_imports_local_caches_through_the_session() -> anyhow::Resu
     let digest = manifests[0]["digest"].as_str().context("digest")?;
     let hex = digest.trim_start_matches("sha256:");
     assert!(cache.join("blobs/sha256").join(hex).is_file());
+    // `cache.manifest` is the descriptor as plain JSON, as BuildKit sends it (buildctl
+    // parses it that way to update index.json).
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta)?)?;
+    let sent = meta["cache.manifest"].as_str().context("cache.manifest")?;
+    let desc: serde_json::Value = serde_json::from_str(sent)?;
+    assert_eq!(desc["digest"], digest, "{sent}");
     let mut blobs = 0;
     for e in std::fs::read_dir(cache.join("blobs/sha256"))? {
         let e = e?;

@@ -792,14 +792,14 @@ impl ControlService {
     }
 
     /// Uploads the staged `type=local` cache exports to the client's stores and returns
-    /// the `cache.manifest` exporter response (the base64 JSON manifest descriptor).
+    /// the `cache.manifest` exporter response (the manifest's OCI descriptor as plain JSON,
+    /// not base64, as BuildKit sends it: shared/design/buildkit-wire.md §9.4).
     async fn deliver_caches(
         &self,
         session_id: &str,
         caches: &CacheOpts,
         progress: &Progress,
     ) -> Result<Option<String>, Status> {
-        use base64::Engine as _;
         let Some(staged) = caches.staged.as_ref().filter(|s| !s.exports.is_empty()) else {
             return Ok(None);
         };
@@ -848,7 +848,7 @@ impl ControlService {
                     "digest": desc["digest"],
                     "size": desc["size"],
                 });
-                Ok::<_, Status>(base64::engine::general_purpose::STANDARD.encode(desc.to_string()))
+                Ok::<_, Status>(desc.to_string())
             }
             .await;
             step.finish(res.as_ref().err().map(|e| e.message().to_string()));
