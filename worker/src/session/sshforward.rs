@@ -22,7 +22,7 @@ use futures::StreamExt as _;
 use kiln_proto::moby::sshforward::v1::ssh_client::SshClient;
 use kiln_proto::moby::sshforward::v1::ssh_server::{Ssh, SshServer};
 use kiln_proto::moby::sshforward::v1::{BytesMessage, CheckAgentRequest, CheckAgentResponse};
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tonic::{Request, Response, Status, Streaming};
 
 /// The CheckAgent method the daemon calls.
@@ -204,47 +204,24 @@ pub async fn forward_agent(
     id: &str,
 ) -> Result<AgentConn, String> {
     let (near, far) = tokio::io::duplex(64 << 10);
-    let (tx, rx) = tokio::sync::mpsc::channel::<BytesMessage>(16);
-    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let (far_rd, far_wr) = tokio::io::split(far);
+    // Build → client: what the build writes to its socket is the request stream.
+    let outbound =
+        tokio_stream::StreamExt::map_while(tokio_util::io::ReaderStream::new(far_rd), |chunk| {
+            chunk.ok().map(|b| BytesMessage { data: b.to_vec() })
+        });
+    let mut req = Request::new(outbound);
     let value = agent_id(id)
         .parse()
         .map_err(|_| format!("ssh agent id {id:?} is not a valid header value"))?;
     req.metadata_mut().insert(SSH_ID, value);
-    let mut inbound = SshClient::new(channel)
+    let inbound = SshClient::new(channel)
         .forward_agent(req)
         .await
         .map_err(|s| format!("the client's SSH service: {}", s.message()))?
         .into_inner();
-    let (mut far_rd, mut far_wr) = tokio::io::split(far);
-    // Build → client.
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 32 << 10];
-        loop {
-            match far_rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx
-                        .send(BytesMessage {
-                            data: buf[..n].to_vec(),
-                        })
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        }
-    });
     // Client → build.
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = inbound.next().await {
-            if far_wr.write_all(&msg.data).await.is_err() {
-                break;
-            }
-        }
-        let _ = far_wr.shutdown().await;
-    });
+    tokio::spawn(pump_in(inbound, far_wr));
     Ok(Box::new(near))
 }
 
