@@ -1366,11 +1366,13 @@ impl api::control_server::Control for ControlService {
         let first = futures::stream::iter(first.into_iter().map(Ok));
         let stream: BoxStream<api::BuildHistoryEvent> = match rx {
             None => Box::pin(first),
-            Some(rx) => {
+            Some((rx, filters)) => {
                 let later =
                     tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| {
                         let out = match ev {
-                            Ok(ev) => history::History::wanted(&req, &ev).then_some(Ok(ev)),
+                            Ok(ev) => {
+                                history::History::wanted(&req, &filters, &ev).then_some(Ok(ev))
+                            }
                             // A listener too slow for the event rate loses events; say so.
                             Err(e) => Some(Err(Status::data_loss(format!(
                                 "build history: this listener fell behind: {e}"

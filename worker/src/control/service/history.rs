@@ -63,7 +63,7 @@ impl std::fmt::Debug for History {
 }
 
 /// A parsed `Filter` entry.
-struct Filter {
+pub struct Filter {
     key: String,
     value: String,
     equal: bool,
@@ -195,7 +195,8 @@ impl History {
     }
 
     /// The events a `ListenBuildHistory` call sees first, and (unless `EarlyExit`) a
-    /// receiver of later ones. Subscribes before taking the snapshot so nothing is missed.
+    /// receiver of later ones with the request's parsed filters for [`History::wanted`].
+    /// Subscribes before taking the snapshot so nothing is missed.
     #[allow(clippy::type_complexity)]
     pub fn listen(
         &self,
@@ -203,7 +204,7 @@ impl History {
     ) -> Result<
         (
             Vec<api::BuildHistoryEvent>,
-            Option<broadcast::Receiver<api::BuildHistoryEvent>>,
+            Option<(broadcast::Receiver<api::BuildHistoryEvent>, Vec<Filter>)>,
         ),
         Status,
     > {
@@ -249,11 +250,16 @@ impl History {
                     record: Some(r.clone()),
                 }),
         );
-        Ok((out, rx))
+        Ok((out, rx.map(|rx| (rx, filters))))
     }
 
-    /// Whether a later event passes `req`'s ref and filters (checked by the stream).
-    pub fn wanted(req: &api::BuildHistoryRequest, ev: &api::BuildHistoryEvent) -> bool {
+    /// Whether a later event passes `req`'s ref and its `filters` (as [`History::listen`]
+    /// returns them, parsed once per listener).
+    pub fn wanted(
+        req: &api::BuildHistoryRequest,
+        filters: &[Filter],
+        ev: &api::BuildHistoryEvent,
+    ) -> bool {
         let Some(r) = &ev.record else { return false };
         if !req.r#ref.is_empty() && r.r#ref != req.r#ref {
             return false;
@@ -262,7 +268,7 @@ impl History {
             return false;
         }
         let running = ev.r#type == api::BuildHistoryEventType::Started as i32;
-        parse_filters(&req.filter).is_ok_and(|f| matches(r, &f, running))
+        matches(r, filters, running)
     }
 
     /// `UpdateBuildHistory`: pin, unpin or delete a finished build's record.
@@ -376,6 +382,8 @@ fn count_steps(record: &mut api::BuildHistoryRecord, events: &[Event]) {
     record.num_warnings = warnings;
 }
 
+/// Parses `BuildHistoryRequest.Filter`: `key==value` or `key!=value` on `ref`, `frontend`
+/// and `status`; anything else is `InvalidArgument` naming the filter.
 fn parse_filters(filters: &[String]) -> Result<Vec<Filter>, Status> {
     filters
         .iter()
