@@ -92,6 +92,18 @@ impl Daemon {
     }
 }
 
+/// What most daemon tests start from: a registry holding the busybox base as
+/// `kiln/base:1`, a scratch directory, its `unix://` socket address, and a `kiln-worker`
+/// serving it. Bound as `let (reg, run, unix, daemon) = …`, the daemon drops first.
+pub fn unix_daemon() -> anyhow::Result<(Registry, tempfile::TempDir, String, Daemon)> {
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let run = tempfile::tempdir()?;
+    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
+    let daemon = Daemon::start(&["--addr", &unix])?;
+    Ok((reg, run, unix, daemon))
+}
+
 fn context_dir() -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("Dockerfile"), DOCKERFILE)?;
@@ -240,11 +252,7 @@ fn daemon_refuses_plain_tcp_and_bad_flags() -> anyhow::Result<()> {
 
 #[test]
 fn daemon_sends_local_and_tar_outputs_to_the_client() -> anyhow::Result<()> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let run = tempfile::tempdir()?;
-    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
-    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let (reg, run, unix, _daemon) = unix_daemon()?;
     let dir = context_dir()?;
     let ctx = dir.path().to_str().context("path")?;
     let arg = format!("BASE={}/kiln/base:1", reg.addr());
@@ -323,11 +331,7 @@ fn daemon_sends_local_and_tar_outputs_to_the_client() -> anyhow::Result<()> {
 
 #[test]
 fn daemon_gets_secrets_from_the_client_session_and_never_stores_them() -> anyhow::Result<()> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let run = tempfile::tempdir()?;
-    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
-    let daemon = Daemon::start(&["--addr", &unix])?;
+    let (reg, run, unix, daemon) = unix_daemon()?;
     let ctx = tempfile::tempdir()?;
     // The Dockerfile names the value only by its hash, so finding the value anywhere on the
     // worker means it leaked.
@@ -482,11 +486,7 @@ pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn client_going_away_cancels_the_build_and_its_container() -> anyhow::Result<()> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let run = tempfile::tempdir()?;
-    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
-    let daemon = Daemon::start(&["--addr", &unix])?;
+    let (reg, _run, unix, daemon) = unix_daemon()?;
     let ctx = tempfile::tempdir()?;
     std::fs::write(
         ctx.path().join("Dockerfile"),
@@ -562,11 +562,7 @@ fn check_layout(dir: &Path) -> anyhow::Result<serde_json::Value> {
 
 #[test]
 fn daemon_writes_oci_layout_directories_through_the_session_content_store() -> anyhow::Result<()> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let run = tempfile::tempdir()?;
-    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
-    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let (reg, run, unix, _daemon) = unix_daemon()?;
     let dir = context_dir()?;
     let ctx = dir.path().to_str().context("path")?;
     let arg = format!("BASE={}/kiln/base:1", reg.addr());

@@ -4,9 +4,8 @@
 
 use kiln_e2e::git::GitDaemon;
 use kiln_e2e::http::FileServer;
-use kiln_e2e::registry::Registry;
 
-use super::daemon::Daemon;
+use super::daemon::unix_daemon;
 use super::{kiln, ok};
 
 const REMOTE_DOCKERFILE: &str =
@@ -21,11 +20,7 @@ fn decoy() -> anyhow::Result<tempfile::TempDir> {
 
 #[test]
 fn daemon_builds_from_git_and_http_contexts() -> anyhow::Result<()> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let run = tempfile::tempdir()?;
-    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
-    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let (reg, run, unix, _daemon) = unix_daemon()?;
     let arg = format!("BASE={}/kiln/base:1", reg.addr());
     let decoy = decoy()?;
     let decoy = decoy.path().to_string_lossy().to_string();

@@ -5,9 +5,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::Context;
-use kiln_e2e::registry::Registry;
 
-use super::daemon::{containers, eventually, Daemon};
+use super::daemon::{containers, eventually, unix_daemon};
 use super::{kiln, ok};
 
 /// Mount points under `root` (the daemon's state directory).
@@ -35,11 +34,7 @@ fn bytes_under(dir: &Path) -> u64 {
 
 #[test]
 fn a_session_that_vanishes_mid_transfer_loses_nothing() -> anyhow::Result<()> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let run = tempfile::tempdir()?;
-    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
-    let daemon = Daemon::start(&["--addr", &unix])?;
+    let (reg, run, unix, daemon) = unix_daemon()?;
     // A context big enough to take a while: 64 files of 4 MiB of incompressible bytes.
     let ctx = tempfile::tempdir()?;
     std::fs::write(
@@ -120,11 +115,7 @@ fn a_session_that_vanishes_mid_transfer_loses_nothing() -> anyhow::Result<()> {
 
 #[test]
 fn two_clients_building_one_project_at_once_share_its_steps() -> anyhow::Result<()> {
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let run = tempfile::tempdir()?;
-    let unix = format!("unix://{}", run.path().join("kiln.sock").display());
-    let _daemon = Daemon::start(&["--addr", &unix])?;
+    let (reg, run, unix, _daemon) = unix_daemon()?;
     // Each execution of the RUN writes different bytes: equal outputs mean one execution.
     let ctx = tempfile::tempdir()?;
     std::fs::write(
