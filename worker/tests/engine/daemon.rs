@@ -35,15 +35,22 @@ async fn serve(engine: Engine) -> anyhow::Result<(tempfile::TempDir, tonic::tran
     Ok((dir, channel))
 }
 
+/// [`serve`] of a fresh engine with the default configuration over `root`.
+async fn serve_root(
+    root: &std::path::Path,
+) -> anyhow::Result<(tempfile::TempDir, tonic::transport::Channel)> {
+    serve(Engine::open(EngineConfig {
+        root: root.to_path_buf(),
+        ..Default::default()
+    })?)
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn control_api_solves_llb_and_streams_status() -> anyhow::Result<()> {
     let env = env()?;
     let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir, channel) = serve(engine).await?;
+    let (_dir, channel) = serve_root(root.path()).await?;
     let mut client = api::control_client::ControlClient::new(channel);
 
     let info = client.info(api::InfoRequest {}).await?.into_inner();
@@ -132,11 +139,7 @@ async fn dockerfile_build_over_a_session() -> anyhow::Result<()> {
 
     let env = env()?;
     let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir, channel) = serve(engine).await?;
+    let (_dir, channel) = serve_root(root.path()).await?;
     let mut client = api::control_client::ControlClient::new(channel);
 
     // The client side: a context with a Dockerfile, a file and an ignored file, served
@@ -227,11 +230,7 @@ async fn llb_bridge_solves_reads_and_returns() -> anyhow::Result<()> {
 
     let env = env()?;
     let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir, channel) = serve(engine).await?;
+    let (_dir, channel) = serve_root(root.path()).await?;
     let mut control = api::control_client::ControlClient::new(channel.clone());
     let mut bridge = gw::llb_bridge_client::LlbBridgeClient::new(channel);
 
@@ -447,11 +446,7 @@ async fn raw_llb_local_source_comes_over_the_session() -> anyhow::Result<()> {
     use kiln_worker::session::SessionHeaders;
 
     let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir, channel) = serve(engine).await?;
+    let (_dir, channel) = serve_root(root.path()).await?;
     let mut control = api::control_client::ControlClient::new(channel.clone());
     let mut bridge = gw::llb_bridge_client::LlbBridgeClient::new(channel);
 
@@ -611,11 +606,7 @@ impl tonic::codec::Codec for RawCodec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn malformed_messages_are_errors_on_every_rpc() -> anyhow::Result<()> {
     let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir, channel) = serve(engine).await?;
+    let (_dir, channel) = serve_root(root.path()).await?;
     let unary = [
         "/moby.buildkit.v1.Control/Solve",
         "/moby.buildkit.v1.Control/ListWorkers",
@@ -713,11 +704,7 @@ async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Res
     use kiln_worker::session::SessionHeaders;
 
     let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir, channel) = serve(engine).await?;
+    let (_dir, channel) = serve_root(root.path()).await?;
     let mut control = api::control_client::ControlClient::new(channel);
 
     let ctx = tempfile::tempdir()?;
@@ -825,11 +812,7 @@ async fn build_history_is_listed_followed_updated_and_replayed() -> anyhow::Resu
     use api::BuildHistoryEventType::{Complete, Deleted, Started};
     let env = env()?;
     let root = tempfile::tempdir()?;
-    let engine = Engine::open(EngineConfig {
-        root: root.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir, channel) = serve(engine).await?;
+    let (_dir, channel) = serve_root(root.path()).await?;
     let mut client = api::control_client::ControlClient::new(channel);
 
     // A follower sees the build start and complete.
@@ -981,11 +964,7 @@ async fn build_history_is_listed_followed_updated_and_replayed() -> anyhow::Resu
         .arg(root2.path())
         .status()?;
     assert!(copy.success());
-    let engine2 = Engine::open(EngineConfig {
-        root: root2.path().to_path_buf(),
-        ..Default::default()
-    })?;
-    let (_dir2, channel2) = serve(engine2).await?;
+    let (_dir2, channel2) = serve_root(root2.path()).await?;
     let mut client2 = api::control_client::ControlClient::new(channel2);
     let kept = history(
         &mut client2,
