@@ -16,6 +16,7 @@
 
 pub mod gc;
 pub mod metadata;
+pub mod mounts;
 pub mod pool;
 pub mod refs;
 pub mod registry;

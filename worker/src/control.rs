@@ -177,6 +177,8 @@ pub struct SolvedBuild {
     pub records: Vec<solver::KeyRecord>,
     /// How this build reaches registries (pushes use the client's credentials too).
     pub images: ImageResolver,
+    /// The ids of the cache mounts its definition uses (what `cache-mounts=true` exports).
+    pub cache_mounts: std::collections::BTreeSet<String>,
 }
 
 /// The build engine over one worker root.
@@ -222,6 +224,7 @@ impl Engine {
         unmount_under(root);
         let _ = std::fs::remove_dir_all(&mounts);
         std::fs::create_dir_all(&mounts).map_err(io_err("create", &mounts))?;
+        crate::cache::mounts::clean(root);
         let snapshotter = match config.snapshotter {
             Some(kind) => Snapshotter::with_kind(kind),
             None => detect_snapshotter(root, &mounts),
@@ -381,6 +384,7 @@ impl Engine {
                 config,
                 records: Vec::new(),
                 images: self.images_for(req.session.as_ref()),
+                cache_mounts: Default::default(),
             });
         }
         let graph = llb::decode(&definition)?;
@@ -445,6 +449,7 @@ impl Engine {
             config,
             records: solved.records,
             images: build.images.clone(),
+            cache_mounts: crate::cache::mounts::ids(&definition),
         })
     }
 
@@ -572,8 +577,7 @@ impl Engine {
             .enumerate()
             .filter(|(_, o)| o.target != registry::Target::Inline)
         {
-            self.export_cache(i, opts, &solved.records, progress)
-                .await?;
+            self.export_cache(i, opts, solved, progress).await?;
         }
         Ok(response)
     }
@@ -596,6 +600,7 @@ impl Engine {
                 Ok(found) => {
                     step.finish(None);
                     self.cache_exporter.learn(&found);
+                    self.seed_cache_mounts(&found, &name, progress).await;
                     remote.push(Arc::new(registry::Imported::new(
                         name,
                         found,
@@ -616,6 +621,30 @@ impl Engine {
             remote.push(pool.clone());
         }
         remote
+    }
+
+    /// Seeds the cache mounts an imported cache carries that this worker lacks; a mount
+    /// that cannot be seeded is a warning (it starts empty).
+    async fn seed_cache_mounts(&self, found: &registry::Found, name: &str, progress: &Progress) {
+        if found.cache_mounts.is_empty() {
+            return;
+        }
+        let step = Step::start(
+            progress,
+            &format!("cache-mounts-{name}"),
+            &format!("seeding cache mounts from {name}"),
+        );
+        let (seeded, warnings) =
+            crate::cache::mounts::seed_from(found, &self.worker.content, &self.worker.root).await;
+        step.finish(None);
+        if !seeded.is_empty() {
+            tracing::info!(cache = name, mounts = ?seeded, "seeded cache mounts");
+        }
+        for w in warnings {
+            let message = format!("{w} (from {name})");
+            tracing::warn!("{message}");
+            progress.warn(None, message);
+        }
     }
 
     /// The inline cache label for a solved build: the `mode=min` records whose layers are
@@ -667,7 +696,7 @@ impl Engine {
         &self,
         index: usize,
         opts: &registry::ExportOpts,
-        records: &[solver::KeyRecord],
+        solved: &SolvedBuild,
         progress: &Progress,
     ) -> Result<()> {
         let name = opts.target.name();
@@ -677,14 +706,38 @@ impl Engine {
             &format!("exporting cache to {name}"),
         );
         let mut results = Vec::new();
-        for r in records.iter().filter(|r| opts.max || r.min) {
+        for r in solved.records.iter().filter(|r| opts.max || r.min) {
             if let Some(outs) = self.local_outputs(&r.key, r.outputs)? {
                 for (i, o) in outs.into_iter().enumerate() {
                     results.push((format!("{}:{i}", r.key), o));
                 }
             }
         }
-        match self.cache_exporter.export(&results, opts).await {
+        let mut mounts = Vec::new();
+        if opts.cache_mounts && !solved.cache_mounts.is_empty() {
+            let (content, root) = (self.worker.content.clone(), self.worker.root.clone());
+            let (ids, image) = (solved.cache_mounts.clone(), opts.image.clone());
+            let (packed, warnings) = tokio::task::spawn_blocking(move || {
+                crate::cache::mounts::pack(&content, &root, &ids, &image)
+            })
+            .await
+            .map_err(|e| {
+                crate::cache::Error::from(registry::Error::Remote {
+                    target: name.clone(),
+                    message: format!("cache mount packer failed: {e}"),
+                })
+            })?;
+            for w in warnings {
+                tracing::warn!("{w}");
+                progress.warn(None, w);
+            }
+            mounts = packed;
+        }
+        match self
+            .cache_exporter
+            .export_with_mounts(&results, &mounts, opts)
+            .await
+        {
             Ok(_) => {
                 step.finish(None);
                 Ok(())

@@ -2,6 +2,8 @@
 //! snapshotter where overlay is unavailable), and Debian's docker-registry on 127.0.0.1
 //! holding a busybox-static base image. Needs root (CI is root).
 
+#[path = "engine/cachemounts.rs"]
+mod cachemounts;
 #[path = "engine/daemon.rs"]
 mod daemon;
 #[path = "engine/gc.rs"]

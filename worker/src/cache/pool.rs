@@ -185,6 +185,7 @@ impl Pool {
             image: ImageOpts::default(),
             image_manifest: true,
             ignore_error: false,
+            cache_mounts: false,
         };
         let mut wait = BACKOFF;
         for attempt in 1..=ATTEMPTS {
@@ -255,6 +256,7 @@ impl Pool {
         let config = CacheConfig::parse(&bytes)?;
         let found = Found {
             records: config.chains(),
+            cache_mounts: Vec::new(),
             source,
         };
         self.exporter.learn(&found);

@@ -108,6 +108,19 @@ pub struct CacheConfig {
     pub layers: Vec<ConfigLayer>,
     /// Results by key.
     pub records: Vec<ConfigRecord>,
+    /// Cache mount contents (`cache-mounts=true`), absent when none were exported.
+    #[serde(rename = "cacheMounts", default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_mounts: Vec<ConfigMount>,
+}
+
+/// The contents of one cache mount: a layer of [`CacheConfig::layers`] holding the mount
+/// directory's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigMount {
+    /// The mount's id (`RUN --mount=type=cache,id=…`; its target when no id was given).
+    pub id: String,
+    /// Index into [`CacheConfig::layers`].
+    pub layer: usize,
 }
 
 /// A layer chain: blobs lowest first, `None` for an empty layer.
@@ -145,7 +158,50 @@ impl CacheConfig {
             schema_version: 1,
             layers,
             records: out,
+            cache_mounts: Vec::new(),
         }
+    }
+
+    /// Adds cache mount contents (id → blob), listing each blob once.
+    pub fn add_mounts(&mut self, mounts: &[(String, LayerBlob)]) {
+        for (id, b) in mounts {
+            let layer = match self.layers.iter().position(|l| l.digest == b.digest) {
+                Some(i) => i,
+                None => {
+                    self.layers.push(ConfigLayer {
+                        media_type: b.media_type.clone(),
+                        digest: b.digest.clone(),
+                        size: b.size,
+                        diff_id: b.diff_id.clone(),
+                    });
+                    self.layers.len() - 1
+                }
+            };
+            self.cache_mounts.push(ConfigMount {
+                id: id.clone(),
+                layer,
+            });
+        }
+    }
+
+    /// The cache mounts as id → blob.
+    pub fn mounts(&self) -> Vec<(String, LayerBlob)> {
+        self.cache_mounts
+            .iter()
+            .filter_map(|m| {
+                self.layers.get(m.layer).map(|l| {
+                    (
+                        m.id.clone(),
+                        LayerBlob {
+                            media_type: l.media_type.clone(),
+                            digest: l.digest.clone(),
+                            size: l.size,
+                            diff_id: l.diff_id.clone(),
+                        },
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Parses and checks a config blob: schema version, digests, layer indexes.
@@ -163,6 +219,14 @@ impl CacheConfig {
                 crate::content::validate_digest(d)
                     .map_err(|e| format!("invalid digest in cache config: {e}"))?;
             }
+        }
+        if let Some(bad) = c.cache_mounts.iter().find(|m| m.layer >= c.layers.len()) {
+            return Err(format!(
+                "cache mount {:?} names layer {} of {}",
+                bad.id,
+                bad.layer,
+                c.layers.len()
+            ));
         }
         for r in &c.records {
             if let Some(bad) = r.layers.iter().flatten().find(|i| **i >= c.layers.len()) {
@@ -266,6 +330,8 @@ pub struct ExportOpts {
     pub image_manifest: bool,
     /// A failure is a warning.
     pub ignore_error: bool,
+    /// Also export the contents of the build's cache mounts (`cache-mounts=true`).
+    pub cache_mounts: bool,
 }
 
 /// A parsed `--import-cache` entry.
@@ -351,6 +417,7 @@ pub fn parse_export(e: &CacheEntry) -> Result<ExportOpts> {
     let mut image_attrs = BTreeMap::new();
     let mut image_manifest = true;
     let mut ignore_error = false;
+    let mut cache_mounts = false;
     for (k, v) in &e.attrs {
         match k.as_str() {
             "mode" => match v.as_str() {
@@ -366,6 +433,7 @@ pub fn parse_export(e: &CacheEntry) -> Result<ExportOpts> {
             }
             "image-manifest" => image_manifest = bool_attr(typ, k, v)?,
             "ignore-error" => ignore_error = bool_attr(typ, k, v)?,
+            "cache-mounts" => cache_mounts = bool_attr(typ, k, v)?,
             "ref" | "dest" | "tag" | "registry.insecure" => {}
             other => tracing::warn!(attr = other, "cache export: ignoring unknown attribute"),
         }
@@ -388,6 +456,7 @@ pub fn parse_export(e: &CacheEntry) -> Result<ExportOpts> {
         image,
         image_manifest,
         ignore_error,
+        cache_mounts,
     })
 }
 
@@ -498,10 +567,12 @@ impl Exporter {
     }
 
     /// Makes (or reuses) the blobs of `results` (key → ref) and the cache config and
-    /// manifest describing them.
+    /// manifest describing them, with the cache mount blobs `mounts` (id → blob, already
+    /// in the content store).
     pub async fn prepare(
         &self,
         results: &[(String, Ref)],
+        mounts: &[(String, LayerBlob)],
         opts: &ExportOpts,
         target: &str,
     ) -> Result<Prepared> {
@@ -554,7 +625,8 @@ impl Exporter {
                 (k.clone(), chain)
             })
             .collect();
-        let config = CacheConfig::new(&records);
+        let mut config = CacheConfig::new(&records);
+        config.add_mounts(mounts);
         let config_bytes = serde_json::to_vec(&config).map_err(|e| remote(target, e))?;
         let config_desc = self
             .content
@@ -636,8 +708,9 @@ impl Exporter {
             image: image.clone(),
             image_manifest: true,
             ignore_error: false,
+            cache_mounts: false,
         };
-        let prepared = self.prepare(results, &opts, "inline").await?;
+        let prepared = self.prepare(results, &[], &opts, "inline").await?;
         let bytes = self
             .content
             .read(&prepared.config.0)
@@ -647,8 +720,18 @@ impl Exporter {
 
     /// Exports `results` to `opts.target`; returns the manifest digest.
     pub async fn export(&self, results: &[(String, Ref)], opts: &ExportOpts) -> Result<String> {
+        self.export_with_mounts(results, &[], opts).await
+    }
+
+    /// [`Exporter::export`] with cache mount contents (id → blob in the content store).
+    pub async fn export_with_mounts(
+        &self,
+        results: &[(String, Ref)],
+        mounts: &[(String, LayerBlob)],
+        opts: &ExportOpts,
+    ) -> Result<String> {
         let name = opts.target.name();
-        let prepared = self.prepare(results, opts, &name).await?;
+        let prepared = self.prepare(results, mounts, opts, &name).await?;
         match &opts.target {
             Target::Registry {
                 reference,
@@ -889,7 +972,11 @@ pub enum BlobSource {
 
 impl BlobSource {
     /// Fetches a blob into the content store, verified by digest and size; returns its path.
-    async fn fetch(&self, content: &Arc<ContentStore>, b: &BlobDesc) -> Result<PathBuf, String> {
+    pub(crate) async fn fetch(
+        &self,
+        content: &Arc<ContentStore>,
+        b: &BlobDesc,
+    ) -> Result<PathBuf, String> {
         match self {
             BlobSource::Registry {
                 resolver,
@@ -938,6 +1025,8 @@ impl BlobSource {
 pub struct Found {
     /// Records by `<vertex key>:<output>`.
     pub records: HashMap<String, Chain>,
+    /// Cache mount contents (id → blob), when the cache was exported with them.
+    pub cache_mounts: Vec<(String, LayerBlob)>,
     /// Where their blobs are.
     pub source: BlobSource,
 }
@@ -1027,6 +1116,7 @@ async fn records(
     let config = CacheConfig::parse(&bytes)?;
     Ok(Found {
         records: config.chains(),
+        cache_mounts: config.mounts(),
         source,
     })
 }

@@ -223,7 +223,7 @@ impl Encoder {
 }
 
 /// Makes (or reuses) the blob of one layer; `None` when the layer is empty.
-fn layer_blob(
+pub(crate) fn layer_blob(
     content: &ContentStore,
     layer: &ExportLayer,
     opts: &ImageOpts,

@@ -165,10 +165,7 @@ impl ExecOpImpl {
                     } else {
                         opt.id.clone()
                     };
-                    let dir = worker
-                        .root
-                        .join("cachemounts")
-                        .join(hex::encode(sha2_of(&id)));
+                    let dir = crate::cache::mounts::dir(&worker.root, &id);
                     if !dir.exists() {
                         std::fs::create_dir_all(&dir)?;
                         // A new cache starts from its seed (the frontend's mkdir carrying
@@ -369,11 +366,6 @@ fn seed_cache_dir(base: &Ref, selector: &str, dir: &std::path::Path) -> Result<(
         }
     }
     Ok(())
-}
-
-fn sha2_of(s: &str) -> Vec<u8> {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(s.as_bytes()).to_vec()
 }
 
 fn unique() -> u64 {

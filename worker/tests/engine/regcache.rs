@@ -34,12 +34,12 @@ RUN cat a.txt b.txt | wc -l > count && cp b.txt b.copy
 CMD ["cat", "/data/count"]
 "#;
 
-struct Worker {
+pub(super) struct Worker {
     _root: tempfile::TempDir,
     engine: Engine,
 }
 
-fn worker(pool: Option<String>) -> anyhow::Result<Worker> {
+pub(super) fn worker(pool: Option<String>) -> anyhow::Result<Worker> {
     let root = tempfile::tempdir()?;
     let engine = Engine::open(EngineConfig {
         root: root.path().to_path_buf(),
@@ -53,7 +53,7 @@ fn worker(pool: Option<String>) -> anyhow::Result<Worker> {
     })
 }
 
-fn entry(typ: &str, attrs: &[(&str, &str)]) -> CacheEntry {
+pub(super) fn entry(typ: &str, attrs: &[(&str, &str)]) -> CacheEntry {
     CacheEntry {
         typ: typ.into(),
         attrs: attrs
@@ -63,7 +63,7 @@ fn entry(typ: &str, attrs: &[(&str, &str)]) -> CacheEntry {
     }
 }
 
-fn base(reg: &Registry) -> anyhow::Result<String> {
+pub(super) fn base(reg: &Registry) -> anyhow::Result<String> {
     kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
     Ok(format!("{}/kiln/base:1", reg.addr()))
 }
@@ -108,7 +108,11 @@ async fn build_to(
     run(w, req, caches).await
 }
 
-async fn run(w: &Worker, req: BuildRequest, caches: CacheRequest) -> anyhow::Result<Built> {
+pub(super) async fn run(
+    w: &Worker,
+    req: BuildRequest,
+    caches: CacheRequest,
+) -> anyhow::Result<Built> {
     let (progress, mut rx) = Progress::channel();
     let res = w
         .engine
@@ -130,7 +134,7 @@ fn digest(b: &Built) -> anyhow::Result<String> {
         .ok_or_else(|| anyhow!("no image digest"))
 }
 
-fn warnings(b: &Built) -> Vec<String> {
+pub(super) fn warnings(b: &Built) -> Vec<String> {
     b.events
         .iter()
         .filter_map(|e| match e {
@@ -528,7 +532,7 @@ RUN echo two >> /b.txt
     Ok(())
 }
 
-fn dockerfile_request(
+pub(super) fn dockerfile_request(
     base: &str,
     dir: &Path,
     exports: Vec<kiln_worker::control::ExportRequest>,
