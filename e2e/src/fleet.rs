@@ -141,6 +141,38 @@ impl Proc {
         Ok(())
     }
 
+    /// Sends `signal` to the process (while it runs).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        if let Some(pid) = self.id() {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+                .with_context(|| format!("signalling {}", self.name))?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `limit` for the process to exit by itself and reaps it; fails (leaving
+    /// it running) when it does not.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        let Some(c) = self.child.as_mut() else {
+            bail!("{} is not running", self.name);
+        };
+        loop {
+            if let Some(status) = c.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "{} still running after {limit:?}:\n{}",
+                    self.name,
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -609,6 +609,86 @@ fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
     result
 }
 
+/// SIGTERM while a RUN step runs and the pool registry is slow (2 MiB/s): the worker stops
+/// being ready and stops taking connections, but the running build finishes and succeeds,
+/// the pool cache's export of its 8 MiB result completes, and only then does the worker
+/// exit, with status 0. A fresh worker sharing the pool then builds the project executing
+/// no RUN step: nothing the stopping worker owed the pool was lost.
+#[test]
+fn sigterm_finishes_running_builds_and_pool_exports_before_exiting() -> anyhow::Result<()> {
+    let env = Env::new()?;
+    let df = "ARG BASE\nFROM ${BASE}\nRUN sh -c 'sleep 3; head -c 8388608 /dev/urandom > /noise'\n";
+    let project = env.project("term", df)?;
+    let slow = Forwarder::start(&env.base_reg.addr())?;
+    slow.set_rate(2 << 20);
+    let pool = format!("{}/kiln/pool", slow.addr());
+    let mport = fleet::free_port()?;
+    let metrics = format!("127.0.0.1:{mport}");
+    let mut w = Worker::new(
+        "w0",
+        &env.path("w0"),
+        &["--cache-registry", &pool, "--metrics-addr", &metrics],
+    )?;
+    w.start(&env.bins)?;
+    let result = (|| -> anyhow::Result<()> {
+        let (child, mut reader) = spawn_build(env.build_cmd(&w.addr(), &project, "go", &[]))?;
+        read_until(&mut reader, "the RUN step", |v| vertex_running(v, "RUN sh"))?;
+        w.proc
+            .as_ref()
+            .ok_or_else(|| anyhow!("worker not running"))?
+            .signal(nix::sys::signal::Signal::SIGTERM)?;
+
+        // Draining: not ready, and a new client cannot reach it.
+        wait_for("/readyz failing", || {
+            let r = kiln_e2e::http::get(&metrics, "/readyz", &[])?;
+            Ok((r.status != 200).then_some(()))
+        })?;
+        let refused = run_bounded(&mut env.build_cmd(&w.addr(), &project, "go", &[]))?;
+        assert!(
+            !refused.status.success(),
+            "a build started on a draining worker"
+        );
+
+        let (status, rest) = finish_interrupted(child, reader)?;
+        assert!(
+            status.success(),
+            "the build running at SIGTERM failed: {status}\n{}",
+            rest.chars().take(4000).collect::<String>()
+        );
+        let proc = w
+            .proc
+            .as_mut()
+            .ok_or_else(|| anyhow!("worker not running"))?;
+        let exit = proc.wait_exit(HANG)?;
+        assert!(exit.success(), "the drained worker exited with {exit}");
+        let log = proc.output();
+        assert!(log.contains("pool exports done"), "{log}");
+        assert!(
+            slow.bytes() > 8 << 20,
+            "only {} bytes reached the pool registry",
+            slow.bytes()
+        );
+
+        slow.set_rate(0);
+        let mut sharing = Worker::new("w1", &env.path("w1"), &["--cache-registry", &pool])?;
+        sharing.start(&env.bins)?;
+        let out = env.build(&sharing.addr(), &project, "go", &[])?;
+        let ran: Vec<_> = rawjson_vertices(&out.stderr)
+            .into_iter()
+            .filter(|(name, cached)| name.contains("RUN") && !cached)
+            .collect();
+        assert!(
+            ran.is_empty(),
+            "the pool lacked the drained worker's result: ran {ran:?}"
+        );
+        Ok(())
+    })();
+    if result.is_err() {
+        eprintln!("{}", w.logs());
+    }
+    result
+}
+
 /// A worker killed with SIGKILL while it receives a 24 MiB context file (the client
 /// reaches it through a forwarder slowed to 4 MiB/s; killed once 6 MiB went through): the
 /// context kept for the session's shared key is half written. Restarted, the next build

@@ -83,6 +83,11 @@ struct Args {
     /// restart (default 5s).
     #[arg(long, value_name = "DURATION")]
     config_poll_interval: Option<String>,
+    /// On SIGTERM or SIGINT, how long to go on serving running builds and draining the pool
+    /// cache's export queue before exiting (default 270s, inside the 300 s grace period the
+    /// controller gives worker pods; 0 exits at once). A second signal exits at once.
+    #[arg(long, value_name = "DURATION")]
+    shutdown_timeout: Option<String>,
     /// Run without root (not implemented yet: refused with an error).
     #[arg(long)]
     rootless: bool,
@@ -111,6 +116,7 @@ struct ConfigFile {
     #[serde(default)]
     tls: TlsSection,
     config_poll_interval: Option<String>,
+    shutdown_timeout: Option<String>,
     /// The garbage-collection policy the controller renders (`[gc]`, `[[gc.rules]]`),
     /// applied again whenever the file changes.
     gc: Option<GcSection>,
@@ -216,6 +222,14 @@ async fn main() -> anyhow::Result<()> {
             d
         }
         None => DEFAULT_CONFIG_POLL,
+    };
+    let shutdown_timeout = match args
+        .shutdown_timeout
+        .as_deref()
+        .or(file.shutdown_timeout.as_deref())
+    {
+        Some(s) => kiln_proto::gc::parse_duration(s, "--shutdown-timeout")?,
+        None => DEFAULT_SHUTDOWN_TIMEOUT,
     };
 
     let addrs: Vec<Addr> = {
@@ -325,44 +339,111 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = args.config.clone() {
         tokio::spawn(watch_config(path, poll, engine.gc().clone()));
     }
-    let control = ControlService::new(engine, id).with_metrics(metrics.clone());
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let control = ControlService::new(engine.clone(), id)
+        .with_metrics(metrics.clone())
+        .with_draining(draining.clone());
+    let stopping = tokio_util::sync::CancellationToken::new();
     for addr in &addrs {
         let incoming = serve_tls.listen(addr).await?;
         let router = tonic::transport::Server::builder()
             .add_service(control.clone().into_server())
             .add_service(control.clone().into_bridge_server())
             .add_service(
-                kiln_proto::grpc::health::v1::health_server::HealthServer::new(HealthService),
+                kiln_proto::grpc::health::v1::health_server::HealthServer::new(HealthService::new(
+                    draining.clone(),
+                )),
             );
         if matches!(addr, Addr::Tcp(_)) && !serve_tls.has_tls() {
             tracing::warn!(%addr, "serving plaintext TCP (--insecure-tcp)");
         } else {
             tracing::info!(%addr, "serving");
         }
+        // Stopping ends the listener only: connections already open stay served (their
+        // tasks live on), so a running build's later calls (LLBBridge.Return, ReadFile…)
+        // still reach it.
+        let incoming = futures::StreamExt::take_until(incoming, stopping.clone().cancelled_owned());
+        let stop = stopping.clone();
         tasks.push(tokio::spawn(async move {
             router
                 .serve_with_incoming(incoming)
                 .await
-                .context("gRPC server stopped")
+                .context("gRPC server stopped")?;
+            if stop.is_cancelled() {
+                // Stopped on purpose: the drain decides when the process ends.
+                std::future::pending::<()>().await;
+            }
+            Ok(())
         }));
     }
     metrics.set_ready(true);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupted: shutting down");
-            Ok(())
-        }
-        _ = term.recv() => {
-            tracing::info!("terminated: shutting down");
-            Ok(())
-        }
-        res = futures::future::select_all(tasks) => {
+    let mut tasks = futures::future::select_all(tasks);
+    let how = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
+        res = &mut tasks => {
             let (r, _, _) = res;
-            r?
+            return r?;
         }
+    };
+    let pool = engine.pool().cloned();
+    tokio::select! {
+        _ = drain(how, &metrics, &draining, &stopping, pool.clone()) => {}
+        res = &mut tasks => {
+            let (r, _, _) = res;
+            r??;
+        }
+        _ = tokio::time::sleep(shutdown_timeout) => {
+            tracing::warn!(
+                timeout = ?shutdown_timeout,
+                builds = metrics.builds_in_flight.get(),
+                exports = pool.as_ref().map(|p| p.stats().queue_depth).unwrap_or(0),
+                "shutdown timeout: exiting with work left"
+            );
+        }
+        _ = tokio::signal::ctrl_c() => tracing::warn!("interrupted again: exiting now"),
+        _ = term.recv() => tracing::warn!("terminated again: exiting now"),
     }
+    Ok(())
+}
+
+/// How long a stopping worker goes on by default (see `--shutdown-timeout`).
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(270);
+
+/// A stopping worker's drain: it reports not ready (`/readyz` and gRPC health), refuses
+/// new builds and stops accepting connections, waits for the running builds (whose calls
+/// on open connections go on), then for the pool cache's export queue to empty.
+async fn drain(
+    how: &str,
+    metrics: &Metrics,
+    draining: &std::sync::atomic::AtomicBool,
+    stopping: &tokio_util::sync::CancellationToken,
+    pool: Option<Arc<kiln_worker::cache::pool::Pool>>,
+) {
+    tracing::info!(
+        builds = metrics.builds_in_flight.get(),
+        exports = pool.as_ref().map(|p| p.stats().queue_depth).unwrap_or(0),
+        "{how}: draining (no new builds; running builds and pool exports finish first)"
+    );
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    metrics.set_ready(false);
+    stopping.cancel();
+    while metrics.builds_in_flight.get() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::info!("running builds done");
+    if let Some(pool) = pool {
+        pool.wait_idle().await;
+        let stats = pool.stats();
+        tracing::info!(
+            exported = stats.exported,
+            failed = stats.failed,
+            "pool exports done"
+        );
+    }
+    tracing::info!("drained: exiting");
 }
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ pub struct ControlService {
     bridges: Arc<Mutex<HashMap<String, Arc<bridge::BridgeJob>>>>,
     local_locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
     history: Arc<history::History>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 // === impl ControlService ===
@@ -80,7 +81,15 @@ impl ControlService {
             metrics: None,
             bridges: Default::default(),
             local_locks: Default::default(),
+            draining: Default::default(),
         }
+    }
+
+    /// Shares `flag`: while it is set the worker is shutting down and refuses new builds
+    /// (`Unavailable`); running ones, and their LLBBridge and session calls, go on.
+    pub fn with_draining(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> ControlService {
+        self.draining = flag;
+        self
     }
 
     /// Counts builds and sessions in `metrics`.
@@ -1217,6 +1226,12 @@ impl api::control_server::Control for ControlService {
         if req.r#ref.is_empty() {
             return Err(Status::invalid_argument("solve: ref is required"));
         }
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable(format!(
+                "worker {} is shutting down and takes no new builds",
+                self.worker_id
+            )));
+        }
         // Neither a frontend nor a definition: the client drives the build itself over
         // LLBBridge (buildctl >= 0.11, buildx) and hands back its result with Return.
         let via_bridge =
@@ -1549,9 +1564,19 @@ fn async_stream(job: Arc<Job>) -> impl Stream<Item = Result<api::StatusResponse,
     })
 }
 
-/// The gRPC health service: the worker is serving while the process is up.
+/// The gRPC health service: the worker is serving while the process is up and not
+/// shutting down.
 #[derive(Debug, Clone, Default)]
-pub struct HealthService;
+pub struct HealthService {
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HealthService {
+    /// Answers `NOT_SERVING` while `flag` is set (see [`ControlService::with_draining`]).
+    pub fn new(flag: Arc<std::sync::atomic::AtomicBool>) -> HealthService {
+        HealthService { draining: flag }
+    }
+}
 
 #[tonic::async_trait]
 impl health::health_server::Health for HealthService {
@@ -1559,8 +1584,13 @@ impl health::health_server::Health for HealthService {
         &self,
         _request: Request<health::HealthCheckRequest>,
     ) -> Result<Response<health::HealthCheckResponse>, Status> {
+        let status = if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            health::health_check_response::ServingStatus::NotServing
+        } else {
+            health::health_check_response::ServingStatus::Serving
+        };
         Ok(Response::new(health::HealthCheckResponse {
-            status: health::health_check_response::ServingStatus::Serving as i32,
+            status: status as i32,
         }))
     }
 }
