@@ -520,6 +520,23 @@ fn kill_9_mid_push_then_restart_pushes_the_clean_digest() -> anyhow::Result<()> 
     result
 }
 
+/// A started worker `w0` whose pool cache (`kiln/pool`) is reached through a forwarder
+/// slowed to `rate` bytes/s, with metrics on; returns the forwarder, the pool reference,
+/// the metrics address and the worker.
+fn pool_worker(env: &Env, rate: u64) -> anyhow::Result<(Forwarder, String, String, Worker)> {
+    let slow = Forwarder::start(&env.base_reg.addr())?;
+    slow.set_rate(rate);
+    let pool = format!("{}/kiln/pool", slow.addr());
+    let metrics = format!("127.0.0.1:{}", fleet::free_port()?);
+    let mut w = Worker::new(
+        "w0",
+        &env.path("w0"),
+        &["--cache-registry", &pool, "--metrics-addr", &metrics],
+    )?;
+    w.start(&env.bins)?;
+    Ok((slow, pool, metrics, w))
+}
+
 /// A worker killed with SIGKILL while its pool cache exports a 24 MiB layer in the
 /// background (the pool registry behind a forwarder slowed to 4 MiB/s; killed once a MiB
 /// went through and the export queue is not empty). Restarted, it builds the project
@@ -531,17 +548,7 @@ fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
     let df = format!("{GATED}COPY noise /noise\n");
     let project = env.project("big", &df)?;
     write_noise(&project.join("noise"), 24 << 20)?;
-    let slow = Forwarder::start(&env.base_reg.addr())?;
-    slow.set_rate(4 << 20);
-    let pool = format!("{}/kiln/pool", slow.addr());
-    let mport = fleet::free_port()?;
-    let metrics = format!("127.0.0.1:{mport}");
-    let mut w = Worker::new(
-        "w0",
-        &env.path("w0"),
-        &["--cache-registry", &pool, "--metrics-addr", &metrics],
-    )?;
-    w.start(&env.bins)?;
+    let (slow, pool, metrics, mut w) = pool_worker(&env, 4 << 20)?;
     let result = (|| -> anyhow::Result<()> {
         let out = env.path("out");
         let dest = format!("type=local,dest={}", out.display());
@@ -619,17 +626,7 @@ fn sigterm_finishes_running_builds_and_pool_exports_before_exiting() -> anyhow::
     let env = Env::new()?;
     let df = "ARG BASE\nFROM ${BASE}\nRUN sh -c 'sleep 3; head -c 8388608 /dev/urandom > /noise'\n";
     let project = env.project("term", df)?;
-    let slow = Forwarder::start(&env.base_reg.addr())?;
-    slow.set_rate(2 << 20);
-    let pool = format!("{}/kiln/pool", slow.addr());
-    let mport = fleet::free_port()?;
-    let metrics = format!("127.0.0.1:{mport}");
-    let mut w = Worker::new(
-        "w0",
-        &env.path("w0"),
-        &["--cache-registry", &pool, "--metrics-addr", &metrics],
-    )?;
-    w.start(&env.bins)?;
+    let (slow, pool, metrics, mut w) = pool_worker(&env, 2 << 20)?;
     let result = (|| -> anyhow::Result<()> {
         let (child, mut reader) = spawn_build(env.build_cmd(&w.addr(), &project, "go", &[]))?;
         read_until(&mut reader, "the RUN step", |v| vertex_running(v, "RUN sh"))?;

@@ -41,6 +41,16 @@ async fn build(
     Ok((seen, warnings(&built)))
 }
 
+/// A fresh worker builds [`read`]`(n)` importing `import`.
+async fn cold_read(
+    base: &str,
+    n: u32,
+    import: CacheEntry,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let w = worker(None)?;
+    build(&w, base, &read(n), imports(import)).await
+}
+
 fn exports(e: CacheEntry) -> CacheRequest {
     CacheRequest {
         exports: vec![e],
@@ -80,25 +90,11 @@ async fn cache_mounts_reach_a_cold_worker_through_a_registry() -> anyhow::Result
     )
     .await?;
 
-    let b = worker(None)?;
-    let (seen, warns) = build(
-        &b,
-        &base,
-        &read(1),
-        imports(entry("registry", &[("ref", &with)])),
-    )
-    .await?;
+    let (seen, warns) = cold_read(&base, 1, entry("registry", &[("ref", &with)])).await?;
     assert_eq!(seen, "fetched-once\ndeep\n", "warnings: {warns:?}");
     assert!(warns.is_empty(), "{warns:?}");
 
-    let c = worker(None)?;
-    let (seen, _) = build(
-        &c,
-        &base,
-        &read(2),
-        imports(entry("registry", &[("ref", &without)])),
-    )
-    .await?;
+    let (seen, _) = cold_read(&base, 2, entry("registry", &[("ref", &without)])).await?;
     assert_eq!(
         seen, "missing\n",
         "a cache exported without cache-mounts=true seeded a mount"
@@ -142,8 +138,7 @@ RUN --mount=type=cache,id=deps,target=/cache sh -c 'echo local > /cache/dep.txt'
 
     // A corrupt mount blob: a warning, an empty mount, a successful build.
     corrupt_mount_blob(&dest)?;
-    let c = worker(None)?;
-    let (seen, warns) = build(&c, &base, &read(5), import()).await?;
+    let (seen, warns) = cold_read(&base, 5, entry("local", &[("src", &dest_s)])).await?;
     assert_eq!(seen, "missing\n");
     assert!(
         warns
