@@ -632,6 +632,10 @@ pub struct BuildJobStatus {
     /// How many times the build was submitted (retries after a lost worker count).
     #[serde(default)]
     pub attempts: i32,
+    /// The ref of the current attempt's build (`kiln-<uid>-<attempt>`), written before the
+    /// build is submitted so a restarted controller can find it on the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ref: Option<String>,
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
