@@ -398,7 +398,12 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<JobContext>) -> Result<Actio
         job = %job.name_any(),
         namespace = %job.namespace().unwrap_or_default()
     );
-    reconcile_job(&job, &ctx).instrument(span).await
+    let started = std::time::Instant::now();
+    let res = reconcile_job(&job, &ctx).instrument(span).await;
+    if let Some(m) = crate::metrics::global() {
+        m.reconciled("BuildJob", res.is_ok(), started.elapsed());
+    }
+    res
 }
 
 /// Logs a failed reconcile and retries later.
@@ -970,6 +975,9 @@ async fn succeed(
         (false, "AsExpected", "no problems found".into()),
     );
     write_status(job, ctx, id, &status).await?;
+    if let Some(m) = crate::metrics::global() {
+        m.job_finished("succeeded");
+    }
     event(ctx, job, false, "Succeeded", &message);
     lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);
@@ -1004,6 +1012,9 @@ async fn fail(
         (true, reason, message.clone()),
     );
     write_status(job, ctx, id, &status).await?;
+    if let Some(m) = crate::metrics::global() {
+        m.job_finished("failed");
+    }
     event(ctx, job, true, reason, &message);
     lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);

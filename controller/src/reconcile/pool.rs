@@ -43,7 +43,12 @@ pub async fn reconcile(pool: Arc<BuildWorkerPool>, ctx: Arc<Context>) -> Result<
         pool = %pool.name_any(),
         namespace = %pool.namespace().unwrap_or_default()
     );
-    reconcile_pool(&pool, &ctx).instrument(span).await
+    let started = std::time::Instant::now();
+    let res = reconcile_pool(&pool, &ctx).instrument(span).await;
+    if let Some(m) = crate::metrics::global() {
+        m.reconciled("BuildWorkerPool", res.is_ok(), started.elapsed());
+    }
+    res
 }
 
 /// Logs a failed reconcile and retries later.

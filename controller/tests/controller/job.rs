@@ -612,6 +612,78 @@ async fn job_runs_to_success_and_status_says_so_in_order() {
     }
 }
 
+/// The value of the sample `name` (with its labels) in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// GET `path` from the metrics endpoint at `addr`: status line and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn metrics_are_served_and_count_reconciles_and_finished_jobs() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(kiln_controller::metrics::serve(listener));
+    let (status, before) = http_get(addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let ok = r#"kiln_controller_reconcile_total{kind="BuildJob",result="ok"}"#;
+    let took = r#"kiln_controller_reconcile_duration_seconds_count{kind="BuildJob"}"#;
+    let succeeded = r#"kiln_controller_buildjobs_total{outcome="succeeded"}"#;
+    let failed = r#"kiln_controller_buildjobs_total{outcome="failed"}"#;
+
+    let mut h = Harness::new(
+        vec![Step::Succeed("sha256:abc"), Step::Fail("boom")],
+        start(),
+    );
+    seed_world(&h.fake);
+    seed_job(&h.fake, "m1", json!({}));
+    seed_job(&h.fake, "m2", json!({}));
+    for name in ["m1", "m2"] {
+        h.reconcile(name).await;
+        h.wait_ended().await;
+        h.reconcile(name).await;
+    }
+    assert_eq!(h.status("m1")["phase"], "Succeeded");
+    assert_eq!(h.status("m2")["phase"], "Failed");
+
+    let (_, after) = http_get(addr, "/metrics").await;
+    // Other tests of this binary count into the same registry: at least these.
+    assert!(sample(&after, ok) >= sample(&before, ok) + 4.0, "{after}");
+    assert!(
+        sample(&after, took) >= sample(&before, took) + 4.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, succeeded) > sample(&before, succeeded),
+        "{after}"
+    );
+    assert!(sample(&after, failed) > sample(&before, failed), "{after}");
+    assert!(
+        after.contains("# TYPE kiln_controller_leader gauge"),
+        "{after}"
+    );
+    assert_eq!(http_get(addr, "/healthz").await.0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(addr, "/nope").await.0, "HTTP/1.1 404 Not Found");
+}
+
 #[tokio::test]
 async fn a_failed_build_names_its_cause() {
     let mut h = Harness::new(
