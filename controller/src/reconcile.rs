@@ -3,6 +3,7 @@
 //! through their pool's gateway. Uses [`crate::render`] and [`crate::tls`] for the objects,
 //! and the API server (through `kube::Client`) for the rest.
 
+pub mod autoscale;
 pub mod job;
 pub mod pool;
 
@@ -30,6 +31,8 @@ pub struct Context {
     pub client: Client,
     /// Current time.
     pub clock: Clock,
+    /// How the autoscaler reaches the gateways' admin endpoints.
+    pub admin: autoscale::AdminSettings,
 }
 
 impl Context {
@@ -38,6 +41,7 @@ impl Context {
         Context {
             client,
             clock: Arc::new(OffsetDateTime::now_utc),
+            admin: autoscale::AdminSettings::default(),
         }
     }
 }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tracing::{info, warn, Instrument};
 
-use super::{condition, unix_time, Context};
+use super::{autoscale, condition, unix_time, Context};
 use crate::crd::{
     BuildWorkerPool, BuildWorkerPoolStatus, TlsMode, CONDITION_DEGRADED, CONDITION_PROGRESSING,
     CONDITION_READY,
@@ -79,6 +79,51 @@ async fn reconcile_pool(pool: &BuildWorkerPool, ctx: &Context) -> Result<Action>
 
     let tls = ensure_tls(pool, ctx, &ns, now).await?;
 
+    // Autoscaling: the replicas come from the gateways' load rather than the spec.
+    let mut scaled = None;
+    let mut effective = pool.clone();
+    if let Some(spec) = &pool.spec.autoscaling {
+        let (plan, load) = match autoscale::step(pool, spec, ctx, &ns, now).await {
+            Ok(x) => x,
+            Err(error) => {
+                // Keep the replicas; scaling waits for the gateways.
+                warn!(%error, "autoscaling: cannot read the gateways' load");
+                let keep = autoscale::current(pool, spec);
+                let state = pool
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.autoscaling.clone())
+                    .unwrap_or_default();
+                let plan = autoscale::Plan {
+                    replicas: keep,
+                    state: crate::crd::AutoscalingStatus {
+                        desired_replicas: keep,
+                        ..state
+                    },
+                    drain: None,
+                    undrain: None,
+                    reason: error.to_string(),
+                };
+                let load = pool
+                    .status
+                    .as_ref()
+                    .map(|s| s.workers.clone())
+                    .unwrap_or_default();
+                (plan, load)
+            }
+        };
+        if plan.replicas != autoscale::current(pool, spec) || plan.drain.is_some() {
+            info!(replicas = plan.replicas, drain = ?plan.drain, reason = %plan.reason, "autoscaling");
+        }
+        effective.spec.replicas = plan.replicas;
+        scaled = Some((plan.state, load));
+    }
+    let rendered = if scaled.is_some() {
+        render::render(&effective)?
+    } else {
+        rendered
+    };
+
     let client = ctx.client.clone();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     apply(
@@ -127,9 +172,15 @@ async fn reconcile_pool(pool: &BuildWorkerPool, ctx: &Context) -> Result<Action>
     )
     .await?;
 
-    let status = status_for(pool, Some(&sts), Some(&dep), &tls, now);
+    let mut status = status_for(&effective, Some(&sts), Some(&dep), &tls, now);
+    let mut next = tls.next_check(now);
+    if let Some((state, load)) = scaled {
+        status.autoscaling = Some(state);
+        status.workers = load;
+        next = next.min(autoscale::RECHECK);
+    }
     write_status(pool, ctx, &ns, status).await?;
-    Ok(Action::requeue(tls.next_check(now)))
+    Ok(Action::requeue(next))
 }
 
 /// Server-side applies `obj` and returns what the API server now holds.
@@ -280,7 +331,15 @@ async fn ensure_tls(
     };
     let bundle = trust.bundle();
 
-    let server_names = tls::server_names(&name, ns, pool.spec.replicas);
+    // An autoscaled pool's certificate names every worker it may grow to.
+    let most = pool
+        .spec
+        .autoscaling
+        .as_ref()
+        .map_or(pool.spec.replicas, |a| {
+            a.max_replicas.max(pool.spec.replicas)
+        });
+    let server_names = tls::server_names(&name, ns, most);
     let leaves: [(String, String, Option<&[String]>, Usage); 4] = [
         (
             render::server_secret_name(&name),
@@ -443,6 +502,8 @@ fn status_for(
         gateway_ready_replicas: gw_ready,
         certificate_not_after: tls.not_after.and_then(unix_time),
         conditions,
+        autoscaling: None,
+        workers: Vec::new(),
     }
 }
 

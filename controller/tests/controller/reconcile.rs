@@ -136,6 +136,7 @@ fn context(client: kube::Client, at: OffsetDateTime) -> Arc<Context> {
     Arc::new(Context {
         client,
         clock: Arc::new(move || at),
+        admin: Default::default(),
     })
 }
 
