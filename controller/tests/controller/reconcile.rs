@@ -573,3 +573,208 @@ async fn real_cluster_when_kubeconfig_is_set() {
     }
     crate::cluster::create_and_reconcile_twice().await.unwrap();
 }
+
+// === autoscaling ===
+
+/// A gateway's admin endpoint, faked: it lists its workers' load and drains as told.
+#[derive(Default)]
+struct AdminFake {
+    /// `(name, inflight, queued, draining)`.
+    workers: Vec<(String, i64, i64, bool)>,
+    requests: Vec<String>,
+}
+
+/// Serves `admin` as plain HTTP on loopback; returns its base URL.
+async fn admin_server(admin: Arc<Mutex<AdminFake>>) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let body = {
+                let mut a = admin.lock().unwrap_or_else(|e| e.into_inner());
+                a.requests.push(format!("{method} {path}"));
+                if let Some(w) = path.strip_prefix("/drain?worker=") {
+                    for x in a.workers.iter_mut().filter(|x| x.0 == w) {
+                        x.3 = true;
+                    }
+                }
+                if let Some(w) = path.strip_prefix("/undrain?worker=") {
+                    for x in a.workers.iter_mut().filter(|x| x.0 == w) {
+                        x.3 = false;
+                    }
+                }
+                a.workers
+                    .iter()
+                    .map(|(name, inflight, queued, draining)| {
+                        format!("{name} tcp://{name}:1234 healthy=true draining={draining} inflight={inflight} queued={queued} limit=unlimited\n")
+                    })
+                    .collect::<String>()
+            };
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn run_scaled(
+    fake: &Shared,
+    pool: &BuildWorkerPool,
+    at: OffsetDateTime,
+    admin_url: &str,
+) -> anyhow::Result<Vec<Sent>> {
+    let before = lock(fake).log.len();
+    let ctx = Arc::new(Context {
+        client: mock_client(fake.clone()),
+        clock: Arc::new(move || at),
+        admin: kiln_controller::reconcile::autoscale::AdminSettings {
+            endpoints_override: Some(vec![admin_url.to_string()]),
+            plain_http: true,
+        },
+    });
+    reconcile(Arc::new(with_stored_status(fake, pool.clone())), ctx).await?;
+    Ok(lock(fake).log[before..].to_vec())
+}
+
+/// The replicas of the StatefulSet applied in `sent`.
+fn applied_replicas(sent: &[Sent]) -> Option<i64> {
+    sent.iter()
+        .find(|s| s.path == format!("/apis/apps/v1{NS}/statefulsets/p-worker"))
+        .and_then(|s| s.body.as_ref()?["spec"]["replicas"].as_i64())
+}
+
+#[tokio::test]
+async fn autoscaling_grows_on_queued_builds_and_drains_before_it_shrinks() {
+    let fake = Shared::default();
+    let p = new_pool(
+        json!({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 3,
+        "targetInflightPerWorker": 2, "scaleDownDelay": "60s"}}),
+    )
+    .unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let admin = Arc::new(Mutex::new(AdminFake::default()));
+    let url = admin_server(admin.clone()).await;
+    let set = |load: &[(&str, i64, i64)]| {
+        let mut a = admin.lock().unwrap();
+        let draining: Vec<String> = a
+            .workers
+            .iter()
+            .filter(|w| w.3)
+            .map(|w| w.0.clone())
+            .collect();
+        a.workers = load
+            .iter()
+            .map(|(n, i, q)| (n.to_string(), *i, *q, draining.contains(&n.to_string())))
+            .collect();
+    };
+
+    // Builds queue: one more worker.
+    set(&[("p-worker-0", 2, 1), ("p-worker-1", 2, 0)]);
+    let sent = run_scaled(&fake, &p, start(), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    let st = lock(&fake).objects[&pool_path(&p)]["status"].clone();
+    assert_eq!(st["autoscaling"]["desiredReplicas"], 3);
+    assert_eq!(
+        st["workers"],
+        json!([{"name": "p-worker-0", "inflight": 2, "queued": 1, "draining": false},
+               {"name": "p-worker-1", "inflight": 2, "queued": 0, "draining": false}])
+    );
+    // The server certificate names every worker up to maxReplicas.
+    let server = lock(&fake).objects[&secret_path("p-server-tls")].clone();
+    let crt = {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(server["data"]["tls.crt"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(b).unwrap()
+    };
+    let names = tls::inspect(&crt, "tls.crt").unwrap().names;
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "p-worker-2.p-workers.builds.svc.cluster.local"),
+        "{names:?}"
+    );
+
+    // Idle: nothing changes until the delay has passed.
+    set(&[
+        ("p-worker-0", 0, 0),
+        ("p-worker-1", 0, 0),
+        ("p-worker-2", 0, 0),
+    ]);
+    let t = |s: i64| start() + time::Duration::seconds(s);
+    let sent = run_scaled(&fake, &p, t(10), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    let sent = run_scaled(&fake, &p, t(40), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    assert!(!admin
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .any(|r| r.starts_with("POST")));
+
+    // The delay passed: the highest ordinal is drained first, the replicas stay.
+    let sent = run_scaled(&fake, &p, t(75), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    assert!(admin
+        .lock()
+        .unwrap()
+        .requests
+        .contains(&"POST /drain?worker=p-worker-2".to_string()));
+    let st = lock(&fake).objects[&pool_path(&p)]["status"].clone();
+    assert_eq!(st["autoscaling"]["draining"], "p-worker-2");
+
+    // A build still runs on it: wait.
+    set(&[
+        ("p-worker-0", 0, 0),
+        ("p-worker-1", 0, 0),
+        ("p-worker-2", 1, 0),
+    ]);
+    let sent = run_scaled(&fake, &p, t(90), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+
+    // Its inflight reached 0: now the StatefulSet shrinks by one.
+    set(&[
+        ("p-worker-0", 0, 0),
+        ("p-worker-1", 0, 0),
+        ("p-worker-2", 0, 0),
+    ]);
+    let sent = run_scaled(&fake, &p, t(100), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(2));
+    let st = lock(&fake).objects[&pool_path(&p)]["status"].clone();
+    assert_eq!(st["autoscaling"]["desiredReplicas"], 2);
+    assert!(st["autoscaling"].get("draining").is_none(), "{st:#}");
+}
+
+#[tokio::test]
+async fn autoscaling_keeps_the_replicas_when_the_gateways_cannot_be_read() {
+    let fake = Shared::default();
+    let p = new_pool(json!({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}))
+        .unwrap();
+    seed_pool(&fake, &p).unwrap();
+    // Nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let sent = run_scaled(&fake, &p, start(), &closed).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(2));
+}
