@@ -154,6 +154,9 @@ pub struct WorkerUsage {
     /// Whether a gateway is draining it.
     #[serde(default)]
     pub draining: bool,
+    /// Bytes its build cache holds (`DiskUsage` through the gateway), when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<i64>,
 }
 
 fn default_replicas() -> i32 {
@@ -464,7 +467,8 @@ pub struct BuildWorkerPoolStatus {
     /// The autoscaler's state (with `spec.autoscaling`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
-    /// Per worker, its load as the gateways last reported it (with `spec.autoscaling`).
+    /// Per worker: its cache's size (`DiskUsage` through the gateway) and, with
+    /// `spec.autoscaling`, its load as the gateways last reported it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<WorkerUsage>,
     /// `Ready`, `Progressing` and `Degraded`.

@@ -6,6 +6,7 @@
 pub mod autoscale;
 pub mod job;
 pub mod pool;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -33,6 +34,8 @@ pub struct Context {
     pub clock: Clock,
     /// How the autoscaler reaches the gateways' admin endpoints.
     pub admin: autoscale::AdminSettings,
+    /// Reads the workers' cache usage for the pool status.
+    pub usage: Arc<dyn usage::UsageReader>,
 }
 
 impl Context {
@@ -42,6 +45,7 @@ impl Context {
             client,
             clock: Arc::new(OffsetDateTime::now_utc),
             admin: autoscale::AdminSettings::default(),
+            usage: Arc::new(usage::GatewayUsage::default()),
         }
     }
 }

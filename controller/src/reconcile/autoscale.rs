@@ -464,6 +464,7 @@ mod tests {
             inflight,
             queued,
             draining,
+            used_bytes: None,
         }
     }
 

@@ -21,7 +21,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tracing::{info, warn, Instrument};
 
-use super::{autoscale, condition, unix_time, Context};
+use super::{autoscale, condition, unix_time, usage, Context};
 use crate::crd::{
     BuildWorkerPool, BuildWorkerPoolStatus, TlsMode, CONDITION_DEGRADED, CONDITION_PROGRESSING,
     CONDITION_READY,
@@ -174,13 +174,71 @@ async fn reconcile_pool(pool: &BuildWorkerPool, ctx: &Context) -> Result<Action>
 
     let mut status = status_for(&effective, Some(&sts), Some(&dep), &tls, now);
     let mut next = tls.next_check(now);
+    let previous_workers = pool
+        .status
+        .as_ref()
+        .map(|s| s.workers.clone())
+        .unwrap_or_default();
     if let Some((state, load)) = scaled {
         status.autoscaling = Some(state);
         status.workers = load;
         next = next.min(autoscale::RECHECK);
     }
+    match usage_target(pool, ctx, &ns).await {
+        Ok(target) => match ctx.usage.read(target).await {
+            Ok(bytes) => usage::merge_usage(&mut status.workers, &bytes),
+            Err(reason) => {
+                warn!(%reason, "cannot read the workers' cache usage");
+                keep_usage(&mut status.workers, &previous_workers);
+            }
+        },
+        Err(reason) => {
+            warn!(%reason, "cannot read the workers' cache usage");
+            keep_usage(&mut status.workers, &previous_workers);
+        }
+    }
     write_status(pool, ctx, &ns, status).await?;
     Ok(Action::requeue(next))
+}
+
+/// Keeps the last figures read for workers whose usage could not be read this time.
+fn keep_usage(workers: &mut Vec<crate::crd::WorkerUsage>, previous: &[crate::crd::WorkerUsage]) {
+    let bytes = previous
+        .iter()
+        .filter_map(|w| Some((w.name.clone(), w.used_bytes?)))
+        .collect();
+    usage::merge_usage(workers, &bytes);
+}
+
+/// The pool's gateway and the controller's client identity for it.
+async fn usage_target(
+    pool: &BuildWorkerPool,
+    ctx: &Context,
+    ns: &str,
+) -> std::result::Result<usage::GatewayTarget, String> {
+    let name = pool.name_any();
+    let secret_name = match (&pool.spec.tls.mode, &pool.spec.tls.secret_name) {
+        (TlsMode::ExistingSecret, Some(s)) => s.clone(),
+        _ => render::controller_client_secret_name(&name),
+    };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&secret_name)
+        .await
+        .map_err(|e| format!("get Secret {ns}/{secret_name}: {e}"))?
+        .ok_or_else(|| format!("Secret {ns}/{secret_name} not found"))?;
+    let text = |k: &str| {
+        tls::secret_text(&secret, k)
+            .map(str::to_string)
+            .ok_or_else(|| format!("Secret {ns}/{secret_name} has no {k}"))
+    };
+    let host = format!("{}.{ns}.svc", render::gateway_name(&name));
+    Ok(usage::GatewayTarget {
+        addr: format!("tcp://{host}:{}", pool.spec.gateway.port),
+        server_name: host,
+        ca_pem: text(tls::CA_CERT_KEY)?,
+        cert_pem: text(tls::CERT_KEY)?,
+        key_pem: text(tls::KEY_KEY)?,
+    })
 }
 
 /// Server-side applies `obj` and returns what the API server now holds.

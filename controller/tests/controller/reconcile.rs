@@ -137,7 +137,27 @@ fn context(client: kube::Client, at: OffsetDateTime) -> Arc<Context> {
         client,
         clock: Arc::new(move || at),
         admin: Default::default(),
+        usage: Arc::new(FakeUsage(BTreeMap::new())),
     })
+}
+
+/// Cache usage per worker, as the gateway's DiskUsage would give it.
+struct FakeUsage(BTreeMap<String, i64>);
+
+impl kiln_controller::reconcile::usage::UsageReader for FakeUsage {
+    fn read(
+        &self,
+        target: kiln_controller::reconcile::usage::GatewayTarget,
+    ) -> futures::future::BoxFuture<'static, Result<BTreeMap<String, i64>, String>> {
+        let out = self.0.clone();
+        Box::pin(async move {
+            // The identity is the controller's, read from its Secret.
+            if !target.cert_pem.contains("BEGIN CERTIFICATE") {
+                return Err(format!("no client certificate for {}", target.addr));
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// Runs one reconcile and returns the requests it sent.
@@ -231,6 +251,8 @@ async fn create_applies_exactly_the_rendered_objects() {
         format!("PATCH /apis/policy/v1{NS}/poddisruptionbudgets/p-workers"),
         format!("PATCH /apis/apps/v1{NS}/statefulsets/p-worker"),
         format!("PATCH /apis/apps/v1{NS}/deployments/p-gateway"),
+        // The controller's identity, to read the workers' cache usage through the gateway.
+        format!("GET {}", secret_path("p-controller-client-tls")),
         format!("PATCH /apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p/status"),
     ]);
     assert_eq!(lines(&sent), want);
@@ -291,7 +313,7 @@ async fn create_applies_exactly_the_rendered_objects() {
     assert_eq!(pem(server, "ca.crt"), pem(&ca, "ca.crt"));
 
     // Status: nothing is ready yet, so Progressing; the certificate expiry is reported.
-    let status = &sent[19].body.clone().unwrap()["status"];
+    let status = &sent[20].body.clone().unwrap()["status"];
     assert_eq!(condition(status, "Ready"), "False");
     assert_eq!(condition(status, "Progressing"), "True");
     assert_eq!(condition(status, "Degraded"), "False");
@@ -648,6 +670,10 @@ async fn run_scaled(
             endpoints_override: Some(vec![admin_url.to_string()]),
             plain_http: true,
         },
+        usage: Arc::new(FakeUsage(BTreeMap::from([
+            ("p-worker-0".to_string(), 1000),
+            ("p-worker-1".to_string(), 2000),
+        ]))),
     });
     reconcile(Arc::new(with_stored_status(fake, pool.clone())), ctx).await?;
     Ok(lock(fake).log[before..].to_vec())
@@ -693,8 +719,8 @@ async fn autoscaling_grows_on_queued_builds_and_drains_before_it_shrinks() {
     assert_eq!(st["autoscaling"]["desiredReplicas"], 3);
     assert_eq!(
         st["workers"],
-        json!([{"name": "p-worker-0", "inflight": 2, "queued": 1, "draining": false},
-               {"name": "p-worker-1", "inflight": 2, "queued": 0, "draining": false}])
+        json!([{"name": "p-worker-0", "inflight": 2, "queued": 1, "draining": false, "usedBytes": 1000},
+               {"name": "p-worker-1", "inflight": 2, "queued": 0, "draining": false, "usedBytes": 2000}])
     );
     // The server certificate names every worker up to maxReplicas.
     let server = lock(&fake).objects[&secret_path("p-server-tls")].clone();
