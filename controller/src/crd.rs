@@ -120,6 +120,7 @@ pub struct AutoscalingSpec {
     /// How long the pool must have been idle before a worker is drained and removed
     /// (duration, default `5m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN))]
     pub scale_down_delay: Option<String>,
 }
 
