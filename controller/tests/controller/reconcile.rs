@@ -804,3 +804,118 @@ async fn autoscaling_keeps_the_replicas_when_the_gateways_cannot_be_read() {
     let sent = run_scaled(&fake, &p, start(), &closed).await.unwrap();
     assert_eq!(applied_replicas(&sent), Some(2));
 }
+
+/// The autoscaler reads and drains through the gateway's real admin endpoint over mutual
+/// TLS, with the client certificate from the pool's controller Secret.
+#[tokio::test]
+async fn autoscaling_speaks_mutual_tls_to_the_real_gateway_admin_endpoint() {
+    use kiln_gateway::health::{Member, Pool};
+    use kiln_proto::transport::{Addr, ServeTls, TlsFiles};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kiln_e2e::pki::Ca::new("clients").unwrap();
+    let server = ca
+        .server(dir.path(), "gateway", &["p-gateway.builds.svc"])
+        .unwrap();
+    let client = ca.client(dir.path(), "controller").unwrap();
+
+    let gw = Pool::new(10, 1.25, kiln_gateway::metrics::Metrics::new().unwrap());
+    gw.set_members(&[
+        Member {
+            name: "p-worker-0".into(),
+            addr: "tcp://127.0.0.1:9".into(),
+        },
+        Member {
+            name: "p-worker-1".into(),
+            addr: "tcp://127.0.0.1:9".into(),
+        },
+    ])
+    .unwrap();
+    let tls = ServeTls::from_flags(
+        TlsFiles {
+            ca: Some(server.ca.clone()),
+            cert: Some(server.cert.clone()),
+            key: Some(server.key.clone()),
+        },
+        false,
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let incoming = tls
+        .listen(&Addr::Tcp(format!("127.0.0.1:{port}")))
+        .await
+        .unwrap();
+    tokio::spawn(kiln_gateway::admin::serve_tls(gw.clone(), incoming));
+
+    let fake = Shared::default();
+    let p = new_pool(
+        json!({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 2,
+        "scaleDownDelay": "0s"}}),
+    )
+    .unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let read = |f: &std::path::Path| std::fs::read_to_string(f).unwrap();
+    let ctx = |identity: &kiln_e2e::pki::Identity| {
+        let mut s = k8s_openapi::api::core::v1::Secret::default();
+        s.metadata.name = Some("p-controller-client-tls".into());
+        s.data = Some(
+            [
+                ("ca.crt", read(&identity.ca)),
+                ("tls.crt", read(&identity.cert)),
+                ("tls.key", read(&identity.key)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.into_bytes())))
+            .collect(),
+        );
+        s
+    };
+    let admin = kiln_controller::reconcile::autoscale::AdminSettings {
+        endpoints_override: Some(vec![format!("https://127.0.0.1:{port}")]),
+        plain_http: false,
+    };
+    let step = |secret: k8s_openapi::api::core::v1::Secret| {
+        let fake = fake.clone();
+        let p = with_stored_status(&fake, p.clone());
+        let admin = admin.clone();
+        async move {
+            lock(&fake).objects.insert(
+                secret_path("p-controller-client-tls"),
+                serde_json::to_value(secret).unwrap(),
+            );
+            let ctx = Context {
+                client: mock_client(fake.clone()),
+                clock: Arc::new(start),
+                admin,
+                usage: Arc::new(FakeUsage(BTreeMap::new())),
+            };
+            let spec = p.spec.autoscaling.clone().unwrap();
+            kiln_controller::reconcile::autoscale::step(&p, &spec, &ctx, "builds", start()).await
+        }
+    };
+
+    // The controller's certificate: the listing comes back and the idle pool's last worker
+    // is drained on the gateway.
+    let first = step(ctx(&client)).await.unwrap();
+    let names: Vec<&str> = first.1.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["p-worker-0", "p-worker-1"]);
+    assert_eq!(first.0.drain.as_deref(), Some("p-worker-1"));
+    assert!(gw.get("p-worker-1").is_some_and(|w| w.is_draining()));
+
+    // A certificate from another CA is refused: an error naming the endpoint, no drain.
+    gw.set_draining("p-worker-1", false);
+    let other = kiln_e2e::pki::Ca::new("other").unwrap();
+    let stranger = other.client(&dir.path().join("o"), "stranger").unwrap();
+    let mut bad = ctx(&stranger);
+    // It trusts the right CA, so only the client certificate is wrong.
+    bad.data.as_mut().unwrap().insert(
+        "ca.crt".into(),
+        k8s_openapi::ByteString(read(&client.ca).into_bytes()),
+    );
+    let err = step(bad).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(gw.get("p-worker-1").is_some_and(|w| !w.is_draining()));
+}
