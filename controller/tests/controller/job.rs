@@ -1354,6 +1354,118 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The controller process dies while the build runs: its session goes away, the worker
+/// cancels the build, and the new process finds it cancelled (or never completing) and
+/// submits the next attempt, which succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_gateway_resubmits_a_build_cut_off_by_a_controller_restart() -> anyhow::Result<()> {
+    use kiln_controller::reconcile::job::runner::GatewayRunner;
+    use kiln_e2e::{fleet, registry::Registry};
+
+    let bins = fleet::ensure_binaries()?;
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
+    let fake = Shared::default();
+    seed_world(&fake);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p);
+    let identity = secret(
+        "p-controller-client-tls",
+        &[
+            ("ca.crt", &read(&mtls.user.ca)?),
+            ("tls.crt", &read(&mtls.user.cert)?),
+            ("tls.key", &read(&mtls.user.key)?),
+        ],
+    );
+    {
+        let mut f = lock(&fake);
+        f.objects.insert(
+            format!("/api/v1{NS}/secrets/p-controller-client-tls"),
+            identity,
+        );
+        let cm = f
+            .objects
+            .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
+            .unwrap();
+        cm["data"]["Dockerfile"] = json!(
+            "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\nRUN echo started && sleep 4 && echo slept\n"
+        );
+    }
+    seed_job(
+        &fake,
+        "c",
+        json!({"target": null, "platforms": [], "cacheImport": [], "cacheExport": [], "secrets": [],
+               "buildArgs": {"BASE": format!("{}/kiln/base:1", reg.addr())},
+               "outputs": [{"name": format!("{}/kiln/cut:1", reg.addr()), "push": true}]}),
+    );
+    let runner = GatewayRunner {
+        addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
+        server_name_override: Some("localhost".into()),
+        insecure_registries: Vec::new(),
+    };
+    let s = Settings {
+        progress_interval: Duration::from_millis(100),
+        ..settings()
+    };
+    let (first, _ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        Arc::new(runner.clone()),
+        s.clone(),
+    );
+    job::reconcile(stored(&fake, "c"), first.clone()).await?;
+    // Wait until the RUN step has started on the worker, then "kill" the controller.
+    tokio::time::timeout(Duration::from_secs(300), async {
+        loop {
+            let tail = lock(&fake).objects[&job_path("c")]["status"]["logTail"].to_string();
+            if tail.contains("started") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the build did not start");
+    drop(first);
+
+    let (second, mut ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        Arc::new(runner),
+        s,
+    );
+    let began = std::time::Instant::now();
+    job::reconcile(stored(&fake, "c"), second.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(120), ended.recv())
+        .await
+        .expect("the look-up did not end");
+    eprintln!("look-up of the cut-off build took {:?}", began.elapsed());
+    job::reconcile(stored(&fake, "c"), second.clone()).await?;
+    let st = lock(&fake).objects[&job_path("c")]["status"].clone();
+    assert_eq!(st["phase"], "Running", "{st:#}");
+    assert_eq!(st["attempts"], 2, "{st:#}");
+    assert_eq!(st["buildRef"], "kiln-uid-c-2");
+    tokio::time::timeout(Duration::from_secs(300), ended.recv())
+        .await
+        .expect("the second attempt did not end");
+    job::reconcile(stored(&fake, "c"), second.clone()).await?;
+    let st = lock(&fake).objects[&job_path("c")]["status"].clone();
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert!(st["imageDigest"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("sha256:")));
+    // The log tail has scrolled on; the Events say what happened.
+    let ev = events(&fake, 4).await;
+    let retry = ev
+        .iter()
+        .find(|e| e.1 == "Retrying")
+        .expect("a Retrying event");
+    assert!(retry.2.contains("cannot be resumed"), "{ev:?}");
+    assert!(ev.iter().any(|e| e.1 == "Reattaching"), "{ev:?}");
+    Ok(())
+}
+
 /// Builds through `inner`, keeps the result, and never returns: the controller process
 /// that ran it "dies" before it writes the outcome.
 struct FinishThenHang {
