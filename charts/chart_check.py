@@ -74,7 +74,8 @@ BAD_VALUES = [
     ({"defaultPool": {"name": "x" * 41}}, "name"),
     ({"defaultPool": {"gc": {"maxUsedSpace": "lots"}}}, "maxUsedSpace"),
     ({"defaultPool": {"gateway": {"serviceType": "Ingress"}}}, "serviceType"),
-    ({"controller": {"replicas": 2}}, "replicas"),
+    ({"controller": {"replicas": -1}}, "replicas"),
+    ({"controller": {"metricsPort": 70000}}, "metricsPort"),
     ({"unknownKey": 1}, "unknownKey"),
 ]
 

@@ -476,6 +476,7 @@ async fn remote(
         exports: req.exports,
         cache,
         shared_key: None,
+        build_ref: None,
     };
     let client = conn.client(addr).await?;
     Ok(client.build(opts, progress).await?.exporter_response)

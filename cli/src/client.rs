@@ -155,6 +155,9 @@ pub struct BuildOptions {
     /// The session's shared key; `None` derives it from the `context` directory and this
     /// machine, as buildx does.
     pub shared_key: Option<String>,
+    /// The build's ref (what `Status` and `ListenBuildHistory` find it by); `None` makes a
+    /// random one. A caller that must find the build again after a restart picks its own.
+    pub build_ref: Option<String>,
 }
 
 impl std::fmt::Debug for BuildOptions {
@@ -416,7 +419,7 @@ impl Client {
             let _ = served.await;
         }));
 
-        let build_ref = new_id("build");
+        let build_ref = opts.build_ref.clone().unwrap_or_else(|| new_id("build"));
         // As buildctl >= 0.11 and buildx do: Control.Solve names neither frontend nor
         // definition, and this client drives the build over LLBBridge, handing the result
         // back with Return; the daemon then exports it.

@@ -93,6 +93,71 @@ pub struct BuildWorkerPoolSpec {
     /// The gateway Deployment and Service in front of the workers.
     #[serde(default)]
     pub gateway: GatewaySpec,
+    /// Scale the workers between bounds on the gateway's load; `replicas` is then only the
+    /// starting point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// How the controller scales a pool's workers: up when builds queue or the mean number of
+/// builds per worker reaches the target; down by one, after draining the highest-ordinal
+/// worker, once the pool has been idle for the delay.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed maxReplicas"))]
+pub struct AutoscalingSpec {
+    /// Fewest workers.
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most workers.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Builds per worker (mean) at which one more worker is added (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_inflight_per_worker: Option<i32>,
+    /// How long the pool must have been idle before a worker is drained and removed
+    /// (duration, default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(DURATION_PATTERN))]
+    pub scale_down_delay: Option<String>,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+/// The autoscaler's state, kept in the pool's status between reconciles.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Workers the autoscaler wants (the StatefulSet's replicas).
+    pub desired_replicas: i32,
+    /// Since when the pool has been idle enough to lose a worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since: Option<Time>,
+    /// The worker being drained before it is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining: Option<String>,
+}
+
+/// One worker as the pool's gateways see it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerUsage {
+    /// The worker (pod) name.
+    pub name: String,
+    /// Builds running on it, summed over the gateways.
+    pub inflight: i64,
+    /// Builds waiting for it, summed over the gateways.
+    pub queued: i64,
+    /// Whether a gateway is draining it.
+    #[serde(default)]
+    pub draining: bool,
+    /// Bytes its build cache holds (`DiskUsage` through the gateway), when read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_bytes: Option<i64>,
 }
 
 fn default_replicas() -> i32 {
@@ -400,6 +465,13 @@ pub struct BuildWorkerPoolStatus {
     /// When the pool's server certificate expires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_not_after: Option<Time>,
+    /// The autoscaler's state (with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+    /// Per worker: its cache's size (`DiskUsage` through the gateway) and, with
+    /// `spec.autoscaling`, its load as the gateways last reported it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workers: Vec<WorkerUsage>,
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -632,6 +704,10 @@ pub struct BuildJobStatus {
     /// How many times the build was submitted (retries after a lost worker count).
     #[serde(default)]
     pub attempts: i32,
+    /// The ref of the current attempt's build (`kiln-<uid>-<attempt>`), written before the
+    /// build is submitted so a restarted controller can find it on the workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_ref: Option<String>,
     /// `Ready`, `Progressing` and `Degraded`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

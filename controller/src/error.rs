@@ -30,6 +30,14 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A gateway's admin endpoint could not be read or refused a request.
+    #[error("gateway admin endpoint {endpoint}: {reason}")]
+    Admin {
+        /// The endpoint (or what it belongs to).
+        endpoint: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// Writing generated files failed.
     #[error("cannot write {path}")]
     Write {

@@ -26,6 +26,19 @@ enum Command {
         /// Log filter (RUST_LOG syntax).
         #[arg(long, env = "KILN_LOG", default_value = "info")]
         log: String,
+        /// Serve Prometheus metrics, /healthz and /readyz on this IP:PORT.
+        #[arg(long, env = "KILN_METRICS_ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Run the controllers only while holding the Lease `kiln-controller` in
+        /// `--lease-namespace` (so several replicas can run).
+        #[arg(long, env = "KILN_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_elect: bool,
+        /// Namespace of the Lease (the controller's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "kiln-system")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease (its pod name).
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
     },
 }
 
@@ -39,7 +52,13 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Run { log } => {
+        Command::Run {
+            log,
+            metrics_addr,
+            leader_elect,
+            lease_namespace,
+            identity,
+        } => {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new(&log))
                 .with_writer(std::io::stderr)
@@ -51,9 +70,59 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot build a Kubernetes client: {e}"))?;
             tracing::info!("kiln-controller starting");
-            let runner = kiln_controller::reconcile::job::runner::GatewayRunner::default();
-            kiln_controller::reconcile::run(client, std::sync::Arc::new(runner)).await;
+            if let Some(addr) = metrics_addr {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: cannot listen: {e}"))?;
+                tokio::spawn(kiln_controller::metrics::serve(listener));
+            }
+            let runner = std::sync::Arc::new(
+                kiln_controller::reconcile::job::runner::GatewayRunner::default(),
+            );
+            if !leader_elect {
+                if let Some(m) = kiln_controller::metrics::global() {
+                    m.set_leader(true);
+                }
+                kiln_controller::reconcile::run(client, runner).await;
+                return Ok(());
+            }
+            let identity = match identity {
+                Some(i) if !i.is_empty() => i,
+                _ => anyhow::bail!(
+                    "--identity (or POD_NAME) is required with leader election; pass --leader-elect=false to run without"
+                ),
+            };
+            use kiln_controller::leader;
+            let settings = leader::LeaseSettings::new(&lease_namespace, &identity);
+            let elector = leader::Elector::new(
+                client.clone(),
+                settings,
+                std::sync::Arc::new(time::OffsetDateTime::now_utc),
+            );
+            leader::run_elected(
+                elector,
+                move || kiln_controller::reconcile::run(client.clone(), runner.clone()),
+                |_| {},
+                shutdown_signal(),
+            )
+            .await;
             Ok(())
         }
+    }
+}
+
+/// SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }

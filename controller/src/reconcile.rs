@@ -3,8 +3,10 @@
 //! through their pool's gateway. Uses [`crate::render`] and [`crate::tls`] for the objects,
 //! and the API server (through `kube::Client`) for the rest.
 
+pub mod autoscale;
 pub mod job;
 pub mod pool;
+pub mod usage;
 
 use std::sync::Arc;
 
@@ -30,6 +32,10 @@ pub struct Context {
     pub client: Client,
     /// Current time.
     pub clock: Clock,
+    /// How the autoscaler reaches the gateways' admin endpoints.
+    pub admin: autoscale::AdminSettings,
+    /// Reads the workers' cache usage for the pool status.
+    pub usage: Arc<dyn usage::UsageReader>,
 }
 
 impl Context {
@@ -38,6 +44,8 @@ impl Context {
         Context {
             client,
             clock: Arc::new(OffsetDateTime::now_utc),
+            admin: autoscale::AdminSettings::default(),
+            usage: Arc::new(usage::GatewayUsage::default()),
         }
     }
 }

@@ -33,6 +33,8 @@ pub const MAX_POOL_NAME: usize = 40;
 pub const GRPC_PORT: i32 = 1234;
 /// Metrics, `/healthz` and `/readyz` port of workers and gateways.
 pub const METRICS_PORT: i32 = 9090;
+/// The gateway's admin endpoint (worker listing, drain), HTTPS with client certificates.
+pub const ADMIN_PORT: i32 = 9091;
 /// Where TLS material is mounted in every container.
 pub const TLS_DIR: &str = "/etc/kiln/tls";
 /// Where the gateway's client certificate (gateway → worker) is mounted.

@@ -9,6 +9,8 @@ mod crdgen;
 mod handshake;
 #[path = "controller/job.rs"]
 mod job;
+#[path = "controller/leader.rs"]
+mod leader;
 #[path = "controller/reconcile.rs"]
 mod reconcile;
 #[path = "controller/transport.rs"]

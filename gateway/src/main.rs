@@ -12,7 +12,8 @@
 //! when `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set; the
 //! W3C `traceparent` goes to the worker with the call, so the worker's spans join the trace.
 //!
-//! Partial: the admin endpoint has no authentication, so it listens on loopback only.
+//! The admin endpoint (`--admin-addr`) is plain HTTP on loopback; on any other address it
+//! needs the TLS flags and requires a client certificate from the clients' CA.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -216,13 +217,25 @@ async fn main() -> anyhow::Result<()> {
         let a: std::net::SocketAddr = aaddr
             .parse()
             .with_context(|| format!("--admin-addr {aaddr}: expected IP:PORT"))?;
-        if !a.ip().is_loopback() {
-            bail!("--admin-addr {aaddr}: the admin endpoint has no authentication yet, so it only listens on loopback");
+        if a.ip().is_loopback() {
+            let listener = tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("--admin-addr {aaddr}: cannot listen"))?;
+            tokio::spawn(kiln_gateway::admin::serve(gateway.pool().clone(), listener));
+        } else {
+            if !serve_tls.has_tls() {
+                bail!("--admin-addr {aaddr}: off loopback the admin endpoint needs mutual TLS (--tlscacert, --tlscert, --tlskey); it never serves plaintext there");
+            }
+            let incoming = serve_tls
+                .listen(&Addr::Tcp(a.to_string()))
+                .await
+                .with_context(|| format!("--admin-addr {aaddr}: cannot listen"))?;
+            tracing::info!(addr = %a, "serving the admin endpoint over mutual TLS");
+            tokio::spawn(kiln_gateway::admin::serve_tls(
+                gateway.pool().clone(),
+                incoming,
+            ));
         }
-        let listener = tokio::net::TcpListener::bind(a)
-            .await
-            .with_context(|| format!("--admin-addr {aaddr}: cannot listen"))?;
-        tokio::spawn(kiln_gateway::admin::serve(gateway.pool().clone(), listener));
     }
 
     let incoming = serve_tls.listen(&listen).await?;

@@ -6,8 +6,12 @@
 //! Life of a job: `Pending` → (inputs resolve) `Running` → `Succeeded` with the image digest,
 //! or `Failed` with a `Degraded` condition naming the cause. A worker lost mid-build (the
 //! gateway answers `Unavailable`) is retried up to [`Settings::max_attempts`] with a growing
-//! delay; a `Running` job with no task in this process (the controller restarted) is
-//! resubmitted; `timeout` cancels the build; deleting a running job cancels it (through the
+//! delay. Each attempt's build has a deterministic ref ([`build_ref`]) recorded in
+//! `status.buildRef` before it is submitted, so a `Running` job with no task in this process
+//! (the controller restarted) is looked up on the workers by that ref and takes the finished
+//! build's outcome, or follows it while it runs; only a build no worker knows (or one
+//! cancelled when the earlier process's session went away) costs a new attempt.
+//! `timeout` cancels the build; deleting a running job cancels it (through the
 //! [`FINALIZER`], held only while the build runs); `ttlSecondsAfterFinished` deletes the
 //! finished job. Reconciling a finished job writes nothing.
 //!
@@ -99,6 +103,8 @@ pub struct BuildInput {
     pub job: String,
     /// The job's uid.
     pub uid: String,
+    /// The ref of this attempt's build ([`build_ref`]), as recorded in `status.buildRef`.
+    pub build_ref: String,
     /// The gateway (`tcp://<pool>-gateway.<ns>.svc:<port>`).
     pub addr: String,
     /// How to authenticate to it.
@@ -126,6 +132,7 @@ impl std::fmt::Debug for BuildInput {
         // Secret ids only, and no key material: this may reach a log.
         f.debug_struct("BuildInput")
             .field("job", &self.job)
+            .field("build_ref", &self.build_ref)
             .field("addr", &self.addr)
             .field("frontend_attrs", &self.frontend_attrs)
             .field(
@@ -170,6 +177,13 @@ pub enum RunError {
         /// The worker that ran it, when known.
         worker: Option<String>,
     },
+    /// No worker knows the build a restarted controller looked for, or its record says it
+    /// was cancelled (its client went away): the next attempt is submitted.
+    #[error("{message}")]
+    NotFound {
+        /// What was looked for and where.
+        message: String,
+    },
 }
 
 /// What [`Runner::run`] returns.
@@ -179,6 +193,25 @@ pub type RunFuture = BoxFuture<'static, std::result::Result<Built, RunError>>;
 pub trait Runner: Send + Sync + 'static {
     /// Starts the build of `input`, reporting progress to `report`.
     fn run(&self, input: BuildInput, report: Reporter) -> RunFuture;
+
+    /// Finds the build `input.build_ref` that an earlier controller process submitted: its
+    /// outcome when finished, following it first when still running;
+    /// [`RunError::NotFound`] when no worker knows it or it was cancelled. A runner that
+    /// cannot look builds up says so with `NotFound`, and the next attempt is submitted.
+    fn attach(&self, input: BuildInput, report: Reporter) -> RunFuture {
+        let _ = report;
+        let message = format!(
+            "this runner cannot look up build {} of {}",
+            input.build_ref, input.job
+        );
+        Box::pin(async move { Err(RunError::NotFound { message }) })
+    }
+}
+
+/// The deterministic ref of attempt `attempt` of the job with `uid`: the same job and
+/// attempt always name the same build, so a restarted controller can find it.
+pub fn build_ref(uid: &str, attempt: i32) -> String {
+    format!("kiln-{uid}-{attempt}")
 }
 
 /// Where a runner reports a build's progress: log lines (secret values masked) and the
@@ -365,7 +398,12 @@ pub async fn reconcile(job: Arc<BuildJob>, ctx: Arc<JobContext>) -> Result<Actio
         job = %job.name_any(),
         namespace = %job.namespace().unwrap_or_default()
     );
-    reconcile_job(&job, &ctx).instrument(span).await
+    let started = std::time::Instant::now();
+    let res = reconcile_job(&job, &ctx).instrument(span).await;
+    if let Some(m) = crate::metrics::global() {
+        m.reconciled("BuildJob", res.is_ok(), started.elapsed());
+    }
+    res
 }
 
 /// Logs a failed reconcile and retries later.
@@ -468,6 +506,9 @@ async fn running(
     match ctx.state(&id.uid) {
         TaskState::Running => Ok(Action::requeue(ctx.settings.recheck)),
         TaskState::None if ctx.is_done(&id.uid) => Ok(Action::requeue(STALE_RECHECK)),
+        TaskState::None if status.build_ref.is_some() && status.attempts > 0 => {
+            reattach(job, ctx, id, status).await
+        }
         TaskState::None => {
             if status.attempts >= max {
                 let msg = format!(
@@ -504,6 +545,23 @@ async fn running(
                 Outcome::Run(RunError::Failed { message, worker }) => {
                     fail(job, ctx, id, &status, "BuildFailed", message, worker).await
                 }
+                Outcome::Run(RunError::NotFound { message }) => {
+                    if status.attempts < max {
+                        warn!(attempt = status.attempts, %message, "build not found after a controller restart: resubmitting");
+                        let note = format!(
+                            "controller restarted and attempt {} cannot be resumed: {message}; submitting the next attempt",
+                            status.attempts
+                        );
+                        ctx.cancel(&id.uid);
+                        submit(job, ctx, id, &status, status.attempts + 1, Some(note)).await
+                    } else {
+                        let msg = format!(
+                            "the controller restarted and attempt {} of {max} cannot be resumed: {message}",
+                            status.attempts
+                        );
+                        fail(job, ctx, id, &status, "ControllerRestarted", msg, None).await
+                    }
+                }
                 Outcome::Run(RunError::Unavailable { message, worker }) => {
                     let on = worker.map(|w| format!(" {w}")).unwrap_or_default();
                     if status.attempts < max {
@@ -527,6 +585,99 @@ async fn running(
     }
 }
 
+/// Leaves the job where it is with a `Degraded` condition naming the missing input.
+async fn inputs_missing(
+    job: &BuildJob,
+    ctx: &JobContext,
+    id: &Ids,
+    status: &BuildJobStatus,
+    problem: Problem,
+) -> Result<Action> {
+    warn!(reason = problem.reason, message = %problem.message, "job inputs not ready");
+    event(ctx, job, true, problem.reason, &problem.message);
+    let mut next = status.clone();
+    next.observed_generation = job.metadata.generation;
+    next.conditions = conditions(
+        job,
+        status,
+        (ctx.clock)(),
+        (false, "Waiting", "the build has not started".into()),
+        (false, problem.reason, problem.message.clone()),
+        (true, problem.reason, problem.message),
+    );
+    write_status(job, ctx, id, &next).await?;
+    Ok(Action::requeue(ctx.settings.recheck))
+}
+
+/// A `Running` job with no task in this process (the controller restarted): looks up the
+/// build `status.buildRef` on the workers through the gateway rather than building again.
+/// Its outcome is written like a build's; a build no worker knows, or one cancelled when
+/// the earlier controller's session went away, leads to the next attempt.
+async fn reattach(
+    job: &BuildJob,
+    ctx: &Arc<JobContext>,
+    id: &Ids,
+    status: &BuildJobStatus,
+) -> Result<Action> {
+    let Some(r) = status.build_ref.clone() else {
+        return Ok(Action::requeue(ctx.settings.recheck));
+    };
+    let mut input = match resolve(job, ctx, id).await? {
+        Ok(input) => input,
+        Err(problem) => return inputs_missing(job, ctx, id, status, problem).await,
+    };
+    input.build_ref = r.clone();
+    let timeout = match &job.spec.timeout {
+        Some(spec) => {
+            let limit = parse_duration(spec, "spec.timeout")?;
+            let now = (ctx.clock)().unix_timestamp();
+            let started = status
+                .start_time
+                .as_ref()
+                .map(|t| t.0.as_second())
+                .unwrap_or(now);
+            let spent = now.saturating_sub(started).max(0) as u64;
+            limit
+                .checked_sub(Duration::from_secs(spent))
+                .filter(|left| !left.is_zero())
+                .map(|left| (left, spec.clone()))
+                // Past its time: still look the build up, briefly; it may have finished.
+                .or(Some((Duration::from_secs(30), spec.clone())))
+        }
+        None => None,
+    };
+    info!(build_ref = %r, attempt = status.attempts, "running job has no build in this process (controller restarted): looking the build up on the workers");
+    event(
+        ctx,
+        job,
+        false,
+        "Reattaching",
+        &format!(
+            "controller restarted: looking up build {r} (attempt {}) on the workers",
+            status.attempts
+        ),
+    );
+    let keep = ctx.settings.log_tail;
+    let mut tail = status.log_tail.clone();
+    tail.push(format!(
+        "[kiln] controller restarted: looking up build {r} of attempt {}",
+        status.attempts
+    ));
+    if tail.len() > keep {
+        tail.drain(..tail.len() - keep);
+    }
+    let run = Attempt {
+        number: status.attempts,
+        tail,
+        delay: Duration::ZERO,
+        timeout,
+        attach: true,
+        worker: status.worker.clone(),
+    };
+    spawn(ctx, job, id, input, run);
+    Ok(Action::requeue(ctx.settings.recheck))
+}
+
 /// Resolves the inputs and starts attempt `attempt`; a missing input leaves the job where it
 /// is with a `Degraded` condition saying what is missing.
 async fn submit(
@@ -538,25 +689,11 @@ async fn submit(
     note: Option<String>,
 ) -> Result<Action> {
     let now = (ctx.clock)();
-    let input = match resolve(job, ctx, id).await? {
+    let mut input = match resolve(job, ctx, id).await? {
         Ok(input) => input,
-        Err(problem) => {
-            warn!(reason = problem.reason, message = %problem.message, "job inputs not ready");
-            event(ctx, job, true, problem.reason, &problem.message);
-            let mut next = status.clone();
-            next.observed_generation = job.metadata.generation;
-            next.conditions = conditions(
-                job,
-                status,
-                now,
-                (false, "Waiting", "the build has not started".into()),
-                (false, problem.reason, problem.message.clone()),
-                (true, problem.reason, problem.message),
-            );
-            write_status(job, ctx, id, &next).await?;
-            return Ok(Action::requeue(ctx.settings.recheck));
-        }
+        Err(problem) => return inputs_missing(job, ctx, id, status, problem).await,
     };
+    input.build_ref = build_ref(&id.uid, attempt);
     let started = status
         .start_time
         .as_ref()
@@ -600,6 +737,7 @@ async fn submit(
         completion_time: None,
         image_digest: None,
         attempts: attempt,
+        build_ref: Some(input.build_ref.clone()),
         conditions: conditions(
             job,
             status,
@@ -643,12 +781,14 @@ async fn submit(
     } else {
         Duration::ZERO
     };
-    info!(attempt, addr = %input.addr, ?delay, "submitting build");
+    info!(attempt, addr = %input.addr, build_ref = %input.build_ref, ?delay, "submitting build");
     let run = Attempt {
         number: attempt,
         tail,
         delay,
         timeout,
+        attach: false,
+        worker: None,
     };
     spawn(ctx, job, id, input, run);
     Ok(Action::requeue(ctx.settings.recheck))
@@ -663,6 +803,8 @@ fn spawn(ctx: &Arc<JobContext>, job: &BuildJob, id: &Ids, input: BuildInput, run
         tail,
         delay,
         timeout,
+        attach,
+        worker,
     } = run;
     let masks = input
         .secrets
@@ -674,6 +816,7 @@ fn spawn(ctx: &Arc<JobContext>, job: &BuildJob, id: &Ids, input: BuildInput, run
         .collect::<Vec<_>>();
     let live = Arc::new(Mutex::new(Live {
         tail: tail.into(),
+        worker,
         ..Live::default()
     }));
     let reporter = Reporter {
@@ -684,7 +827,11 @@ fn spawn(ctx: &Arc<JobContext>, job: &BuildJob, id: &Ids, input: BuildInput, run
     let runner = ctx.runner.clone();
     let build = async move {
         tokio::time::sleep(delay).await;
-        let run = runner.run(input, reporter);
+        let run = if attach {
+            runner.attach(input, reporter)
+        } else {
+            runner.run(input, reporter)
+        };
         match timeout {
             Some((left, spec)) => match tokio::time::timeout(left, run).await {
                 Ok(r) => r.map_or_else(Outcome::Run, Outcome::Built),
@@ -762,6 +909,10 @@ struct Attempt {
     delay: Duration,
     /// Time left before the job's timeout, and the timeout as the spec wrote it.
     timeout: Option<(Duration, String)>,
+    /// Look up the build an earlier controller process submitted instead of submitting one.
+    attach: bool,
+    /// The worker already recorded (kept by progress patches until the build names one).
+    worker: Option<String>,
 }
 
 struct AbortOnDrop<T>(JoinHandle<T>);
@@ -824,6 +975,9 @@ async fn succeed(
         (false, "AsExpected", "no problems found".into()),
     );
     write_status(job, ctx, id, &status).await?;
+    if let Some(m) = crate::metrics::global() {
+        m.job_finished("succeeded");
+    }
     event(ctx, job, false, "Succeeded", &message);
     lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);
@@ -858,6 +1012,9 @@ async fn fail(
         (true, reason, message.clone()),
     );
     write_status(job, ctx, id, &status).await?;
+    if let Some(m) = crate::metrics::global() {
+        m.job_finished("failed");
+    }
     event(ctx, job, true, reason, &message);
     lock(&ctx.done).insert(id.uid.clone());
     ctx.cancel(&id.uid);
@@ -951,7 +1108,13 @@ async fn write_status(
         reason: e.to_string(),
     })?;
     if let Value::Object(m) = &mut value {
-        for key in ["worker", "startTime", "completionTime", "imageDigest"] {
+        for key in [
+            "worker",
+            "startTime",
+            "completionTime",
+            "imageDigest",
+            "buildRef",
+        ] {
             m.entry(key).or_insert(Value::Null);
         }
         for key in ["logTail", "conditions"] {
@@ -1226,6 +1389,7 @@ async fn resolve(
     Ok(Ok(BuildInput {
         job: format!("{ns}/{}", id.name),
         uid: id.uid.clone(),
+        build_ref: String::new(),
         addr,
         tls: ClientIdentity {
             ca_pem,

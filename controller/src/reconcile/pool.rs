@@ -21,7 +21,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use tracing::{info, warn, Instrument};
 
-use super::{condition, unix_time, Context};
+use super::{autoscale, condition, unix_time, usage, Context};
 use crate::crd::{
     BuildWorkerPool, BuildWorkerPoolStatus, TlsMode, CONDITION_DEGRADED, CONDITION_PROGRESSING,
     CONDITION_READY,
@@ -43,7 +43,12 @@ pub async fn reconcile(pool: Arc<BuildWorkerPool>, ctx: Arc<Context>) -> Result<
         pool = %pool.name_any(),
         namespace = %pool.namespace().unwrap_or_default()
     );
-    reconcile_pool(&pool, &ctx).instrument(span).await
+    let started = std::time::Instant::now();
+    let res = reconcile_pool(&pool, &ctx).instrument(span).await;
+    if let Some(m) = crate::metrics::global() {
+        m.reconciled("BuildWorkerPool", res.is_ok(), started.elapsed());
+    }
+    res
 }
 
 /// Logs a failed reconcile and retries later.
@@ -73,6 +78,51 @@ async fn reconcile_pool(pool: &BuildWorkerPool, ctx: &Context) -> Result<Action>
     };
 
     let tls = ensure_tls(pool, ctx, &ns, now).await?;
+
+    // Autoscaling: the replicas come from the gateways' load rather than the spec.
+    let mut scaled = None;
+    let mut effective = pool.clone();
+    if let Some(spec) = &pool.spec.autoscaling {
+        let (plan, load) = match autoscale::step(pool, spec, ctx, &ns, now).await {
+            Ok(x) => x,
+            Err(error) => {
+                // Keep the replicas; scaling waits for the gateways.
+                warn!(%error, "autoscaling: cannot read the gateways' load");
+                let keep = autoscale::current(pool, spec);
+                let state = pool
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.autoscaling.clone())
+                    .unwrap_or_default();
+                let plan = autoscale::Plan {
+                    replicas: keep,
+                    state: crate::crd::AutoscalingStatus {
+                        desired_replicas: keep,
+                        ..state
+                    },
+                    drain: None,
+                    undrain: None,
+                    reason: error.to_string(),
+                };
+                let load = pool
+                    .status
+                    .as_ref()
+                    .map(|s| s.workers.clone())
+                    .unwrap_or_default();
+                (plan, load)
+            }
+        };
+        if plan.replicas != autoscale::current(pool, spec) || plan.drain.is_some() {
+            info!(replicas = plan.replicas, drain = ?plan.drain, reason = %plan.reason, "autoscaling");
+        }
+        effective.spec.replicas = plan.replicas;
+        scaled = Some((plan.state, load));
+    }
+    let rendered = if scaled.is_some() {
+        render::render(&effective)?
+    } else {
+        rendered
+    };
 
     let client = ctx.client.clone();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
@@ -122,9 +172,73 @@ async fn reconcile_pool(pool: &BuildWorkerPool, ctx: &Context) -> Result<Action>
     )
     .await?;
 
-    let status = status_for(pool, Some(&sts), Some(&dep), &tls, now);
+    let mut status = status_for(&effective, Some(&sts), Some(&dep), &tls, now);
+    let mut next = tls.next_check(now);
+    let previous_workers = pool
+        .status
+        .as_ref()
+        .map(|s| s.workers.clone())
+        .unwrap_or_default();
+    if let Some((state, load)) = scaled {
+        status.autoscaling = Some(state);
+        status.workers = load;
+        next = next.min(autoscale::RECHECK);
+    }
+    match usage_target(pool, ctx, &ns).await {
+        Ok(target) => match ctx.usage.read(target).await {
+            Ok(bytes) => usage::merge_usage(&mut status.workers, &bytes),
+            Err(reason) => {
+                warn!(%reason, "cannot read the workers' cache usage");
+                keep_usage(&mut status.workers, &previous_workers);
+            }
+        },
+        Err(reason) => {
+            warn!(%reason, "cannot read the workers' cache usage");
+            keep_usage(&mut status.workers, &previous_workers);
+        }
+    }
     write_status(pool, ctx, &ns, status).await?;
-    Ok(Action::requeue(tls.next_check(now)))
+    Ok(Action::requeue(next))
+}
+
+/// Keeps the last figures read for workers whose usage could not be read this time.
+fn keep_usage(workers: &mut Vec<crate::crd::WorkerUsage>, previous: &[crate::crd::WorkerUsage]) {
+    let bytes = previous
+        .iter()
+        .filter_map(|w| Some((w.name.clone(), w.used_bytes?)))
+        .collect();
+    usage::merge_usage(workers, &bytes);
+}
+
+/// The pool's gateway and the controller's client identity for it.
+async fn usage_target(
+    pool: &BuildWorkerPool,
+    ctx: &Context,
+    ns: &str,
+) -> std::result::Result<usage::GatewayTarget, String> {
+    let name = pool.name_any();
+    let secret_name = match (&pool.spec.tls.mode, &pool.spec.tls.secret_name) {
+        (TlsMode::ExistingSecret, Some(s)) => s.clone(),
+        _ => render::controller_client_secret_name(&name),
+    };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&secret_name)
+        .await
+        .map_err(|e| format!("get Secret {ns}/{secret_name}: {e}"))?
+        .ok_or_else(|| format!("Secret {ns}/{secret_name} not found"))?;
+    let text = |k: &str| {
+        tls::secret_text(&secret, k)
+            .map(str::to_string)
+            .ok_or_else(|| format!("Secret {ns}/{secret_name} has no {k}"))
+    };
+    let host = format!("{}.{ns}.svc", render::gateway_name(&name));
+    Ok(usage::GatewayTarget {
+        addr: format!("tcp://{host}:{}", pool.spec.gateway.port),
+        server_name: host,
+        ca_pem: text(tls::CA_CERT_KEY)?,
+        cert_pem: text(tls::CERT_KEY)?,
+        key_pem: text(tls::KEY_KEY)?,
+    })
 }
 
 /// Server-side applies `obj` and returns what the API server now holds.
@@ -275,7 +389,15 @@ async fn ensure_tls(
     };
     let bundle = trust.bundle();
 
-    let server_names = tls::server_names(&name, ns, pool.spec.replicas);
+    // An autoscaled pool's certificate names every worker it may grow to.
+    let most = pool
+        .spec
+        .autoscaling
+        .as_ref()
+        .map_or(pool.spec.replicas, |a| {
+            a.max_replicas.max(pool.spec.replicas)
+        });
+    let server_names = tls::server_names(&name, ns, most);
     let leaves: [(String, String, Option<&[String]>, Usage); 4] = [
         (
             render::server_secret_name(&name),
@@ -438,6 +560,8 @@ fn status_for(
         gateway_ready_replicas: gw_ready,
         certificate_not_after: tls.not_after.and_then(unix_time),
         conditions,
+        autoscaling: None,
+        workers: Vec::new(),
     }
 }
 

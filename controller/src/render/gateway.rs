@@ -16,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::worker::{anti_affinity, http_probe};
 use super::{
-    gateway_name, workers_service_name, Context, CLIENT_TLS_DIR, GRPC_PORT, METRICS_PORT, TLS_DIR,
+    gateway_name, workers_service_name, Context, ADMIN_PORT, CLIENT_TLS_DIR, GRPC_PORT,
+    METRICS_PORT, TLS_DIR,
 };
 use crate::{Error, Result};
 
@@ -41,6 +42,8 @@ pub(super) fn deployment(ctx: &Context<'_>) -> Result<Deployment> {
         ),
         format!("--load-bound={}", gw.load_bound),
         format!("--metrics-addr=0.0.0.0:{METRICS_PORT}"),
+        // Off loopback the gateway serves it only over mutual TLS (the flags below).
+        format!("--admin-addr=0.0.0.0:{ADMIN_PORT}"),
         format!("--tlscacert={TLS_DIR}/ca.crt"),
         format!("--tlscert={TLS_DIR}/tls.crt"),
         format!("--tlskey={TLS_DIR}/tls.key"),
@@ -63,6 +66,12 @@ pub(super) fn deployment(ctx: &Context<'_>) -> Result<Deployment> {
             ContainerPort {
                 name: Some("metrics".into()),
                 container_port: METRICS_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("admin".into()),
+                container_port: ADMIN_PORT,
                 protocol: Some("TCP".into()),
                 ..ContainerPort::default()
             },
@@ -154,13 +163,22 @@ pub(super) fn service(ctx: &Context<'_>) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(gw.service_type.as_str().into()),
             selector: Some(ctx.selector(COMPONENT)),
-            ports: Some(vec![ServicePort {
-                name: Some("grpc".into()),
-                port: gw.port,
-                target_port: Some(IntOrString::String("grpc".into())),
-                protocol: Some("TCP".into()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: gw.port,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("admin".into()),
+                    port: ADMIN_PORT,
+                    target_port: Some(IntOrString::String("admin".into())),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                },
+            ]),
             ..ServiceSpec::default()
         }),
         ..Service::default()

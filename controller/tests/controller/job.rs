@@ -178,6 +178,11 @@ struct Script {
     inputs: Mutex<Vec<BuildInput>>,
     /// Set when a hanging build's future is dropped (the build was cancelled).
     cancelled: Arc<AtomicBool>,
+    /// What looking up an earlier process's build finds: `Succeed` a finished build,
+    /// `Fail` a failed one, `Lose` none (the default when empty).
+    found: Mutex<VecDeque<Step>>,
+    /// The refs looked up.
+    looked_up: Mutex<Vec<String>>,
 }
 
 struct DropFlag(Arc<AtomicBool>);
@@ -221,6 +226,33 @@ impl Runner for Script {
                     futures::future::pending::<()>().await;
                     unreachable!()
                 }
+            }
+        })
+    }
+
+    fn attach(&self, input: BuildInput, _report: Reporter) -> RunFuture {
+        let step = self
+            .found
+            .lock()
+            .expect("test fixture")
+            .pop_front()
+            .unwrap_or(Step::Lose("nobody has it"));
+        self.looked_up
+            .lock()
+            .expect("test fixture")
+            .push(input.build_ref.clone());
+        Box::pin(async move {
+            match step {
+                Step::Succeed(d) => Ok(Built {
+                    image_digest: Some(d.to_string()),
+                    worker: None,
+                }),
+                Step::Fail(m) => Err(RunError::Failed {
+                    message: m.into(),
+                    worker: None,
+                }),
+                Step::Lose(m) => Err(RunError::NotFound { message: m.into() }),
+                Step::Hang => futures::future::pending().await,
             }
         })
     }
@@ -470,6 +502,10 @@ async fn job_runs_to_success_and_status_says_so_in_order() {
     assert_eq!(sent[5].content_type, "application/merge-patch+json");
     assert_eq!(running["phase"], "Running");
     assert_eq!(running["attempts"], 1);
+    assert_eq!(
+        running["buildRef"], "kiln-uid-j-1",
+        "the ref is recorded before the build is submitted"
+    );
     assert_eq!(running["startTime"], "2027-01-15T08:00:00Z");
     assert_eq!(running["imageDigest"], Value::Null);
     assert_eq!(condition(running, "Progressing").0, "True");
@@ -477,6 +513,7 @@ async fn job_runs_to_success_and_status_says_so_in_order() {
 
     // The task ends: its last progress patch, then the reconcile writes the outcome.
     h.wait_ended().await;
+    assert_eq!(h.script.inputs.lock().unwrap()[0].build_ref, "kiln-uid-j-1");
     assert!(h.ctx.has_task("uid-j"));
     let running_copy = stored(&h.fake, "j");
     // What the runner was asked to build.
@@ -573,6 +610,78 @@ async fn job_runs_to_success_and_status_says_so_in_order() {
     for e in &published {
         assert!(!e.to_string().contains(SECRET_VALUE), "{e}");
     }
+}
+
+/// The value of the sample `name` (with its labels) in a Prometheus text exposition.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// GET `path` from the metrics endpoint at `addr`: status line and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn metrics_are_served_and_count_reconciles_and_finished_jobs() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(kiln_controller::metrics::serve(listener));
+    let (status, before) = http_get(addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let ok = r#"kiln_controller_reconcile_total{kind="BuildJob",result="ok"}"#;
+    let took = r#"kiln_controller_reconcile_duration_seconds_count{kind="BuildJob"}"#;
+    let succeeded = r#"kiln_controller_buildjobs_total{outcome="succeeded"}"#;
+    let failed = r#"kiln_controller_buildjobs_total{outcome="failed"}"#;
+
+    let mut h = Harness::new(
+        vec![Step::Succeed("sha256:abc"), Step::Fail("boom")],
+        start(),
+    );
+    seed_world(&h.fake);
+    seed_job(&h.fake, "m1", json!({}));
+    seed_job(&h.fake, "m2", json!({}));
+    for name in ["m1", "m2"] {
+        h.reconcile(name).await;
+        h.wait_ended().await;
+        h.reconcile(name).await;
+    }
+    assert_eq!(h.status("m1")["phase"], "Succeeded");
+    assert_eq!(h.status("m2")["phase"], "Failed");
+
+    let (_, after) = http_get(addr, "/metrics").await;
+    // Other tests of this binary count into the same registry: at least these.
+    assert!(sample(&after, ok) >= sample(&before, ok) + 4.0, "{after}");
+    assert!(
+        sample(&after, took) >= sample(&before, took) + 4.0,
+        "{after}"
+    );
+    assert!(
+        sample(&after, succeeded) > sample(&before, succeeded),
+        "{after}"
+    );
+    assert!(sample(&after, failed) > sample(&before, failed), "{after}");
+    assert!(
+        after.contains("# TYPE kiln_controller_leader gauge"),
+        "{after}"
+    );
+    assert_eq!(http_get(addr, "/healthz").await.0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(addr, "/nope").await.0, "HTTP/1.1 404 Not Found");
 }
 
 #[tokio::test]
@@ -816,6 +925,133 @@ async fn a_controller_restart_resubmits_a_running_job() {
     assert_eq!(h.status("j")["phase"], "Succeeded");
 }
 
+/// A job `Running` with a `buildRef` and no task here (the controller restarted).
+fn seed_running(fake: &Shared, attempts: i32) {
+    let mut v = job_value("j", json!({}));
+    v["metadata"]["finalizers"] = json!([job::FINALIZER]);
+    v["status"] = json!({"phase": "Running", "attempts": attempts, "startTime": "2027-01-15T07:59:00Z",
+                         "worker": "w0", "buildRef": job::build_ref("uid-j", attempts),
+                         "logTail": ["#1 RUN make"]});
+    lock(fake).objects.insert(job_path("j"), v);
+}
+
+#[tokio::test]
+async fn a_restarted_controller_takes_a_finished_builds_result_without_building_again() {
+    let mut h = Harness::new(vec![], start());
+    h.script
+        .found
+        .lock()
+        .unwrap()
+        .push_back(Step::Succeed("sha256:found"));
+    seed_world(&h.fake);
+    seed_running(&h.fake, 1);
+
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert_eq!(st["imageDigest"], "sha256:found");
+    assert_eq!(st["attempts"], 1, "no new attempt: {st:#}");
+    assert_eq!(
+        st["worker"], "w0",
+        "the worker the first process recorded stays"
+    );
+    assert_eq!(st["buildRef"], "kiln-uid-j-1");
+    assert_eq!(*h.script.looked_up.lock().unwrap(), ["kiln-uid-j-1"]);
+    assert!(
+        h.script.inputs.lock().unwrap().is_empty(),
+        "nothing was built"
+    );
+    let ev = events(&h.fake, 2).await;
+    assert_eq!(ev[0].1, "Reattaching", "{ev:?}");
+    assert!(ev[0].2.contains("kiln-uid-j-1"), "{ev:?}");
+    assert_eq!(ev[1].1, "Succeeded", "{ev:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_controller_takes_a_failed_builds_error() {
+    let mut h = Harness::new(vec![], start());
+    h.script
+        .found
+        .lock()
+        .unwrap()
+        .push_back(Step::Fail("RUN make: exit code 2"));
+    seed_world(&h.fake);
+    seed_running(&h.fake, 2);
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Failed", "{st:#}");
+    assert_eq!(st["attempts"], 2);
+    assert_eq!(*h.script.looked_up.lock().unwrap(), ["kiln-uid-j-2"]);
+    assert!(h.script.inputs.lock().unwrap().is_empty());
+    assert!(
+        condition(&st, "Degraded").2.contains("exit code 2"),
+        "{st:#}"
+    );
+}
+
+#[tokio::test]
+async fn a_build_no_worker_knows_is_submitted_as_the_next_attempt_with_a_new_ref() {
+    let mut h = Harness::new(vec![Step::Succeed("sha256:abc")], start());
+    seed_world(&h.fake);
+    seed_running(&h.fake, 1);
+
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    // The look-up found nothing: this reconcile submits attempt 2, its ref recorded
+    // in the same status patch that says it runs, before the runner is called.
+    let (sent, _) = h.reconcile("j").await;
+    let running = sent
+        .iter()
+        .filter(|s| s.path == status_path("j"))
+        .filter_map(|s| s.body.clone())
+        .find(|b| b["status"]["phase"] == "Running")
+        .expect("a Running status patch");
+    assert_eq!(running["status"]["buildRef"], "kiln-uid-j-2");
+    assert_eq!(running["status"]["attempts"], 2);
+    assert!(
+        running["status"]["logTail"]
+            .to_string()
+            .contains("cannot be resumed: nobody has it"),
+        "{running:#}"
+    );
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    let refs: Vec<String> = h
+        .script
+        .inputs
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|i| i.build_ref.clone())
+        .collect();
+    assert_eq!(refs, ["kiln-uid-j-2"]);
+    let ev = events(&h.fake, 3).await;
+    let reasons: Vec<&str> = ev.iter().map(|e| e.1.as_str()).collect();
+    assert_eq!(reasons, ["Reattaching", "Retrying", "Succeeded"], "{ev:?}");
+}
+
+#[tokio::test]
+async fn a_lost_build_on_the_last_attempt_fails_the_job() {
+    let mut h = Harness::new(vec![], start());
+    seed_world(&h.fake);
+    seed_running(&h.fake, 3);
+    h.reconcile("j").await;
+    h.wait_ended().await;
+    h.reconcile("j").await;
+    let st = h.status("j");
+    assert_eq!(st["phase"], "Failed", "{st:#}");
+    let (_, reason, message) = condition(&st, "Degraded");
+    assert_eq!(reason, "ControllerRestarted");
+    assert!(message.contains("attempt 3 of 3"), "{message}");
+    assert!(h.script.inputs.lock().unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn a_job_without_its_pool_waits_degraded_and_idempotent() {
     let h = Harness::new(vec![], start());
@@ -972,7 +1208,7 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
     let (ctx, mut ended) = JobContext::new(
         mock_client(fake.clone()),
         Arc::new(start),
-        Arc::new(runner),
+        Arc::new(runner.clone()),
         s,
     );
     job::reconcile(stored(&fake, "j"), ctx.clone()).await?;
@@ -1048,7 +1284,240 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
     assert!(digest.starts_with("sha256:"), "{st:#}");
     let tail: Vec<String> = serde_json::from_value(st["logTail"].clone())?;
     assert!(tail.iter().any(|l| l.ends_with("from git")), "{tail:#?}");
+
+    // The controller process dies after the build finished but before it wrote the
+    // outcome: a new process finds the build by its ref on the worker and takes its
+    // digest, and the worker ran it once.
+    seed_job(
+        &fake,
+        "r",
+        json!({"target": null, "platforms": [], "cacheImport": [], "cacheExport": [],
+               "buildArgs": {"BASE": format!("{}/kiln/base:1", reg.addr())},
+               "outputs": [{"name": format!("{}/kiln/restart:1", reg.addr()), "push": true}]}),
+    );
+    let slot = Arc::new(Mutex::new(None));
+    let dying = Arc::new(FinishThenHang {
+        inner: runner.clone(),
+        built: slot.clone(),
+    });
+    let (first, _first_ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        dying,
+        settings(),
+    );
+    job::reconcile(stored(&fake, "r"), first.clone()).await?;
+    let built = tokio::time::timeout(Duration::from_secs(600), async {
+        loop {
+            if let Some(b) = slot.lock().unwrap().clone() {
+                return b;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the build did not end")
+    .map_err(|e| anyhow::anyhow!("the first build failed: {e}"))?;
+    assert_eq!(
+        lock(&fake).objects[&job_path("r")]["status"]["phase"],
+        "Running"
+    );
+    drop(first);
+
+    let (second, mut second_ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        Arc::new(runner.clone()),
+        settings(),
+    );
+    job::reconcile(stored(&fake, "r"), second.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(120), second_ended.recv())
+        .await
+        .expect("the look-up did not end");
+    job::reconcile(stored(&fake, "r"), second.clone()).await?;
+    let st = lock(&fake).objects[&job_path("r")]["status"].clone();
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert_eq!(st["attempts"], 1, "{st:#}");
+    assert_eq!(st["buildRef"], "kiln-uid-r-1");
+    assert_eq!(
+        st["imageDigest"].as_str(),
+        built.image_digest.as_deref(),
+        "{st:#}"
+    );
+    assert!(built.image_digest.is_some());
+    let history = history_refs(mtls.gateway_port, &mtls.user).await?;
+    let runs: Vec<&String> = history
+        .iter()
+        .filter(|r| r.starts_with("kiln-uid-r-"))
+        .collect();
+    assert_eq!(runs, ["kiln-uid-r-1"], "all refs: {history:?}");
     Ok(())
+}
+
+/// The controller process dies while the build runs: its session goes away, the worker
+/// cancels the build, and the new process finds it cancelled (or never completing) and
+/// submits the next attempt, which succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_gateway_resubmits_a_build_cut_off_by_a_controller_restart() -> anyhow::Result<()> {
+    use kiln_controller::reconcile::job::runner::GatewayRunner;
+    use kiln_e2e::{fleet, registry::Registry};
+
+    let bins = fleet::ensure_binaries()?;
+    let reg = Registry::start()?;
+    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+    let dir = tempfile::tempdir()?;
+    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
+    let fake = Shared::default();
+    seed_world(&fake);
+    let read = |p: &std::path::Path| std::fs::read_to_string(p);
+    let identity = secret(
+        "p-controller-client-tls",
+        &[
+            ("ca.crt", &read(&mtls.user.ca)?),
+            ("tls.crt", &read(&mtls.user.cert)?),
+            ("tls.key", &read(&mtls.user.key)?),
+        ],
+    );
+    {
+        let mut f = lock(&fake);
+        f.objects.insert(
+            format!("/api/v1{NS}/secrets/p-controller-client-tls"),
+            identity,
+        );
+        let cm = f
+            .objects
+            .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
+            .unwrap();
+        cm["data"]["Dockerfile"] = json!(
+            "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\nRUN echo started && sleep 4 && echo slept\n"
+        );
+    }
+    seed_job(
+        &fake,
+        "c",
+        json!({"target": null, "platforms": [], "cacheImport": [], "cacheExport": [], "secrets": [],
+               "buildArgs": {"BASE": format!("{}/kiln/base:1", reg.addr())},
+               "outputs": [{"name": format!("{}/kiln/cut:1", reg.addr()), "push": true}]}),
+    );
+    let runner = GatewayRunner {
+        addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
+        server_name_override: Some("localhost".into()),
+        insecure_registries: Vec::new(),
+    };
+    let s = Settings {
+        progress_interval: Duration::from_millis(100),
+        ..settings()
+    };
+    let (first, _ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        Arc::new(runner.clone()),
+        s.clone(),
+    );
+    job::reconcile(stored(&fake, "c"), first.clone()).await?;
+    // Wait until the RUN step has started on the worker, then "kill" the controller.
+    tokio::time::timeout(Duration::from_secs(300), async {
+        loop {
+            let tail = lock(&fake).objects[&job_path("c")]["status"]["logTail"].to_string();
+            if tail.contains("started") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the build did not start");
+    drop(first);
+
+    let (second, mut ended) = JobContext::new(
+        mock_client(fake.clone()),
+        Arc::new(start),
+        Arc::new(runner),
+        s,
+    );
+    let began = std::time::Instant::now();
+    job::reconcile(stored(&fake, "c"), second.clone()).await?;
+    tokio::time::timeout(Duration::from_secs(120), ended.recv())
+        .await
+        .expect("the look-up did not end");
+    eprintln!("look-up of the cut-off build took {:?}", began.elapsed());
+    job::reconcile(stored(&fake, "c"), second.clone()).await?;
+    let st = lock(&fake).objects[&job_path("c")]["status"].clone();
+    assert_eq!(st["phase"], "Running", "{st:#}");
+    assert_eq!(st["attempts"], 2, "{st:#}");
+    assert_eq!(st["buildRef"], "kiln-uid-c-2");
+    tokio::time::timeout(Duration::from_secs(300), ended.recv())
+        .await
+        .expect("the second attempt did not end");
+    job::reconcile(stored(&fake, "c"), second.clone()).await?;
+    let st = lock(&fake).objects[&job_path("c")]["status"].clone();
+    assert_eq!(st["phase"], "Succeeded", "{st:#}");
+    assert!(st["imageDigest"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("sha256:")));
+    // The log tail has scrolled on; the Events say what happened.
+    let ev = events(&fake, 4).await;
+    let retry = ev
+        .iter()
+        .find(|e| e.1 == "Retrying")
+        .expect("a Retrying event");
+    assert!(retry.2.contains("cannot be resumed"), "{ev:?}");
+    assert!(ev.iter().any(|e| e.1 == "Reattaching"), "{ev:?}");
+    Ok(())
+}
+
+/// Builds through `inner`, keeps the result, and never returns: the controller process
+/// that ran it "dies" before it writes the outcome.
+struct FinishThenHang {
+    inner: kiln_controller::reconcile::job::runner::GatewayRunner,
+    built: Arc<Mutex<Option<Result<Built, RunError>>>>,
+}
+
+impl Runner for FinishThenHang {
+    fn run(&self, input: BuildInput, report: Reporter) -> RunFuture {
+        let run = self.inner.run(input, report);
+        let slot = self.built.clone();
+        Box::pin(async move {
+            let r = run.await;
+            *slot.lock().expect("test fixture") = Some(r);
+            futures::future::pending().await
+        })
+    }
+}
+
+/// The refs of every build in the history of the gateway's workers.
+async fn history_refs(port: u16, user: &kiln_e2e::pki::Identity) -> anyhow::Result<Vec<String>> {
+    use futures::StreamExt as _;
+    use kiln_proto::moby::buildkit::v1 as api;
+    let client = kiln_cli::client::Client::connect(
+        &format!("tcp://127.0.0.1:{port}"),
+        Some(kiln_cli::client::TlsConfig {
+            files: kiln_cli::client::TlsFiles {
+                ca: Some(user.ca.clone()),
+                cert: Some(user.cert.clone()),
+                key: Some(user.key.clone()),
+            },
+            server_name: Some("localhost".into()),
+        }),
+    )
+    .await?;
+    let mut control = api::control_client::ControlClient::new(client.channel());
+    let events: Vec<_> = control
+        .listen_build_history(api::BuildHistoryRequest {
+            early_exit: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .collect()
+        .await;
+    let mut refs = Vec::new();
+    for ev in events {
+        if let Some(r) = ev?.record {
+            refs.push(r.r#ref);
+        }
+    }
+    Ok(refs)
 }
 
 /// A BuildJob through the controller deployed in a real cluster, when `KUBECONFIG` is set

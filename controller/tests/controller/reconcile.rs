@@ -136,7 +136,28 @@ fn context(client: kube::Client, at: OffsetDateTime) -> Arc<Context> {
     Arc::new(Context {
         client,
         clock: Arc::new(move || at),
+        admin: Default::default(),
+        usage: Arc::new(FakeUsage(BTreeMap::new())),
     })
+}
+
+/// Cache usage per worker, as the gateway's DiskUsage would give it.
+struct FakeUsage(BTreeMap<String, i64>);
+
+impl kiln_controller::reconcile::usage::UsageReader for FakeUsage {
+    fn read(
+        &self,
+        target: kiln_controller::reconcile::usage::GatewayTarget,
+    ) -> futures::future::BoxFuture<'static, Result<BTreeMap<String, i64>, String>> {
+        let out = self.0.clone();
+        Box::pin(async move {
+            // The identity is the controller's, read from its Secret.
+            if !target.cert_pem.contains("BEGIN CERTIFICATE") {
+                return Err(format!("no client certificate for {}", target.addr));
+            }
+            Ok(out)
+        })
+    }
 }
 
 /// Runs one reconcile and returns the requests it sent.
@@ -230,6 +251,8 @@ async fn create_applies_exactly_the_rendered_objects() {
         format!("PATCH /apis/policy/v1{NS}/poddisruptionbudgets/p-workers"),
         format!("PATCH /apis/apps/v1{NS}/statefulsets/p-worker"),
         format!("PATCH /apis/apps/v1{NS}/deployments/p-gateway"),
+        // The controller's identity, to read the workers' cache usage through the gateway.
+        format!("GET {}", secret_path("p-controller-client-tls")),
         format!("PATCH /apis/kiln.dev/v1alpha1{NS}/buildworkerpools/p/status"),
     ]);
     assert_eq!(lines(&sent), want);
@@ -290,7 +313,7 @@ async fn create_applies_exactly_the_rendered_objects() {
     assert_eq!(pem(server, "ca.crt"), pem(&ca, "ca.crt"));
 
     // Status: nothing is ready yet, so Progressing; the certificate expiry is reported.
-    let status = &sent[19].body.clone().unwrap()["status"];
+    let status = &sent[20].body.clone().unwrap()["status"];
     assert_eq!(condition(status, "Ready"), "False");
     assert_eq!(condition(status, "Progressing"), "True");
     assert_eq!(condition(status, "Degraded"), "False");
@@ -571,4 +594,328 @@ async fn real_cluster_when_kubeconfig_is_set() {
         return;
     }
     crate::cluster::create_and_reconcile_twice().await.unwrap();
+}
+
+// === autoscaling ===
+
+/// A gateway's admin endpoint, faked: it lists its workers' load and drains as told.
+#[derive(Default)]
+struct AdminFake {
+    /// `(name, inflight, queued, draining)`.
+    workers: Vec<(String, i64, i64, bool)>,
+    requests: Vec<String>,
+}
+
+/// Serves `admin` as plain HTTP on loopback; returns its base URL.
+async fn admin_server(admin: Arc<Mutex<AdminFake>>) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf[n..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => n += k,
+                }
+            }
+            let head = String::from_utf8_lossy(&buf[..n]).to_string();
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let body = {
+                let mut a = admin.lock().unwrap_or_else(|e| e.into_inner());
+                a.requests.push(format!("{method} {path}"));
+                if let Some(w) = path.strip_prefix("/drain?worker=") {
+                    for x in a.workers.iter_mut().filter(|x| x.0 == w) {
+                        x.3 = true;
+                    }
+                }
+                if let Some(w) = path.strip_prefix("/undrain?worker=") {
+                    for x in a.workers.iter_mut().filter(|x| x.0 == w) {
+                        x.3 = false;
+                    }
+                }
+                a.workers
+                    .iter()
+                    .map(|(name, inflight, queued, draining)| {
+                        format!("{name} tcp://{name}:1234 healthy=true draining={draining} inflight={inflight} queued={queued} limit=unlimited\n")
+                    })
+                    .collect::<String>()
+            };
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    });
+    format!("http://{addr}")
+}
+
+async fn run_scaled(
+    fake: &Shared,
+    pool: &BuildWorkerPool,
+    at: OffsetDateTime,
+    admin_url: &str,
+) -> anyhow::Result<Vec<Sent>> {
+    let before = lock(fake).log.len();
+    let ctx = Arc::new(Context {
+        client: mock_client(fake.clone()),
+        clock: Arc::new(move || at),
+        admin: kiln_controller::reconcile::autoscale::AdminSettings {
+            endpoints_override: Some(vec![admin_url.to_string()]),
+            plain_http: true,
+        },
+        usage: Arc::new(FakeUsage(BTreeMap::from([
+            ("p-worker-0".to_string(), 1000),
+            ("p-worker-1".to_string(), 2000),
+        ]))),
+    });
+    reconcile(Arc::new(with_stored_status(fake, pool.clone())), ctx).await?;
+    Ok(lock(fake).log[before..].to_vec())
+}
+
+/// The replicas of the StatefulSet applied in `sent`.
+fn applied_replicas(sent: &[Sent]) -> Option<i64> {
+    sent.iter()
+        .find(|s| s.path == format!("/apis/apps/v1{NS}/statefulsets/p-worker"))
+        .and_then(|s| s.body.as_ref()?["spec"]["replicas"].as_i64())
+}
+
+#[tokio::test]
+async fn autoscaling_grows_on_queued_builds_and_drains_before_it_shrinks() {
+    let fake = Shared::default();
+    let p = new_pool(
+        json!({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 3,
+        "targetInflightPerWorker": 2, "scaleDownDelay": "60s"}}),
+    )
+    .unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let admin = Arc::new(Mutex::new(AdminFake::default()));
+    let url = admin_server(admin.clone()).await;
+    let set = |load: &[(&str, i64, i64)]| {
+        let mut a = admin.lock().unwrap();
+        let draining: Vec<String> = a
+            .workers
+            .iter()
+            .filter(|w| w.3)
+            .map(|w| w.0.clone())
+            .collect();
+        a.workers = load
+            .iter()
+            .map(|(n, i, q)| (n.to_string(), *i, *q, draining.contains(&n.to_string())))
+            .collect();
+    };
+
+    // Builds queue: one more worker.
+    set(&[("p-worker-0", 2, 1), ("p-worker-1", 2, 0)]);
+    let sent = run_scaled(&fake, &p, start(), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    let st = lock(&fake).objects[&pool_path(&p)]["status"].clone();
+    assert_eq!(st["autoscaling"]["desiredReplicas"], 3);
+    assert_eq!(
+        st["workers"],
+        json!([{"name": "p-worker-0", "inflight": 2, "queued": 1, "draining": false, "usedBytes": 1000},
+               {"name": "p-worker-1", "inflight": 2, "queued": 0, "draining": false, "usedBytes": 2000}])
+    );
+    // The server certificate names every worker up to maxReplicas.
+    let server = lock(&fake).objects[&secret_path("p-server-tls")].clone();
+    let crt = {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD
+            .decode(server["data"]["tls.crt"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8(b).unwrap()
+    };
+    let names = tls::inspect(&crt, "tls.crt").unwrap().names;
+    assert!(
+        names
+            .iter()
+            .any(|n| n == "p-worker-2.p-workers.builds.svc.cluster.local"),
+        "{names:?}"
+    );
+
+    // Idle: nothing changes until the delay has passed.
+    set(&[
+        ("p-worker-0", 0, 0),
+        ("p-worker-1", 0, 0),
+        ("p-worker-2", 0, 0),
+    ]);
+    let t = |s: i64| start() + time::Duration::seconds(s);
+    let sent = run_scaled(&fake, &p, t(10), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    let sent = run_scaled(&fake, &p, t(40), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    assert!(!admin
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .any(|r| r.starts_with("POST")));
+
+    // The delay passed: the highest ordinal is drained first, the replicas stay.
+    let sent = run_scaled(&fake, &p, t(75), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+    assert!(admin
+        .lock()
+        .unwrap()
+        .requests
+        .contains(&"POST /drain?worker=p-worker-2".to_string()));
+    let st = lock(&fake).objects[&pool_path(&p)]["status"].clone();
+    assert_eq!(st["autoscaling"]["draining"], "p-worker-2");
+
+    // A build still runs on it: wait.
+    set(&[
+        ("p-worker-0", 0, 0),
+        ("p-worker-1", 0, 0),
+        ("p-worker-2", 1, 0),
+    ]);
+    let sent = run_scaled(&fake, &p, t(90), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(3));
+
+    // Its inflight reached 0: now the StatefulSet shrinks by one.
+    set(&[
+        ("p-worker-0", 0, 0),
+        ("p-worker-1", 0, 0),
+        ("p-worker-2", 0, 0),
+    ]);
+    let sent = run_scaled(&fake, &p, t(100), &url).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(2));
+    let st = lock(&fake).objects[&pool_path(&p)]["status"].clone();
+    assert_eq!(st["autoscaling"]["desiredReplicas"], 2);
+    assert!(st["autoscaling"].get("draining").is_none(), "{st:#}");
+}
+
+#[tokio::test]
+async fn autoscaling_keeps_the_replicas_when_the_gateways_cannot_be_read() {
+    let fake = Shared::default();
+    let p = new_pool(json!({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 3}}))
+        .unwrap();
+    seed_pool(&fake, &p).unwrap();
+    // Nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let sent = run_scaled(&fake, &p, start(), &closed).await.unwrap();
+    assert_eq!(applied_replicas(&sent), Some(2));
+}
+
+/// The autoscaler reads and drains through the gateway's real admin endpoint over mutual
+/// TLS, with the client certificate from the pool's controller Secret.
+#[tokio::test]
+async fn autoscaling_speaks_mutual_tls_to_the_real_gateway_admin_endpoint() {
+    use kiln_gateway::health::{Member, Pool};
+    use kiln_proto::transport::{Addr, ServeTls, TlsFiles};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = kiln_e2e::pki::Ca::new("clients").unwrap();
+    let server = ca
+        .server(dir.path(), "gateway", &["p-gateway.builds.svc"])
+        .unwrap();
+    let client = ca.client(dir.path(), "controller").unwrap();
+
+    let gw = Pool::new(10, 1.25, kiln_gateway::metrics::Metrics::new().unwrap());
+    gw.set_members(&[
+        Member {
+            name: "p-worker-0".into(),
+            addr: "tcp://127.0.0.1:9".into(),
+        },
+        Member {
+            name: "p-worker-1".into(),
+            addr: "tcp://127.0.0.1:9".into(),
+        },
+    ])
+    .unwrap();
+    let tls = ServeTls::from_flags(
+        TlsFiles {
+            ca: Some(server.ca.clone()),
+            cert: Some(server.cert.clone()),
+            key: Some(server.key.clone()),
+        },
+        false,
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let incoming = tls
+        .listen(&Addr::Tcp(format!("127.0.0.1:{port}")))
+        .await
+        .unwrap();
+    tokio::spawn(kiln_gateway::admin::serve_tls(gw.clone(), incoming));
+
+    let fake = Shared::default();
+    let p = new_pool(
+        json!({"replicas": 2, "autoscaling": {"minReplicas": 1, "maxReplicas": 2,
+        "scaleDownDelay": "0s"}}),
+    )
+    .unwrap();
+    seed_pool(&fake, &p).unwrap();
+    let read = |f: &std::path::Path| std::fs::read_to_string(f).unwrap();
+    let ctx = |identity: &kiln_e2e::pki::Identity| {
+        let mut s = k8s_openapi::api::core::v1::Secret::default();
+        s.metadata.name = Some("p-controller-client-tls".into());
+        s.data = Some(
+            [
+                ("ca.crt", read(&identity.ca)),
+                ("tls.crt", read(&identity.cert)),
+                ("tls.key", read(&identity.key)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), k8s_openapi::ByteString(v.into_bytes())))
+            .collect(),
+        );
+        s
+    };
+    let admin = kiln_controller::reconcile::autoscale::AdminSettings {
+        endpoints_override: Some(vec![format!("https://127.0.0.1:{port}")]),
+        plain_http: false,
+    };
+    let step = |secret: k8s_openapi::api::core::v1::Secret| {
+        let fake = fake.clone();
+        let p = with_stored_status(&fake, p.clone());
+        let admin = admin.clone();
+        async move {
+            lock(&fake).objects.insert(
+                secret_path("p-controller-client-tls"),
+                serde_json::to_value(secret).unwrap(),
+            );
+            let ctx = Context {
+                client: mock_client(fake.clone()),
+                clock: Arc::new(start),
+                admin,
+                usage: Arc::new(FakeUsage(BTreeMap::new())),
+            };
+            let spec = p.spec.autoscaling.clone().unwrap();
+            kiln_controller::reconcile::autoscale::step(&p, &spec, &ctx, "builds", start()).await
+        }
+    };
+
+    // The controller's certificate: the listing comes back and the idle pool's last worker
+    // is drained on the gateway.
+    let first = step(ctx(&client)).await.unwrap();
+    let names: Vec<&str> = first.1.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["p-worker-0", "p-worker-1"]);
+    assert_eq!(first.0.drain.as_deref(), Some("p-worker-1"));
+    assert!(gw.get("p-worker-1").is_some_and(|w| w.is_draining()));
+
+    // A certificate from another CA is refused: an error naming the endpoint, no drain.
+    gw.set_draining("p-worker-1", false);
+    let other = kiln_e2e::pki::Ca::new("other").unwrap();
+    let stranger = other.client(&dir.path().join("o"), "stranger").unwrap();
+    let mut bad = ctx(&stranger);
+    // It trusts the right CA, so only the client certificate is wrong.
+    bad.data.as_mut().unwrap().insert(
+        "ca.crt".into(),
+        k8s_openapi::ByteString(read(&client.ca).into_bytes()),
+    );
+    let err = step(bad).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(gw.get("p-worker-1").is_some_and(|w| !w.is_draining()));
 }

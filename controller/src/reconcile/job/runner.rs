@@ -11,10 +11,13 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
+use futures::StreamExt as _;
 use kiln_cli::client::{
     error_chain, BuildOptions, CacheEntry, CacheRequest, Client, Error as ClientError,
-    ExportRequest, LogLines, Progress, RegistryConfig, TlsConfig, TlsFiles,
+    ExportRequest, LogLines, Progress, RegistryConfig, TlsConfig, TlsFiles, IMAGE_DIGEST_KEY,
 };
+use kiln_proto::moby::buildkit::v1 as api;
+use kiln_proto::tonic;
 
 use super::{BuildInput, Built, Reporter, RunError, RunFuture, Runner};
 use crate::crd::CacheMode;
@@ -35,6 +38,11 @@ impl Runner for GatewayRunner {
     fn run(&self, input: BuildInput, report: Reporter) -> RunFuture {
         let this = self.clone();
         Box::pin(async move { this.build(input, report).await })
+    }
+
+    fn attach(&self, input: BuildInput, report: Reporter) -> RunFuture {
+        let this = self.clone();
+        Box::pin(async move { this.find(input, report).await })
     }
 }
 
@@ -71,7 +79,9 @@ fn auths_only(config: &[u8]) -> Result<Vec<u8>, RunError> {
 }
 
 impl GatewayRunner {
-    async fn build(&self, input: BuildInput, report: Reporter) -> Result<Built, RunError> {
+    /// A private temporary directory holding the client identity, and the TLS settings
+    /// naming its files.
+    fn identity(&self, input: &BuildInput) -> Result<(tempfile::TempDir, TlsConfig), RunError> {
         let dir = tempfile::Builder::new()
             .prefix("kiln-job-")
             .tempdir()
@@ -92,6 +102,60 @@ impl GatewayRunner {
                     .unwrap_or_else(|| input.tls.server_name.clone()),
             ),
         };
+        Ok((dir, tls))
+    }
+
+    /// Looks up build `input.build_ref` through the gateway: first on the worker the
+    /// gateway pinned it to, then (a gateway that no longer pins it) on every worker's
+    /// history with a `ref==` filter. A running build is followed through `Status` to its
+    /// end and looked up again.
+    async fn find(&self, input: BuildInput, report: Reporter) -> Result<Built, RunError> {
+        let (dir, tls) = self.identity(&input)?;
+        let addr = self.addr_override.clone().unwrap_or(input.addr.clone());
+        let r = input.build_ref.clone();
+        report.line(&format!("[kiln] looking up build {r} through {addr}"));
+        let client = Client::connect(&addr, Some(tls))
+            .await
+            .map_err(|e| classify(e, &addr))?;
+        drop(dir);
+        let mut control = api::control_client::ControlClient::new(client.channel());
+        let mut followed = false;
+        let mut polls = 0;
+        loop {
+            let record = lookup(&mut control, &r, &addr).await?;
+            let Some((running, record)) = record else {
+                return Err(RunError::NotFound {
+                    message: format!("no worker behind {addr} knows build {r}"),
+                });
+            };
+            if running {
+                if followed {
+                    // The earlier controller's session is gone, so the worker cancels the
+                    // build; a record still running long after that belongs to a build
+                    // whose Solve call was dropped, which never completes its record.
+                    polls += 1;
+                    if polls > STALE_POLLS {
+                        return Err(RunError::NotFound {
+                            message: format!(
+                                "build {r} is still recorded as running but its client (the earlier controller) is gone, so it cannot deliver its result"
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    continue;
+                }
+                report.line(&format!("[kiln] build {r} is still running: following it"));
+                follow(&mut control, &r, &report).await;
+                followed = true;
+                continue;
+            }
+            return outcome(&r, record);
+        }
+    }
+
+    async fn build(&self, input: BuildInput, report: Reporter) -> Result<Built, RunError> {
+        let (dir, tls) = self.identity(&input)?;
+        let d = dir.path();
 
         let mut locals = HashMap::new();
         if let Some(files) = &input.context_files {
@@ -168,6 +232,7 @@ impl GatewayRunner {
             exports,
             cache,
             shared_key: Some(format!("buildjob:{}", input.uid)),
+            build_ref: (!input.build_ref.is_empty()).then(|| input.build_ref.clone()),
             ..BuildOptions::default()
         };
 
@@ -207,6 +272,117 @@ impl GatewayRunner {
                 Err(remote_context_hint(classify(e, &addr), &input))
             }
         }
+    }
+}
+
+/// How long following a running build waits for its next progress message before looking
+/// its record up again.
+const FOLLOW_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Look-ups, a second apart, of a build still recorded as running after it was followed.
+const STALE_POLLS: u32 = 10;
+
+/// The record of build `r`: `(running, record)`, or `None` when no worker has it. Asks the
+/// pinned worker first (`ListenBuildHistory{ref, EarlyExit}`); a gateway that answers
+/// `NotFound` for a ref it no longer pins is asked again without the ref and with a
+/// `ref==` filter, which it sends to all its workers.
+async fn lookup(
+    control: &mut api::control_client::ControlClient<tonic::transport::Channel>,
+    r: &str,
+    addr: &str,
+) -> Result<Option<(bool, api::BuildHistoryRecord)>, RunError> {
+    let pinned = api::BuildHistoryRequest {
+        r#ref: r.to_string(),
+        early_exit: true,
+        ..Default::default()
+    };
+    let any = api::BuildHistoryRequest {
+        early_exit: true,
+        filter: vec![format!("ref=={r}")],
+        ..Default::default()
+    };
+    for req in [pinned, any] {
+        let stream = match control.listen_build_history(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::NotFound => continue,
+            Err(s) => return Err(history_error(&s, r, addr)),
+        };
+        let events: Vec<api::BuildHistoryEvent> = stream
+            .take_while(|m| std::future::ready(m.is_ok()))
+            .filter_map(|m| std::future::ready(m.ok()))
+            .collect()
+            .await;
+        let mut found = None;
+        for ev in events {
+            let Some(record) = ev.record.filter(|rec| rec.r#ref == r) else {
+                continue;
+            };
+            if ev.r#type == api::BuildHistoryEventType::Complete as i32 {
+                return Ok(Some((false, record)));
+            }
+            if ev.r#type == api::BuildHistoryEventType::Started as i32 {
+                found = Some((true, record));
+            }
+        }
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    Ok(None)
+}
+
+fn history_error(s: &tonic::Status, r: &str, addr: &str) -> RunError {
+    let message = format!("looking up build {r} through {addr}: {}", s.message());
+    if s.code() == tonic::Code::Unavailable {
+        RunError::Unavailable {
+            message,
+            worker: None,
+        }
+    } else {
+        failed(message)
+    }
+}
+
+/// Reads the `Status` stream of a running build to its end, reporting its log lines.
+async fn follow(
+    control: &mut api::control_client::ControlClient<tonic::transport::Channel>,
+    r: &str,
+    report: &Reporter,
+) {
+    let Ok(resp) = control
+        .status(api::StatusRequest {
+            r#ref: r.to_string(),
+        })
+        .await
+    else {
+        return;
+    };
+    let mut stream = resp.into_inner();
+    while let Ok(Ok(Some(msg))) = tokio::time::timeout(FOLLOW_IDLE, stream.message()).await {
+        for l in msg.logs {
+            for line in String::from_utf8_lossy(&l.msg).lines() {
+                report.line(line);
+            }
+        }
+    }
+}
+
+/// A finished build's outcome from its history record: its image digest, its error, or —
+/// cancelled, as a build is when its client (the earlier controller) goes away —
+/// [`RunError::NotFound`] so the next attempt runs.
+fn outcome(r: &str, record: api::BuildHistoryRecord) -> Result<Built, RunError> {
+    match record.error {
+        None => Ok(Built {
+            image_digest: record.exporter_response.get(IMAGE_DIGEST_KEY).cloned(),
+            worker: None,
+        }),
+        Some(e) if e.code == tonic::Code::Cancelled as i32 => Err(RunError::NotFound {
+            message: format!(
+                "build {r} was cancelled (the earlier controller's session went away): {}",
+                e.message
+            ),
+        }),
+        Some(e) => Err(failed(e.message)),
     }
 }
 
