@@ -1116,6 +1116,37 @@ async fn upload_layout(
     Ok(())
 }
 
+/// Ends a build whose Solve call was dropped before it finished (its client went away):
+/// its history record completes as cancelled and its job finishes, so Status streams end
+/// (and the job is forgotten after the usual keep time). Disarmed (`job = None`) on the
+/// normal path.
+struct Unfinished {
+    service: ControlService,
+    r#ref: String,
+    job: Option<Arc<Job>>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(job) = self.job.take() else { return };
+        tracing::warn!(r#ref = %self.r#ref, "the build's Solve call went away before it finished: recording it as cancelled");
+        let cancelled = Status::cancelled("the client went away before the build finished");
+        let events = job.events.lock().map(|e| e.clone()).unwrap_or_default();
+        self.service
+            .history
+            .completed(&self.r#ref, Err(&cancelled), &events);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.service.finish(&self.r#ref, &job);
+        } else {
+            job.done.store(true, std::sync::atomic::Ordering::SeqCst);
+            job.changed.notify_waiters();
+            if let Ok(mut j) = self.service.jobs.lock() {
+                j.remove(&self.r#ref);
+            }
+        }
+    }
+}
+
 /// Counts a build as in flight while it lives; a build dropped before it finished (its
 /// client went away) is counted as cancelled.
 struct InFlight {
@@ -1249,6 +1280,11 @@ impl api::control_server::Control for ControlService {
             .stage_local_caches(&req.session, &mut caches, &progress)
             .await;
         self.history.started(&req);
+        let mut unfinished = Unfinished {
+            service: self.clone(),
+            r#ref: req.r#ref.clone(),
+            job: Some(job.clone()),
+        };
         let span = tracing::info_span!("solve", r#ref = %req.r#ref);
         kiln_proto::telemetry::set_parent(&span, parent);
         let _enter = span.enter();
@@ -1322,6 +1358,7 @@ impl api::control_server::Control for ControlService {
         drop(progress);
         drop(_enter);
         let _ = collector.await;
+        unfinished.job = None;
         if let Ok(events) = job.events.lock() {
             self.history.completed(
                 &req.r#ref,

@@ -807,6 +807,84 @@ fn refs(events: &[api::BuildHistoryEvent]) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// A client that goes away mid-build (its Solve call dropped while a RUN sleeps): the
+/// build's history record completes as cancelled, a Status stream for it ends, and the
+/// worker serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dropped_solve_completes_its_record_as_cancelled() -> anyhow::Result<()> {
+    let env = env()?;
+    let root = tempfile::tempdir()?;
+    let (_dir, channel) = serve_root(root.path()).await?;
+    let mut client = api::control_client::ControlClient::new(channel);
+    let solve = |script: &str| api::SolveRequest {
+        r#ref: "dropped".into(),
+        definition: Some(exec_definition(&env.base, script)),
+        ..Default::default()
+    };
+    let mut status = {
+        let mut c = client.clone();
+        let req = solve("sleep 600");
+        let running = tokio::spawn(async move { c.solve(req).await });
+        // Wait until the worker knows the build, then go away.
+        let status = loop {
+            let h = history(
+                &mut client,
+                api::BuildHistoryRequest {
+                    early_exit: true,
+                    r#ref: "dropped".into(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            if !h.is_empty() {
+                break client
+                    .status(api::StatusRequest {
+                        r#ref: "dropped".into(),
+                    })
+                    .await?
+                    .into_inner();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        running.abort();
+        status
+    };
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while status.message().await?.is_some() {}
+        anyhow::Ok(())
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the Status stream of a dropped build never ended"
+    );
+    let h = history(
+        &mut client,
+        api::BuildHistoryRequest {
+            early_exit: true,
+            r#ref: "dropped".into(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let record = h
+        .first()
+        .and_then(|e| e.record.clone())
+        .ok_or_else(|| anyhow!("no record of the dropped build"))?;
+    assert!(record.completed_at.is_some(), "{record:?}");
+    assert_eq!(
+        record.error.as_ref().map(|e| e.code),
+        Some(tonic::Code::Cancelled as i32),
+        "{record:?}"
+    );
+    // The worker serves on.
+    let mut next = solve("true");
+    next.r#ref = "after-dropped".into();
+    client.solve(next).await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn build_history_is_listed_followed_updated_and_replayed() -> anyhow::Result<()> {
     use api::BuildHistoryEventType::{Complete, Deleted, Started};
