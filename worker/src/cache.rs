@@ -384,8 +384,15 @@ impl Cache {
         Ok(Some(Ref::new(layers)))
     }
 
-    /// Stores refs under keys in one transaction.
+    /// Stores refs under keys in one transaction. A lazy ref (not fetched yet) is refused:
+    /// its layers are not on disk.
     pub fn put(&self, entries: &[(String, Ref)]) -> Result<()> {
+        if let Some((k, _)) = entries.iter().find(|(_, r)| r.is_lazy()) {
+            return Err(Error::Store {
+                path: self.snapshots.clone(),
+                message: format!("result {k} is lazy (not fetched yet) and cannot be recorded"),
+            });
+        }
         let recs: Vec<(String, ResultRecord)> = entries
             .iter()
             .map(|(k, r)| {
@@ -443,6 +450,10 @@ impl ResultCache<Ref> for Cache {
             .collect();
         self.put(&entries)?;
         Ok(())
+    }
+
+    async fn ready(&self, output: &Ref) -> Result<Ref, BoxError> {
+        Ok(output.materialize().await?)
     }
 }
 

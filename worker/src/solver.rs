@@ -79,6 +79,14 @@ pub trait Op: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The definition part of the cache key, the same on every worker for the same op, when
+    /// the op has [`Op::content_inputs`]: with its inputs' keys it names the key computed
+    /// from their contents, so a remote cache can map it to that key ([`RemoteCache::alias`])
+    /// and the contents need not be fetched. `None`: no such shortcut.
+    fn definition_key(&self) -> Option<String> {
+        None
+    }
+
     /// The op's part of its cache key: a digest of what its result depends on besides its
     /// inputs' keys (the op definition; the contents of a local directory; the contents
     /// it will read from the inputs named by [`Op::content_inputs`], which are `Some` in
@@ -99,11 +107,16 @@ pub trait Op: Send + Sync + 'static {
 
 /// Where results are kept by cache key.
 #[async_trait]
-pub trait ResultCache<R>: Send + Sync + 'static {
+pub trait ResultCache<R: Clone + Send + Sync + 'static>: Send + Sync + 'static {
     /// The outputs stored under `key`, if all of them are there.
     async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<R>>, BoxError>;
     /// Stores outputs under `key`.
     async fn save(&self, key: &str, outputs: &[R]) -> Result<(), BoxError>;
+    /// `output` ready to be read (an op's input, contents to hash): a lazy result is
+    /// fetched now. The default returns it as is.
+    async fn ready(&self, output: &R) -> Result<R, BoxError> {
+        Ok(output.clone())
+    }
 }
 
 /// Results kept outside the local cache (an imported cache, the pool cache), consulted on
@@ -113,6 +126,15 @@ pub trait RemoteCache<R>: Send + Sync + 'static {
     /// The outputs stored under `key`, verified and already saved to the local cache. A miss
     /// or a failure is `None`; failures are reported as warnings through `ctx.progress`.
     async fn load(&self, ctx: &VertexCtx, key: &str, outputs: usize) -> Option<Vec<R>>;
+
+    /// The content-based cache key that the definition key `strict` (see
+    /// [`Op::definition_key`]) was computed to, if this cache knows it. Default: none.
+    async fn alias(&self, _ctx: &VertexCtx, _strict: &str) -> Option<String> {
+        None
+    }
+
+    /// Tells the cache that `strict` was computed to `key` (to share it). Default: ignored.
+    fn learn_alias(&self, _strict: &str, _key: &str) {}
 }
 
 /// An edge: output `output` of vertex number `vertex`.
@@ -420,6 +442,35 @@ impl<O: Op> Build<O> {
         // Inputs whose contents the op hashes itself count by content, not by key: an
         // unrelated change elsewhere in them must not change this vertex's key.
         let wanted = v.op.content_inputs();
+        // A remote cache may know the key this definition and these inputs' keys were
+        // computed to: then the contents need not be fetched at all.
+        let strict = match v.op.definition_key() {
+            Some(def) if !wanted.is_empty() && !v.ignore_cache && !self.graph.remote.is_empty() => {
+                let keys = futures::future::try_join_all(v.inputs.iter().map(|e| {
+                    let k = self.key(e.vertex);
+                    async move { k.await.map(|k| format!("{k}:{}", e.output)) }
+                }))
+                .await
+                .map_err(unshare)?;
+                let mut h = Sha256::new();
+                h.update(b"kiln-definition-key/v1\0");
+                h.update(def.as_bytes());
+                for k in &keys {
+                    h.update(b"\0");
+                    h.update(k.as_bytes());
+                }
+                let strict = format!("sha256:{}", hex::encode(h.finalize()));
+                let ctx = self.ctx(i);
+                for remote in &self.graph.remote {
+                    if let Some(key) = remote.alias(&ctx, &strict).await {
+                        tracing::debug!(vertex = %v.digest, %key, "cache key from a remote alias");
+                        return Ok(key);
+                    }
+                }
+                Some(strict)
+            }
+            _ => None,
+        };
         let keys = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
             let k = (!wanted.contains(&n)).then(|| self.key(e.vertex));
             async move {
@@ -434,12 +485,16 @@ impl<O: Op> Build<O> {
         let contents = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
             let f = wanted.contains(&n).then(|| self.outputs(e.vertex));
             let idx = e.output;
+            let this = &*self;
             async move {
                 match f {
                     None => Ok(None),
                     Some(f) => {
                         let outs = f.await?;
-                        Ok(outs.get(idx).cloned())
+                        match outs.get(idx) {
+                            Some(r) => this.ready(i, r).await.map(Some).map_err(Arc::new),
+                            None => Ok(None),
+                        }
                     }
                 }
             }
@@ -461,7 +516,13 @@ impl<O: Op> Build<O> {
             h.update(b"\0");
             h.update(k.as_bytes());
         }
-        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+        let key = format!("sha256:{}", hex::encode(h.finalize()));
+        if let Some(strict) = strict {
+            for remote in &self.graph.remote {
+                remote.learn_alias(&strict, &key);
+            }
+        }
+        Ok(key)
     }
 
     async fn input_outputs(self: &Arc<Self>, i: usize) -> Result<Vec<O::Output>> {
@@ -471,12 +532,26 @@ impl<O: Op> Build<O> {
             let idx = e.output;
             async move {
                 let outs = f.await.map_err(unshare)?;
-                outs.get(idx)
-                    .cloned()
-                    .ok_or_else(|| Error::Graph(format!("missing output {idx}")))
+                let out = outs
+                    .get(idx)
+                    .ok_or_else(|| Error::Graph(format!("missing output {idx}")))?;
+                self.ready(i, out).await
             }
         }))
         .await
+    }
+
+    /// An input of vertex `i` made ready to read (a lazy cache hit is fetched now); a
+    /// failure fails vertex `i`.
+    async fn ready(&self, i: usize, out: &O::Output) -> Result<O::Output> {
+        self.solver
+            .cache
+            .ready(out)
+            .await
+            .map_err(|source| Error::Vertex {
+                name: self.graph.vertices[i].name.clone(),
+                source: format!("reading an input: {source}").into(),
+            })
     }
 
     fn outputs(self: &Arc<Self>, i: usize) -> SharedOutputs<O::Output> {
