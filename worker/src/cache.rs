@@ -596,6 +596,61 @@ mod tests {
         Ok(())
     }
 
+    /// A lazy ref is loaded once (on first use, for all its outputs), cannot be recorded
+    /// before, and a failed load is an error naming what it was, never an empty result.
+    #[tokio::test]
+    async fn lazy_refs_load_once_and_are_never_recorded_unloaded() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let cache = Cache::open(root.path())?;
+        let real = Ref::new(vec![layer_with(&cache, 10)?]);
+        let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, n) = (real.clone(), loads.clone());
+        let lazy = Ref::lazy(
+            "cache test: k".into(),
+            2,
+            Box::new(move || {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let r = r.clone();
+                Box::pin(async move { Ok(vec![Ref::scratch(), r]) })
+            }),
+        );
+        assert!(lazy[1].is_lazy());
+        let err = cache
+            .put(&[("k:1".into(), lazy[1].clone())])
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("a lazy ref was recorded"))?;
+        assert!(err.to_string().contains("lazy"), "{err}");
+        assert_eq!(
+            lazy[1].materialize().await.map_err(anyhow::Error::msg)?,
+            real
+        );
+        assert_eq!(
+            lazy[0].materialize().await.map_err(anyhow::Error::msg)?,
+            Ref::scratch()
+        );
+        assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Loaded: every clone sees the layers.
+        assert!(!lazy[1].is_lazy());
+        assert_eq!(lazy[1].layers(), real.layers());
+
+        let failing = Ref::lazy(
+            "cache test: bad".into(),
+            1,
+            Box::new(|| Box::pin(async { Err("blob sha256:00: size 3, expected 4".to_string()) })),
+        );
+        let err = failing[0]
+            .materialize()
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("a failed load succeeded"))?;
+        assert!(
+            err.contains("cache test: bad") && err.contains("expected 4"),
+            "{err}"
+        );
+        assert!(failing[0].is_lazy());
+        Ok(())
+    }
+
     #[test]
     fn last_use_orders_gc_and_survives_reopen() -> anyhow::Result<()> {
         let root = tempfile::tempdir()?;

@@ -1044,6 +1044,166 @@ mod tests {
         Ok(())
     }
 
+    /// A source (no inputs) or a copy that hashes its input's contents into its key.
+    struct Step {
+        name: &'static str,
+        copy: bool,
+        reads: Arc<AtomicUsize>,
+        runs: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Op for Step {
+        type Output = String;
+        fn content_inputs(&self) -> Vec<usize> {
+            if self.copy {
+                vec![0]
+            } else {
+                Vec::new()
+            }
+        }
+        fn definition_key(&self) -> Option<String> {
+            self.copy.then(|| self.name.to_string())
+        }
+        async fn cache_key(
+            &self,
+            _ctx: &VertexCtx,
+            inputs: &[Option<String>],
+        ) -> Result<String, BoxError> {
+            if !self.copy {
+                return Ok(self.name.to_string());
+            }
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let content = inputs.first().cloned().flatten().ok_or("input not read")?;
+            Ok(format!("{}:{content}", self.name))
+        }
+        async fn exec(&self, _ctx: &VertexCtx, inputs: &[String]) -> Result<Vec<String>, BoxError> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![format!("{}({})", self.name, inputs.join(","))])
+        }
+    }
+
+    /// A remote over a [`MemCache`] that also keeps aliases; counts result lookups.
+    #[derive(Default)]
+    struct AliasRemote {
+        results: Arc<MemCache>,
+        aliases: Mutex<HashMap<String, String>>,
+        lookups: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl RemoteCache<String> for AliasRemote {
+        async fn load(&self, _ctx: &VertexCtx, key: &str, n: usize) -> Option<Vec<String>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.results.load(key, n).await.ok().flatten()
+        }
+        async fn alias(&self, _ctx: &VertexCtx, strict: &str) -> Option<String> {
+            self.aliases.lock().ok()?.get(strict).cloned()
+        }
+        fn learn_alias(&self, strict: &str, key: &str) {
+            if let Ok(mut a) = self.aliases.lock() {
+                a.insert(strict.to_string(), key.to_string());
+            }
+        }
+    }
+
+    fn copy_graph(
+        src: &'static str,
+        reads: &Arc<AtomicUsize>,
+        runs: &Arc<AtomicUsize>,
+        remote: Arc<AliasRemote>,
+    ) -> Graph<Step> {
+        let step = |name, copy| {
+            Arc::new(Step {
+                name,
+                copy,
+                reads: reads.clone(),
+                runs: runs.clone(),
+            })
+        };
+        Graph {
+            vertices: vec![
+                Vertex {
+                    digest: "src".into(),
+                    name: "src".into(),
+                    op: step(src, false),
+                    inputs: vec![],
+                    ignore_cache: false,
+                },
+                Vertex {
+                    digest: "copy".into(),
+                    name: "copy".into(),
+                    op: step("copy", true),
+                    inputs: vec![Edge {
+                        vertex: 0,
+                        output: 0,
+                    }],
+                    ignore_cache: false,
+                },
+            ],
+            result: Edge {
+                vertex: 1,
+                output: 0,
+            },
+            remote: vec![remote],
+        }
+    }
+
+    /// A content-keyed vertex whose definition key a remote maps to its key: a cold solver
+    /// neither loads nor reads its input; a changed input misses the alias and is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remote_alias_spares_reading_content_inputs() -> anyhow::Result<()> {
+        let (reads, runs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let results = Arc::new(MemCache::default());
+        let remote = Arc::new(AliasRemote {
+            results: results.clone(),
+            ..Default::default()
+        });
+        let first = Solver::new(results.clone(), 4)
+            .solve(
+                copy_graph("s1", &reads, &runs, remote.clone()),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(first.output, "copy(s1())");
+        assert_eq!(
+            (reads.load(Ordering::SeqCst), runs.load(Ordering::SeqCst)),
+            (1, 2)
+        );
+        assert_eq!(remote.aliases.lock().map(|a| a.len()).unwrap_or(0), 1);
+
+        // Cold: the copy's key comes from the alias, the copy is a remote hit, and the
+        // source is never loaded, looked up or read.
+        remote.lookups.store(0, Ordering::SeqCst);
+        let cold = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(
+                copy_graph("s1", &reads, &runs, remote.clone()),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(cold.output, first.output);
+        assert_eq!(cold.key, first.key);
+        assert_eq!(
+            (reads.load(Ordering::SeqCst), runs.load(Ordering::SeqCst)),
+            (1, 2)
+        );
+        assert_eq!(remote.lookups.load(Ordering::SeqCst), 1);
+
+        // Another source: another definition key, so the input is read again.
+        let changed = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(
+                copy_graph("s2", &reads, &runs, remote.clone()),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(changed.output, "copy(s2())");
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        Ok(())
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_builds_share_identical_vertices() -> anyhow::Result<()> {
         let solver = Solver::new(Arc::new(MemCache::default()), 4);
