@@ -275,6 +275,9 @@ impl<O: Op> Solver<O> {
             executed: (0..graph.vertices.len())
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
+            reruns: (0..graph.vertices.len())
+                .map(|_| Mutex::new(None))
+                .collect(),
             graph,
             progress,
             cancel: cancel.clone(),
@@ -325,6 +328,9 @@ struct Build<O: Op> {
     outputs: Vec<Mutex<Option<SharedOutputs<O::Output>>>>,
     /// Set when the vertex's op ran in this build.
     executed: Vec<std::sync::atomic::AtomicBool>,
+    /// Outputs of vertices executed after all because their remote hit could not be
+    /// fetched when read.
+    reruns: Vec<Mutex<Option<SharedOutputs<O::Output>>>>,
     progress: Progress,
     cancel: CancellationToken,
 }
@@ -385,7 +391,7 @@ impl<O: Op> Build<O> {
                 parked.push(Box::new(f));
             }
         }
-        for slot in &self.outputs {
+        for slot in self.outputs.iter().chain(&self.reruns) {
             if let Some(f) = slot.lock().ok().and_then(|mut s| s.take()) {
                 parked.push(Box::new(f));
             }
@@ -485,14 +491,19 @@ impl<O: Op> Build<O> {
         let contents = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
             let f = wanted.contains(&n).then(|| self.outputs(e.vertex));
             let idx = e.output;
-            let this = &*self;
+            let this = self.clone();
+            let from = e.vertex;
             async move {
                 match f {
                     None => Ok(None),
                     Some(f) => {
                         let outs = f.await?;
                         match outs.get(idx) {
-                            Some(r) => this.ready(i, r).await.map(Some).map_err(Arc::new),
+                            Some(r) => this
+                                .ready(i, from, idx, r)
+                                .await
+                                .map(Some)
+                                .map_err(Arc::new),
                             None => Ok(None),
                         }
                     }
@@ -535,23 +546,45 @@ impl<O: Op> Build<O> {
                 let out = outs
                     .get(idx)
                     .ok_or_else(|| Error::Graph(format!("missing output {idx}")))?;
-                self.ready(i, out).await
+                self.ready(i, e.vertex, idx, out).await
             }
         }))
         .await
     }
 
-    /// An input of vertex `i` made ready to read (a lazy cache hit is fetched now); a
-    /// failure fails vertex `i`.
-    async fn ready(&self, i: usize, out: &O::Output) -> Result<O::Output> {
-        self.solver
-            .cache
-            .ready(out)
-            .await
-            .map_err(|source| Error::Vertex {
-                name: self.graph.vertices[i].name.clone(),
-                source: format!("reading an input: {source}").into(),
-            })
+    /// `out`, output `idx` of vertex `j` and an input of vertex `i`, made ready to read (a
+    /// lazy remote hit is fetched now). When that fails (a blob missing or corrupt), `j` is
+    /// executed after all, once, with a warning; its result replaces the hit.
+    async fn ready(
+        self: &Arc<Self>,
+        i: usize,
+        j: usize,
+        idx: usize,
+        out: &O::Output,
+    ) -> Result<O::Output> {
+        let source = match self.solver.cache.ready(out).await {
+            Ok(r) => return Ok(r),
+            Err(source) => source,
+        };
+        let vj = &self.graph.vertices[j];
+        let message = format!(
+            "{}: {source}; executing {} instead",
+            self.graph.vertices[i].name, vj.name
+        );
+        tracing::warn!(vertex = %vj.digest, "{message}");
+        self.progress.warn(Some(&vj.digest), message);
+        let this = self.clone();
+        let rerun = memo(&self.reruns[j], move || {
+            async move {
+                let key = this.key(j).await?;
+                this.run(j, key).await.map_err(Arc::new)
+            }
+            .boxed()
+        });
+        let outs = rerun.await.map_err(unshare)?;
+        outs.get(idx)
+            .cloned()
+            .ok_or_else(|| Error::Graph(format!("missing output {idx}")))
     }
 
     fn outputs(self: &Arc<Self>, i: usize) -> SharedOutputs<O::Output> {
@@ -648,57 +681,67 @@ impl<O: Op> Build<O> {
                 }
             }
         }
-        let inputs = self.input_outputs(i).await?;
-        let _permit = self
-            .solver
-            .limit
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Cancelled)?;
-        let started = SystemTime::now();
-        self.update(i, |s| {
-            s.started = Some(started);
-            s.cached = false;
-        });
-        let ctx = self.ctx(i);
-        tracing::debug!(vertex = %v.digest, name = %v.name, "exec");
-        self.executed[i].store(true, std::sync::atomic::Ordering::Relaxed);
-        let res = v.op.exec(&ctx, &inputs).await;
-        let res = match res {
-            Ok(outs) if outs.len() == v.op.outputs() => {
-                self.solver
-                    .cache
-                    .save(key, &outs)
-                    .await
-                    .map_err(|source| Error::Vertex {
-                        name: v.name.clone(),
-                        source,
-                    })?;
-                Ok(outs)
-            }
-            Ok(outs) => Err(Error::Vertex {
-                name: v.name.clone(),
-                source: format!(
-                    "op returned {} outputs, expected {}",
-                    outs.len(),
-                    v.op.outputs()
-                )
-                .into(),
-            }),
-            Err(source) => Err(Error::Vertex {
-                name: v.name.clone(),
-                source,
-            }),
-        };
-        let done = SystemTime::now();
-        self.update(i, |s| {
-            s.completed = Some(done);
-            if let Err(e) = &res {
-                s.error = Some(error_chain(e));
-            }
-        });
-        res
+        self.run(i, key.to_string()).await
+    }
+
+    /// Runs vertex `i`'s op on its inputs and saves the result under `key` (boxed: it recurses through
+    /// [`Build::ready`]).
+    fn run(self: Arc<Self>, i: usize, key: String) -> BoxFuture<'static, Result<Vec<O::Output>>> {
+        async move {
+            let v = &self.graph.vertices[i];
+            let inputs = self.input_outputs(i).await?;
+            let _permit = self
+                .solver
+                .limit
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Cancelled)?;
+            let started = SystemTime::now();
+            self.update(i, |s| {
+                s.started = Some(started);
+                s.cached = false;
+            });
+            let ctx = self.ctx(i);
+            tracing::debug!(vertex = %v.digest, name = %v.name, "exec");
+            self.executed[i].store(true, std::sync::atomic::Ordering::Relaxed);
+            let res = v.op.exec(&ctx, &inputs).await;
+            let res = match res {
+                Ok(outs) if outs.len() == v.op.outputs() => {
+                    self.solver
+                        .cache
+                        .save(&key, &outs)
+                        .await
+                        .map_err(|source| Error::Vertex {
+                            name: v.name.clone(),
+                            source,
+                        })?;
+                    Ok(outs)
+                }
+                Ok(outs) => Err(Error::Vertex {
+                    name: v.name.clone(),
+                    source: format!(
+                        "op returned {} outputs, expected {}",
+                        outs.len(),
+                        v.op.outputs()
+                    )
+                    .into(),
+                }),
+                Err(source) => Err(Error::Vertex {
+                    name: v.name.clone(),
+                    source,
+                }),
+            };
+            let done = SystemTime::now();
+            self.update(i, |s| {
+                s.completed = Some(done);
+                if let Err(e) = &res {
+                    s.error = Some(error_chain(e));
+                }
+            });
+            res
+        }
+        .boxed()
     }
 }
 
@@ -1201,6 +1244,70 @@ mod tests {
             .await?;
         assert_eq!(changed.output, "copy(s2())");
         assert_eq!(reads.load(Ordering::SeqCst), 2);
+        Ok(())
+    }
+
+    /// A [`MemCache`] whose `ready` fails for values starting with `lazy:` (a lazy remote
+    /// hit whose blobs turn out corrupt when read).
+    #[derive(Default)]
+    struct BrokenLazy(MemCache);
+
+    #[async_trait]
+    impl ResultCache<String> for BrokenLazy {
+        async fn load(&self, key: &str, n: usize) -> Result<Option<Vec<String>>, BoxError> {
+            self.0.load(key, n).await
+        }
+        async fn save(&self, key: &str, outputs: &[String]) -> Result<(), BoxError> {
+            self.0.save(key, outputs).await
+        }
+        async fn ready(&self, output: &String) -> Result<String, BoxError> {
+            if output.starts_with("lazy:") {
+                return Err("blob sha256:0: size 3, expected 4".into());
+            }
+            Ok(output.clone())
+        }
+    }
+
+    /// A remote hit that cannot be fetched when a dependent reads it is executed after all,
+    /// with a warning, and the build's result is right.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreadable_remote_hit_is_executed_instead() -> anyhow::Result<()> {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let first = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(
+                diamond(&runs, "r", false),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        // The remote has only vertex a's result, and it is broken.
+        let broken = Arc::new(MemCache::default());
+        broken
+            .save(&first.records[1].key, &["lazy:a".to_string()])
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let mut graph = diamond(&runs, "r", false);
+        graph.remote = vec![Arc::new(Remote(broken, lookups.clone()))];
+        let (progress, mut rx) = Progress::channel();
+        let again = Solver::new(Arc::new(BrokenLazy::default()), 4)
+            .solve(graph, progress, CancellationToken::new())
+            .await?;
+        assert_eq!(again.output, first.output);
+        assert_eq!(runs.load(Ordering::SeqCst), 8);
+        rx.close();
+        let mut warned = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let crate::progress::Event::Warning(w) = ev {
+                warned.push(w.message);
+            }
+        }
+        assert!(
+            warned
+                .iter()
+                .any(|m| m.contains("expected 4") && m.contains("executing a instead")),
+            "{warned:?}"
+        );
         Ok(())
     }
 

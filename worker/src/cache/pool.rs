@@ -4,7 +4,9 @@
 //! before executing. Export is off the build's path: a queue with bounded concurrency,
 //! retries with backoff, and counters (queue depth, exported, failed) for metrics. Only
 //! reads the local store when exporting; imports go through [`super::registry`], which
-//! commits nothing incomplete. Used by `control`.
+//! commits nothing incomplete. A hit is lazy ([`Ref::lazy`]): fetched only when read. It
+//! also keeps aliases (definition key → content-based key) so keys that hash contents are
+//! found without fetching them. Used by `control`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -365,7 +367,7 @@ impl RemoteCache<Ref> for Pool {
                 });
                 tracing::debug!(key, "pool cache hit (lazy)");
                 Some(Ref::lazy(
-                    format!("cache {name}: {key}: the cached result cannot be fetched (no fallback to executing once a build has used it)"),
+                    format!("cache {name}: {key}: the cached result cannot be fetched"),
                     outputs,
                     load,
                 ))
