@@ -851,3 +851,68 @@ async fn lazy_pool_hit_fetches_only_what_is_read() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A lazy pool hit whose blob is corrupt when an executing op finally reads it is executed
+/// after all (a warning says so) and the build is right: B's project differs from A's in
+/// b.txt, so the `COPY --from=b` re-runs on the unchanged `COPY --from=a` result, a lazy
+/// hit whose own layer is corrupt in the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_lazy_input_is_executed_instead() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let a = worker(Some(format!("{}/kiln/pool", reg.addr())))?;
+    build(&a, &base, dir.path(), CacheRequest::default()).await?;
+    a.engine.pool().context("pool")?.wait_idle().await;
+
+    // The final result's chain is base, COPY --from=a, COPY --from=b, …: its second layer is
+    // the `COPY --from=a` layer (the base image has one layer).
+    let proxy = proxy(reg.addr())?;
+    let probe = worker(Some(format!("{}/kiln/pool", proxy.addr)))?;
+    run(
+        &probe,
+        dockerfile_request(&base, dir.path(), vec![]),
+        CacheRequest::default(),
+    )
+    .await?;
+    let (tags, _) = pool_requests(&proxy, "GET")?;
+    let (_, results) = split_aliases(&reg, &tags)?;
+    let m = reg.get_authorized(
+        &format!("/v2/kiln/pool/manifests/{}", results[0]),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+    )?;
+    let m: serde_json::Value = serde_json::from_slice(&m.body)?;
+    let copy_a = m["layers"][1]["digest"]
+        .as_str()
+        .context("second layer")?
+        .to_string();
+    let path = reg.blob_path(&copy_a);
+    let len = std::fs::metadata(&path)?.len() as usize;
+    std::fs::write(&path, vec![b'x'; len])?;
+
+    std::fs::write(dir.path().join("b.txt"), "from b, changed\n")?;
+    let b = worker(Some(format!("{}/kiln/pool", reg.addr())))?;
+    let out = tempfile::tempdir()?;
+    let built = build_to(
+        &b,
+        &base,
+        dir.path(),
+        CacheRequest::default(),
+        Some(&out.path().join("fs")),
+    )
+    .await?;
+    let fs = out.path().join("fs/data");
+    assert_eq!(std::fs::read_to_string(fs.join("count"))?.trim(), "52");
+    assert_eq!(
+        std::fs::read_to_string(fs.join("b.copy"))?,
+        "from b, changed\n"
+    );
+    assert!(std::fs::read_to_string(fs.join("a.txt"))?.ends_with("line 50\nfrom a\n"));
+    let w = warnings(&built);
+    assert!(
+        w.iter()
+            .any(|m| m.contains("cannot be fetched") && m.contains("instead")),
+        "{w:?}"
+    );
+    Ok(())
+}
