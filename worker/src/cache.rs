@@ -385,8 +385,15 @@ impl Cache {
         Ok(Some(Ref::new(layers)))
     }
 
-    /// Stores refs under keys in one transaction.
+    /// Stores refs under keys in one transaction. A lazy ref (not fetched yet) is refused:
+    /// its layers are not on disk.
     pub fn put(&self, entries: &[(String, Ref)]) -> Result<()> {
+        if let Some((k, _)) = entries.iter().find(|(_, r)| r.is_lazy()) {
+            return Err(Error::Store {
+                path: self.snapshots.clone(),
+                message: format!("result {k} is lazy (not fetched yet) and cannot be recorded"),
+            });
+        }
         let recs: Vec<(String, ResultRecord)> = entries
             .iter()
             .map(|(k, r)| {
@@ -444,6 +451,10 @@ impl ResultCache<Ref> for Cache {
             .collect();
         self.put(&entries)?;
         Ok(())
+    }
+
+    async fn ready(&self, output: &Ref) -> Result<Ref, BoxError> {
+        Ok(output.materialize().await?)
     }
 }
 
@@ -583,6 +594,61 @@ mod tests {
             .get("kept:0")?
             .ok_or_else(|| anyhow::anyhow!("kept lost"))?;
         assert_eq!(std::fs::read(kept.layers()[0].fs().join("f"))?.len(), 100);
+        Ok(())
+    }
+
+    /// A lazy ref is loaded once (on first use, for all its outputs), cannot be recorded
+    /// before, and a failed load is an error naming what it was, never an empty result.
+    #[tokio::test]
+    async fn lazy_refs_load_once_and_are_never_recorded_unloaded() -> anyhow::Result<()> {
+        let root = tempfile::tempdir()?;
+        let cache = Cache::open(root.path())?;
+        let real = Ref::new(vec![layer_with(&cache, 10)?]);
+        let loads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, n) = (real.clone(), loads.clone());
+        let lazy = Ref::lazy(
+            "cache test: k".into(),
+            2,
+            Box::new(move || {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let r = r.clone();
+                Box::pin(async move { Ok(vec![Ref::scratch(), r]) })
+            }),
+        );
+        assert!(lazy[1].is_lazy());
+        let err = cache
+            .put(&[("k:1".into(), lazy[1].clone())])
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("a lazy ref was recorded"))?;
+        assert!(err.to_string().contains("lazy"), "{err}");
+        assert_eq!(
+            lazy[1].materialize().await.map_err(anyhow::Error::msg)?,
+            real
+        );
+        assert_eq!(
+            lazy[0].materialize().await.map_err(anyhow::Error::msg)?,
+            Ref::scratch()
+        );
+        assert_eq!(loads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Loaded: every clone sees the layers.
+        assert!(!lazy[1].is_lazy());
+        assert_eq!(lazy[1].layers(), real.layers());
+
+        let failing = Ref::lazy(
+            "cache test: bad".into(),
+            1,
+            Box::new(|| Box::pin(async { Err("blob sha256:00: size 3, expected 4".to_string()) })),
+        );
+        let err = failing[0]
+            .materialize()
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("a failed load succeeded"))?;
+        assert!(
+            err.contains("cache test: bad") && err.contains("expected 4"),
+            "{err}"
+        );
+        assert!(failing[0].is_lazy());
         Ok(())
     }
 

@@ -544,6 +544,23 @@ impl Engine {
         cache_exports: &[registry::ExportOpts],
         progress: &Progress,
     ) -> Result<BuildResponse> {
+        // A lazy result (a pool cache hit) is fetched only when something exports it.
+        let fetched;
+        let solved = if solved.output.is_lazy() && !(exports.is_empty() && cache_exports.is_empty())
+        {
+            fetched = SolvedBuild {
+                output: solved.output.materialize().await.map_err(|e| {
+                    Error::Solver(solver::Error::Vertex {
+                        name: "build result".into(),
+                        source: e.into(),
+                    })
+                })?,
+                ..solved.clone()
+            };
+            &fetched
+        } else {
+            solved
+        };
         let mut inline_config = None;
         if let Some(inline) = cache_exports
             .iter()

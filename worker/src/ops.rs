@@ -207,6 +207,10 @@ impl Op for LlbOp {
         }
     }
 
+    fn definition_key(&self) -> Option<String> {
+        matches!(self.kind, Kind::File(_)).then(|| self.def_key.clone())
+    }
+
     async fn cache_key(&self, ctx: &VertexCtx, inputs: &[Option<Ref>]) -> Result<String, BoxError> {
         let extra = match &self.kind {
             Kind::Image(i) => i.cache_key(&self.build, ctx).await?,

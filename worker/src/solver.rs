@@ -79,6 +79,14 @@ pub trait Op: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The definition part of the cache key, the same on every worker for the same op, when
+    /// the op has [`Op::content_inputs`]: with its inputs' keys it names the key computed
+    /// from their contents, so a remote cache can map it to that key ([`RemoteCache::alias`])
+    /// and the contents need not be fetched. `None`: no such shortcut.
+    fn definition_key(&self) -> Option<String> {
+        None
+    }
+
     /// The op's part of its cache key: a digest of what its result depends on besides its
     /// inputs' keys (the op definition; the contents of a local directory; the contents
     /// it will read from the inputs named by [`Op::content_inputs`], which are `Some` in
@@ -99,11 +107,16 @@ pub trait Op: Send + Sync + 'static {
 
 /// Where results are kept by cache key.
 #[async_trait]
-pub trait ResultCache<R>: Send + Sync + 'static {
+pub trait ResultCache<R: Clone + Send + Sync + 'static>: Send + Sync + 'static {
     /// The outputs stored under `key`, if all of them are there.
     async fn load(&self, key: &str, outputs: usize) -> Result<Option<Vec<R>>, BoxError>;
     /// Stores outputs under `key`.
     async fn save(&self, key: &str, outputs: &[R]) -> Result<(), BoxError>;
+    /// `output` ready to be read (an op's input, contents to hash): a lazy result is
+    /// fetched now. The default returns it as is.
+    async fn ready(&self, output: &R) -> Result<R, BoxError> {
+        Ok(output.clone())
+    }
 }
 
 /// Results kept outside the local cache (an imported cache, the pool cache), consulted on
@@ -113,6 +126,15 @@ pub trait RemoteCache<R>: Send + Sync + 'static {
     /// The outputs stored under `key`, verified and already saved to the local cache. A miss
     /// or a failure is `None`; failures are reported as warnings through `ctx.progress`.
     async fn load(&self, ctx: &VertexCtx, key: &str, outputs: usize) -> Option<Vec<R>>;
+
+    /// The content-based cache key that the definition key `strict` (see
+    /// [`Op::definition_key`]) was computed to, if this cache knows it. Default: none.
+    async fn alias(&self, _ctx: &VertexCtx, _strict: &str) -> Option<String> {
+        None
+    }
+
+    /// Tells the cache that `strict` was computed to `key` (to share it). Default: ignored.
+    fn learn_alias(&self, _strict: &str, _key: &str) {}
 }
 
 /// An edge: output `output` of vertex number `vertex`.
@@ -253,6 +275,9 @@ impl<O: Op> Solver<O> {
             executed: (0..graph.vertices.len())
                 .map(|_| std::sync::atomic::AtomicBool::new(false))
                 .collect(),
+            reruns: (0..graph.vertices.len())
+                .map(|_| Mutex::new(None))
+                .collect(),
             graph,
             progress,
             cancel: cancel.clone(),
@@ -303,6 +328,9 @@ struct Build<O: Op> {
     outputs: Vec<Mutex<Option<SharedOutputs<O::Output>>>>,
     /// Set when the vertex's op ran in this build.
     executed: Vec<std::sync::atomic::AtomicBool>,
+    /// Outputs of vertices executed after all because their remote hit could not be
+    /// fetched when read.
+    reruns: Vec<Mutex<Option<SharedOutputs<O::Output>>>>,
     progress: Progress,
     cancel: CancellationToken,
 }
@@ -363,7 +391,7 @@ impl<O: Op> Build<O> {
                 parked.push(Box::new(f));
             }
         }
-        for slot in &self.outputs {
+        for slot in self.outputs.iter().chain(&self.reruns) {
             if let Some(f) = slot.lock().ok().and_then(|mut s| s.take()) {
                 parked.push(Box::new(f));
             }
@@ -420,6 +448,35 @@ impl<O: Op> Build<O> {
         // Inputs whose contents the op hashes itself count by content, not by key: an
         // unrelated change elsewhere in them must not change this vertex's key.
         let wanted = v.op.content_inputs();
+        // A remote cache may know the key this definition and these inputs' keys were
+        // computed to: then the contents need not be fetched at all.
+        let strict = match v.op.definition_key() {
+            Some(def) if !wanted.is_empty() && !v.ignore_cache && !self.graph.remote.is_empty() => {
+                let keys = futures::future::try_join_all(v.inputs.iter().map(|e| {
+                    let k = self.key(e.vertex);
+                    async move { k.await.map(|k| format!("{k}:{}", e.output)) }
+                }))
+                .await
+                .map_err(unshare)?;
+                let mut h = Sha256::new();
+                h.update(b"kiln-definition-key/v1\0");
+                h.update(def.as_bytes());
+                for k in &keys {
+                    h.update(b"\0");
+                    h.update(k.as_bytes());
+                }
+                let strict = format!("sha256:{}", hex::encode(h.finalize()));
+                let ctx = self.ctx(i);
+                for remote in &self.graph.remote {
+                    if let Some(key) = remote.alias(&ctx, &strict).await {
+                        tracing::debug!(vertex = %v.digest, %key, "cache key from a remote alias");
+                        return Ok(key);
+                    }
+                }
+                Some(strict)
+            }
+            _ => None,
+        };
         let keys = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
             let k = (!wanted.contains(&n)).then(|| self.key(e.vertex));
             async move {
@@ -434,12 +491,21 @@ impl<O: Op> Build<O> {
         let contents = futures::future::try_join_all(v.inputs.iter().enumerate().map(|(n, e)| {
             let f = wanted.contains(&n).then(|| self.outputs(e.vertex));
             let idx = e.output;
+            let this = self.clone();
+            let from = e.vertex;
             async move {
                 match f {
                     None => Ok(None),
                     Some(f) => {
                         let outs = f.await?;
-                        Ok(outs.get(idx).cloned())
+                        match outs.get(idx) {
+                            Some(r) => this
+                                .ready(i, from, idx, r)
+                                .await
+                                .map(Some)
+                                .map_err(Arc::new),
+                            None => Ok(None),
+                        }
                     }
                 }
             }
@@ -461,7 +527,13 @@ impl<O: Op> Build<O> {
             h.update(b"\0");
             h.update(k.as_bytes());
         }
-        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+        let key = format!("sha256:{}", hex::encode(h.finalize()));
+        if let Some(strict) = strict {
+            for remote in &self.graph.remote {
+                remote.learn_alias(&strict, &key);
+            }
+        }
+        Ok(key)
     }
 
     async fn input_outputs(self: &Arc<Self>, i: usize) -> Result<Vec<O::Output>> {
@@ -471,12 +543,48 @@ impl<O: Op> Build<O> {
             let idx = e.output;
             async move {
                 let outs = f.await.map_err(unshare)?;
-                outs.get(idx)
-                    .cloned()
-                    .ok_or_else(|| Error::Graph(format!("missing output {idx}")))
+                let out = outs
+                    .get(idx)
+                    .ok_or_else(|| Error::Graph(format!("missing output {idx}")))?;
+                self.ready(i, e.vertex, idx, out).await
             }
         }))
         .await
+    }
+
+    /// `out`, output `idx` of vertex `j` and an input of vertex `i`, made ready to read (a
+    /// lazy remote hit is fetched now). When that fails (a blob missing or corrupt), `j` is
+    /// executed after all, once, with a warning; its result replaces the hit.
+    async fn ready(
+        self: &Arc<Self>,
+        i: usize,
+        j: usize,
+        idx: usize,
+        out: &O::Output,
+    ) -> Result<O::Output> {
+        let source = match self.solver.cache.ready(out).await {
+            Ok(r) => return Ok(r),
+            Err(source) => source,
+        };
+        let vj = &self.graph.vertices[j];
+        let message = format!(
+            "{}: {source}; executing {} instead",
+            self.graph.vertices[i].name, vj.name
+        );
+        tracing::warn!(vertex = %vj.digest, "{message}");
+        self.progress.warn(Some(&vj.digest), message);
+        let this = self.clone();
+        let rerun = memo(&self.reruns[j], move || {
+            async move {
+                let key = this.key(j).await?;
+                this.run(j, key).await.map_err(Arc::new)
+            }
+            .boxed()
+        });
+        let outs = rerun.await.map_err(unshare)?;
+        outs.get(idx)
+            .cloned()
+            .ok_or_else(|| Error::Graph(format!("missing output {idx}")))
     }
 
     fn outputs(self: &Arc<Self>, i: usize) -> SharedOutputs<O::Output> {
@@ -573,57 +681,67 @@ impl<O: Op> Build<O> {
                 }
             }
         }
-        let inputs = self.input_outputs(i).await?;
-        let _permit = self
-            .solver
-            .limit
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Cancelled)?;
-        let started = SystemTime::now();
-        self.update(i, |s| {
-            s.started = Some(started);
-            s.cached = false;
-        });
-        let ctx = self.ctx(i);
-        tracing::debug!(vertex = %v.digest, name = %v.name, "exec");
-        self.executed[i].store(true, std::sync::atomic::Ordering::Relaxed);
-        let res = v.op.exec(&ctx, &inputs).await;
-        let res = match res {
-            Ok(outs) if outs.len() == v.op.outputs() => {
-                self.solver
-                    .cache
-                    .save(key, &outs)
-                    .await
-                    .map_err(|source| Error::Vertex {
-                        name: v.name.clone(),
-                        source,
-                    })?;
-                Ok(outs)
-            }
-            Ok(outs) => Err(Error::Vertex {
-                name: v.name.clone(),
-                source: format!(
-                    "op returned {} outputs, expected {}",
-                    outs.len(),
-                    v.op.outputs()
-                )
-                .into(),
-            }),
-            Err(source) => Err(Error::Vertex {
-                name: v.name.clone(),
-                source,
-            }),
-        };
-        let done = SystemTime::now();
-        self.update(i, |s| {
-            s.completed = Some(done);
-            if let Err(e) = &res {
-                s.error = Some(error_chain(e));
-            }
-        });
-        res
+        self.run(i, key.to_string()).await
+    }
+
+    /// Runs vertex `i`'s op on its inputs and saves the result under `key` (boxed: it recurses through
+    /// [`Build::ready`]).
+    fn run(self: Arc<Self>, i: usize, key: String) -> BoxFuture<'static, Result<Vec<O::Output>>> {
+        async move {
+            let v = &self.graph.vertices[i];
+            let inputs = self.input_outputs(i).await?;
+            let _permit = self
+                .solver
+                .limit
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Cancelled)?;
+            let started = SystemTime::now();
+            self.update(i, |s| {
+                s.started = Some(started);
+                s.cached = false;
+            });
+            let ctx = self.ctx(i);
+            tracing::debug!(vertex = %v.digest, name = %v.name, "exec");
+            self.executed[i].store(true, std::sync::atomic::Ordering::Relaxed);
+            let res = v.op.exec(&ctx, &inputs).await;
+            let res = match res {
+                Ok(outs) if outs.len() == v.op.outputs() => {
+                    self.solver
+                        .cache
+                        .save(&key, &outs)
+                        .await
+                        .map_err(|source| Error::Vertex {
+                            name: v.name.clone(),
+                            source,
+                        })?;
+                    Ok(outs)
+                }
+                Ok(outs) => Err(Error::Vertex {
+                    name: v.name.clone(),
+                    source: format!(
+                        "op returned {} outputs, expected {}",
+                        outs.len(),
+                        v.op.outputs()
+                    )
+                    .into(),
+                }),
+                Err(source) => Err(Error::Vertex {
+                    name: v.name.clone(),
+                    source,
+                }),
+            };
+            let done = SystemTime::now();
+            self.update(i, |s| {
+                s.completed = Some(done);
+                if let Err(e) = &res {
+                    s.error = Some(error_chain(e));
+                }
+            });
+            res
+        }
+        .boxed()
     }
 }
 
@@ -966,6 +1084,230 @@ mod tests {
             .await?;
         assert_eq!(runs.load(Ordering::SeqCst), 8);
         assert_eq!(lookups.load(Ordering::SeqCst), 4);
+        Ok(())
+    }
+
+    /// A source (no inputs) or a copy that hashes its input's contents into its key.
+    struct Step {
+        name: &'static str,
+        copy: bool,
+        reads: Arc<AtomicUsize>,
+        runs: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Op for Step {
+        type Output = String;
+        fn content_inputs(&self) -> Vec<usize> {
+            if self.copy {
+                vec![0]
+            } else {
+                Vec::new()
+            }
+        }
+        fn definition_key(&self) -> Option<String> {
+            self.copy.then(|| self.name.to_string())
+        }
+        async fn cache_key(
+            &self,
+            _ctx: &VertexCtx,
+            inputs: &[Option<String>],
+        ) -> Result<String, BoxError> {
+            if !self.copy {
+                return Ok(self.name.to_string());
+            }
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let content = inputs.first().cloned().flatten().ok_or("input not read")?;
+            Ok(format!("{}:{content}", self.name))
+        }
+        async fn exec(&self, _ctx: &VertexCtx, inputs: &[String]) -> Result<Vec<String>, BoxError> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![format!("{}({})", self.name, inputs.join(","))])
+        }
+    }
+
+    /// A remote over a [`MemCache`] that also keeps aliases; counts result lookups.
+    #[derive(Default)]
+    struct AliasRemote {
+        results: Arc<MemCache>,
+        aliases: Mutex<HashMap<String, String>>,
+        lookups: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl RemoteCache<String> for AliasRemote {
+        async fn load(&self, _ctx: &VertexCtx, key: &str, n: usize) -> Option<Vec<String>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.results.load(key, n).await.ok().flatten()
+        }
+        async fn alias(&self, _ctx: &VertexCtx, strict: &str) -> Option<String> {
+            self.aliases.lock().ok()?.get(strict).cloned()
+        }
+        fn learn_alias(&self, strict: &str, key: &str) {
+            if let Ok(mut a) = self.aliases.lock() {
+                a.insert(strict.to_string(), key.to_string());
+            }
+        }
+    }
+
+    fn copy_graph(
+        src: &'static str,
+        reads: &Arc<AtomicUsize>,
+        runs: &Arc<AtomicUsize>,
+        remote: Arc<AliasRemote>,
+    ) -> Graph<Step> {
+        let step = |name, copy| {
+            Arc::new(Step {
+                name,
+                copy,
+                reads: reads.clone(),
+                runs: runs.clone(),
+            })
+        };
+        Graph {
+            vertices: vec![
+                Vertex {
+                    digest: "src".into(),
+                    name: "src".into(),
+                    op: step(src, false),
+                    inputs: vec![],
+                    ignore_cache: false,
+                },
+                Vertex {
+                    digest: "copy".into(),
+                    name: "copy".into(),
+                    op: step("copy", true),
+                    inputs: vec![Edge {
+                        vertex: 0,
+                        output: 0,
+                    }],
+                    ignore_cache: false,
+                },
+            ],
+            result: Edge {
+                vertex: 1,
+                output: 0,
+            },
+            remote: vec![remote],
+        }
+    }
+
+    /// A content-keyed vertex whose definition key a remote maps to its key: a cold solver
+    /// neither loads nor reads its input; a changed input misses the alias and is read.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn remote_alias_spares_reading_content_inputs() -> anyhow::Result<()> {
+        let (reads, runs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let results = Arc::new(MemCache::default());
+        let remote = Arc::new(AliasRemote {
+            results: results.clone(),
+            ..Default::default()
+        });
+        let first = Solver::new(results.clone(), 4)
+            .solve(
+                copy_graph("s1", &reads, &runs, remote.clone()),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(first.output, "copy(s1())");
+        assert_eq!(
+            (reads.load(Ordering::SeqCst), runs.load(Ordering::SeqCst)),
+            (1, 2)
+        );
+        assert_eq!(remote.aliases.lock().map(|a| a.len()).unwrap_or(0), 1);
+
+        // Cold: the copy's key comes from the alias, the copy is a remote hit, and the
+        // source is never loaded, looked up or read.
+        remote.lookups.store(0, Ordering::SeqCst);
+        let cold = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(
+                copy_graph("s1", &reads, &runs, remote.clone()),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(cold.output, first.output);
+        assert_eq!(cold.key, first.key);
+        assert_eq!(
+            (reads.load(Ordering::SeqCst), runs.load(Ordering::SeqCst)),
+            (1, 2)
+        );
+        assert_eq!(remote.lookups.load(Ordering::SeqCst), 1);
+
+        // Another source: another definition key, so the input is read again.
+        let changed = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(
+                copy_graph("s2", &reads, &runs, remote.clone()),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        assert_eq!(changed.output, "copy(s2())");
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        Ok(())
+    }
+
+    /// A [`MemCache`] whose `ready` fails for values starting with `lazy:` (a lazy remote
+    /// hit whose blobs turn out corrupt when read).
+    #[derive(Default)]
+    struct BrokenLazy(MemCache);
+
+    #[async_trait]
+    impl ResultCache<String> for BrokenLazy {
+        async fn load(&self, key: &str, n: usize) -> Result<Option<Vec<String>>, BoxError> {
+            self.0.load(key, n).await
+        }
+        async fn save(&self, key: &str, outputs: &[String]) -> Result<(), BoxError> {
+            self.0.save(key, outputs).await
+        }
+        async fn ready(&self, output: &String) -> Result<String, BoxError> {
+            if output.starts_with("lazy:") {
+                return Err("blob sha256:0: size 3, expected 4".into());
+            }
+            Ok(output.clone())
+        }
+    }
+
+    /// A remote hit that cannot be fetched when a dependent reads it is executed after all,
+    /// with a warning, and the build's result is right.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unreadable_remote_hit_is_executed_instead() -> anyhow::Result<()> {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let first = Solver::new(Arc::new(MemCache::default()), 4)
+            .solve(
+                diamond(&runs, "r", false),
+                Progress::discard(),
+                CancellationToken::new(),
+            )
+            .await?;
+        // The remote has only vertex a's result, and it is broken.
+        let broken = Arc::new(MemCache::default());
+        broken
+            .save(&first.records[1].key, &["lazy:a".to_string()])
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let lookups = Arc::new(AtomicUsize::new(0));
+        let mut graph = diamond(&runs, "r", false);
+        graph.remote = vec![Arc::new(Remote(broken, lookups.clone()))];
+        let (progress, mut rx) = Progress::channel();
+        let again = Solver::new(Arc::new(BrokenLazy::default()), 4)
+            .solve(graph, progress, CancellationToken::new())
+            .await?;
+        assert_eq!(again.output, first.output);
+        assert_eq!(runs.load(Ordering::SeqCst), 8);
+        rx.close();
+        let mut warned = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let crate::progress::Event::Warning(w) = ev {
+                warned.push(w.message);
+            }
+        }
+        assert!(
+            warned
+                .iter()
+                .any(|m| m.contains("expected 4") && m.contains("executing a instead")),
+            "{warned:?}"
+        );
         Ok(())
     }
 

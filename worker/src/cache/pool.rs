@@ -4,7 +4,9 @@
 //! before executing. Export is off the build's path: a queue with bounded concurrency,
 //! retries with backoff, and counters (queue depth, exported, failed) for metrics. Only
 //! reads the local store when exporting; imports go through [`super::registry`], which
-//! commits nothing incomplete. Used by `control`.
+//! commits nothing incomplete. A hit is lazy ([`Ref::lazy`]): fetched only when read. It
+//! also keeps aliases (definition key → content-based key) so keys that hash contents are
+//! found without fetching them. Used by `control`.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -57,6 +59,8 @@ pub struct Pool {
     idle: tokio::sync::Notify,
     /// Vertex keys exported or queued by this process (no second upload).
     done: Mutex<HashSet<String>>,
+    /// Itself, for background work started from `&self`.
+    me: std::sync::Weak<Pool>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -99,7 +103,7 @@ impl Pool {
                 let _ = images.fetch_manifest_raw(&probe).await;
             });
         }
-        Ok(Arc::new(Pool {
+        Ok(Arc::new_cyclic(|me| Pool {
             repo: repo.trim_end_matches('/').to_string(),
             exporter,
             images,
@@ -112,6 +116,7 @@ impl Pool {
             retried: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
             done: Mutex::new(HashSet::new()),
+            me: me.clone(),
         }))
     }
 
@@ -219,7 +224,7 @@ impl Pool {
         }
     }
 
-    async fn lookup(&self, key: &str) -> Result<Option<Found>, String> {
+    async fn lookup(&self, key: &str) -> Result<Option<(CacheConfig, BlobSource)>, String> {
         let started = std::time::Instant::now();
         let reference = self.reference(key);
         let (manifest, _) = match self.images.fetch_manifest_raw(&reference).await {
@@ -254,18 +259,56 @@ impl Pool {
             reference,
         };
         let config = CacheConfig::parse(&bytes)?;
-        let found = Found {
-            records: config.chains(),
-            cache_mounts: Vec::new(),
-            source,
-        };
-        self.exporter.learn(&found);
         tracing::debug!(
             key,
             ms = started.elapsed().as_millis() as u64,
             "pool cache lookup"
         );
-        Ok(Some(found))
+        Ok(Some((config, source)))
+    }
+
+    /// Queues the publication of an alias (definition key → cache key) in the background.
+    fn enqueue_alias(self: &Arc<Self>, strict: &str, key: &str) {
+        match self.done.lock() {
+            Ok(mut d) => {
+                if !d.insert(format!("alias:{strict}")) {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        let this = self.clone();
+        let (strict, key) = (strict.to_string(), key.to_string());
+        tokio::spawn(async move {
+            let ok = match this.limit.clone().acquire_owned().await {
+                Ok(_permit) => {
+                    let reference = this.reference(&strict);
+                    match this.exporter.publish_alias(&reference, &strict, &key).await {
+                        Ok(_) => {
+                            tracing::debug!(%reference, "pool cache alias published");
+                            true
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "pool cache alias export failed");
+                            false
+                        }
+                    }
+                }
+                Err(_) => false,
+            };
+            if ok {
+                this.exported.fetch_add(1, Ordering::SeqCst);
+            } else {
+                this.failed.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut d) = this.done.lock() {
+                    d.remove(&format!("alias:{strict}"));
+                }
+            }
+            if this.depth.fetch_sub(1, Ordering::SeqCst) == 1 {
+                this.idle.notify_waiters();
+            }
+        });
     }
 }
 
@@ -283,27 +326,53 @@ fn config_of(manifest: &[u8]) -> Result<crate::source::image::BlobDesc, String> 
     })
 }
 
+/// The pool as the solver consults it. A hit is lazy: its layers are known by digest
+/// (from the verified cache config) and fetched only when something reads the result.
 #[async_trait]
 impl RemoteCache<Ref> for Pool {
     async fn load(&self, ctx: &VertexCtx, key: &str, outputs: usize) -> Option<Vec<Ref>> {
-        let name = format!("pool {}", self.repo);
-        match self.lookup(key).await {
-            Ok(Some(found)) => {
-                let refs = registry::load_found(
-                    &name,
-                    &found,
-                    &self.cache,
-                    &self.content,
-                    ctx,
-                    key,
-                    outputs,
-                )
-                .await?;
+        let pool = self;
+        let name = format!("pool {}", pool.repo);
+        match pool.lookup(key).await {
+            Ok(Some((config, source))) => {
+                let found = Found {
+                    records: config.chains(),
+                    cache_mounts: Vec::new(),
+                    source,
+                };
+                let mut entries = Vec::with_capacity(outputs);
+                for i in 0..outputs {
+                    let k = format!("{key}:{i}");
+                    entries.push((k.clone(), found.records.get(&k)?.clone()));
+                }
+                pool.exporter.learn(&found);
                 // Already in the pool: no need to export it again.
-                if let Ok(mut d) = self.done.lock() {
+                if let Ok(mut d) = pool.done.lock() {
                     d.insert(key.to_string());
                 }
-                Some(refs)
+                let (cache, content) = (pool.cache.clone(), pool.content.clone());
+                let source = Arc::new(found.source);
+                let entries = Arc::new(entries);
+                let load: super::refs::Loader = Box::new(move || {
+                    let (cache, content) = (cache.clone(), content.clone());
+                    let (source, entries) = (source.clone(), entries.clone());
+                    Box::pin(async move {
+                        let started = std::time::Instant::now();
+                        let refs = registry::materialize(&cache, &content, &source, &entries).await;
+                        tracing::debug!(
+                            ms = started.elapsed().as_millis() as u64,
+                            ok = refs.is_ok(),
+                            "pool cache hit fetched"
+                        );
+                        refs
+                    })
+                });
+                tracing::debug!(key, "pool cache hit (lazy)");
+                Some(Ref::lazy(
+                    format!("cache {name}: {key}: the cached result cannot be fetched"),
+                    outputs,
+                    load,
+                ))
             }
             Ok(None) => None,
             Err(e) => {
@@ -312,6 +381,32 @@ impl RemoteCache<Ref> for Pool {
                 ctx.progress.warn(Some(&ctx.digest), message);
                 None
             }
+        }
+    }
+
+    async fn alias(&self, ctx: &VertexCtx, strict: &str) -> Option<String> {
+        match self.lookup(strict).await {
+            Ok(Some((config, _))) => config
+                .aliases
+                .into_iter()
+                .find(|a| a.key == strict)
+                .map(|a| a.to),
+            Ok(None) => None,
+            Err(e) => {
+                let message = format!(
+                    "cache pool {}: alias {strict}: {e}; reading the inputs instead",
+                    self.repo
+                );
+                tracing::warn!(vertex = %ctx.digest, "{message}");
+                ctx.progress.warn(Some(&ctx.digest), message);
+                None
+            }
+        }
+    }
+
+    fn learn_alias(&self, strict: &str, key: &str) {
+        if let Some(me) = self.me.upgrade() {
+            me.enqueue_alias(strict, key);
         }
     }
 }

@@ -59,14 +59,72 @@ impl Layer {
     }
 }
 
-/// An immutable result: layers, lowest first (none = scratch).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ref(Arc<Vec<Layer>>);
+/// An immutable result: layers, lowest first (none = scratch). A *lazy* result (a pool
+/// cache hit) knows its layers only by blob digest until [`Ref::materialize`] fetches,
+/// verifies and unpacks them; until then [`Ref::layers`] must not be used on it.
+#[derive(Debug, Clone, Default)]
+pub struct Ref {
+    layers: Arc<Vec<Layer>>,
+    lazy: Option<(Arc<Lazy>, usize)>,
+}
+
+impl PartialEq for Ref {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.lazy, &other.lazy) {
+            (None, None) => self.layers == other.layers,
+            (Some((a, i)), Some((b, j))) => Arc::ptr_eq(a, b) && i == j,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Ref {}
+
+/// How a lazy result is made real: fetches, verifies, unpacks and records all outputs of
+/// one vertex at once.
+pub type Loader =
+    Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<Vec<Ref>, String>> + Send + Sync>;
+
+/// The outputs of one vertex known by digest only (see [`Ref::lazy`]).
+pub struct Lazy {
+    /// What it is, for messages (the cache and the key).
+    what: String,
+    load: Loader,
+    done: tokio::sync::OnceCell<Result<Vec<Ref>, String>>,
+}
+
+impl std::fmt::Debug for Lazy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lazy")
+            .field("what", &self.what)
+            .field("loaded", &self.done.initialized())
+            .finish()
+    }
+}
 
 impl Ref {
     /// A ref of these layers.
     pub fn new(layers: Vec<Layer>) -> Ref {
-        Ref(Arc::new(layers))
+        Ref {
+            layers: Arc::new(layers),
+            lazy: None,
+        }
+    }
+
+    /// `outputs` lazy refs over one vertex's results, made real (all at once, the first
+    /// time any of them is asked for) by `load`; `what` names them in errors.
+    pub fn lazy(what: String, outputs: usize, load: Loader) -> Vec<Ref> {
+        let lazy = Arc::new(Lazy {
+            what,
+            load,
+            done: tokio::sync::OnceCell::new(),
+        });
+        (0..outputs)
+            .map(|i| Ref {
+                layers: Arc::default(),
+                lazy: Some((lazy.clone(), i)),
+            })
+            .collect()
     }
 
     /// The empty filesystem.
@@ -74,19 +132,63 @@ impl Ref {
         Ref::default()
     }
 
-    /// Layers, lowest first.
+    /// True while this is a lazy result not yet fetched.
+    pub fn is_lazy(&self) -> bool {
+        self.loaded().is_none() && self.lazy.is_some()
+    }
+
+    fn loaded(&self) -> Option<&Ref> {
+        let (lazy, i) = self.lazy.as_ref()?;
+        match lazy.done.get() {
+            Some(Ok(refs)) => refs.get(*i),
+            _ => None,
+        }
+    }
+
+    /// This result with its layers on disk: a lazy result is fetched (every blob verified by
+    /// digest, every layer by diffID) and recorded in the local cache the first time;
+    /// anything else is returned as is.
+    pub async fn materialize(&self) -> Result<Ref, String> {
+        let Some((lazy, i)) = &self.lazy else {
+            return Ok(self.clone());
+        };
+        let refs = lazy
+            .done
+            .get_or_init(|| (lazy.load)())
+            .await
+            .as_ref()
+            .map_err(|e| format!("{}: {e}", lazy.what))?;
+        refs.get(*i)
+            .cloned()
+            .ok_or_else(|| format!("{}: no output {i}", lazy.what))
+    }
+
+    /// Layers, lowest first. Empty for a lazy result not yet materialized (a bug in the
+    /// caller, which is logged): use [`Ref::materialize`] first.
     pub fn layers(&self) -> &[Layer] {
-        &self.0
+        if self.lazy.is_some() {
+            return match self.loaded() {
+                Some(r) => r.layers(),
+                None => {
+                    tracing::error!(
+                        what = self.lazy.as_ref().map(|(l, _)| l.what.as_str()),
+                        "layers of a lazy result read before it was materialized"
+                    );
+                    &[]
+                }
+            };
+        }
+        &self.layers
     }
 
     /// Layer `fs` directories, lowest first.
     pub fn layer_dirs(&self) -> Vec<PathBuf> {
-        self.0.iter().map(Layer::fs).collect()
+        self.layers().iter().map(Layer::fs).collect()
     }
 
     /// This ref with `layer` on top.
     pub fn with(&self, layer: Layer) -> Ref {
-        let mut v = (*self.0).clone();
+        let mut v = self.layers().to_vec();
         v.push(layer);
         Ref::new(v)
     }

@@ -111,6 +111,10 @@ pub struct CacheConfig {
     /// Cache mount contents (`cache-mounts=true`), absent when none were exported.
     #[serde(rename = "cacheMounts", default, skip_serializing_if = "Vec::is_empty")]
     pub cache_mounts: Vec<ConfigMount>,
+    /// Definition keys and the content-based cache keys they were computed to (the pool
+    /// cache's alias objects; see `docs/cache-format.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<ConfigAlias>,
 }
 
 /// The contents of one cache mount: a layer of [`CacheConfig::layers`] holding the mount
@@ -121,6 +125,15 @@ pub struct ConfigMount {
     pub id: String,
     /// Index into [`CacheConfig::layers`].
     pub layer: usize,
+}
+
+/// A definition key and the cache key computed from it and its inputs' contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigAlias {
+    /// The definition key (`sha256:…`).
+    pub key: String,
+    /// The vertex cache key it stands for (`sha256:…`).
+    pub to: String,
 }
 
 /// A layer chain: blobs lowest first, `None` for an empty layer.
@@ -159,6 +172,7 @@ impl CacheConfig {
             layers,
             records: out,
             cache_mounts: Vec::new(),
+            aliases: Vec::new(),
         }
     }
 
@@ -227,6 +241,12 @@ impl CacheConfig {
                 bad.layer,
                 c.layers.len()
             ));
+        }
+        for a in &c.aliases {
+            for d in [&a.key, &a.to] {
+                crate::content::validate_digest(d)
+                    .map_err(|e| format!("invalid key in cache config alias: {e}"))?;
+            }
         }
         for r in &c.records {
             if let Some(bad) = r.layers.iter().flatten().find(|i| **i >= c.layers.len()) {
@@ -716,6 +736,37 @@ impl Exporter {
             .read(&prepared.config.0)
             .map_err(|e| remote("inline", e))?;
         String::from_utf8(bytes).map_err(|e| remote("inline", e))
+    }
+
+    /// Pushes to `reference` a cache object with no layers whose config maps the definition
+    /// key `key` to the cache key `to` (a pool cache alias); returns the manifest digest.
+    pub async fn publish_alias(&self, reference: &str, key: &str, to: &str) -> Result<String> {
+        let mut config = CacheConfig::new(&[]);
+        config.aliases.push(ConfigAlias {
+            key: key.to_string(),
+            to: to.to_string(),
+        });
+        let bytes = serde_json::to_vec(&config).map_err(|e| remote(reference, e))?;
+        let desc = self
+            .content
+            .write_bytes(&bytes)
+            .map_err(|e| remote(reference, e))?;
+        let text = String::from_utf8(bytes).map_err(|e| remote(reference, e))?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": desc.0, "size": desc.1},
+            "layers": [],
+            "annotations": { CONFIG_ANNOTATION: text },
+        });
+        let prepared = Prepared {
+            layers: Vec::new(),
+            config: desc,
+            manifest: serde_json::to_vec(&manifest).map_err(|e| remote(reference, e))?,
+            manifest_media_type: OCI_MANIFEST.to_string(),
+        };
+        let resolver = resolver_for(&self.images, reference, false);
+        push(&resolver, &prepared, reference, Some(&self.mounts)).await
     }
 
     /// Exports `results` to `opts.target`; returns the manifest digest.

@@ -2,7 +2,7 @@
 //! OCI layout: `--export-cache`/`--import-cache` (mode=max, mode=min, type=local), broken
 //! and corrupt caches (a miss with a warning, never a wrong build), and the pool cache.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::Arc;
@@ -656,12 +656,58 @@ fn pool_requests(proxy: &Proxy, method: &str) -> anyhow::Result<(Vec<String>, Ve
     Ok((tags, blobs))
 }
 
-/// Issue 4's laziness: a cold worker looks up only the vertices whose results it needs (the
-/// final one and the `COPY --from` sources, whose contents feed keys); a hit that only
-/// feeds another hit is never looked up and downloads nothing. The manifests carry their
-/// cache config, so a lookup is one request (no config blob GET), each layer blob is
-/// fetched at most once, only blobs of the looked-up results are fetched, and the image
-/// digest is the first worker's.
+/// The layer digests of every pool manifest (what A exported), and of the one tagged `tag`.
+fn pool_layers(reg: &Registry, tag: &str) -> anyhow::Result<(HashSet<String>, HashSet<String>)> {
+    let list = reg.get_authorized("/v2/kiln/pool/tags/list", &[])?;
+    let list: serde_json::Value = serde_json::from_slice(&list.body)?;
+    let (mut all, mut of_tag) = (HashSet::new(), HashSet::new());
+    for t in list["tags"].as_array().context("tags")? {
+        let t = t.as_str().context("tag")?;
+        let m = reg.get_authorized(
+            &format!("/v2/kiln/pool/manifests/{t}"),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        )?;
+        let m: serde_json::Value = serde_json::from_slice(&m.body)?;
+        for l in m["layers"].as_array().context("layers")? {
+            let d = l["digest"].as_str().context("digest")?.to_string();
+            if t == tag {
+                of_tag.insert(d.clone());
+            }
+            all.insert(d);
+        }
+    }
+    Ok((all, of_tag))
+}
+
+/// Which of the pool tags `tags` are alias objects (a cache config with `aliases`, no
+/// records) and which are results.
+fn split_aliases(reg: &Registry, tags: &[String]) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let (mut aliases, mut results) = (Vec::new(), Vec::new());
+    for t in tags {
+        let m = reg.get_authorized(
+            &format!("/v2/kiln/pool/manifests/{t}"),
+            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        )?;
+        let m: serde_json::Value = serde_json::from_slice(&m.body)?;
+        let config = m["annotations"]["dev.kiln.cacheconfig.v1"]
+            .as_str()
+            .with_context(|| format!("{t}: no embedded cache config: {m}"))?;
+        let config: serde_json::Value = serde_json::from_str(config)?;
+        if config["aliases"].as_array().is_some_and(|a| !a.is_empty()) {
+            aliases.push(t.clone());
+        } else {
+            results.push(t.clone());
+        }
+    }
+    Ok((aliases, results))
+}
+
+/// Issue 4's laziness: a cold worker never fetches the results of hits that only feed other
+/// hits. The `COPY` keys come from the pool's aliases (definition key → cache key, so the
+/// copied contents need not be hashed), the final RUN is a lazy hit, and the only blobs
+/// fetched are the final result's, because the image exporter reads them; stage a's and
+/// b's own layers (inputs of the `COPY --from` hits) are never fetched, no blob twice, and
+/// the image digest is the first worker's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pool_hits_that_only_feed_hits_download_nothing() -> anyhow::Result<()> {
     let reg = Registry::start()?;
@@ -686,38 +732,191 @@ async fn pool_hits_that_only_feed_hits_download_nothing() -> anyhow::Result<()> 
     b.engine.pool().context("pool")?.wait_idle().await;
 
     let (tags, blobs) = pool_requests(&proxy, "GET")?;
-    // Looked up: the results whose contents feed keys (the local context, hashed by the
-    // `COPY a.txt`/`COPY b.txt` keys; stage a's last RUN and stage b's RUN, hashed by the
-    // `COPY --from` keys) and the final RUN. Not looked up though in the pool (A exported
-    // every vertex it executed): stage a's first RUN, the two context copies and the two
-    // `COPY --from` results, which only feed hits.
-    assert_eq!(tags.len(), 4, "{tags:?}");
-    let exported = p.stats().exported as usize;
-    assert!(exported >= tags.len() + 5, "{exported} {tags:?}");
-    let mut wanted = std::collections::HashSet::new();
-    for t in &tags {
-        let m = reg.get_authorized(
-            &format!("/v2/kiln/pool/manifests/{t}"),
-            &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
-        )?;
-        let m: serde_json::Value = serde_json::from_slice(&m.body)?;
-        assert!(
-            m["annotations"]["dev.kiln.cacheconfig.v1"].is_string(),
-            "{m}"
-        );
-        for l in m["layers"].as_array().context("layers")? {
-            wanted.insert(l["digest"].as_str().context("digest")?.to_string());
-        }
-    }
-    let distinct: std::collections::HashSet<String> = blobs.iter().cloned().collect();
+    // Looked up: the four `COPY` keys by alias (two context copies, two `COPY --from`) and
+    // one result, the final RUN's. Nothing else, though A exported every vertex.
+    let (aliases, results) = split_aliases(&reg, &tags)?;
+    assert_eq!(aliases.len(), 4, "{tags:?}");
+    assert_eq!(results.len(), 1, "{tags:?}");
+    let (all, final_layers) = pool_layers(&reg, &results[0])?;
+    let intermediate: HashSet<String> = all.difference(&final_layers).cloned().collect();
+    assert!(
+        intermediate.len() >= 3,
+        "stage a's and b's own layers: {intermediate:?}"
+    );
+    let distinct: HashSet<String> = blobs.iter().cloned().collect();
     assert_eq!(
         distinct.len(),
         blobs.len(),
         "a blob fetched twice: {blobs:?}"
     );
     assert!(
-        distinct.is_subset(&wanted),
-        "fetched {distinct:?}, needed only {wanted:?}"
+        distinct.is_subset(&final_layers),
+        "fetched {distinct:?}, needed only the final result's {final_layers:?}"
+    );
+    assert!(distinct.is_disjoint(&intermediate), "{distinct:?}");
+    Ok(())
+}
+
+/// A pool hit that nothing reads downloads nothing: a cold worker's build with no export
+/// fetches no blob at all; pushing its image to the same registry afterwards fetches only
+/// the final result's layers (never stage a's or b's), and the pushed image is A's.
+/// A lazy result whose blob turns out corrupt when it is finally read fails the build
+/// clearly and records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lazy_pool_hit_fetches_only_what_is_read() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let a = worker(Some(format!("{}/kiln/pool", reg.addr())))?;
+    let built_a = build(&a, &base, dir.path(), CacheRequest::default()).await?;
+    a.engine.pool().context("pool")?.wait_idle().await;
+
+    let proxy = proxy(reg.addr())?;
+    let b = worker(Some(format!("{}/kiln/pool", proxy.addr)))?;
+    let quiet = run(
+        &b,
+        dockerfile_request(&base, dir.path(), vec![]),
+        CacheRequest::default(),
+    )
+    .await?;
+    assert!(quiet.executed_runs().is_empty(), "{:?}", warnings(&quiet));
+    let (tags, blobs) = pool_requests(&proxy, "GET")?;
+    assert!(
+        blobs.is_empty(),
+        "a build that reads nothing fetched {blobs:?}"
+    );
+    let (_, results) = split_aliases(&reg, &tags)?;
+    assert_eq!(results.len(), 1, "{tags:?}");
+
+    // The same build, pushed to the same registry.
+    let pushed = run(
+        &b,
+        dockerfile_request(
+            &base,
+            dir.path(),
+            vec![image(&format!("{}/kiln/app:1", proxy.addr), true)],
+        ),
+        CacheRequest::default(),
+    )
+    .await?;
+    assert!(pushed.executed_runs().is_empty(), "{:?}", warnings(&pushed));
+    assert_eq!(digest(&pushed)?, digest(&built_a)?);
+    let (_, blobs) = pool_requests(&proxy, "GET")?;
+    let (all, final_layers) = pool_layers(&reg, &results[0])?;
+    let fetched: HashSet<String> = blobs.iter().cloned().collect();
+    assert!(!fetched.is_empty());
+    assert!(
+        fetched.is_subset(&final_layers),
+        "fetched {fetched:?}, needed only {final_layers:?}"
+    );
+    let intermediate: HashSet<String> = all.difference(&final_layers).cloned().collect();
+    assert!(!intermediate.is_empty() && fetched.is_disjoint(&intermediate));
+
+    // A third worker: the final result's own top layer is corrupt in the registry (same
+    // length, other bytes). Nothing reads it: the build succeeds. An export reads it: a
+    // clear error naming the cache, and no local record of the result.
+    let pulled_base = {
+        let store = tempfile::tempdir()?;
+        let content = Arc::new(kiln_worker::content::ContentStore::open(store.path())?);
+        let resolver = kiln_worker::source::image::ImageResolver::new(Default::default(), content);
+        resolver.resolve(&base, &Platform::host()).await?
+    };
+    let mut corrupted = 0;
+    for d in &final_layers {
+        if pulled_base.layers.iter().any(|b| &b.digest == d) {
+            continue;
+        }
+        let path = reg.blob_path(d);
+        let len = std::fs::metadata(&path)?.len() as usize;
+        std::fs::write(&path, vec![b'x'; len])?;
+        corrupted += 1;
+    }
+    assert!(corrupted >= 1);
+    let c = worker(Some(format!("{}/kiln/pool", reg.addr())))?;
+    let quiet = run(
+        &c,
+        dockerfile_request(&base, dir.path(), vec![]),
+        CacheRequest::default(),
+    )
+    .await?;
+    assert!(quiet.executed_runs().is_empty());
+    let err = run(
+        &c,
+        dockerfile_request(&base, dir.path(), vec![image("kiln/app:2", false)]),
+        CacheRequest::default(),
+    )
+    .await
+    .err()
+    .context("a corrupt lazy result must fail the export")?
+    .to_string();
+    assert!(
+        err.contains("cannot be fetched") && err.contains("kiln/pool"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// A lazy pool hit whose blob is corrupt when an executing op finally reads it is executed
+/// after all (a warning says so) and the build is right: B's project differs from A's in
+/// b.txt, so the `COPY --from=b` re-runs on the unchanged `COPY --from=a` result, a lazy
+/// hit whose own layer is corrupt in the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_lazy_input_is_executed_instead() -> anyhow::Result<()> {
+    let reg = Registry::start()?;
+    let base = base(&reg)?;
+    let dir = project(MULTI, &[("a.txt", "from a\n"), ("b.txt", "from b\n")])?;
+    let a = worker(Some(format!("{}/kiln/pool", reg.addr())))?;
+    build(&a, &base, dir.path(), CacheRequest::default()).await?;
+    a.engine.pool().context("pool")?.wait_idle().await;
+
+    // The final result's chain is base, COPY --from=a, COPY --from=b, …: its second layer is
+    // the `COPY --from=a` layer (the base image has one layer).
+    let proxy = proxy(reg.addr())?;
+    let probe = worker(Some(format!("{}/kiln/pool", proxy.addr)))?;
+    run(
+        &probe,
+        dockerfile_request(&base, dir.path(), vec![]),
+        CacheRequest::default(),
+    )
+    .await?;
+    let (tags, _) = pool_requests(&proxy, "GET")?;
+    let (_, results) = split_aliases(&reg, &tags)?;
+    let m = reg.get_authorized(
+        &format!("/v2/kiln/pool/manifests/{}", results[0]),
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+    )?;
+    let m: serde_json::Value = serde_json::from_slice(&m.body)?;
+    let copy_a = m["layers"][1]["digest"]
+        .as_str()
+        .context("second layer")?
+        .to_string();
+    let path = reg.blob_path(&copy_a);
+    let len = std::fs::metadata(&path)?.len() as usize;
+    std::fs::write(&path, vec![b'x'; len])?;
+
+    std::fs::write(dir.path().join("b.txt"), "from b, changed\n")?;
+    let b = worker(Some(format!("{}/kiln/pool", reg.addr())))?;
+    let out = tempfile::tempdir()?;
+    let built = build_to(
+        &b,
+        &base,
+        dir.path(),
+        CacheRequest::default(),
+        Some(&out.path().join("fs")),
+    )
+    .await?;
+    let fs = out.path().join("fs/data");
+    assert_eq!(std::fs::read_to_string(fs.join("count"))?.trim(), "52");
+    assert_eq!(
+        std::fs::read_to_string(fs.join("b.copy"))?,
+        "from b, changed\n"
+    );
+    assert!(std::fs::read_to_string(fs.join("a.txt"))?.ends_with("line 50\nfrom a\n"));
+    let w = warnings(&built);
+    assert!(
+        w.iter()
+            .any(|m| m.contains("cannot be fetched") && m.contains("instead")),
+        "{w:?}"
     );
     Ok(())
 }

@@ -242,6 +242,12 @@ impl ControlService {
         f: impl FnOnce(&Path) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let solved = job.result(id)?;
+        // A lazy result (a pool cache hit) is fetched before it is read.
+        let output = solved
+            .output
+            .materialize()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         let worker = self.engine.worker().clone();
         tokio::task::spawn_blocking(move || {
             let internal = |e: &dyn std::fmt::Display| Status::internal(e.to_string());
@@ -255,7 +261,7 @@ impl ControlService {
             std::fs::create_dir(&target).map_err(|e| internal(&e))?;
             let view = worker
                 .snapshotter
-                .mount_readonly(&solved.output.layer_dirs(), &target)
+                .mount_readonly(&output.layer_dirs(), &target)
                 .map_err(|e| internal(&e))?;
             let out = f(view.path());
             view.commit().map_err(|e| internal(&e))?;
