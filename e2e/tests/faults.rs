@@ -539,9 +539,10 @@ fn pool_worker(env: &Env, rate: u64) -> anyhow::Result<(Forwarder, String, Strin
 
 /// A worker killed with SIGKILL while its pool cache exports a 24 MiB layer in the
 /// background (the pool registry behind a forwarder slowed to 4 MiB/s; killed once a MiB
-/// went through and the export queue is not empty). Restarted, it builds the project
-/// again; a fresh worker sharing the same pool builds it with the digest of a clean build
-/// on a fresh root without a pool, so the pool holds nothing half-written that is served.
+/// went through and the export queue is not empty). Restarted, it queues the export again
+/// from its journal and builds the project again; a fresh worker sharing the same pool
+/// then runs no RUN step and builds the digest of a clean build on a fresh root without a
+/// pool, so the pool holds nothing half-written that is served and lost nothing.
 #[test]
 fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
     let env = Env::new()?;
@@ -594,6 +595,16 @@ fn kill_9_mid_pool_export_leaves_the_pool_usable() -> anyhow::Result<()> {
         let name = format!("{}/kiln/from-pool:1", env.base_reg.addr());
         let from_pool = env.build(&sharing.addr(), &project, "go", &["-t", &name, "--push"])?;
         let vertices = rawjson_vertices(&from_pool.stderr);
+        // The restarted worker queued the killed export again from its journal (its
+        // rebuild was a local hit, which exports nothing): the pool has the RUN's result.
+        let ran: Vec<_> = vertices
+            .iter()
+            .filter(|(name, cached)| name.contains("RUN") && !cached)
+            .collect();
+        anyhow::ensure!(
+            ran.is_empty(),
+            "the export killed mid-way was lost: the sharing worker ran {ran:?}"
+        );
         let tags = kiln_e2e::http::get(&env.base_reg.addr(), "/v2/kiln/pool/tags/list", &[])?;
         eprintln!(
             "pool tags: {}; the worker sharing the pool: {vertices:?}",

@@ -245,6 +245,11 @@ impl Engine {
             ),
             None => None,
         };
+        if let Some(pool) = &pool {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                pool.recover(&root.join("pool-queue"));
+            }
+        }
         let worker = Arc::new(Worker {
             root: root.clone(),
             cache: cache.clone(),

@@ -2,7 +2,9 @@
 //! executes is exported in the background, one manifest per vertex tagged
 //! `REPO:kiln-<sha256 of the vertex key>`, and every local miss looks its key up there
 //! before executing. Export is off the build's path: a queue with bounded concurrency,
-//! retries with backoff, and counters (queue depth, exported, failed) for metrics. Only
+//! retries with backoff, a journal under `ROOT/pool-queue` that a restarted worker queues
+//! again (so kill -9 with exports queued loses none), and counters (queue depth,
+//! exported, failed) for metrics. Only
 //! reads the local store when exporting; imports go through [`super::registry`], which
 //! commits nothing incomplete. A hit is lazy ([`Ref::lazy`]): fetched only when read. It
 //! also keeps aliases (definition key → content-based key) so keys that hash contents are
@@ -61,6 +63,15 @@ pub struct Pool {
     done: Mutex<HashSet<String>>,
     /// Itself, for background work started from `&self`.
     me: std::sync::Weak<Pool>,
+    /// Where queued exports are recorded until they are done (see [`Pool::recover`]).
+    journal: std::sync::OnceLock<std::path::PathBuf>,
+}
+
+/// One queued export as the journal records it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct JournalEntry {
+    key: String,
+    outputs: usize,
 }
 
 impl std::fmt::Debug for Pool {
@@ -117,6 +128,7 @@ impl Pool {
             idle: tokio::sync::Notify::new(),
             done: Mutex::new(HashSet::new()),
             me: me.clone(),
+            journal: std::sync::OnceLock::new(),
         }))
     }
 
@@ -140,6 +152,85 @@ impl Pool {
         }
     }
 
+    /// Records queued exports under `dir` from now on (one small file per vertex key,
+    /// removed once its export succeeded) and queues again those a previous process left
+    /// there, when their results are still in the local store: a worker killed or stopped
+    /// with exports queued does not lose them. Returns how many were queued again. Must
+    /// run inside a tokio runtime.
+    pub fn recover(self: &Arc<Self>, dir: &std::path::Path) -> usize {
+        if self.journal.set(dir.to_path_buf()).is_err() {
+            return 0;
+        }
+        if let Err(error) = std::fs::create_dir_all(dir) {
+            tracing::warn!(%error, dir = %dir.display(), "pool cache: no export journal");
+            return 0;
+        }
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut queued = 0;
+        for e in entries.flatten() {
+            let path = e.path();
+            let entry = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<JournalEntry>(&b).ok());
+            let refs = entry.as_ref().and_then(|j| {
+                (0..j.outputs)
+                    .map(|i| self.cache.get(&format!("{}:{i}", j.key)).ok().flatten())
+                    .collect::<Option<Vec<Ref>>>()
+            });
+            match (entry, refs) {
+                (Some(j), Some(refs)) => {
+                    self.enqueue(&j.key, refs);
+                    queued += 1;
+                }
+                // A torn entry, or results GC removed since: nothing to export.
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        if queued > 0 {
+            tracing::info!(
+                queued,
+                "pool cache: exports a previous run left queued are queued again"
+            );
+        }
+        queued
+    }
+
+    fn journal_path(&self, key: &str) -> Option<std::path::PathBuf> {
+        use sha2::Digest as _;
+        self.journal
+            .get()
+            .map(|d| d.join(hex::encode(sha2::Sha256::digest(key.as_bytes()))))
+    }
+
+    /// Records a queued export (best effort: a failure only loses crash safety).
+    fn journal_add(&self, key: &str, outputs: usize) {
+        let Some(path) = self.journal_path(key) else {
+            return;
+        };
+        let entry = JournalEntry {
+            key: key.to_string(),
+            outputs,
+        };
+        let tmp = path.with_extension("tmp");
+        let res = serde_json::to_vec(&entry)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(error) = res {
+            tracing::warn!(%error, key, "pool cache: cannot record a queued export");
+        }
+    }
+
+    fn journal_remove(&self, key: &str) {
+        if let Some(path) = self.journal_path(key) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     /// Queues the export of a vertex's outputs and returns at once; a key already
     /// exported or queued by this process is skipped. Must run inside a tokio runtime.
     pub fn enqueue(self: &Arc<Self>, vertex_key: &str, outputs: Vec<Ref>) {
@@ -152,13 +243,16 @@ impl Pool {
             Err(_) => return,
         }
         self.depth.fetch_add(1, Ordering::SeqCst);
+        self.journal_add(vertex_key, outputs.len());
         let this = self.clone();
         let key = vertex_key.to_string();
         tokio::spawn(async move {
             let ok = this.export(&key, &outputs).await;
             if ok {
                 this.exported.fetch_add(1, Ordering::SeqCst);
+                this.journal_remove(&key);
             } else {
+                // The journal keeps it: the next start tries again.
                 this.failed.fetch_add(1, Ordering::SeqCst);
                 // Let a later build try again.
                 if let Ok(mut d) = this.done.lock() {
