@@ -18,7 +18,6 @@ use kiln_proto::moby::buildkit::v1 as api;
 use kiln_proto::telemetry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{http, BoxFuture, BoxStream, Service};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
@@ -373,8 +372,8 @@ impl Proxy {
         }
     }
 
-    /// Forwards a Session stream to `worker` and pumps both directions until either side
-    /// ends; reports the open result on `opened`. When the worker never answers the open
+    /// Opens a Session stream on `worker`, reports the result on `opened` and hands the
+    /// worker's side to the client's response (`handoff`). When the worker never answers the open
     /// and a Solve waits on `opened`, the stream is offered for re-binding and, given a new
     /// worker, replays the client's bytes there. When the client cancels (`cancelled`
     /// fires) or goes away (`out` closes), the worker's stream is reset (RST_STREAM).
@@ -383,11 +382,12 @@ impl Proxy {
         metadata: MetadataMap,
         inbound: Replay,
         out: mpsc::Sender<Result<api::BytesMessage, Status>>,
+        handoff: tokio::sync::oneshot::Sender<Upstream>,
         mut opened: Option<tokio::sync::oneshot::Sender<Result<(), route::OpenFailed>>>,
         cancelled: impl std::future::Future<Output = Status>,
     ) {
         tokio::pin!(cancelled);
-        let (mut upstream, cancel) = loop {
+        let (upstream, cancel) = loop {
             let mut req = request_with(&metadata, inbound.attempt(), true);
             telemetry::inject(&tracing::Span::current(), req.metadata_mut());
             let cancel = req.cancellation_handle();
@@ -451,30 +451,22 @@ impl Proxy {
                 }
             }
         };
-        loop {
-            tokio::select! {
-                msg = upstream.next() => match msg {
-                    Some(Ok(m)) => {
-                        if out.send(Ok(m)).await.is_err() {
-                            cancel.cancel();
-                            return;
-                        }
-                    }
-                    Some(Err(s)) => {
-                        let _ = out.send(Err(name_worker(&worker, "the session", s))).await;
-                        return;
-                    }
-                    None => return, // the worker ended the stream: so do we (OK)
-                },
-                _ = out.closed() => {
-                    cancel.cancel();
-                    return;
-                }
-                s = &mut cancelled => {
-                    tracing::debug!(worker = %worker.name, status = %s, "client cancelled the session");
-                    cancel.cancel();
-                    return;
-                }
+        // The worker's messages go to the client's response directly (no task in
+        // between); this task stays to reset the worker's stream when the client cancels or
+        // its response goes away.
+        let up = Upstream {
+            stream: upstream,
+            worker: worker.clone(),
+        };
+        if handoff.send(up).is_err() {
+            cancel.cancel();
+            return;
+        }
+        tokio::select! {
+            _ = out.closed() => cancel.cancel(),
+            s = &mut cancelled => {
+                tracing::debug!(worker = %worker.name, status = %s, "client cancelled the session");
+                cancel.cancel();
             }
         }
     }
@@ -565,6 +557,66 @@ fn all_failed<T>(rpc: &str, results: Vec<(Arc<Worker>, Result<T, Status>)>) -> S
         "{rpc} failed on every worker: {}",
         detail.join("; ")
     ))
+}
+
+/// The worker's side of an open Session stream.
+struct Upstream {
+    stream: tonic::Streaming<api::BytesMessage>,
+    worker: Arc<Worker>,
+}
+
+/// The client's side of a Session stream: the gateway's own messages (an error before or
+/// instead of an open) until the worker's stream is handed over, then the worker's
+/// messages, read directly from it.
+struct SessionOut {
+    own: mpsc::Receiver<Result<api::BytesMessage, Status>>,
+    handoff: Option<tokio::sync::oneshot::Receiver<Upstream>>,
+    up: Option<Upstream>,
+    done: bool,
+    /// Dropped with the response: tells the reader of the client's stream that the
+    /// client reset the call.
+    _gone: tokio::sync::watch::Sender<()>,
+}
+
+impl futures::Stream for SessionOut {
+    type Item = Result<api::BytesMessage, Status>;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use std::future::Future as _;
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(up) = &mut this.up {
+                return match up.stream.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(m))) => Poll::Ready(Some(Ok(m))),
+                    Poll::Ready(Some(Err(s))) => {
+                        this.done = true;
+                        Poll::Ready(Some(Err(name_worker(&up.worker, "the session", s))))
+                    }
+                    // The worker ended the stream: so do we (OK).
+                    Poll::Ready(None) => {
+                        this.done = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            if let Some(h) = &mut this.handoff {
+                match std::pin::Pin::new(h).poll(cx) {
+                    Poll::Ready(Ok(up)) => {
+                        this.up = Some(up);
+                        this.handoff = None;
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => this.handoff = None,
+                    Poll::Pending => {}
+                }
+            }
+            return this.own.poll_recv(cx);
+        }
+    }
 }
 
 /// The client-to-worker side of a Session stream, shared by the attempts to open it on a
@@ -824,6 +876,7 @@ impl api::control_server::Control for Proxy {
         let (in_tx, in_rx) = mpsc::channel::<api::BytesMessage>(64);
         let (out_tx, out_rx) = mpsc::channel::<Result<api::BytesMessage, Status>>(64);
         let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<Status>();
+        let (handoff_tx, handoff_rx) = tokio::sync::oneshot::channel::<Upstream>();
         // Closed when the server drops the response stream (the client reset the call).
         let (gone_tx, mut gone_rx) = tokio::sync::watch::channel(());
         tokio::spawn(async move {
@@ -896,6 +949,7 @@ impl api::control_server::Control for Proxy {
                 metadata,
                 Replay::new(in_rx),
                 out_tx,
+                handoff_tx,
                 opened,
                 cancelled,
             )
@@ -903,10 +957,13 @@ impl api::control_server::Control for Proxy {
             .await;
             routes.session_ended(&id);
         });
-        let stream = ReceiverStream::new(out_rx).map(move |m| {
-            let _alive = &gone_tx;
-            m
-        });
+        let stream = SessionOut {
+            own: out_rx,
+            handoff: Some(handoff_rx),
+            up: None,
+            done: false,
+            _gone: gone_tx,
+        };
         Ok(Response::new(Box::pin(stream) as BoxStream<_>))
     }
 
