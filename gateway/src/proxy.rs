@@ -575,7 +575,7 @@ struct SessionOut {
     done: bool,
     /// Dropped with the response: tells the reader of the client's stream that the
     /// client reset the call.
-    _gone: tokio::sync::watch::Sender<()>,
+    _gone: tokio::sync::oneshot::Sender<()>,
 }
 
 impl futures::Stream for SessionOut {
@@ -626,12 +626,40 @@ impl futures::Stream for SessionOut {
 struct Replay(Arc<std::sync::Mutex<ReplayState>>);
 
 struct ReplayState {
-    rx: mpsc::Receiver<api::BytesMessage>,
+    /// The client's stream, read directly by the current attempt.
+    inbound: tonic::Streaming<api::BytesMessage>,
+    phase: InPhase,
+    /// Where a client's cancellation goes (the forwarder then resets the worker's stream).
+    cancel: Option<tokio::sync::oneshot::Sender<Status>>,
+    /// Ready (closed) once the client's response is dropped.
+    gone: tokio::sync::oneshot::Receiver<()>,
     /// Messages handed out while no worker had answered.
     early: Vec<api::BytesMessage>,
     recording: bool,
     /// The current attempt; earlier ones end.
     attempt: u64,
+}
+
+/// Where the client's stream is.
+enum InPhase {
+    Open,
+    /// The client's stream ended: a reset or a half-close? hyper reports a client's
+    /// RST_STREAM(CANCEL) as the end of the body, like a half-close; the reset also drops
+    /// the response stream at once, so a moment's look tells the two apart.
+    Grace(std::pin::Pin<Box<tokio::time::Sleep>>),
+    HalfClosed,
+    /// Cancelled: the worker-bound side stays open until the forwarder resets it, so the
+    /// worker sees a cancellation, not a half-close.
+    Cancelled,
+}
+
+impl ReplayState {
+    fn cancelled(&mut self, s: Status) {
+        self.phase = InPhase::Cancelled;
+        if let Some(tx) = self.cancel.take() {
+            let _ = tx.send(s);
+        }
+    }
 }
 
 /// One attempt's request stream: the kept messages, then the live ones.
@@ -642,9 +670,16 @@ struct ReplayStream {
 }
 
 impl Replay {
-    fn new(rx: mpsc::Receiver<api::BytesMessage>) -> Replay {
+    fn new(
+        inbound: tonic::Streaming<api::BytesMessage>,
+        cancel: tokio::sync::oneshot::Sender<Status>,
+        gone: tokio::sync::oneshot::Receiver<()>,
+    ) -> Replay {
         Replay(Arc::new(std::sync::Mutex::new(ReplayState {
-            rx,
+            inbound,
+            phase: InPhase::Open,
+            cancel: Some(cancel),
+            gone,
             early: Vec::new(),
             recording: true,
             attempt: 0,
@@ -676,6 +711,7 @@ impl futures::Stream for ReplayStream {
     type Item = api::BytesMessage;
 
     fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use std::future::Future as _;
         let this = self.get_mut();
         let mut st = this.shared.lock();
         if st.attempt != this.attempt {
@@ -691,15 +727,40 @@ impl futures::Stream for ReplayStream {
             st.early = Vec::new();
             this.pos = 0;
         }
-        match st.rx.poll_recv(cx) {
-            Poll::Ready(Some(m)) => {
-                if st.recording {
-                    st.early.push(m.clone());
-                    this.pos += 1;
+        let st = &mut *st;
+        loop {
+            match &mut st.phase {
+                InPhase::Cancelled => return Poll::Pending,
+                InPhase::HalfClosed => return Poll::Ready(None),
+                InPhase::Grace(sleep) => {
+                    if std::pin::Pin::new(&mut st.gone).poll(cx).is_ready() {
+                        st.cancelled(Status::cancelled("the client reset the session"));
+                        return Poll::Pending;
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        st.phase = InPhase::HalfClosed;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Pending;
                 }
-                Poll::Ready(Some(m))
+                InPhase::Open => match st.inbound.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(m))) => {
+                        if st.recording {
+                            st.early.push(m.clone());
+                            this.pos += 1;
+                        }
+                        return Poll::Ready(Some(m));
+                    }
+                    Poll::Ready(Some(Err(s))) => {
+                        st.cancelled(s);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(None) => {
+                        st.phase = InPhase::Grace(Box::pin(tokio::time::sleep(RESET_GRACE)));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
             }
-            other => other,
         }
     }
 }
@@ -870,41 +931,15 @@ impl api::control_server::Control for Proxy {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let mut inbound = request.into_inner();
-        // Early bytes wait here until the stream is bound; half-close (end of the inbound
-        // stream) closes the channel, cancellation aborts the forwarder.
-        let (in_tx, in_rx) = mpsc::channel::<api::BytesMessage>(64);
+        // Early bytes wait in the client's stream until the stream is bound; the attempts
+        // to open it read it directly (see `Replay`), passing on half-close and
+        // cancellation.
         let (out_tx, out_rx) = mpsc::channel::<Result<api::BytesMessage, Status>>(64);
         let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<Status>();
         let (handoff_tx, handoff_rx) = tokio::sync::oneshot::channel::<Upstream>();
         // Closed when the server drops the response stream (the client reset the call).
-        let (gone_tx, mut gone_rx) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            let cancelled = loop {
-                match inbound.next().await {
-                    Some(Ok(m)) => {
-                        if in_tx.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Err(s)) => break s,
-                    None => {
-                        // hyper reports a client's RST_STREAM(CANCEL) as the end of the
-                        // body, like a half-close; the reset also drops the response
-                        // stream at once, so a moment's look tells the two apart.
-                        tokio::select! {
-                            _ = gone_rx.changed() => {}
-                            _ = tokio::time::sleep(RESET_GRACE) => return,
-                        }
-                        break Status::cancelled("the client reset the session");
-                    }
-                }
-            };
-            let _ = cancel_tx.send(cancelled);
-            // Keep the worker-bound side open until the forwarder has reset it, so the
-            // worker sees a cancellation, not a half-close.
-            in_tx.closed().await;
-        });
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        let inbound = Replay::new(request.into_inner(), cancel_tx, gone_rx);
         let routes = self.routes.clone();
         let hold = self.timeouts.session_hold;
         tokio::spawn(async move {
@@ -945,13 +980,7 @@ impl api::control_server::Control for Proxy {
             let span = tracing::info_span!("proxy.session", session = %id, worker = %worker.name);
             telemetry::set_parent(&span, telemetry::extract(&metadata));
             Proxy::run_session(
-                worker,
-                metadata,
-                Replay::new(in_rx),
-                out_tx,
-                handoff_tx,
-                opened,
-                cancelled,
+                worker, metadata, inbound, out_tx, handoff_tx, opened, cancelled,
             )
             .instrument(span)
             .await;
