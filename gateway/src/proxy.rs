@@ -1,5 +1,7 @@
 //! Per-RPC forwarding: the gateway's `moby.buildkit.v1.Control` service (Session held and
-//! late-bound, Solve routed by key, Status and history by ref, node-wide calls fanned out),
+//! late-bound, its open on the worker being the liveness proof of the Solve's worker;
+//! Solve routed by key; Status and history by ref, a ref no longer pinned being looked for
+//! in every worker's history; node-wide calls fanned out),
 //! a byte-level pass-through of `moby.buildkit.v1.frontend.LLBBridge` routed by the
 //! `buildkit-controlapi-buildid` header, and the gateway's own gRPC health service.
 //! Errors become `tonic::Status` here and nowhere else.
