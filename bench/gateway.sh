@@ -10,6 +10,9 @@
 # <= 1.1x direct; p99 added per-call latency <= 1 ms). Client process start-up is part of
 # the noop and workers figures, on both sides. Every process runs at nice $NICE (default
 # -10; root) so that other work on the machine disturbs the tails less.
+# With OTHER_GATEWAY=/path/to/kiln-gateway (for example a build of the base commit), the
+# noop builds also go through a second gateway running that binary, interleaved build by
+# build, for an A/B comparison in one run ("noop other").
 # Usage: bench/gateway.sh [N]   (root; release binaries unless KILN_BIN=dir is given)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +47,12 @@ wait_port "$wport"
 "$bin/kiln-gateway" --addr "tcp://127.0.0.1:$gport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gw.log" &
 pids+=($!)
 wait_port "$gport"
+if [ -n "${OTHER_GATEWAY:-}" ]; then
+  oport=$(free_port)
+  "$OTHER_GATEWAY" --addr "tcp://127.0.0.1:$oport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gwo.log" &
+  pids+=($!)
+  wait_port "$oport"
+fi
 
 mkdir -p "$work/proj"
 printf 'ARG BASE\nFROM ${BASE}\nRUN echo hi > /x\n' >"$work/proj/Dockerfile"
@@ -53,10 +62,12 @@ build() { "$bin/kiln" build --addr "tcp://127.0.0.1:$1" --progress quiet --opt k
   --build-arg "BASE=$addr/base:1" "$work/proj"; }
 # Warm both paths (the first build fills the worker's cache).
 build "$wport" >/dev/null; build "$gport" >/dev/null
+[ -n "${OTHER_GATEWAY:-}" ] && build "$oport" >/dev/null
 
 for i in $(seq 1 "$N"); do
   timed build "$wport" >>"$work/noop.direct"
   timed build "$gport" >>"$work/noop.gateway"
+  if [ -n "${OTHER_GATEWAY:-}" ]; then timed build "$oport" >>"$work/noop.other"; fi
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$wport" >>"$work/workers.direct"
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$gport" >>"$work/workers.gateway"
 done
@@ -71,6 +82,11 @@ for w in noop workers; do
   done
 done
 echo "noop gateway/direct = $(echo "scale=3; $noop_gateway / $noop_direct" | bc)  (target <= 1.1)"
+if [ -n "${OTHER_GATEWAY:-}" ]; then
+  read -r m q < <(stat <"$work/noop.other")
+  printf '%-8s %-8s %10s %10s\n' noop other "$m" "$q"
+  echo "noop other/direct = $(echo "scale=3; $m / $noop_direct" | bc)  ($OTHER_GATEWAY)"
+fi
 echo "workers added median = $(echo "scale=4; ($workers_gateway - $workers_direct) * 1000" | bc) ms"
 echo "(median of $N; $(nproc) cores, $(uname -r); each figure includes a kiln process start)"
 echo

@@ -1,5 +1,7 @@
 //! Per-RPC forwarding: the gateway's `moby.buildkit.v1.Control` service (Session held and
-//! late-bound, Solve routed by key, Status and history by ref, node-wide calls fanned out),
+//! late-bound, its open on the worker being the liveness proof of the Solve's worker;
+//! Solve routed by key; Status and history by ref, a ref no longer pinned being looked for
+//! in every worker's history; node-wide calls fanned out),
 //! a byte-level pass-through of `moby.buildkit.v1.frontend.LLBBridge` routed by the
 //! `buildkit-controlapi-buildid` header, and the gateway's own gRPC health service.
 //! Errors become `tonic::Status` here and nowhere else.
@@ -18,7 +20,6 @@ use kiln_proto::moby::buildkit::v1 as api;
 use kiln_proto::telemetry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{http, BoxFuture, BoxStream, Service};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
@@ -43,6 +44,9 @@ pub struct Timeouts {
     /// How long a Solve waits in a worker's admission queue before it fails with
     /// `resource_exhausted`.
     pub queue: Duration,
+    /// How long Status/LLBBridge calls wait for their build's pin before the workers'
+    /// histories are searched for the ref (history calls search at once).
+    pub probe_after: Duration,
 }
 
 /// Default [`Timeouts::queue`].
@@ -56,6 +60,7 @@ impl Default for Timeouts {
             session_key_wait: Duration::from_secs(2),
             session_open: Duration::from_secs(10),
             queue: DEFAULT_QUEUE_TIMEOUT,
+            probe_after: Duration::from_secs(1),
         }
     }
 }
@@ -72,6 +77,9 @@ pub struct Proxy {
     /// Timeouts.
     pub timeouts: Timeouts,
 }
+
+/// How long a worker may take to say whether it has a history record of a build.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the end of a client's Session stream is watched for a reset before it is
 /// forwarded as a half-close.
@@ -169,34 +177,113 @@ impl Proxy {
         })
     }
 
-    /// The worker of build `r#ref`, waiting for its Solve if needed.
-    async fn worker_for_ref(&self, rpc: &str, r#ref: &str) -> Result<Arc<Worker>, Status> {
+    /// The worker of build `r#ref`, waiting for its Solve if needed. When the gateway has
+    /// no pin for the ref after `probe_after` (a build that finished before the pin
+    /// expired or the gateway restarted), every healthy worker is asked for its history
+    /// record of the ref, and the one that has it answers.
+    async fn worker_for_ref(
+        &self,
+        rpc: &str,
+        r#ref: &str,
+        probe_after: Duration,
+    ) -> Result<Arc<Worker>, Status> {
         if r#ref.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "{rpc}: no build ref to route by"
             )));
         }
         let start = Instant::now();
-        let found = self.routes.ref_worker(r#ref, Duration::ZERO).await;
-        if let Some(w) = found {
+        if let Some(w) = self.routes.ref_worker(r#ref, Duration::ZERO).await {
             return Ok(w);
         }
-        let found = self.routes.ref_worker(r#ref, self.timeouts.pin_wait).await;
-        let outcome = if found.is_some() { "found" } else { "timeout" };
+        let pinned = self.routes.ref_worker(r#ref, self.timeouts.pin_wait);
+        let probe = async {
+            tokio::time::sleep(probe_after).await;
+            self.find_ref(r#ref).await
+        };
+        tokio::pin!(pinned, probe);
+        let (found, probed) = tokio::select! {
+            w = &mut pinned => (w, false),
+            // A probe that finds nothing leaves the pin to come (a Solve on its way).
+            Some(w) = &mut probe => (Some(self.routes.adopt_ref(r#ref, &w)), true),
+        };
+        let outcome = match (&found, probed) {
+            (Some(_), true) => "history",
+            (Some(_), false) => "found",
+            (None, _) => "timeout",
+        };
         self.metrics.pin_wait(rpc, outcome, start.elapsed());
         found.ok_or_else(|| {
             Status::not_found(format!(
-                "{rpc}: no build with ref {build} reached the gateway within {:?}",
+                "{rpc}: no build with ref {build} reached the gateway within {:?}, and no worker has a record of it",
                 self.timeouts.pin_wait,
                 build = r#ref
             ))
         })
     }
 
-    /// Picks a live worker for `key`, checking it first; workers that fail the check are
-    /// ejected and the key walks on.
-    async fn pick(&self, key: &str) -> Result<(Arc<Worker>, InflightGuard), Status> {
+    /// The healthy worker that has a history record (running or finished) of build
+    /// `r#ref`, asking them all at once; `None` when none has.
+    async fn find_ref(&self, r#ref: &str) -> Option<Arc<Worker>> {
+        let results = self
+            .fan_out("find_ref", |w| {
+                let req = api::BuildHistoryRequest {
+                    r#ref: r#ref.to_string(),
+                    early_exit: true,
+                    ..Default::default()
+                };
+                async move {
+                    let call = async {
+                        let mut s = control(&w).listen_build_history(req).await?.into_inner();
+                        while let Some(ev) = s.next().await {
+                            if ev?.record.is_some_and(|r| r.r#ref == r#ref) {
+                                return Ok(true);
+                            }
+                        }
+                        Ok(false)
+                    };
+                    tokio::time::timeout(PROBE_TIMEOUT, call)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Status::deadline_exceeded(format!(
+                                "no answer within {PROBE_TIMEOUT:?}"
+                            )))
+                        })
+                }
+            })
+            .await;
+        let mut found = None;
+        for (w, r) in results {
+            match r {
+                Ok(true) if found.is_none() => found = Some(w),
+                Ok(true) => {
+                    tracing::warn!(r#ref, worker = %w.name, "another worker also has a record of the build; using the first")
+                }
+                Ok(false) => {}
+                Err(s) => {
+                    tracing::debug!(r#ref, worker = %w.name, status = %s, "history probe failed")
+                }
+            }
+        }
+        if let Some(w) = &found {
+            tracing::info!(r#ref, worker = %w.name, "unpinned build found in a worker's history");
+        }
+        found
+    }
+
+    /// Picks a live worker for `key` and opens the build's Session stream there. When the
+    /// stream is held at the gateway, the worker's answer to its open (response headers)
+    /// proves the worker alive: one round trip instead of a health check and then the
+    /// open. A worker that never answers is ejected and the stream, still holding every
+    /// byte the client sent, is opened on the next worker of the ring. Without a held
+    /// stream (no session, or the Solve came first) the worker is health-checked instead.
+    async fn pick_and_open(
+        &self,
+        req: &api::SolveRequest,
+        key: &str,
+    ) -> Result<(Arc<Worker>, InflightGuard), Status> {
         let mut tried: Vec<String> = Vec::new();
+        let mut retry: Option<tokio::sync::oneshot::Sender<route::Binding>> = None;
         loop {
             let Some((w, guard)) = self.pool.pick(key, &tried) else {
                 let detail = if tried.is_empty() {
@@ -208,87 +295,186 @@ impl Proxy {
                     "no healthy worker can take the build{detail}"
                 )));
             };
-            match w.check().await {
-                Ok(()) => return Ok((w, guard)),
-                Err(e) => {
+            let has_session = !req.session.is_empty();
+            let held = retry.is_some() || (has_session && self.routes.session_held(&req.session));
+            if !held {
+                if let Err(e) = w.check().await {
                     self.pool.eject(&w, &format!("before solve: {e}"));
                     tried.push(w.name.clone());
+                    continue;
+                }
+            }
+            if !has_session {
+                return Ok((w, guard));
+            }
+            let opened = match retry.take() {
+                Some(tx) => {
+                    self.routes.rebind_session(&req.session, &w);
+                    let (otx, orx) = tokio::sync::oneshot::channel();
+                    let binding = route::Binding {
+                        worker: w.clone(),
+                        opened: otx,
+                    };
+                    if tx.send(binding).is_err() {
+                        return Err(Status::cancelled(format!(
+                            "build {}: the client closed session {} while the gateway re-opened it",
+                            req.r#ref, req.session
+                        )));
+                    }
+                    orx
+                }
+                None => match self.routes.bind_session(&req.session, &w) {
+                    BindOutcome::Released(rx) => rx,
+                    BindOutcome::Prebound => return Ok((w, guard)),
+                    BindOutcome::AlreadyBound(other) => {
+                        if other.name != w.name {
+                            tracing::warn!(
+                                r#ref = %req.r#ref,
+                                session = %req.session,
+                                session_worker = %other.name,
+                                worker = %w.name,
+                                "the build's session lives on another worker"
+                            );
+                        }
+                        return Ok((w, guard));
+                    }
+                },
+            };
+            match tokio::time::timeout(self.timeouts.session_open, opened).await {
+                Ok(Ok(Ok(()))) => return Ok((w, guard)),
+                Ok(Ok(Err(route::OpenFailed {
+                    reason,
+                    retry: Some(tx),
+                }))) => {
+                    self.pool
+                        .eject(&w, &format!("session open before solve: {reason}"));
+                    tried.push(w.name.clone());
+                    retry = Some(tx);
+                }
+                Ok(Ok(Err(route::OpenFailed {
+                    reason,
+                    retry: None,
+                }))) => {
+                    return Err(Status::unavailable(format!(
+                        "build {}: session {} could not be opened on worker {}: {reason}",
+                        req.r#ref,
+                        req.session,
+                        w.describe()
+                    )));
+                }
+                Ok(Err(_)) | Err(_) => {
+                    tracing::warn!(
+                        r#ref = %req.r#ref,
+                        session = %req.session,
+                        "session stream did not confirm; forwarding the solve anyway"
+                    );
+                    return Ok((w, guard));
                 }
             }
         }
     }
 
-    /// Forwards a Session stream to `worker` and pumps both directions until either side
-    /// ends; reports the open result on `opened`. When the client cancels (`cancelled`
+    /// Opens a Session stream on `worker`, reports the result on `opened` and hands the
+    /// worker's side to the client's response (`handoff`). When the worker never answers the open
+    /// and a Solve waits on `opened`, the stream is offered for re-binding and, given a new
+    /// worker, replays the client's bytes there. When the client cancels (`cancelled`
     /// fires) or goes away (`out` closes), the worker's stream is reset (RST_STREAM).
     async fn run_session(
-        worker: Arc<Worker>,
+        mut worker: Arc<Worker>,
         metadata: MetadataMap,
-        inbound: mpsc::Receiver<api::BytesMessage>,
+        inbound: Replay,
         out: mpsc::Sender<Result<api::BytesMessage, Status>>,
-        opened: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+        handoff: tokio::sync::oneshot::Sender<Upstream>,
+        mut opened: Option<tokio::sync::oneshot::Sender<Result<(), route::OpenFailed>>>,
         cancelled: impl std::future::Future<Output = Status>,
     ) {
         tokio::pin!(cancelled);
-        let mut req = request_with(&metadata, ReceiverStream::new(inbound), true);
-        telemetry::inject(&tracing::Span::current(), req.metadata_mut());
-        let cancel = req.cancellation_handle();
-        let mut client = control(&worker);
-        let upstream = tokio::select! {
-            r = client.session(req) => r,
-            _ = out.closed() => {
-                cancel.cancel();
-                if let Some(o) = opened {
-                    let _ = o.send(Err("the client closed the session".into()));
-                }
-                return;
-            }
-        };
-        let mut upstream = match upstream {
-            Ok(r) => {
-                if let Some(o) = opened {
-                    let _ = o.send(Ok(()));
-                }
-                r.into_inner()
-            }
-            Err(s) => {
-                let s = name_worker(&worker, "the session", s);
-                if let Some(o) = opened {
-                    let _ = o.send(Err(s.message().to_string()));
-                }
-                let _ = out.send(Err(s)).await;
-                return;
-            }
-        };
-        loop {
-            tokio::select! {
-                msg = upstream.next() => match msg {
-                    Some(Ok(m)) => {
-                        if out.send(Ok(m)).await.is_err() {
-                            cancel.cancel();
-                            return;
-                        }
-                    }
-                    Some(Err(s)) => {
-                        let _ = out.send(Err(name_worker(&worker, "the session", s))).await;
-                        return;
-                    }
-                    None => return, // the worker ended the stream: so do we (OK)
-                },
+        let (upstream, cancel) = loop {
+            let mut req = request_with(&metadata, inbound.attempt(), true);
+            telemetry::inject(&tracing::Span::current(), req.metadata_mut());
+            let cancel = req.cancellation_handle();
+            let mut client = control(&worker);
+            let upstream = tokio::select! {
+                r = client.session(req) => r,
                 _ = out.closed() => {
                     cancel.cancel();
+                    if let Some(o) = opened {
+                        let _ = o.send(Err(route::OpenFailed {
+                            reason: "the client closed the session".into(),
+                            retry: None,
+                        }));
+                    }
                     return;
                 }
-                s = &mut cancelled => {
-                    tracing::debug!(worker = %worker.name, status = %s, "client cancelled the session");
-                    cancel.cancel();
+            };
+            match upstream {
+                Ok(r) => {
+                    inbound.opened();
+                    if let Some(o) = opened {
+                        let _ = o.send(Ok(()));
+                    }
+                    break (r.into_inner(), cancel);
+                }
+                Err(s) if is_transport_error(&s) && opened.is_some() => {
+                    // Nothing reached a worker that answered: offer the stream again.
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if let Some(o) = opened.take() {
+                        let _ = o.send(Err(route::OpenFailed {
+                            reason: s.message().to_string(),
+                            retry: Some(tx),
+                        }));
+                    }
+                    tokio::select! {
+                        b = rx => match b {
+                            Ok(b) => {
+                                tracing::info!(from = %worker.name, to = %b.worker.name, "re-opening the session on another worker");
+                                worker = b.worker;
+                                opened = Some(b.opened);
+                            }
+                            Err(_) => {
+                                let _ = out.send(Err(name_worker(&worker, "the session", s))).await;
+                                return;
+                            }
+                        },
+                        _ = out.closed() => return,
+                        _ = &mut cancelled => return,
+                    }
+                }
+                Err(s) => {
+                    let s = name_worker(&worker, "the session", s);
+                    if let Some(o) = opened {
+                        let _ = o.send(Err(route::OpenFailed {
+                            reason: s.message().to_string(),
+                            retry: None,
+                        }));
+                    }
+                    let _ = out.send(Err(s)).await;
                     return;
                 }
+            }
+        };
+        // The worker's messages go to the client's response directly (no task in
+        // between); this task stays to reset the worker's stream when the client cancels or
+        // its response goes away.
+        let up = Upstream {
+            stream: upstream,
+            worker: worker.clone(),
+        };
+        if handoff.send(up).is_err() {
+            cancel.cancel();
+            return;
+        }
+        tokio::select! {
+            _ = out.closed() => cancel.cancel(),
+            s = &mut cancelled => {
+                tracing::debug!(worker = %worker.name, status = %s, "client cancelled the session");
+                cancel.cancel();
             }
         }
     }
 
-    /// The routing decision of a Solve: worker, in-flight guard, key kind and key.
+    /// The routing decision of a Solve: worker, in-flight guard, key kind and key. The
+    /// build's Session stream is open on the worker when this returns.
     async fn choose(
         &self,
         req: &api::SolveRequest,
@@ -319,50 +505,11 @@ impl Proxy {
         };
         if key.is_empty() {
             // Raw LLB without a session: any consistent choice will do.
-            let (w, g) = self.pick(&req.r#ref).await?;
+            let (w, g) = self.pick_and_open(req, &req.r#ref).await?;
             return Ok((w, g, KeyKind::Session, req.r#ref.clone()));
         }
-        let (w, g) = self.pick(&key).await?;
+        let (w, g) = self.pick_and_open(req, &key).await?;
         Ok((w, g, kind, key))
-    }
-
-    /// Binds the build's Session stream to `worker` and, when it was held, waits for the
-    /// worker to accept it.
-    async fn open_session_for(
-        &self,
-        req: &api::SolveRequest,
-        worker: &Arc<Worker>,
-    ) -> Result<(), Status> {
-        match self.routes.bind_session(&req.session, worker) {
-            BindOutcome::Released(opened) => {
-                match tokio::time::timeout(self.timeouts.session_open, opened).await {
-                    Ok(Ok(Ok(()))) => {}
-                    Ok(Ok(Err(e))) => {
-                        return Err(Status::unavailable(format!(
-                            "build {}: session {} could not be opened on worker {}: {e}",
-                            req.r#ref,
-                            req.session,
-                            worker.describe()
-                        )));
-                    }
-                    Ok(Err(_)) | Err(_) => tracing::warn!(
-                        r#ref = %req.r#ref,
-                        session = %req.session,
-                        "session stream did not confirm; forwarding the solve anyway"
-                    ),
-                }
-            }
-            BindOutcome::Prebound => {}
-            BindOutcome::AlreadyBound(w) if w.name != worker.name => tracing::warn!(
-                r#ref = %req.r#ref,
-                session = %req.session,
-                session_worker = %w.name,
-                worker = %worker.name,
-                "the build's session lives on another worker"
-            ),
-            BindOutcome::AlreadyBound(_) => {}
-        }
-        Ok(())
     }
 
     /// Fans a unary call out to every healthy worker.
@@ -414,6 +561,212 @@ fn all_failed<T>(rpc: &str, results: Vec<(Arc<Worker>, Result<T, Status>)>) -> S
     ))
 }
 
+/// The worker's side of an open Session stream.
+struct Upstream {
+    stream: tonic::Streaming<api::BytesMessage>,
+    worker: Arc<Worker>,
+}
+
+/// The client's side of a Session stream: the gateway's own messages (an error before or
+/// instead of an open) until the worker's stream is handed over, then the worker's
+/// messages, read directly from it.
+struct SessionOut {
+    own: mpsc::Receiver<Result<api::BytesMessage, Status>>,
+    handoff: Option<tokio::sync::oneshot::Receiver<Upstream>>,
+    up: Option<Upstream>,
+    done: bool,
+    /// Dropped with the response: tells the reader of the client's stream that the
+    /// client reset the call.
+    _gone: tokio::sync::oneshot::Sender<()>,
+}
+
+impl futures::Stream for SessionOut {
+    type Item = Result<api::BytesMessage, Status>;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use std::future::Future as _;
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if let Some(up) = &mut this.up {
+                return match up.stream.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(m))) => Poll::Ready(Some(Ok(m))),
+                    Poll::Ready(Some(Err(s))) => {
+                        this.done = true;
+                        Poll::Ready(Some(Err(name_worker(&up.worker, "the session", s))))
+                    }
+                    // The worker ended the stream: so do we (OK).
+                    Poll::Ready(None) => {
+                        this.done = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            if let Some(h) = &mut this.handoff {
+                match std::pin::Pin::new(h).poll(cx) {
+                    Poll::Ready(Ok(up)) => {
+                        this.up = Some(up);
+                        this.handoff = None;
+                        continue;
+                    }
+                    Poll::Ready(Err(_)) => this.handoff = None,
+                    Poll::Pending => {}
+                }
+            }
+            return this.own.poll_recv(cx);
+        }
+    }
+}
+
+/// The client-to-worker side of a Session stream, shared by the attempts to open it on a
+/// worker: until a worker answers, every message handed to an attempt is kept, so that a
+/// later attempt (on the next worker) starts with the same bytes. Cheap to clone.
+#[derive(Clone)]
+struct Replay(Arc<std::sync::Mutex<ReplayState>>);
+
+struct ReplayState {
+    /// The client's stream, read directly by the current attempt.
+    inbound: tonic::Streaming<api::BytesMessage>,
+    phase: InPhase,
+    /// Where a client's cancellation goes (the forwarder then resets the worker's stream).
+    cancel: Option<tokio::sync::oneshot::Sender<Status>>,
+    /// Ready (closed) once the client's response is dropped.
+    gone: tokio::sync::oneshot::Receiver<()>,
+    /// Messages handed out while no worker had answered.
+    early: Vec<api::BytesMessage>,
+    recording: bool,
+    /// The current attempt; earlier ones end.
+    attempt: u64,
+}
+
+/// Where the client's stream is.
+enum InPhase {
+    Open,
+    /// The client's stream ended: a reset or a half-close? hyper reports a client's
+    /// RST_STREAM(CANCEL) as the end of the body, like a half-close; the reset also drops
+    /// the response stream at once, so a moment's look tells the two apart.
+    Grace(std::pin::Pin<Box<tokio::time::Sleep>>),
+    HalfClosed,
+    /// Cancelled: the worker-bound side stays open until the forwarder resets it, so the
+    /// worker sees a cancellation, not a half-close.
+    Cancelled,
+}
+
+impl ReplayState {
+    fn cancelled(&mut self, s: Status) {
+        self.phase = InPhase::Cancelled;
+        if let Some(tx) = self.cancel.take() {
+            let _ = tx.send(s);
+        }
+    }
+}
+
+/// One attempt's request stream: the kept messages, then the live ones.
+struct ReplayStream {
+    shared: Replay,
+    attempt: u64,
+    pos: usize,
+}
+
+impl Replay {
+    fn new(
+        inbound: tonic::Streaming<api::BytesMessage>,
+        cancel: tokio::sync::oneshot::Sender<Status>,
+        gone: tokio::sync::oneshot::Receiver<()>,
+    ) -> Replay {
+        Replay(Arc::new(std::sync::Mutex::new(ReplayState {
+            inbound,
+            phase: InPhase::Open,
+            cancel: Some(cancel),
+            gone,
+            early: Vec::new(),
+            recording: true,
+            attempt: 0,
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new attempt's stream; earlier attempts' streams end.
+    fn attempt(&self) -> ReplayStream {
+        let mut st = self.lock();
+        st.attempt += 1;
+        ReplayStream {
+            shared: self.clone(),
+            attempt: st.attempt,
+            pos: 0,
+        }
+    }
+
+    /// A worker answered: messages are no longer kept.
+    fn opened(&self) {
+        self.lock().recording = false;
+    }
+}
+
+impl futures::Stream for ReplayStream {
+    type Item = api::BytesMessage;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use std::future::Future as _;
+        let this = self.get_mut();
+        let mut st = this.shared.lock();
+        if st.attempt != this.attempt {
+            return Poll::Ready(None);
+        }
+        if this.pos < st.early.len() {
+            let m = st.early[this.pos].clone();
+            this.pos += 1;
+            return Poll::Ready(Some(m));
+        }
+        if !st.recording && !st.early.is_empty() {
+            // Replayed in full to the worker that answered: no longer needed.
+            st.early = Vec::new();
+            this.pos = 0;
+        }
+        let st = &mut *st;
+        loop {
+            match &mut st.phase {
+                InPhase::Cancelled => return Poll::Pending,
+                InPhase::HalfClosed => return Poll::Ready(None),
+                InPhase::Grace(sleep) => {
+                    if std::pin::Pin::new(&mut st.gone).poll(cx).is_ready() {
+                        st.cancelled(Status::cancelled("the client reset the session"));
+                        return Poll::Pending;
+                    }
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        st.phase = InPhase::HalfClosed;
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Pending;
+                }
+                InPhase::Open => match st.inbound.poll_next_unpin(cx) {
+                    Poll::Ready(Some(Ok(m))) => {
+                        if st.recording {
+                            st.early.push(m.clone());
+                            this.pos += 1;
+                        }
+                        return Poll::Ready(Some(m));
+                    }
+                    Poll::Ready(Some(Err(s))) => {
+                        st.cancelled(s);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(None) => {
+                        st.phase = InPhase::Grace(Box::pin(tokio::time::sleep(RESET_GRACE)));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                },
+            }
+        }
+    }
+}
+
 /// Takes a queued build's ref out of the queued set when the Solve stops waiting (admitted
 /// builds are pinned first, so this is a no-op for them).
 struct QueuedRef {
@@ -442,10 +795,13 @@ impl api::control_server::Control for Proxy {
         if req.r#ref.is_empty() {
             return Err(Status::invalid_argument("solve: ref is required"));
         }
+        // The session is open on the worker when `choose` returns, queued or not, so its
+        // bytes keep flowing while only the Solve waits for a slot.
         let (worker, mut guard, kind, key) = self.choose(&req).await?;
         let queued = guard.is_queued();
-        // Pins first when the build runs at once, so Status/LLBBridge calls waiting for this
-        // ref proceed; a queued build's calls wait at the gateway until it is admitted.
+        // Pins before forwarding when the build runs at once, so Status/LLBBridge calls
+        // waiting for this ref proceed; a queued build's calls wait at the gateway until it
+        // is admitted.
         let _queued_ref = if queued {
             self.routes.queue_ref(&req.r#ref);
             Some(QueuedRef {
@@ -465,14 +821,6 @@ impl api::control_server::Control for Proxy {
             queued,
             "routed build"
         );
-        // The session opens on the worker now, queued or not, so its bytes keep flowing
-        // while only the Solve waits for a slot.
-        if !req.session.is_empty() {
-            if let Err(s) = self.open_session_for(&req, &worker).await {
-                self.routes.ref_done(&req.r#ref);
-                return Err(s);
-            }
-        }
         if queued {
             tracing::info!(
                 r#ref = %req.r#ref,
@@ -540,7 +888,11 @@ impl api::control_server::Control for Proxy {
     ) -> Result<Response<BoxStream<api::StatusResponse>>, Status> {
         let start = Instant::now();
         let worker = self
-            .worker_for_ref("status", &request.get_ref().r#ref)
+            .worker_for_ref(
+                "status",
+                &request.get_ref().r#ref,
+                self.timeouts.probe_after,
+            )
             .await?;
         let (metadata, _, msg) = request.into_parts();
         let span = tracing::info_span!("proxy.status", r#ref = %msg.r#ref, worker = %worker.name);
@@ -581,40 +933,15 @@ impl api::control_server::Control for Proxy {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let mut inbound = request.into_inner();
-        // Early bytes wait here until the stream is bound; half-close (end of the inbound
-        // stream) closes the channel, cancellation aborts the forwarder.
-        let (in_tx, in_rx) = mpsc::channel::<api::BytesMessage>(64);
+        // Early bytes wait in the client's stream until the stream is bound; the attempts
+        // to open it read it directly (see `Replay`), passing on half-close and
+        // cancellation.
         let (out_tx, out_rx) = mpsc::channel::<Result<api::BytesMessage, Status>>(64);
         let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<Status>();
+        let (handoff_tx, handoff_rx) = tokio::sync::oneshot::channel::<Upstream>();
         // Closed when the server drops the response stream (the client reset the call).
-        let (gone_tx, mut gone_rx) = tokio::sync::watch::channel(());
-        tokio::spawn(async move {
-            let cancelled = loop {
-                match inbound.next().await {
-                    Some(Ok(m)) => {
-                        if in_tx.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Err(s)) => break s,
-                    None => {
-                        // hyper reports a client's RST_STREAM(CANCEL) as the end of the
-                        // body, like a half-close; the reset also drops the response
-                        // stream at once, so a moment's look tells the two apart.
-                        tokio::select! {
-                            _ = gone_rx.changed() => {}
-                            _ = tokio::time::sleep(RESET_GRACE) => return,
-                        }
-                        break Status::cancelled("the client reset the session");
-                    }
-                }
-            };
-            let _ = cancel_tx.send(cancelled);
-            // Keep the worker-bound side open until the forwarder has reset it, so the
-            // worker sees a cancellation, not a half-close.
-            in_tx.closed().await;
-        });
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel::<()>();
+        let inbound = Replay::new(request.into_inner(), cancel_tx, gone_rx);
         let routes = self.routes.clone();
         let hold = self.timeouts.session_hold;
         tokio::spawn(async move {
@@ -654,15 +981,20 @@ impl api::control_server::Control for Proxy {
             };
             let span = tracing::info_span!("proxy.session", session = %id, worker = %worker.name);
             telemetry::set_parent(&span, telemetry::extract(&metadata));
-            Proxy::run_session(worker, metadata, in_rx, out_tx, opened, cancelled)
-                .instrument(span)
-                .await;
+            Proxy::run_session(
+                worker, metadata, inbound, out_tx, handoff_tx, opened, cancelled,
+            )
+            .instrument(span)
+            .await;
             routes.session_ended(&id);
         });
-        let stream = ReceiverStream::new(out_rx).map(move |m| {
-            let _alive = &gone_tx;
-            m
-        });
+        let stream = SessionOut {
+            own: out_rx,
+            handoff: Some(handoff_rx),
+            up: None,
+            done: false,
+            _gone: gone_tx,
+        };
         Ok(Response::new(Box::pin(stream) as BoxStream<_>))
     }
 
@@ -785,7 +1117,10 @@ impl api::control_server::Control for Proxy {
                 .filter(|w| w.is_healthy())
                 .collect()
         } else {
-            vec![self.worker_for_ref("history", &msg.r#ref).await?]
+            vec![
+                self.worker_for_ref("history", &msg.r#ref, Duration::ZERO)
+                    .await?,
+            ]
         };
         let mut streams = Vec::new();
         let mut failed = Vec::new();
@@ -823,7 +1158,7 @@ impl api::control_server::Control for Proxy {
         request: Request<api::UpdateBuildHistoryRequest>,
     ) -> Result<Response<api::UpdateBuildHistoryResponse>, Status> {
         let worker = self
-            .worker_for_ref("history", &request.get_ref().r#ref)
+            .worker_for_ref("history", &request.get_ref().r#ref, Duration::ZERO)
             .await?;
         let (metadata, _, msg) = request.into_parts();
         let up = control(&worker)
@@ -872,7 +1207,10 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let worker = match proxy.worker_for_ref("llbbridge", &build).await {
+            let worker = match proxy
+                .worker_for_ref("llbbridge", &build, proxy.timeouts.probe_after)
+                .await
+            {
                 Ok(w) => w,
                 Err(s) => return Ok(status_response(s)),
             };

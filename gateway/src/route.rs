@@ -98,8 +98,20 @@ pub fn route_key(req: &api::SolveRequest, shared_key: Option<&str>) -> (KeyKind,
 pub struct Binding {
     /// Where the stream goes.
     pub worker: Arc<Worker>,
-    /// Answered once the worker accepted the stream (or refused it).
-    pub opened: oneshot::Sender<Result<(), String>>,
+    /// Answered once the worker accepted the stream (its response headers arrived) or
+    /// the open failed.
+    pub opened: oneshot::Sender<Result<(), OpenFailed>>,
+}
+
+/// A Session stream could not be opened on its worker.
+#[derive(Debug)]
+pub struct OpenFailed {
+    /// Why, as the worker or the connection said it.
+    pub reason: String,
+    /// Present when the worker never answered (connection refused or reset before its
+    /// response headers): the stream still holds every byte the client sent and can be
+    /// bound again, to another worker, by sending a new [`Binding`] here.
+    pub retry: Option<oneshot::Sender<Binding>>,
 }
 
 /// A Session stream waiting for its Solve.
@@ -138,7 +150,7 @@ struct Tables {
 #[derive(Debug)]
 pub enum BindOutcome {
     /// A held stream was handed the worker; wait on the receiver for it to open.
-    Released(oneshot::Receiver<Result<(), String>>),
+    Released(oneshot::Receiver<Result<(), OpenFailed>>),
     /// No stream yet: it will go to the worker when it arrives.
     Prebound,
     /// The session was already bound (to this worker or another).
@@ -248,6 +260,24 @@ impl Routes {
         }
     }
 
+    /// True when the Session stream of `id` has arrived and waits for its Solve.
+    pub fn session_held(&self, id: &str) -> bool {
+        matches!(
+            self.lock().sessions.get(session_key(id)),
+            Some(SessionPin::Held(_))
+        )
+    }
+
+    /// Moves the bound session `id` to `worker` (its stream is being re-opened there after
+    /// its first worker never answered).
+    pub fn rebind_session(&self, id: &str, worker: &Arc<Worker>) {
+        if let Some(SessionPin::Bound { worker: w, .. }) =
+            self.lock().sessions.get_mut(session_key(id))
+        {
+            *w = worker.clone();
+        }
+    }
+
     /// Binds session `id` to `worker`: releases its held stream, or pins it for when it
     /// arrives (the pin expires after the keep time if it never does).
     pub fn bind_session(&self, id: &str, worker: &Arc<Worker>) -> BindOutcome {
@@ -307,6 +337,21 @@ impl Routes {
         );
         drop(t);
         self.changed.notify_waiters();
+    }
+
+    /// Pins build `r#ref`, found on `worker` after its own pin was gone, for the keep
+    /// time; returns the worker the ref is pinned to (a pin made meanwhile wins).
+    pub fn adopt_ref(&self, r#ref: &str, worker: &Arc<Worker>) -> Arc<Worker> {
+        let expires = Some(Instant::now() + self.keep);
+        let mut t = self.lock();
+        let pin = t.refs.entry(r#ref.to_string()).or_insert_with(|| RefPin {
+            worker: worker.clone(),
+            expires,
+        });
+        let w = pin.worker.clone();
+        drop(t);
+        self.changed.notify_waiters();
+        w
     }
 
     /// Build `r#ref` waits in an admission queue: calls looking for its worker wait
@@ -467,8 +512,12 @@ mod tests {
         let b = rx.await.expect("binding");
         assert_eq!(b.worker.name, "w0");
         b.opened.send(Ok(())).expect("send");
-        assert_eq!(opened.await.expect("opened"), Ok(()));
+        assert!(opened.await.expect("opened").is_ok());
         assert!(routes.session_worker("s1").is_some());
+        assert!(!routes.session_held("s1"));
+        let w2 = worker("w9");
+        routes.rebind_session("s1", &w2);
+        assert_eq!(routes.session_worker("s1").expect("bound").name, "w9");
     }
 
     #[tokio::test]

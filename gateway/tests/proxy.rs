@@ -50,6 +50,8 @@ struct FakeState {
     solves: Mutex<Vec<api::SolveRequest>>,
     bridge_ids: Mutex<Vec<String>>,
     changed: Notify,
+    /// `grpc.health.v1.Health/Check` calls answered.
+    checks: std::sync::atomic::AtomicUsize,
     /// Lets one solve with the `wait` attribute finish.
     release: Notify,
 }
@@ -232,7 +234,7 @@ impl bridge::llb_bridge_server::LlbBridge for Fake {
 }
 
 #[derive(Clone)]
-struct Healthy;
+struct Healthy(Arc<FakeState>);
 
 #[tonic::async_trait]
 impl health::health_server::Health for Healthy {
@@ -240,6 +242,9 @@ impl health::health_server::Health for Healthy {
         &self,
         _request: Request<health::HealthCheckRequest>,
     ) -> Result<Response<health::HealthCheckResponse>, Status> {
+        self.0
+            .checks
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Response::new(health::HealthCheckResponse {
             status: health::health_check_response::ServingStatus::Serving as i32,
         }))
@@ -270,7 +275,9 @@ impl Backend {
                 .add_service(bridge::llb_bridge_server::LlbBridgeServer::new(
                     fake.clone(),
                 ))
-                .add_service(health::health_server::HealthServer::new(Healthy));
+                .add_service(health::health_server::HealthServer::new(Healthy(
+                    fake.state.clone(),
+                )));
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_routes(routes)
@@ -692,6 +699,101 @@ async fn dead_worker_before_solve_is_skipped_transparently() {
     assert_eq!(err.message(), "process \"/bin/false\" did not complete");
 }
 
+/// The held Session stream proves its worker alive by being accepted (no separate health
+/// check): a dead worker is ejected and the stream, with every byte the client sent while
+/// it was held, opens on the next worker of the ring instead.
+#[tokio::test]
+async fn held_session_of_a_dead_worker_reopens_on_the_next_with_its_early_bytes() {
+    let backends = [Backend::start("w0").await, Backend::start("w1").await];
+    let s = setup(
+        backends.iter().map(Backend::member).collect(),
+        Timeouts::default(),
+    )
+    .await;
+    let key = (0..100)
+        .map(|i| format!("key-{i}"))
+        .find(|k| s.gateway.pool().home(k).as_deref() == Some("w0"))
+        .expect("a key homed on w0");
+    let mut client = s.client.clone();
+    // The gateway holds a connection to w0 (an earlier build ran there); then w0 dies.
+    let warm = within("warm-up solve", client.solve(solve("warm", "", &key)))
+        .await
+        .expect("warm-up build");
+    assert_eq!(header(warm.metadata(), WORKER_HEADER), "w0");
+    backends[0].cut();
+    let (tx, mut from_worker, _cancel) = open_session(&mut client, "p:sess-dead").await;
+    for m in ["early-1", "early-2"] {
+        tx.send(api::BytesMessage {
+            data: m.as_bytes().to_vec(),
+        })
+        .await
+        .expect("send early bytes");
+    }
+    within("session held", async {
+        while !s.gateway.proxy.routes.session_held("sess-dead") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let resp = within(
+        "solve",
+        client.solve(solve("ref-dead", "p:sess-dead", &key)),
+    )
+    .await
+    .expect("solve moved to w1 with its session");
+    assert_eq!(header(resp.metadata(), WORKER_HEADER), "w1");
+    assert_eq!(
+        backends[1]
+            .fake
+            .state
+            .checks
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the gateway health-checked w1 although the session's open proved it alive"
+    );
+    assert!(s.gateway.pool().get("w0").is_some_and(|w| !w.is_healthy()));
+    assert_eq!(
+        s.gateway
+            .proxy
+            .routes
+            .session_worker("sess-dead")
+            .map(|w| w.name.clone())
+            .as_deref(),
+        Some("w1")
+    );
+    tx.send(api::BytesMessage {
+        data: b"late".to_vec(),
+    })
+    .await
+    .expect("send");
+    let w1 = &backends[1].fake;
+    w1.wait_for("three messages on w1", |f| {
+        f.session_seen("p:sess-dead", |x| x.received.len() >= 3)
+            .unwrap_or(false)
+    })
+    .await;
+    let got = w1
+        .session_seen("p:sess-dead", |x| x.received.clone())
+        .expect("session on w1");
+    assert_eq!(
+        got,
+        vec![b"early-1".to_vec(), b"early-2".to_vec(), b"late".to_vec()],
+        "bytes lost, repeated or reordered on the way to w1"
+    );
+    let hello = within("worker's first message", from_worker.next())
+        .await
+        .expect("a message")
+        .expect("not an error");
+    assert_eq!(hello.data, b"hello from w1");
+    assert!(
+        backends[0]
+            .fake
+            .session_seen("p:sess-dead", |_| ())
+            .is_none(),
+        "the dead worker saw the session"
+    );
+}
+
 #[tokio::test]
 async fn worker_dying_mid_build_fails_the_build_naming_it() {
     let backends = [Backend::start("w0").await];
@@ -795,7 +897,9 @@ async fn ejected_worker_rejoins_when_healthy() {
         .expect("bind the same port");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(health::health_server::HealthServer::new(Healthy))
+            .add_service(health::health_server::HealthServer::new(Healthy(
+                Arc::default(),
+            )))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     within("rejoin", async {
