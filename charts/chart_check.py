@@ -46,6 +46,8 @@ VALUE_SETS = {
         "defaultPool": {
             "name": "big",
             "replicas": 5,
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 10,
+                            "targetInflightPerWorker": 3, "scaleDownDelay": "10m"},
             "imagePullPolicy": "Always",
             "resources": {"requests": {"cpu": "2", "memory": "4Gi"}},
             "storage": {"size": "200Gi", "storageClassName": "fast"},
@@ -75,6 +77,7 @@ BAD_VALUES = [
     ({"defaultPool": {"gc": {"maxUsedSpace": "lots"}}}, "maxUsedSpace"),
     ({"defaultPool": {"gateway": {"serviceType": "Ingress"}}}, "serviceType"),
     ({"controller": {"replicas": -1}}, "replicas"),
+    ({"defaultPool": {"autoscaling": {"maxReplicas": 0}}}, "maxReplicas"),
     ({"controller": {"metricsPort": 70000}}, "metricsPort"),
     ({"unknownKey": 1}, "unknownKey"),
 ]

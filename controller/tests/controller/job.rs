@@ -1236,6 +1236,29 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
         Some(digest.as_str())
     );
 
+    // The pool status's usage figures: DiskUsage through the real gateway with the
+    // controller's client certificate, summed for the worker that built.
+    {
+        use kiln_controller::reconcile::usage::{GatewayTarget, GatewayUsage, UsageReader};
+        let reader = GatewayUsage {
+            addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
+        };
+        let usage = reader
+            .read(GatewayTarget {
+                addr: "tcp://unused:0".into(),
+                server_name: "localhost".into(),
+                ca_pem: read(&mtls.user.ca)?,
+                cert_pem: read(&mtls.user.cert)?,
+                key_pem: read(&mtls.user.key)?,
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        assert!(
+            usage.get("w0").is_some_and(|b| *b > 0),
+            "usage read through the gateway: {usage:?}"
+        );
+    }
+
     let tail: Vec<String> = serde_json::from_value(st["logTail"].clone())?;
     assert!(tail.iter().any(|l| l.ends_with("token: ****")), "{tail:#?}");
     assert!(tail.iter().any(|l| l.ends_with(" hello")), "{tail:#?}");
