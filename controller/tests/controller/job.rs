@@ -1146,6 +1146,63 @@ async fn git_sources_become_a_remote_context() {
 
 // === a real build ===
 
+/// A registry with the base image, a worker and a gateway over mutual TLS, and a mocked API
+/// server seeded with the pool's world, the controller's client certificate and `dockerfile`
+/// in the context ConfigMap; the runner reaches the gateway on loopback.
+struct Loopback {
+    reg: kiln_e2e::registry::Registry,
+    _dir: tempfile::TempDir,
+    mtls: kiln_e2e::fleet::MtlsFleet,
+    fake: Shared,
+    runner: kiln_controller::reconcile::job::runner::GatewayRunner,
+}
+
+impl Loopback {
+    fn start(dockerfile: &str) -> anyhow::Result<Loopback> {
+        use kiln_e2e::{fleet, registry::Registry};
+        let bins = fleet::ensure_binaries()?;
+        let reg = Registry::start()?;
+        kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
+        let dir = tempfile::tempdir()?;
+        let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
+        let fake = Shared::default();
+        seed_world(&fake);
+        let read = |p: &std::path::Path| std::fs::read_to_string(p);
+        let identity = secret(
+            "p-controller-client-tls",
+            &[
+                ("ca.crt", &read(&mtls.user.ca)?),
+                ("tls.crt", &read(&mtls.user.cert)?),
+                ("tls.key", &read(&mtls.user.key)?),
+            ],
+        );
+        {
+            let mut f = lock(&fake);
+            f.objects.insert(
+                format!("/api/v1{NS}/secrets/p-controller-client-tls"),
+                identity,
+            );
+            let cm = f
+                .objects
+                .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
+                .ok_or_else(|| anyhow::anyhow!("no context ConfigMap in the seeded world"))?;
+            cm["data"]["Dockerfile"] = json!(dockerfile);
+        }
+        let runner = kiln_controller::reconcile::job::runner::GatewayRunner {
+            addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
+            server_name_override: Some("localhost".into()),
+            insecure_registries: Vec::new(),
+        };
+        Ok(Loopback {
+            reg,
+            _dir: dir,
+            mtls,
+            fake,
+            runner,
+        })
+    }
+}
+
 /// The reconcile with the real runner, against a real `kiln-gateway` and `kiln-worker` over
 /// mutual TLS and a real `docker-registry`: a ConfigMap context and a build secret, then a
 /// git source the worker fetches from a loopback `git daemon`. The
@@ -1153,40 +1210,16 @@ async fn git_sources_become_a_remote_context() {
 /// the secret's value (which the Dockerfile prints) is in no request the controller made.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
-    use kiln_controller::reconcile::job::runner::GatewayRunner;
-    use kiln_e2e::{fleet, registry::Registry};
-
-    let bins = fleet::ensure_binaries()?;
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let dir = tempfile::tempdir()?;
-    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
-
-    let fake = Shared::default();
-    seed_world(&fake);
-    let read = |p: &std::path::Path| std::fs::read_to_string(p);
-    let identity = secret(
-        "p-controller-client-tls",
-        &[
-            ("ca.crt", &read(&mtls.user.ca)?),
-            ("tls.crt", &read(&mtls.user.cert)?),
-            ("tls.key", &read(&mtls.user.key)?),
-        ],
-    );
     let dockerfile = "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\n\
         RUN --mount=type=secret,id=tok echo \"token: $(cat /run/secrets/tok)\" && cat /hello.txt\n";
-    {
-        let mut f = lock(&fake);
-        f.objects.insert(
-            format!("/api/v1{NS}/secrets/p-controller-client-tls"),
-            identity,
-        );
-        let cm = f
-            .objects
-            .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
-            .unwrap();
-        cm["data"]["Dockerfile"] = json!(dockerfile);
-    }
+    let Loopback {
+        reg,
+        _dir,
+        mtls,
+        fake,
+        runner,
+    } = Loopback::start(dockerfile)?;
+    let read = |p: &std::path::Path| std::fs::read_to_string(p);
     let image = format!("{}/kiln/job:1", reg.addr());
     seed_job(
         &fake,
@@ -1196,11 +1229,6 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
                "outputs": [{"name": image, "push": true}]}),
     );
 
-    let runner = GatewayRunner {
-        addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
-        server_name_override: Some("localhost".into()),
-        insecure_registries: Vec::new(),
-    };
     let s = Settings {
         progress_interval: Duration::from_millis(200),
         ..settings()
@@ -1382,39 +1410,15 @@ async fn real_gateway_builds_a_configmap_job() -> anyhow::Result<()> {
 /// submits the next attempt, which succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_gateway_resubmits_a_build_cut_off_by_a_controller_restart() -> anyhow::Result<()> {
-    use kiln_controller::reconcile::job::runner::GatewayRunner;
-    use kiln_e2e::{fleet, registry::Registry};
-
-    let bins = fleet::ensure_binaries()?;
-    let reg = Registry::start()?;
-    kiln_e2e::base::push_base(&reg.addr(), "kiln/base:1")?;
-    let dir = tempfile::tempdir()?;
-    let mtls = fleet::MtlsFleet::start(&bins, dir.path())?;
-    let fake = Shared::default();
-    seed_world(&fake);
-    let read = |p: &std::path::Path| std::fs::read_to_string(p);
-    let identity = secret(
-        "p-controller-client-tls",
-        &[
-            ("ca.crt", &read(&mtls.user.ca)?),
-            ("tls.crt", &read(&mtls.user.cert)?),
-            ("tls.key", &read(&mtls.user.key)?),
-        ],
-    );
-    {
-        let mut f = lock(&fake);
-        f.objects.insert(
-            format!("/api/v1{NS}/secrets/p-controller-client-tls"),
-            identity,
-        );
-        let cm = f
-            .objects
-            .get_mut(&format!("/api/v1{NS}/configmaps/ctx"))
-            .unwrap();
-        cm["data"]["Dockerfile"] = json!(
-            "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\nRUN echo started && sleep 4 && echo slept\n"
-        );
-    }
+    let Loopback {
+        reg,
+        _dir,
+        mtls: _mtls,
+        fake,
+        runner,
+    } = Loopback::start(
+        "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\nRUN echo started && sleep 4 && echo slept\n",
+    )?;
     seed_job(
         &fake,
         "c",
@@ -1422,11 +1426,6 @@ async fn real_gateway_resubmits_a_build_cut_off_by_a_controller_restart() -> any
                "buildArgs": {"BASE": format!("{}/kiln/base:1", reg.addr())},
                "outputs": [{"name": format!("{}/kiln/cut:1", reg.addr()), "push": true}]}),
     );
-    let runner = GatewayRunner {
-        addr_override: Some(format!("tcp://127.0.0.1:{}", mtls.gateway_port)),
-        server_name_override: Some("localhost".into()),
-        insecure_registries: Vec::new(),
-    };
     let s = Settings {
         progress_interval: Duration::from_millis(100),
         ..settings()
