@@ -8,7 +8,6 @@ use std::time::Duration;
 use prometheus::{
     Encoder as _, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The controller's metrics, registered in their own registry.
 pub struct Metrics {
@@ -107,35 +106,10 @@ pub fn global() -> Option<&'static Metrics> {
 /// Serves `/metrics`, `/healthz` and `/readyz` over plaintext HTTP/1.1 on `listener`
 /// forever (one request per connection, no request bodies).
 pub async fn serve(listener: tokio::net::TcpListener) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            while n < buf.len() {
-                match sock.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("/");
-            let (code, reason, body) = match path {
-                "/metrics" => (200, "OK", global().map(Metrics::render).unwrap_or_default()),
-                "/healthz" | "/readyz" => (200, "OK", "ok\n".to_string()),
-                _ => (404, "Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-            let _ = sock.shutdown().await;
-        });
-    }
+    kiln_proto::transport::http::serve(listener, |_method: &str, path: &str| match path {
+        "/metrics" => (200, global().map(Metrics::render).unwrap_or_default()),
+        "/healthz" | "/readyz" => (200, "ok\n".to_string()),
+        _ => (404, "not found\n".to_string()),
+    })
+    .await
 }

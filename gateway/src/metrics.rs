@@ -7,7 +7,6 @@ use std::time::Duration;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// All gateway metrics. Cheap to clone (shared).
 #[derive(Clone)]
@@ -239,61 +238,7 @@ impl Metrics {
     }
 }
 
-/// A minimal plaintext HTTP/1.1 server (one request per connection, no request bodies):
-/// `handler(method, path_and_query)` returns the status code and a text body.
-pub async fn serve_http<H>(listener: tokio::net::TcpListener, handler: H)
-where
-    H: Fn(&str, &str) -> (u16, String) + Send + Sync + 'static,
-{
-    let handler = Arc::new(handler);
-    loop {
-        let Ok((sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let handler = handler.clone();
-        tokio::spawn(async move { serve_http_conn(sock, &*handler).await });
-    }
-}
-
-/// Answers the one request of a connection (plaintext or already TLS-authenticated) with
-/// `handler(method, path_and_query)`, then closes it.
-pub async fn serve_http_conn<S, H>(mut sock: S, handler: &H)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    H: Fn(&str, &str) -> (u16, String) + ?Sized,
-{
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0;
-    // Read until the end of the request head.
-    while n < buf.len() {
-        match sock.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => return,
-            Ok(k) => n += k,
-        }
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    let head = String::from_utf8_lossy(&buf[..n]);
-    let mut words = head.split_whitespace();
-    let method = words.next().unwrap_or("GET");
-    let path = words.next().unwrap_or("/");
-    let (code, body) = handler(method, path);
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let resp = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = sock.write_all(resp.as_bytes()).await;
-    let _ = sock.shutdown().await;
-}
+pub use kiln_proto::transport::http::{serve as serve_http, serve_conn as serve_http_conn};
 
 #[cfg(test)]
 mod tests {

@@ -28,7 +28,8 @@
 //!
 //! [`transport`] is the one module that does I/O: the listeners and dialers every Kiln
 //! component uses for these services (unix sockets, TCP with mutual TLS and certificate
-//! reload). [`telemetry`] sets up logs and OTLP traces for the daemons and carries trace
+//! reload; [`transport::http`], the tiny HTTP server of the plain metrics, probe and admin
+//! endpoints). [`telemetry`] sets up logs and OTLP traces for the daemons and carries trace
 //! context over gRPC metadata. The worker, gateway and CLI depend on this crate, never the
 //! reverse.
 

@@ -8,6 +8,8 @@
 //! connections, while established connections (and the builds on them) continue. A file
 //! that fails to load keeps the previous configuration and logs why.
 
+pub mod http;
+
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
