@@ -18,9 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use futures::StreamExt;
 use kiln_proto::moby::buildkit::v1 as api;
-use kiln_proto::pb;
-use kiln_proto::prost::Message;
-use sha2::Digest;
 use tonic::transport::{Channel, Endpoint};
 
 /// Calls per batch: a batch must finish well within the worker's 10 s keep time of a
@@ -57,40 +54,6 @@ fn args() -> anyhow::Result<Args> {
         bail!("-n must be at least 1");
     }
     Ok(a)
-}
-
-/// A one-op LLB definition (`mkfile /bench` on scratch): solved without a session.
-fn definition() -> pb::Definition {
-    let op = pb::Op {
-        op: Some(pb::op::Op::File(pb::FileOp {
-            actions: vec![pb::FileAction {
-                input: -1,
-                secondary_input: -1,
-                output: 0,
-                action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
-                    path: "/bench".into(),
-                    mode: 0o644,
-                    data: b"gateway latency bench".to_vec(),
-                    ..Default::default()
-                })),
-            }],
-        })),
-        ..Default::default()
-    };
-    let bytes = op.encode_to_vec();
-    let digest = format!("sha256:{}", hex(&sha2::Sha256::digest(&bytes)));
-    let terminal = pb::Op {
-        inputs: vec![pb::Input { digest, index: 0 }],
-        ..Default::default()
-    };
-    pb::Definition {
-        def: vec![bytes, terminal.encode_to_vec()],
-        ..Default::default()
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 async fn connect(hostport: &str) -> anyhow::Result<api::control_client::ControlClient<Channel>> {
@@ -194,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
     let t = targets(&a)?;
     let mut direct = connect(&t.direct).await?;
     let mut gw = connect(&t.gateway).await?;
-    let def = definition();
+    let def = kiln_e2e::llb::mkfile("/bench", b"gateway latency bench");
     let run = std::process::id();
 
     // Warm both connections and the worker's cache of the tiny build.

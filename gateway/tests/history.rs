@@ -13,48 +13,9 @@ use futures::StreamExt;
 use kiln_e2e::fleet;
 use kiln_gateway::route::WORKER_HEADER;
 use kiln_proto::moby::buildkit::v1 as api;
-use kiln_proto::pb;
-use kiln_proto::prost::Message;
-use sha2::Digest;
 
 /// Bounds every call so a broken gateway fails the test instead of hanging it.
 const GUARD: Duration = Duration::from_secs(60);
-
-/// A one-op LLB definition (`mkfile` on scratch), solved without a session.
-fn definition(data: &[u8]) -> pb::Definition {
-    let op = pb::Op {
-        op: Some(pb::op::Op::File(pb::FileOp {
-            actions: vec![pb::FileAction {
-                input: -1,
-                secondary_input: -1,
-                output: 0,
-                action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
-                    path: "/history".into(),
-                    mode: 0o644,
-                    data: data.to_vec(),
-                    ..Default::default()
-                })),
-            }],
-        })),
-        ..Default::default()
-    };
-    let bytes = op.encode_to_vec();
-    let digest = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
-    let terminal = pb::Op {
-        inputs: vec![pb::Input {
-            digest: format!("sha256:{digest}"),
-            index: 0,
-        }],
-        ..Default::default()
-    };
-    pb::Definition {
-        def: vec![bytes, terminal.encode_to_vec()],
-        ..Default::default()
-    }
-}
 
 async fn connect(
     port: u16,
@@ -138,7 +99,7 @@ async fn status_and_history_of_an_unpinned_ref_reach_the_worker_that_ran_it() ->
         GUARD,
         client.solve(api::SolveRequest {
             r#ref: build.into(),
-            definition: Some(definition(b"history")),
+            definition: Some(kiln_e2e::llb::mkfile("/history", b"history")),
             frontend_attrs: [("kiln.route-key".to_string(), "history".to_string())].into(),
             ..Default::default()
         }),

@@ -14,14 +14,11 @@ use std::time::{Duration, Instant};
 
 use kiln_e2e::fleet::{self, Proc};
 use kiln_proto::moby::buildkit::v1 as api;
-use kiln_proto::pb;
-use kiln_proto::prost::Message;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_server::{TraceService, TraceServiceServer},
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use sha2::Digest;
 
 /// One received span.
 #[derive(Debug, Clone)]
@@ -83,42 +80,6 @@ impl TraceService for Receiver {
     }
 }
 
-/// A one-op LLB definition (`mkfile` on scratch), solved without a session.
-fn definition() -> pb::Definition {
-    let op = pb::Op {
-        op: Some(pb::op::Op::File(pb::FileOp {
-            actions: vec![pb::FileAction {
-                input: -1,
-                secondary_input: -1,
-                output: 0,
-                action: Some(pb::file_action::Action::Mkfile(pb::FileActionMkFile {
-                    path: "/traced".into(),
-                    mode: 0o644,
-                    data: b"trace me".to_vec(),
-                    ..Default::default()
-                })),
-            }],
-        })),
-        ..Default::default()
-    };
-    let bytes = op.encode_to_vec();
-    let digest = sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
-    let terminal = pb::Op {
-        inputs: vec![pb::Input {
-            digest: format!("sha256:{digest}"),
-            index: 0,
-        }],
-        ..Default::default()
-    };
-    pb::Definition {
-        def: vec![bytes, terminal.encode_to_vec()],
-        ..Default::default()
-    }
-}
-
 fn with_otlp(cmd: &mut Command, receiver: &str) {
     cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{receiver}"))
         .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -173,7 +134,7 @@ async fn a_build_through_the_gateway_is_one_trace_across_gateway_and_worker() ->
     client
         .solve(api::SolveRequest {
             r#ref: "traced-build".into(),
-            definition: Some(definition()),
+            definition: Some(kiln_e2e::llb::mkfile("/traced", b"trace me")),
             frontend_attrs: [("kiln.route-key".to_string(), "traced".to_string())].into(),
             ..Default::default()
         })
