@@ -807,6 +807,21 @@ fn refs(events: &[api::BuildHistoryEvent]) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// The history events of the build `dropped` (at most one, its record).
+async fn dropped_record(
+    client: &mut api::control_client::ControlClient<tonic::transport::Channel>,
+) -> anyhow::Result<Vec<api::BuildHistoryEvent>> {
+    history(
+        client,
+        api::BuildHistoryRequest {
+            early_exit: true,
+            r#ref: "dropped".into(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// A client that goes away mid-build (its Solve call dropped while a RUN sleeps): the
 /// build's history record completes as cancelled, a Status stream for it ends, and the
 /// worker serves on.
@@ -827,16 +842,7 @@ async fn a_dropped_solve_completes_its_record_as_cancelled() -> anyhow::Result<(
         let running = tokio::spawn(async move { c.solve(req).await });
         // Wait until the worker knows the build, then go away.
         let status = loop {
-            let h = history(
-                &mut client,
-                api::BuildHistoryRequest {
-                    early_exit: true,
-                    r#ref: "dropped".into(),
-                    ..Default::default()
-                },
-            )
-            .await?;
-            if !h.is_empty() {
+            if !dropped_record(&mut client).await?.is_empty() {
                 break client
                     .status(api::StatusRequest {
                         r#ref: "dropped".into(),
@@ -859,16 +865,8 @@ async fn a_dropped_solve_completes_its_record_as_cancelled() -> anyhow::Result<(
         ended.is_ok(),
         "the Status stream of a dropped build never ended"
     );
-    let h = history(
-        &mut client,
-        api::BuildHistoryRequest {
-            early_exit: true,
-            r#ref: "dropped".into(),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let record = h
+    let record = dropped_record(&mut client)
+        .await?
         .first()
         .and_then(|e| e.record.clone())
         .ok_or_else(|| anyhow!("no record of the dropped build"))?;
