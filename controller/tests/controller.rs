@@ -11,6 +11,8 @@ mod handshake;
 mod job;
 #[path = "controller/leader.rs"]
 mod leader;
+#[path = "controller/mockapi.rs"]
+mod mockapi;
 #[path = "controller/reconcile.rs"]
 mod reconcile;
 #[path = "controller/transport.rs"]

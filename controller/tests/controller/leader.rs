@@ -89,13 +89,7 @@ fn mock_client(fake: Shared) -> kube::Client {
                 f.log.push(format!("{} {path}", parts.method));
                 answer(&mut f, parts.method.as_str(), &path, body)
             };
-            let mut resp = Response::new(Body::from(value.to_string().into_bytes()));
-            *resp.status_mut() = code;
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/json"),
-            );
-            send.send_response(resp);
+            send.send_response(super::mockapi::json_response(code, &value));
         }
     });
     kube::Client::new(service, "default")
