@@ -180,6 +180,15 @@ pub fn controller_client_secret_name(pool: &str) -> String {
     format!("{pool}-controller-client-tls")
 }
 
+/// The Secret the controller takes its client identity for `pool`'s gateway from: the
+/// pool's own (`tls.mode: existingSecret`) or the one the controller issues.
+pub fn controller_identity_secret(pool: &BuildWorkerPool) -> String {
+    match (&pool.spec.tls.mode, &pool.spec.tls.secret_name) {
+        (TlsMode::ExistingSecret, Some(s)) => s.clone(),
+        _ => controller_client_secret_name(&pool.name_any()),
+    }
+}
+
 /// Secret with a client certificate for users (`kiln build --addr …`).
 pub fn user_client_secret_name(pool: &str) -> String {
     format!("{pool}-client-tls")

@@ -281,6 +281,28 @@ pub fn secret_text<'a>(secret: &'a Secret, key: &str) -> Option<&'a str> {
         .and_then(|b| std::str::from_utf8(&b.0).ok())
 }
 
+/// A client identity as PEM text: the CA bundle that verifies the server, the certificate
+/// and its key.
+#[derive(Clone, Debug)]
+pub struct IdentityPems {
+    /// `ca.crt`.
+    pub ca: String,
+    /// `tls.crt`.
+    pub cert: String,
+    /// `tls.key`.
+    pub key: String,
+}
+
+/// Reads `ca.crt`, `tls.crt` and `tls.key` from `secret`; the error is the first key missing.
+pub fn identity_pems(secret: &Secret) -> std::result::Result<IdentityPems, &'static str> {
+    let text = |k: &'static str| secret_text(secret, k).map(str::to_string).ok_or(k);
+    Ok(IdentityPems {
+        ca: text(CA_CERT_KEY)?,
+        cert: text(CERT_KEY)?,
+        key: text(KEY_KEY)?,
+    })
+}
+
 /// Reads the CA back from its Secret.
 pub fn ca_from_secret(secret: &Secret) -> Option<Ca> {
     Some(Ca {

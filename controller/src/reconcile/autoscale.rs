@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{unix_time, Context};
-use crate::crd::{AutoscalingSpec, AutoscalingStatus, BuildWorkerPool, TlsMode, WorkerUsage};
+use crate::crd::{AutoscalingSpec, AutoscalingStatus, BuildWorkerPool, WorkerUsage};
 use crate::units::parse_duration;
 use crate::{render, tls, Error, Result};
 
@@ -325,10 +325,7 @@ impl Admin {
                 tls: None,
             });
         }
-        let secret_name = match (&pool.spec.tls.mode, &pool.spec.tls.secret_name) {
-            (TlsMode::ExistingSecret, Some(s)) => s.clone(),
-            _ => render::controller_client_secret_name(&name),
-        };
+        let secret_name = render::controller_identity_secret(pool);
         let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
             .get_opt(&secret_name)
             .await
@@ -342,20 +339,14 @@ impl Admin {
                     format!("client certificate Secret {ns}/{secret_name} not found"),
                 )
             })?;
-        let text = |k: &str| {
-            tls::secret_text(&secret, k).ok_or_else(|| {
-                admin_error(
-                    &format!("pool {ns}/{name}"),
-                    format!("Secret {ns}/{secret_name} has no {k}"),
-                )
-            })
-        };
-        let config = client_config(
-            text(tls::CA_CERT_KEY)?,
-            text(tls::CERT_KEY)?,
-            text(tls::KEY_KEY)?,
-        )
-        .map_err(|reason| admin_error(&format!("Secret {ns}/{secret_name}"), reason))?;
+        let pems = tls::identity_pems(&secret).map_err(|k| {
+            admin_error(
+                &format!("pool {ns}/{name}"),
+                format!("Secret {ns}/{secret_name} has no {k}"),
+            )
+        })?;
+        let config = client_config(&pems.ca, &pems.cert, &pems.key)
+            .map_err(|reason| admin_error(&format!("Secret {ns}/{secret_name}"), reason))?;
         let server = format!("{}.{ns}.svc", render::gateway_name(&name));
         let server_name = rustls::pki_types::ServerName::try_from(server.clone())
             .map_err(|e| admin_error(&server, format!("not a TLS server name: {e}")))?;

@@ -39,7 +39,7 @@ use tracing::{info, warn, Instrument};
 
 use super::{condition, unix_time, Clock};
 use crate::crd::{
-    BuildJob, BuildJobStatus, BuildPhase, BuildWorkerPool, CacheMode, TlsMode, CONDITION_DEGRADED,
+    BuildJob, BuildJobStatus, BuildPhase, BuildWorkerPool, CacheMode, CONDITION_DEGRADED,
     CONDITION_PROGRESSING, CONDITION_READY,
 };
 use crate::units::parse_duration;
@@ -1244,22 +1244,19 @@ async fn resolve(
     let host = format!("{}.{ns}.svc", render::gateway_name(pool_name));
     let addr = format!("tcp://{host}:{}", pool.spec.gateway.port);
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
-    let tls_secret = match (&pool.spec.tls.mode, &pool.spec.tls.secret_name) {
-        (TlsMode::ExistingSecret, Some(s)) => s.clone(),
-        _ => render::controller_client_secret_name(pool_name),
-    };
+    let tls_secret = render::controller_identity_secret(&pool);
     let Some(tls_s) = get(&secrets, "Secret", ns, &tls_secret).await? else {
         return Ok(Err(problem(
             "CertificateNotReady",
             format!("client certificate Secret {ns}/{tls_secret} of pool {pool_name} not found (the pool reconcile issues it)"),
         )));
     };
-    let text = |key: &str| tls::secret_text(&tls_s, key).map(str::to_string);
-    let (Some(ca_pem), Some(cert_pem), Some(key_pem)) = (
-        text(tls::CA_CERT_KEY),
-        text(tls::CERT_KEY),
-        text(tls::KEY_KEY),
-    ) else {
+    let Ok(tls::IdentityPems {
+        ca: ca_pem,
+        cert: cert_pem,
+        key: key_pem,
+    }) = tls::identity_pems(&tls_s)
+    else {
         return Ok(Err(problem(
             "CertificateNotReady",
             format!("Secret {ns}/{tls_secret} lacks ca.crt, tls.crt or tls.key"),

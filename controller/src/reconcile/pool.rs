@@ -217,27 +217,21 @@ async fn usage_target(
     ns: &str,
 ) -> std::result::Result<usage::GatewayTarget, String> {
     let name = pool.name_any();
-    let secret_name = match (&pool.spec.tls.mode, &pool.spec.tls.secret_name) {
-        (TlsMode::ExistingSecret, Some(s)) => s.clone(),
-        _ => render::controller_client_secret_name(&name),
-    };
+    let secret_name = render::controller_identity_secret(pool);
     let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
         .get_opt(&secret_name)
         .await
         .map_err(|e| format!("get Secret {ns}/{secret_name}: {e}"))?
         .ok_or_else(|| format!("Secret {ns}/{secret_name} not found"))?;
-    let text = |k: &str| {
-        tls::secret_text(&secret, k)
-            .map(str::to_string)
-            .ok_or_else(|| format!("Secret {ns}/{secret_name} has no {k}"))
-    };
+    let pems =
+        tls::identity_pems(&secret).map_err(|k| format!("Secret {ns}/{secret_name} has no {k}"))?;
     let host = format!("{}.{ns}.svc", render::gateway_name(&name));
     Ok(usage::GatewayTarget {
         addr: format!("tcp://{host}:{}", pool.spec.gateway.port),
         server_name: host,
-        ca_pem: text(tls::CA_CERT_KEY)?,
-        cert_pem: text(tls::CERT_KEY)?,
-        key_pem: text(tls::KEY_KEY)?,
+        ca_pem: pems.ca,
+        cert_pem: pems.cert,
+        key_pem: pems.key,
     })
 }
 
