@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::content::ContentStore;
 use crate::export::image::ImageOpts;
-use crate::export::{Compression, ExportLayer, LayerBlob};
+use crate::export::{ExportLayer, LayerBlob};
 use crate::llb::pb;
 use crate::snapshot::layer::{unpack_blob, UnpackLimits};
 
@@ -82,11 +82,6 @@ pub fn pack(
 ) -> (Vec<(String, LayerBlob)>, Vec<String>) {
     let mut out = Vec::new();
     let mut warnings = Vec::new();
-    let oci = opts.oci_mediatypes || opts.compression == Compression::Zstd;
-    let opts = ImageOpts {
-        oci_mediatypes: oci,
-        ..opts.clone()
-    };
     for id in ids {
         let layer = ExportLayer {
             dir: dir(root, id),
@@ -95,7 +90,7 @@ pub fn pack(
         if !layer.dir.is_dir() {
             continue;
         }
-        match crate::export::image::layer_blob(content, &layer, &opts, opts.compression) {
+        match crate::export::image::layer_blob(content, &layer, opts, opts.compression) {
             Ok(Some(blob)) => out.push((id.clone(), blob)),
             Ok(None) => {}
             Err(e) => warnings.push(format!("cache mount {id:?} not exported: {e}")),

@@ -199,11 +199,9 @@ impl Pool {
         queued
     }
 
+    /// The journal file of a queued export: named by the key's pool tag.
     fn journal_path(&self, key: &str) -> Option<std::path::PathBuf> {
-        use sha2::Digest as _;
-        self.journal
-            .get()
-            .map(|d| d.join(hex::encode(sha2::Sha256::digest(key.as_bytes()))))
+        self.journal.get().map(|d| d.join(registry::pool_tag(key)))
     }
 
     /// Records a queued export (best effort: a failure only loses crash safety).

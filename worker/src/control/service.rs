@@ -123,12 +123,22 @@ impl ControlService {
         job.changed.notify_waiters();
         let jobs = self.jobs.clone();
         let r = r#ref.to_string();
-        tokio::spawn(async move {
-            tokio::time::sleep(KEEP_FINISHED).await;
-            if let Ok(mut j) = jobs.lock() {
-                j.remove(&r);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(KEEP_FINISHED).await;
+                    if let Ok(mut j) = jobs.lock() {
+                        j.remove(&r);
+                    }
+                });
             }
-        });
+            // Outside a runtime (a Solve future dropped at shutdown): forget it now.
+            Err(_) => {
+                if let Ok(mut j) = jobs.lock() {
+                    j.remove(&r);
+                }
+            }
+        }
     }
 
     /// Where the context of a session with a non-empty shared key is kept between builds
@@ -1135,15 +1145,7 @@ impl Drop for Unfinished {
         self.service
             .history
             .completed(&self.r#ref, Err(&cancelled), &events);
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.service.finish(&self.r#ref, &job);
-        } else {
-            job.done.store(true, std::sync::atomic::Ordering::SeqCst);
-            job.changed.notify_waiters();
-            if let Ok(mut j) = self.service.jobs.lock() {
-                j.remove(&self.r#ref);
-            }
-        }
+        self.service.finish(&self.r#ref, &job);
     }
 }
 
