@@ -88,6 +88,17 @@ impl Elector {
         )
     }
 
+    /// The Lease as the API server holds it now, if it exists.
+    async fn current(&self) -> Result<Option<Lease>> {
+        self.api
+            .get_opt(&self.settings.name)
+            .await
+            .map_err(|source| Error::Kube {
+                action: self.action("get"),
+                source,
+            })
+    }
+
     /// One round: creates the Lease, renews it when this replica holds it, or takes it over
     /// when its holder let it expire. True when this replica holds the Lease afterwards.
     /// Losing a race (409 Conflict) is `false`, not an error.
@@ -95,14 +106,7 @@ impl Elector {
         let now = (self.clock)();
         let me = self.settings.identity.clone();
         let duration = i32::try_from(self.settings.lease_duration.as_secs()).unwrap_or(i32::MAX);
-        let existing = self
-            .api
-            .get_opt(&self.settings.name)
-            .await
-            .map_err(|source| Error::Kube {
-                action: self.action("get"),
-                source,
-            })?;
+        let existing = self.current().await?;
         let Some(lease) = existing else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -178,15 +182,7 @@ impl Elector {
     /// Gives the Lease up when this replica holds it, so another takes over without
     /// waiting for it to expire.
     pub async fn release(&self) -> Result<()> {
-        let Some(mut lease) = self
-            .api
-            .get_opt(&self.settings.name)
-            .await
-            .map_err(|source| Error::Kube {
-                action: self.action("get"),
-                source,
-            })?
-        else {
+        let Some(mut lease) = self.current().await? else {
             return Ok(());
         };
         let Some(spec) = lease.spec.as_mut() else {
