@@ -670,19 +670,25 @@ async fn session_without_solve_is_released_with_a_clear_error() {
     assert!(err.message().contains("nope"), "{err}");
 }
 
-#[tokio::test]
-async fn dead_worker_before_solve_is_skipped_transparently() {
+/// Workers w0 and w1 behind a gateway, and a routing key whose home on the ring is w0.
+async fn two_workers_and_a_key_homed_on_w0() -> ([Backend; 2], Setup, String) {
     let backends = [Backend::start("w0").await, Backend::start("w1").await];
     let s = setup(
         backends.iter().map(Backend::member).collect(),
         Timeouts::default(),
     )
     .await;
-    // A key whose home is w0, then w0 dies.
     let key = (0..100)
         .map(|i| format!("key-{i}"))
         .find(|k| s.gateway.pool().home(k).as_deref() == Some("w0"))
         .expect("a key homed on w0");
+    (backends, s, key)
+}
+
+#[tokio::test]
+async fn dead_worker_before_solve_is_skipped_transparently() {
+    let (backends, s, key) = two_workers_and_a_key_homed_on_w0().await;
+    // w0 dies.
     backends[0].cut();
     let mut client = s.client.clone();
     let resp = within("solve", client.solve(solve("ref3", "", &key)))
@@ -704,16 +710,7 @@ async fn dead_worker_before_solve_is_skipped_transparently() {
 /// it was held, opens on the next worker of the ring instead.
 #[tokio::test]
 async fn held_session_of_a_dead_worker_reopens_on_the_next_with_its_early_bytes() {
-    let backends = [Backend::start("w0").await, Backend::start("w1").await];
-    let s = setup(
-        backends.iter().map(Backend::member).collect(),
-        Timeouts::default(),
-    )
-    .await;
-    let key = (0..100)
-        .map(|i| format!("key-{i}"))
-        .find(|k| s.gateway.pool().home(k).as_deref() == Some("w0"))
-        .expect("a key homed on w0");
+    let (backends, s, key) = two_workers_and_a_key_homed_on_w0().await;
     let mut client = s.client.clone();
     // The gateway holds a connection to w0 (an earlier build ran there); then w0 dies.
     let warm = within("warm-up solve", client.solve(solve("warm", "", &key)))
