@@ -9,14 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::StatusCode;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
 use kiln_controller::crd::{BuildJob, BuildJobSpec, BuildWorkerPool, BuildWorkerPoolSpec};
 use kiln_controller::reconcile::job::{
     self, BuildInput, Built, JobContext, Reporter, RunError, RunFuture, Runner, Settings,
 };
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use serde_json::{json, Value};
@@ -117,42 +116,24 @@ fn answer(fake: &mut Fake, sent: &Sent) -> (StatusCode, Value) {
 }
 
 fn mock_client(fake: Shared) -> kube::Client {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            let sent = Sent {
-                method: parts.method.to_string(),
-                path: parts.uri.path().to_string(),
-                content_type: parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-                    .unwrap_or_default(),
-                body: (!bytes.is_empty()).then(|| {
-                    serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                    })
-                }),
-            };
-            let (code, value) = {
-                let mut f = lock(&fake);
-                if sent.path.ends_with("/events") && sent.method == "POST" {
-                    let body = sent.body.clone().unwrap_or(Value::Null);
-                    f.events.push(body.clone());
-                    (StatusCode::CREATED, body)
-                } else {
-                    let out = answer(&mut f, &sent);
-                    f.log.push(sent);
-                    out
-                }
-            };
-            send.send_response(super::mockapi::json_response(code, &value));
+    super::mockapi::client(move |parts, bytes| {
+        let sent = Sent {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            content_type: super::mockapi::content_type(parts),
+            body: super::mockapi::json_body(bytes),
+        };
+        let mut f = lock(&fake);
+        if sent.path.ends_with("/events") && sent.method == "POST" {
+            let body = sent.body.clone().unwrap_or(Value::Null);
+            f.events.push(body.clone());
+            (StatusCode::CREATED, body)
+        } else {
+            let out = answer(&mut f, &sent);
+            f.log.push(sent);
+            out
         }
-    });
-    kube::Client::new(service, "default")
+    })
 }
 
 // === the scripted runner ===

@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::StatusCode;
 use kiln_controller::leader::{run_elected, Elector, LeaseSettings};
-use kube::client::Body;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
@@ -77,22 +76,13 @@ fn answer(f: &mut Fake, method: &str, path: &str, body: Option<Value>) -> (Statu
 }
 
 fn mock_client(fake: Shared) -> kube::Client {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            let body: Option<Value> = serde_json::from_slice(&bytes).ok();
-            let (code, value) = {
-                let mut f = lock(&fake);
-                let path = parts.uri.path().to_string();
-                f.log.push(format!("{} {path}", parts.method));
-                answer(&mut f, parts.method.as_str(), &path, body)
-            };
-            send.send_response(super::mockapi::json_response(code, &value));
-        }
-    });
-    kube::Client::new(service, "default")
+    super::mockapi::client(move |parts, bytes| {
+        let body: Option<Value> = serde_json::from_slice(bytes).ok();
+        let mut f = lock(&fake);
+        let path = parts.uri.path().to_string();
+        f.log.push(format!("{} {path}", parts.method));
+        answer(&mut f, parts.method.as_str(), &path, body)
+    })
 }
 
 /// A clock the test moves.

@@ -6,12 +6,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use http::{Request, Response, StatusCode};
+use http::StatusCode;
 use kiln_controller::crd::BuildWorkerPool;
 use kiln_controller::reconcile::{pool::reconcile, Context};
 use kiln_controller::render;
 use kiln_controller::tls;
-use kube::client::Body;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
@@ -82,38 +81,19 @@ fn answer(fake: &mut Fake, sent: &Sent) -> (StatusCode, Value) {
 
 /// A client whose requests go to the fake, served on a background task.
 fn mock_client(fake: Shared) -> kube::Client {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    tokio::spawn(async move {
-        while let Some((req, send)) = handle.next_request().await {
-            let (parts, body) = req.into_parts();
-            let bytes = body.collect_bytes().await.unwrap_or_default();
-            let sent = Sent {
-                method: parts.method.to_string(),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
-                content_type: parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-                    .unwrap_or_default(),
-                // A body that is not JSON is kept as a string, which no assertion accepts.
-                body: (!bytes.is_empty()).then(|| {
-                    serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-                        Value::String(String::from_utf8_lossy(&bytes).into_owned())
-                    })
-                }),
-            };
-            let (code, value) = {
-                let mut f = lock(&fake);
-                let out = answer(&mut f, &sent);
-                f.log.push(sent);
-                out
-            };
-            send.send_response(super::mockapi::json_response(code, &value));
-        }
-    });
-    kube::Client::new(service, "default")
+    super::mockapi::client(move |parts, bytes| {
+        let sent = Sent {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            query: parts.uri.query().unwrap_or_default().to_string(),
+            content_type: super::mockapi::content_type(parts),
+            body: super::mockapi::json_body(bytes),
+        };
+        let mut f = lock(&fake);
+        let out = answer(&mut f, &sent);
+        f.log.push(sent);
+        out
+    })
 }
 
 /// 2027-01-15T08:00:00Z.
