@@ -454,7 +454,7 @@ impl Engine {
             config,
             records: solved.records,
             images: build.images.clone(),
-            cache_mounts: crate::cache::mounts::ids(&definition),
+            cache_mounts: crate::cache::mounts::ids(graph.vertices.iter().map(|v| &v.op)),
         })
     }
 

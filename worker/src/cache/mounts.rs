@@ -32,14 +32,11 @@ pub fn dir(root: &Path, id: &str) -> PathBuf {
         .join(hex::encode(sha2::Sha256::digest(id.as_bytes())))
 }
 
-/// The cache mount ids the exec ops of an LLB definition use (an empty id is the mount's
-/// target path, as the exec op treats it).
-pub fn ids(definition: &pb::Definition) -> BTreeSet<String> {
+/// The cache mount ids the exec ops among `ops` use (an empty id is the mount's target
+/// path, as the exec op treats it).
+pub fn ids<'a>(ops: impl IntoIterator<Item = &'a pb::Op>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for raw in &definition.def {
-        let Ok(op) = <pb::Op as prost::Message>::decode(raw.as_slice()) else {
-            continue; // decoding errors are reported by llb::decode
-        };
+    for op in ops {
         if let Some(pb::op::Op::Exec(e)) = &op.op {
             for m in &e.mounts {
                 if m.mount_type() != pb::MountType::Cache {
@@ -182,16 +179,12 @@ pub async fn seed_from(
 mod tests {
     use super::*;
 
-    fn def_with_mounts(mounts: Vec<pb::Mount>) -> pb::Definition {
-        let op = pb::Op {
+    fn exec_with_mounts(mounts: Vec<pb::Mount>) -> pb::Op {
+        pb::Op {
             op: Some(pb::op::Op::Exec(pb::ExecOp {
                 mounts,
                 ..Default::default()
             })),
-            ..Default::default()
-        };
-        pb::Definition {
-            def: vec![prost::Message::encode_to_vec(&op)],
             ..Default::default()
         }
     }
@@ -214,12 +207,12 @@ mod tests {
             dest: "/src".into(),
             ..Default::default()
         };
-        let def = def_with_mounts(vec![
+        let op = exec_with_mounts(vec![
             cache_mount("/root/.cache", "go"),
             cache_mount("/var/cache/apt", ""),
             bind,
         ]);
-        let got: Vec<String> = ids(&def).into_iter().collect();
+        let got: Vec<String> = ids([&op]).into_iter().collect();
         assert_eq!(got, vec!["/var/cache/apt".to_string(), "go".to_string()]);
     }
 
