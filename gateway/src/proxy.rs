@@ -8,6 +8,7 @@
 //!
 //! Uses [`crate::route`], [`crate::health`] and [`crate::metrics`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,6 +18,7 @@ use futures::StreamExt;
 use kiln_proto::grpc::health::v1 as health;
 use kiln_proto::metadata as md;
 use kiln_proto::moby::buildkit::v1 as api;
+use kiln_proto::moby::buildkit::v1::frontend as gw;
 use kiln_proto::telemetry;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -167,6 +169,7 @@ impl Proxy {
     pub fn bridge_server(&self) -> BridgeProxy {
         BridgeProxy {
             proxy: self.clone(),
+            pongs: Arc::default(),
         }
     }
 
@@ -295,6 +298,7 @@ impl Proxy {
                     "no healthy worker can take the build{detail}"
                 )));
             };
+            self.routes.expect_ref(&req.r#ref, &w);
             let has_session = !req.session.is_empty();
             let held = retry.is_some() || (has_session && self.routes.session_held(&req.session));
             if !held {
@@ -1178,6 +1182,83 @@ impl api::control_server::Control for Proxy {
 #[derive(Debug, Clone)]
 pub struct BridgeProxy {
     proxy: Proxy,
+    /// Each worker's answer to LLBBridge.Ping (its capabilities and worker record), kept
+    /// for [`PONG_TTL`].
+    pongs: Arc<std::sync::Mutex<HashMap<String, (Instant, gw::PongResponse)>>>,
+}
+
+/// How long a worker's Ping answer is reused. Capabilities change only when the worker is
+/// replaced by another version; a failed bridge call to it drops the answer at once.
+const PONG_TTL: Duration = Duration::from_secs(30);
+
+/// The LLBBridge.Ping path: answered at the gateway from the build's worker's cached Pong.
+const PING_PATH: &str = "/moby.buildkit.v1.frontend.LLBBridge/Ping";
+
+/// A unary service answering with one prepared Pong.
+struct Pong(gw::PongResponse);
+
+impl tonic::server::UnaryService<gw::PingRequest> for Pong {
+    type Response = gw::PongResponse;
+    type Future = futures::future::Ready<Result<Response<gw::PongResponse>, Status>>;
+
+    fn call(&mut self, _request: Request<gw::PingRequest>) -> Self::Future {
+        futures::future::ready(Ok(Response::new(self.0.clone())))
+    }
+}
+
+impl BridgeProxy {
+    /// The Pong of `worker`: cached, or asked of the worker (and cached).
+    async fn pong(&self, worker: &Worker, build: &str) -> Result<gw::PongResponse, Status> {
+        if let Some((at, p)) = self.lock_pongs().get(&worker.name) {
+            if at.elapsed() < PONG_TTL {
+                return Ok(p.clone());
+            }
+        }
+        let mut req = Request::new(gw::PingRequest {});
+        if let Ok(v) = MetadataValue::try_from(build) {
+            req.metadata_mut().insert(md::BUILD_ID, v);
+        }
+        let pong = gw::llb_bridge_client::LlbBridgeClient::new(worker.channel.clone())
+            .ping(req)
+            .await?
+            .into_inner();
+        self.lock_pongs()
+            .insert(worker.name.clone(), (Instant::now(), pong.clone()));
+        Ok(pong)
+    }
+
+    fn lock_pongs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, gw::PongResponse)>> {
+        self.pongs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Answers a Ping without a round trip to the worker when the build's worker is known
+    /// (pinned, or chosen and opening the Session) and its Pong is cached or can be asked
+    /// for; `Err(req)` hands the call back to be forwarded.
+    async fn answer_ping(
+        &self,
+        build: &str,
+        req: http::Request<tonic::body::Body>,
+    ) -> Result<http::Response<tonic::body::Body>, http::Request<tonic::body::Body>> {
+        let Some(worker) = self
+            .proxy
+            .routes
+            .ref_or_expected_worker(build, self.proxy.timeouts.probe_after)
+            .await
+        else {
+            return Err(req);
+        };
+        let pong = match self.pong(&worker, build).await {
+            Ok(p) => p,
+            Err(s) => {
+                tracing::debug!(worker = %worker.name, status = %s, "Ping not answered from cache; forwarding");
+                return Err(req);
+            }
+        };
+        let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+        Ok(grpc.unary(Pong(pong), req).await)
+    }
 }
 
 impl tonic::server::NamedService for BridgeProxy {
@@ -1197,7 +1278,8 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let this = self.clone();
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let start = Instant::now();
@@ -1207,6 +1289,16 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
+            let mut req = req;
+            if req.uri().path() == PING_PATH && !build.is_empty() {
+                match this.answer_ping(&build, req).await {
+                    Ok(resp) => {
+                        proxy.metrics.latency("llbbridge", start.elapsed());
+                        return Ok(resp);
+                    }
+                    Err(r) => req = r,
+                }
+            }
             let worker = match proxy
                 .worker_for_ref("llbbridge", &build, proxy.timeouts.probe_after)
                 .await
@@ -1228,6 +1320,7 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
             Ok(match res {
                 Ok(r) => r,
                 Err(e) => {
+                    this.lock_pongs().remove(&worker.name);
                     proxy
                         .pool
                         .eject(&worker, &format!("llbbridge call failed: {e}"));

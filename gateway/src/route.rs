@@ -142,6 +142,9 @@ struct RefPin {
 struct Tables {
     sessions: HashMap<String, SessionPin>,
     refs: HashMap<String, RefPin>,
+    /// Builds whose Solve chose a worker that has not yet accepted the build's Session
+    /// (the ref is pinned once it has): the worker they are expected on, until when.
+    expected: HashMap<String, (Arc<Worker>, Instant)>,
     /// Builds whose Solve waits in a worker's admission queue: their calls wait too.
     queued: HashSet<String>,
 }
@@ -328,6 +331,7 @@ impl Routes {
     pub fn pin_ref(&self, r#ref: &str, worker: &Arc<Worker>) {
         let mut t = self.lock();
         t.queued.remove(r#ref);
+        t.expected.remove(r#ref);
         t.refs.insert(
             r#ref.to_string(),
             RefPin {
@@ -337,6 +341,22 @@ impl Routes {
         );
         drop(t);
         self.changed.notify_waiters();
+    }
+
+    /// Build `r#ref`'s Solve chose `worker` and waits for it to accept the Session: calls
+    /// that need only the kind of worker (LLBBridge.Ping) may go on with it.
+    pub fn expect_ref(&self, r#ref: &str, worker: &Arc<Worker>) {
+        let expires = Instant::now() + self.keep;
+        self.lock()
+            .expected
+            .insert(r#ref.to_string(), (worker.clone(), expires));
+        self.changed.notify_waiters();
+    }
+
+    /// The worker build `r#ref` is pinned to or, before that, expected on; waits up to
+    /// `wait` for either (the admission queue is waited out as in [`Routes::ref_worker`]).
+    pub async fn ref_or_expected_worker(&self, r#ref: &str, wait: Duration) -> Option<Arc<Worker>> {
+        self.wait_for(r#ref, wait, true).await
     }
 
     /// Pins build `r#ref`, found on `worker` after its own pin was gone, for the keep
@@ -376,7 +396,9 @@ impl Routes {
     /// The build `r#ref` finished: its pin expires after the keep time.
     pub fn ref_done(&self, r#ref: &str) {
         let expiry = Instant::now() + self.keep;
-        if let Some(p) = self.lock().refs.get_mut(r#ref) {
+        let mut t = self.lock();
+        t.expected.remove(r#ref);
+        if let Some(p) = t.refs.get_mut(r#ref) {
             p.expires = Some(expiry);
         }
     }
@@ -385,6 +407,10 @@ impl Routes {
     /// the Solve waits in an admission queue, the wait is not counted (the deadline
     /// restarts when the build leaves the queue).
     pub async fn ref_worker(&self, r#ref: &str, wait: Duration) -> Option<Arc<Worker>> {
+        self.wait_for(r#ref, wait, false).await
+    }
+
+    async fn wait_for(&self, r#ref: &str, wait: Duration, expected: bool) -> Option<Arc<Worker>> {
         let mut deadline = Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
@@ -394,6 +420,9 @@ impl Routes {
                 let t = self.lock();
                 if let Some(p) = t.refs.get(r#ref) {
                     return Some(p.worker.clone());
+                }
+                if let Some((w, _)) = t.expected.get(r#ref).filter(|_| expected) {
+                    return Some(w.clone());
                 }
                 t.queued.contains(r#ref)
             };
@@ -415,6 +444,7 @@ impl Routes {
     pub fn expire_at(&self, now: Instant) -> (usize, usize) {
         let mut t = self.lock();
         t.refs.retain(|_, p| p.expires.is_none_or(|e| e > now));
+        t.expected.retain(|_, (_, e)| *e > now);
         t.sessions.retain(|_, p| match p {
             SessionPin::Held(h) => !h.bind.is_closed(),
             SessionPin::Bound { expires, .. } => expires.is_none_or(|e| e > now),

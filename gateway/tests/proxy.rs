@@ -231,6 +231,24 @@ impl bridge::llb_bridge_server::LlbBridge for Fake {
             ..Default::default()
         }))
     }
+
+    async fn inputs(
+        &self,
+        request: Request<bridge::InputsRequest>,
+    ) -> Result<Response<bridge::InputsResponse>, Status> {
+        let id = request
+            .metadata()
+            .get(md::BUILD_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        self.state
+            .bridge_ids
+            .lock()
+            .expect("lock")
+            .push(format!("inputs {id}"));
+        Ok(Response::new(bridge::InputsResponse::default()))
+    }
 }
 
 #[derive(Clone)]
@@ -558,6 +576,26 @@ async fn session_pass_through_late_binding_and_half_close() {
     assert_eq!(
         b.fake.state.bridge_ids.lock().expect("lock").clone(),
         ["ref1"]
+    );
+    // The worker's Pong is kept: the next Ping of a build on it is answered by the
+    // gateway, and other bridge calls still pass through to the build's worker.
+    let mut ping = Request::new(bridge::PingRequest::default());
+    ping.metadata_mut()
+        .insert(md::BUILD_ID, "ref1".parse().expect("value"));
+    let again = within("ping again", bridge_client.ping(ping))
+        .await
+        .expect("ping again");
+    assert_eq!(again.get_ref().workers[0].id, worker);
+    let mut inputs = Request::new(bridge::InputsRequest::default());
+    inputs
+        .metadata_mut()
+        .insert(md::BUILD_ID, "ref1".parse().expect("value"));
+    within("inputs", bridge_client.inputs(inputs))
+        .await
+        .expect("inputs");
+    assert_eq!(
+        b.fake.state.bridge_ids.lock().expect("lock").clone(),
+        ["ref1", "inputs ref1"]
     );
 
     // Node-wide: ListWorkers aggregates, each record labelled with its worker.

@@ -340,19 +340,22 @@ impl ControlService {
                 ],
                 ..Default::default()
             };
-            receive(session.channel.clone(), dockerfile_local, &df_dir, &wanted).await?;
             let ignore_dir = tmp.path().join("ignore");
             let ignore = ReceiveOptions {
                 include_patterns: vec![".dockerignore".into()],
                 ..Default::default()
             };
-            receive(
-                session.channel.clone(),
-                &opts.context_name,
-                &ignore_dir,
-                &ignore,
-            )
-            .await?;
+            // The two small transfers are independent: both at once, one set of round
+            // trips to the client.
+            tokio::try_join!(
+                receive(session.channel.clone(), dockerfile_local, &df_dir, &wanted),
+                receive(
+                    session.channel.clone(),
+                    &opts.context_name,
+                    &ignore_dir,
+                    &ignore,
+                ),
+            )?;
             let specific =
                 std::fs::read_to_string(df_dir.join(format!("{}.dockerignore", opts.filename)));
             let text = specific

@@ -64,12 +64,22 @@ pub async fn receive(
         .max_decoding_message_size(MAX_GRPC_MESSAGE)
         .max_encoding_message_size(MAX_GRPC_MESSAGE);
     let mut inbound = client.diff_copy(request).await.map_err(rpc)?.into_inner();
-    receive_stream(&mut inbound, tx, dest)
+    let stats = receive_files(&mut inbound, tx, dest, false)
         .await
         .map_err(|e| match e {
             SessionError::Rpc { source, .. } => rpc(source),
             other => other,
-        })
+        })?;
+    // Every requested file has arrived whole; the sender's closing FIN carries nothing, so
+    // it is awaited off the build's path (one round trip less per transfer) and the
+    // stream still ends cleanly on both sides.
+    let name = name.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = closing_fin(&mut inbound).await {
+            tracing::debug!(dir = %name, error = %e, "filesync: the sender did not close cleanly after FIN");
+        }
+    });
+    Ok(stats)
 }
 
 /// The receiver side of a transfer over any packet stream: validates the listing, requests
@@ -83,10 +93,27 @@ pub async fn receive_stream<S>(
 where
     S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
 {
+    receive_files(inbound, tx, dest, true).await
+}
+
+/// [`receive_stream`], waiting for the sender's closing FIN only when `wait_fin` (else the
+/// caller drains the stream with [`closing_fin`]).
+async fn receive_files<S>(
+    inbound: &mut S,
+    tx: mpsc::UnboundedSender<Packet>,
+    dest: &Path,
+    wait_fin: bool,
+) -> Result<Vec<Stat>, SessionError>
+where
+    S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
     tokio::fs::create_dir_all(dest)
         .await
         .map_err(|e| SessionError::io("create", dest, e))?;
-    let result = exchange(inbound, &tx, dest).await;
+    let result = match exchange(inbound, &tx, dest).await {
+        Ok(entries) if wait_fin => closing_fin(inbound).await.map(|()| entries),
+        other => other,
+    };
     if let Err(e) = &result {
         let _ = tx.send(super::err_packet(&e.to_string()));
     }
@@ -247,9 +274,16 @@ where
         }
     }
 
-    // 4. FIN both ways.
+    // 4. FIN; the sender answers with its own (`closing_fin`).
     let _ = tx.send(packet(PacketType::PacketFin));
-    // The sender answers with FIN (or just ends the stream).
+    Ok(entries)
+}
+
+/// Reads the sender's answer to the receiver's FIN: a FIN, or the end of the stream.
+async fn closing_fin<S>(inbound: &mut S) -> Result<(), SessionError>
+where
+    S: futures::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+{
     if let Some(p) = next(inbound).await? {
         match PacketType::try_from(p.r#type) {
             Ok(PacketType::PacketFin) => {}
@@ -268,7 +302,7 @@ where
             }
         }
     }
-    Ok(entries)
+    Ok(())
 }
 
 /// The listing so far, with what validation needs.

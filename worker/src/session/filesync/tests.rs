@@ -663,11 +663,6 @@ async fn malformed_streams_give_clear_errors() -> anyhow::Result<()> {
             "invalid link",
         ),
         (
-            "data for unrequested id",
-            vec![stat("d", mode::DIR | 0o755, ""), end(), data(0, b"x")],
-            "unrequested entry id 0",
-        ),
-        (
             "data for another id while files are pending",
             vec![stat("a", 0o644, ""), end(), data(5, b"x")],
             "unrequested entry id 5",
@@ -722,6 +717,30 @@ async fn malformed_streams_give_clear_errors() -> anyhow::Result<()> {
         assert!(err.to_string().contains(want), "{name}: {err}");
         assert_eq!(outside(tmp.path())?, Vec::<String>::new(), "{name}");
     }
+
+    // Data after the receiver's FIN. The session receiver has all it asked for and returns
+    // (the sender's closing packets are read off the build's path and written nowhere);
+    // the stream receiver, which waits for the closing FIN, rejects it.
+    let script = vec![stat("d", mode::DIR | 0o755, ""), end(), data(0, b"x")];
+    let tmp = tempfile::tempdir()?;
+    let dest = tmp.path().join("box/dest");
+    let channel = session_in_memory(Scripted(script.clone())).await?;
+    let got = tokio::time::timeout(
+        LIMIT,
+        receive(channel, "context", &dest, &ReceiveOptions::default()),
+    )
+    .await??;
+    assert_eq!(got.len(), 1);
+    assert!(dest.join("d").is_dir());
+    assert_eq!(std::fs::read_dir(dest.join("d"))?.count(), 0);
+    assert_eq!(outside(tmp.path())?, Vec::<String>::new());
+    let mut inbound = futures::stream::iter(script.into_iter().map(Ok));
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = super::receive_stream(&mut inbound, tx, &tmp.path().join("box/dest2"))
+        .await
+        .err()
+        .context("data after FIN accepted by the stream receiver")?;
+    assert!(err.to_string().contains("unrequested entry id 0"), "{err}");
     Ok(())
 }
 
