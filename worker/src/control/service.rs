@@ -323,8 +323,16 @@ impl ControlService {
             .prefix("session-")
             .tempdir_in(&base)
             .map_err(|e| Status::internal(e.to_string()))?;
-        let shared = self
-            .shared_context_dir(&opts.context_name, &session.headers.shared_key)
+        let key = &session.headers.shared_key;
+        let shared = self.shared_context_dir(&opts.context_name, key).await?;
+        // The Dockerfile and the context's .dockerignore are kept between builds as the
+        // context is (in their own directories: a transfer replaces what its directory
+        // holds), so an unchanged one costs a listing and no file request.
+        let shared_df = self
+            .shared_context_dir(&format!("{dockerfile_local}#dockerfile"), key)
+            .await?;
+        let shared_ignore = self
+            .shared_context_dir(&format!("{}#dockerignore", opts.context_name), key)
             .await?;
         let step = Step::start(
             progress,
@@ -332,7 +340,11 @@ impl ControlService {
             "[internal] load build context from the client",
         );
         let fetch = async {
-            let df_dir = tmp.path().join("dockerfile");
+            let kept = |d: &Option<(PathBuf, _)>, name: &str| match d {
+                Some((dir, _)) => dir.clone(),
+                None => tmp.path().join(name),
+            };
+            let df_dir = kept(&shared_df, "dockerfile");
             let wanted = ReceiveOptions {
                 include_patterns: vec![
                     opts.filename.clone(),
@@ -340,7 +352,7 @@ impl ControlService {
                 ],
                 ..Default::default()
             };
-            let ignore_dir = tmp.path().join("ignore");
+            let ignore_dir = kept(&shared_ignore, "ignore");
             let ignore = ReceiveOptions {
                 include_patterns: vec![".dockerignore".into()],
                 ..Default::default()
@@ -380,7 +392,11 @@ impl ControlService {
                 build.locals.insert(opts.context_name.clone(), ctx_dir);
                 Ok(Fetched {
                     _tmp: Some(tmp),
-                    _locks: shared.into_iter().map(|(_, g)| g).collect(),
+                    _locks: [shared, shared_df, shared_ignore]
+                        .into_iter()
+                        .flatten()
+                        .map(|(_, g)| g)
+                        .collect(),
                 })
             }
             Err(e) => {

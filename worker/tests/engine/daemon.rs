@@ -694,11 +694,12 @@ async fn malformed_messages_are_errors_on_every_rpc() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// With a shared key, the context is kept between builds: after one of 10,000 files
-/// changes, the rebuild requests only that file (and the Dockerfile, which is fetched each
-/// time), counted in bytes on the client side.
+/// With a shared key, the context and the Dockerfile are kept between builds: after one
+/// of 10,000 files changes, the rebuild requests only that file; an unchanged Dockerfile
+/// is not sent again and a changed one is; counted in bytes on the client side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Result<()> {
+    use anyhow::Context as _;
     use kiln_worker::session::filesync::LocalDirs;
     use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
     use kiln_worker::session::SessionHeaders;
@@ -754,13 +755,32 @@ async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Res
     let second = dirs.bytes_sent() - first;
     assert_eq!(
         second,
-        (dockerfile.len() + changed.len()) as u64,
-        "the rebuild sent more than the Dockerfile and the changed file"
+        changed.len() as u64,
+        "the rebuild sent more than the changed file"
     );
     // A file that disappears from the client disappears from the kept context too.
     std::fs::remove_file(ctx.path().join("d001/f001"))?;
     build("inc-3").await?;
-    assert_eq!(dirs.bytes_sent() - first - second, dockerfile.len() as u64);
+    assert_eq!(dirs.bytes_sent() - first - second, 0);
+    // An edited Dockerfile is sent again, and it is what the build runs.
+    let edited = "FROM scratch\nCOPY d042 /only-d042\n";
+    std::fs::write(ctx.path().join("Dockerfile"), edited)?;
+    let before = dirs.bytes_sent();
+    build("inc-4").await?;
+    // Twice: as the Dockerfile and as a file of the context.
+    assert_eq!(dirs.bytes_sent() - before, 2 * edited.len() as u64);
+    let broken = "FROM scratch\nNOT-AN-INSTRUCTION x\n";
+    std::fs::write(ctx.path().join("Dockerfile"), broken)?;
+    let err = build("inc-5")
+        .await
+        .err()
+        .context("a build of an unparsable Dockerfile succeeded")?;
+    assert!(
+        err.message().contains("NOT-AN-INSTRUCTION")
+            || err.message().to_lowercase().contains("unknown instruction"),
+        "{}",
+        err.message()
+    );
     let kept: Vec<_> = walkdir::WalkDir::new(root.path().join("locals"))
         .into_iter()
         .flatten()
