@@ -21,12 +21,9 @@ work=$(mktemp -d /var/tmp/kiln-cache-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${BENCH_KEEP:-}" ] || rm -rf "$work"; }
 trap cleanup EXIT
-
-"$bin/kiln-testenv" registry >"$work/registry.addr" &
-pids+=($!)
-for _ in $(seq 1 100); do [ -s "$work/registry.addr" ] && break; sleep 0.1; done
-addr=$(head -n1 "$work/registry.addr")
-"$bin/kiln-testenv" push-base "$addr" base:1 >/dev/null
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+start_registry
 
 mkdir -p "$work/proj"
 cat >"$work/proj/Dockerfile" <<'EOF'

@@ -30,23 +30,10 @@ work=$(mktemp -d /var/tmp/kiln-gateway-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-
-"$bin/kiln-testenv" registry >"$work/registry.addr" &
-pids+=($!)
-for _ in $(seq 1 100); do [ -s "$work/registry.addr" ] && break; sleep 0.1; done
-addr=$(head -n1 "$work/registry.addr")
-"$bin/kiln-testenv" push-base "$addr" base:1 >/dev/null
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
-
-wport=$(free_port); gport=$(free_port)
-"$bin/kiln-worker" --root "$work/w0" --addr "tcp://127.0.0.1:$wport" --insecure-tcp --worker-id w0 --log warn 2>"$work/w0.log" &
-pids+=($!)
-wait_port "$wport"
-"$bin/kiln-gateway" --addr "tcp://127.0.0.1:$gport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gw.log" &
-pids+=($!)
-wait_port "$gport"
+# shellcheck source=bench/lib.sh
+. bench/lib.sh
+start_registry
+start_worker_and_gateway
 if [ -n "${OTHER_GATEWAY:-}" ]; then
   oport=$(free_port)
   "$OTHER_GATEWAY" --addr "tcp://127.0.0.1:$oport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gwo.log" &

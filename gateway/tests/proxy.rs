@@ -63,6 +63,19 @@ struct Fake {
 }
 
 impl Fake {
+    /// Records a bridge call: `what` and the build ID it carried.
+    fn bridge_call(&self, what: &str, metadata: &tonic::metadata::MetadataMap) {
+        let id = metadata
+            .get(md::BUILD_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        self.state
+            .bridge_ids
+            .lock()
+            .expect("lock")
+            .push(format!("{what}{id}"));
+    }
+
     fn session_seen<T>(&self, id: &str, f: impl FnOnce(&SeenSession) -> T) -> Option<T> {
         self.state.sessions.lock().expect("lock").get(id).map(f)
     }
@@ -216,13 +229,7 @@ impl bridge::llb_bridge_server::LlbBridge for Fake {
         &self,
         request: Request<bridge::PingRequest>,
     ) -> Result<Response<bridge::PongResponse>, Status> {
-        let id = request
-            .metadata()
-            .get(md::BUILD_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        self.state.bridge_ids.lock().expect("lock").push(id);
+        self.bridge_call("", request.metadata());
         Ok(Response::new(bridge::PongResponse {
             workers: vec![api::types::WorkerRecord {
                 id: self.name.clone(),
@@ -236,17 +243,7 @@ impl bridge::llb_bridge_server::LlbBridge for Fake {
         &self,
         request: Request<bridge::InputsRequest>,
     ) -> Result<Response<bridge::InputsResponse>, Status> {
-        let id = request
-            .metadata()
-            .get(md::BUILD_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        self.state
-            .bridge_ids
-            .lock()
-            .expect("lock")
-            .push(format!("inputs {id}"));
+        self.bridge_call("inputs ", request.metadata());
         Ok(Response::new(bridge::InputsResponse::default()))
     }
 }
