@@ -17,12 +17,9 @@ if [ -z "${KILN_BIN:-}" ]; then
   KILN_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug
 fi
 bin=$KILN_BIN
-work=$(mktemp -d /var/tmp/kiln-cache-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ -n "${BENCH_KEEP:-}" ] || rm -rf "$work"; }
-trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+scratch kiln-cache-bench
 start_registry
 
 mkdir -p "$work/proj"

@@ -26,12 +26,9 @@ if [ -z "${KILN_BIN:-}" ]; then
 fi
 bin=$KILN_BIN
 renice -n "$NICE" $$ >/dev/null
-work=$(mktemp -d /var/tmp/kiln-gateway-bench.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+scratch kiln-gateway-bench
 start_registry
 start_worker_and_gateway
 if [ -n "${OTHER_GATEWAY:-}" ]; then

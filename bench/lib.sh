@@ -1,5 +1,19 @@
-# Shared by the bench scripts (sourced). They set $bin (the binaries), $work (a scratch
-# directory) and the array pids (killed on exit) before calling these.
+# Shared by the bench scripts (sourced, from the repository's root). They set $bin (the
+# binaries) and call `scratch` before the rest.
+
+# Makes the scratch directory $work (/var/tmp/NAME.*) and the array pids; on exit the
+# processes in pids are killed and $work is removed (kept with BENCH_KEEP=1).
+scratch() {
+  work=$(mktemp -d "/var/tmp/$1.XXXXXX")
+  pids=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "${BENCH_KEEP:-}" ] || rm -rf "$work"
+}
 
 # A free loopback TCP port.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

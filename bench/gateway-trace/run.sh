@@ -14,12 +14,9 @@ if [ -z "${KILN_BIN:-}" ]; then
   KILN_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 fi
 bin=$KILN_BIN
-work=$(mktemp -d /var/tmp/kiln-gateway-trace.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
+scratch kiln-gateway-trace
 start_registry
 start_worker_and_gateway
 mkdir -p "$work/proj"
