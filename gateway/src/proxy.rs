@@ -190,16 +190,30 @@ impl Proxy {
         r#ref: &str,
         probe_after: Duration,
     ) -> Result<Arc<Worker>, Status> {
+        self.find_worker(rpc, r#ref, probe_after, false).await
+    }
+
+    /// [`Proxy::worker_for_ref`], also taking the worker a Solve chose for the ref but has
+    /// not yet pinned it to when `expected` (for calls that need only the kind of worker).
+    async fn find_worker(
+        &self,
+        rpc: &str,
+        r#ref: &str,
+        probe_after: Duration,
+        expected: bool,
+    ) -> Result<Arc<Worker>, Status> {
         if r#ref.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "{rpc}: no build ref to route by"
             )));
         }
         let start = Instant::now();
-        if let Some(w) = self.routes.ref_worker(r#ref, Duration::ZERO).await {
+        if let Some(w) = self.routes.worker_of(r#ref, Duration::ZERO, expected).await {
             return Ok(w);
         }
-        let pinned = self.routes.ref_worker(r#ref, self.timeouts.pin_wait);
+        let pinned = self
+            .routes
+            .worker_of(r#ref, self.timeouts.pin_wait, expected);
         let probe = async {
             tokio::time::sleep(probe_after).await;
             self.find_ref(r#ref).await
@@ -1233,31 +1247,13 @@ impl BridgeProxy {
         self.pongs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Answers a Ping without a round trip to the worker when the build's worker is known
-    /// (pinned, or chosen and opening the Session) and its Pong is cached or can be asked
-    /// for; `Err(req)` hands the call back to be forwarded.
+    /// The gRPC answer to a Ping request: `pong`.
     async fn answer_ping(
-        &self,
-        build: &str,
+        pong: gw::PongResponse,
         req: http::Request<tonic::body::Body>,
-    ) -> Result<http::Response<tonic::body::Body>, http::Request<tonic::body::Body>> {
-        let Some(worker) = self
-            .proxy
-            .routes
-            .ref_or_expected_worker(build, self.proxy.timeouts.probe_after)
-            .await
-        else {
-            return Err(req);
-        };
-        let pong = match self.pong(&worker, build).await {
-            Ok(p) => p,
-            Err(s) => {
-                tracing::debug!(worker = %worker.name, status = %s, "Ping not answered from cache; forwarding");
-                return Err(req);
-            }
-        };
+    ) -> http::Response<tonic::body::Body> {
         let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
-        Ok(grpc.unary(Pong(pong), req).await)
+        grpc.unary(Pong(pong), req).await
     }
 }
 
@@ -1278,7 +1274,7 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
         let this = self.clone();
         let proxy = self.proxy.clone();
         Box::pin(async move {
@@ -1289,23 +1285,36 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let mut req = req;
-            if req.uri().path() == PING_PATH && !build.is_empty() {
-                match this.answer_ping(&build, req).await {
-                    Ok(resp) => {
-                        proxy.metrics.latency("llbbridge", start.elapsed());
-                        return Ok(resp);
-                    }
-                    Err(r) => req = r,
-                }
-            }
-            let worker = match proxy
-                .worker_for_ref("llbbridge", &build, proxy.timeouts.probe_after)
+            // A Ping needs only the kind of worker: the one the Solve chose will do before
+            // it is pinned, and its cached Pong answers without a round trip.
+            let ping = req.uri().path() == PING_PATH;
+            let mut worker = match proxy
+                .find_worker("llbbridge", &build, proxy.timeouts.probe_after, ping)
                 .await
             {
                 Ok(w) => w,
                 Err(s) => return Ok(status_response(s)),
             };
+            if ping {
+                match this.pong(&worker, &build).await {
+                    Ok(pong) => {
+                        let resp = BridgeProxy::answer_ping(pong, req).await;
+                        proxy.metrics.latency("llbbridge", start.elapsed());
+                        return Ok(resp);
+                    }
+                    Err(s) => {
+                        tracing::debug!(worker = %worker.name, status = %s, "Ping not answered from cache; forwarding");
+                        // The chosen worker may not be the pinned one yet: forward to that.
+                        worker = match proxy
+                            .worker_for_ref("llbbridge", &build, proxy.timeouts.probe_after)
+                            .await
+                        {
+                            Ok(w) => w,
+                            Err(s) => return Ok(status_response(s)),
+                        };
+                    }
+                }
+            }
             let mut channel = worker.channel.clone();
             let span =
                 tracing::info_span!("proxy.llbbridge", r#ref = %build, worker = %worker.name);

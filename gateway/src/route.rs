@@ -353,12 +353,6 @@ impl Routes {
         self.changed.notify_waiters();
     }
 
-    /// The worker build `r#ref` is pinned to or, before that, expected on; waits up to
-    /// `wait` for either (the admission queue is waited out as in [`Routes::ref_worker`]).
-    pub async fn ref_or_expected_worker(&self, r#ref: &str, wait: Duration) -> Option<Arc<Worker>> {
-        self.wait_for(r#ref, wait, true).await
-    }
-
     /// Pins build `r#ref`, found on `worker` after its own pin was gone, for the keep
     /// time; returns the worker the ref is pinned to (a pin made meanwhile wins).
     pub fn adopt_ref(&self, r#ref: &str, worker: &Arc<Worker>) -> Arc<Worker> {
@@ -407,10 +401,17 @@ impl Routes {
     /// the Solve waits in an admission queue, the wait is not counted (the deadline
     /// restarts when the build leaves the queue).
     pub async fn ref_worker(&self, r#ref: &str, wait: Duration) -> Option<Arc<Worker>> {
-        self.wait_for(r#ref, wait, false).await
+        self.worker_of(r#ref, wait, false).await
     }
 
-    async fn wait_for(&self, r#ref: &str, wait: Duration, expected: bool) -> Option<Arc<Worker>> {
+    /// [`Routes::ref_worker`]; with `expected`, the worker a Solve chose for the ref before
+    /// pinning it ([`Routes::expect_ref`]) is an answer too.
+    pub async fn worker_of(
+        &self,
+        r#ref: &str,
+        wait: Duration,
+        expected: bool,
+    ) -> Option<Arc<Worker>> {
         let mut deadline = Instant::now() + wait;
         loop {
             let notified = self.changed.notified();

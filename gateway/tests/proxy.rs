@@ -248,6 +248,14 @@ impl bridge::llb_bridge_server::LlbBridge for Fake {
     }
 }
 
+/// `msg` as an LLBBridge request of build `build`.
+fn for_build<T>(build: &str, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert(md::BUILD_ID, build.parse().expect("build id"));
+    req
+}
+
 #[derive(Clone)]
 struct Healthy(Arc<FakeState>);
 
@@ -561,14 +569,15 @@ async fn session_pass_through_late_binding_and_half_close() {
         "session did not end cleanly: {end:?}"
     );
 
-    // LLBBridge calls go by build ID to the same worker, bytes untouched.
+    // LLBBridge calls go by build ID to the same worker, bytes untouched (a Ping is answered
+    // from the worker's cached Pong after the first).
     let mut bridge_client = bridge::llb_bridge_client::LlbBridgeClient::new(s.channel.clone());
-    let mut ping = Request::new(bridge::PingRequest::default());
-    ping.metadata_mut()
-        .insert(md::BUILD_ID, "ref1".parse().expect("value"));
-    let pong = within("ping", bridge_client.ping(ping))
-        .await
-        .expect("ping");
+    let pong = within(
+        "ping",
+        bridge_client.ping(for_build("ref1", bridge::PingRequest::default())),
+    )
+    .await
+    .expect("ping");
     assert_eq!(pong.get_ref().workers[0].id, worker);
     assert_eq!(
         b.fake.state.bridge_ids.lock().expect("lock").clone(),
@@ -576,20 +585,19 @@ async fn session_pass_through_late_binding_and_half_close() {
     );
     // The worker's Pong is kept: the next Ping of a build on it is answered by the
     // gateway, and other bridge calls still pass through to the build's worker.
-    let mut ping = Request::new(bridge::PingRequest::default());
-    ping.metadata_mut()
-        .insert(md::BUILD_ID, "ref1".parse().expect("value"));
-    let again = within("ping again", bridge_client.ping(ping))
-        .await
-        .expect("ping again");
+    let again = within(
+        "ping again",
+        bridge_client.ping(for_build("ref1", bridge::PingRequest::default())),
+    )
+    .await
+    .expect("ping again");
     assert_eq!(again.get_ref().workers[0].id, worker);
-    let mut inputs = Request::new(bridge::InputsRequest::default());
-    inputs
-        .metadata_mut()
-        .insert(md::BUILD_ID, "ref1".parse().expect("value"));
-    within("inputs", bridge_client.inputs(inputs))
-        .await
-        .expect("inputs");
+    within(
+        "inputs",
+        bridge_client.inputs(for_build("ref1", bridge::InputsRequest::default())),
+    )
+    .await
+    .expect("inputs");
     assert_eq!(
         b.fake.state.bridge_ids.lock().expect("lock").clone(),
         ["ref1", "inputs ref1"]
