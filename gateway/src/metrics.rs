@@ -26,6 +26,7 @@ struct Inner {
     latency: HistogramVec,
     queue_depth: IntGaugeVec,
     queue_wait: HistogramVec,
+    resent: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -135,6 +136,12 @@ impl Metrics {
                     300.0, 600.0,
                 ],
             )?,
+            resent: counter(
+                &registry,
+                "kiln_gateway_resent_calls_total",
+                "Calls sent again to another worker because the first never answered, by RPC.",
+                &["rpc"],
+            )?,
             registry,
         };
         Ok(Metrics {
@@ -146,6 +153,11 @@ impl Metrics {
     pub fn routed(&self, worker: &str, kind: &str) {
         self.inner.builds.with_label_values(&[worker]).inc();
         self.inner.decisions.with_label_values(&[kind]).inc();
+    }
+
+    /// A call of `rpc` was sent again to another worker.
+    pub fn resent(&self, rpc: &str) {
+        self.inner.resent.with_label_values(&[rpc]).inc();
     }
 
     /// Sets the in-flight build count of `worker`.
@@ -255,6 +267,7 @@ mod tests {
         m.latency("solve", Duration::from_micros(300));
         m.set_queued("w0", 3);
         m.queue_wait("w0", Duration::from_secs(2));
+        m.resent("llbbridge");
         let text = m.render();
         for name in [
             "kiln_gateway_builds_total{worker=\"w0\"} 1",
@@ -267,6 +280,7 @@ mod tests {
             "kiln_gateway_proxy_latency_seconds_count{rpc=\"solve\"} 1",
             "kiln_gateway_queue_depth{worker=\"w0\"} 3",
             "kiln_gateway_queue_wait_seconds_count{worker=\"w0\"} 1",
+            "kiln_gateway_resent_calls_total{rpc=\"llbbridge\"} 1",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use crate::health::{InflightGuard, Pool, Worker};
 use crate::metrics::Metrics;
-use crate::route::{self, BindOutcome, KeyKind, Routes, SessionStart};
+use crate::route::{self, Accept, BindOutcome, KeyKind, RefWorker, Routes, SessionStart};
 
 /// Timeouts of the proxy (defaults follow BuildKit's own tolerances, see [`crate::route`]).
 #[derive(Debug, Clone)]
@@ -190,30 +190,31 @@ impl Proxy {
         r#ref: &str,
         probe_after: Duration,
     ) -> Result<Arc<Worker>, Status> {
-        self.find_worker(rpc, r#ref, probe_after, false).await
+        Ok(self
+            .find_worker(rpc, r#ref, probe_after, Accept::Pinned)
+            .await?
+            .worker)
     }
 
-    /// [`Proxy::worker_for_ref`], also taking the worker a Solve chose for the ref but has
-    /// not yet pinned it to when `expected` (for calls that need only the kind of worker).
+    /// [`Proxy::worker_for_ref`], also taking a worker the build is not yet pinned to as
+    /// `accept` allows.
     async fn find_worker(
         &self,
         rpc: &str,
         r#ref: &str,
         probe_after: Duration,
-        expected: bool,
-    ) -> Result<Arc<Worker>, Status> {
+        accept: Accept,
+    ) -> Result<RefWorker, Status> {
         if r#ref.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "{rpc}: no build ref to route by"
             )));
         }
         let start = Instant::now();
-        if let Some(w) = self.routes.worker_of(r#ref, Duration::ZERO, expected).await {
+        if let Some(w) = self.routes.worker_of(r#ref, Duration::ZERO, accept).await {
             return Ok(w);
         }
-        let pinned = self
-            .routes
-            .worker_of(r#ref, self.timeouts.pin_wait, expected);
+        let pinned = self.routes.worker_of(r#ref, self.timeouts.pin_wait, accept);
         let probe = async {
             tokio::time::sleep(probe_after).await;
             self.find_ref(r#ref).await
@@ -222,7 +223,10 @@ impl Proxy {
         let (found, probed) = tokio::select! {
             w = &mut pinned => (w, false),
             // A probe that finds nothing leaves the pin to come (a Solve on its way).
-            Some(w) = &mut probe => (Some(self.routes.adopt_ref(r#ref, &w)), true),
+            Some(w) = &mut probe => {
+                let worker = self.routes.adopt_ref(r#ref, &w);
+                (Some(RefWorker { worker, pinned: true }), true)
+            }
         };
         let outcome = match (&found, probed) {
             (Some(_), true) => "history",
@@ -288,21 +292,22 @@ impl Proxy {
         found
     }
 
-    /// Picks a live worker for `key` and opens the build's Session stream there. When the
-    /// stream is held at the gateway, the worker's answer to its open (response headers)
-    /// proves the worker alive: one round trip instead of a health check and then the
-    /// open. A worker that never answers is ejected and the stream, still holding every
-    /// byte the client sent, is opened on the next worker of the ring. Without a held
-    /// stream (no session, or the Solve came first) the worker is health-checked instead.
+    /// Picks a live worker for `key` (skipping those in `tried`) and starts opening the
+    /// build's Session stream there; the open's outcome arrives on the returned receiver
+    /// (see [`Proxy::open_result`]). When the stream is held at the gateway, the worker's
+    /// answer to its open (response headers) proves the worker alive: no health check
+    /// first. `retry` is a held stream whose open failed on an earlier worker; it is
+    /// offered to the new one with every byte the client sent. Without a held stream (no
+    /// session, or the Solve came first) the worker is health-checked instead.
     async fn pick_and_open(
         &self,
         req: &api::SolveRequest,
         key: &str,
-    ) -> Result<(Arc<Worker>, InflightGuard), Status> {
-        let mut tried: Vec<String> = Vec::new();
-        let mut retry: Option<tokio::sync::oneshot::Sender<route::Binding>> = None;
+        tried: &mut Vec<String>,
+        mut retry: Option<tokio::sync::oneshot::Sender<route::Binding>>,
+    ) -> Result<(Arc<Worker>, InflightGuard, Option<OpenWait>), Status> {
         loop {
-            let Some((w, guard)) = self.pool.pick(key, &tried) else {
+            let Some((w, guard)) = self.pool.pick(key, tried) else {
                 let detail = if tried.is_empty() {
                     String::new()
                 } else {
@@ -323,7 +328,7 @@ impl Proxy {
                 }
             }
             if !has_session {
-                return Ok((w, guard));
+                return Ok((w, guard, None));
             }
             let opened = match retry.take() {
                 Some(tx) => {
@@ -343,7 +348,7 @@ impl Proxy {
                 }
                 None => match self.routes.bind_session(&req.session, &w) {
                     BindOutcome::Released(rx) => rx,
-                    BindOutcome::Prebound => return Ok((w, guard)),
+                    BindOutcome::Prebound => return Ok((w, guard, None)),
                     BindOutcome::AlreadyBound(other) => {
                         if other.name != w.name {
                             tracing::warn!(
@@ -354,40 +359,50 @@ impl Proxy {
                                 "the build's session lives on another worker"
                             );
                         }
-                        return Ok((w, guard));
+                        return Ok((w, guard, None));
                     }
                 },
             };
-            match tokio::time::timeout(self.timeouts.session_open, opened).await {
-                Ok(Ok(Ok(()))) => return Ok((w, guard)),
-                Ok(Ok(Err(route::OpenFailed {
-                    reason,
-                    retry: Some(tx),
-                }))) => {
-                    self.pool
-                        .eject(&w, &format!("session open before solve: {reason}"));
-                    tried.push(w.name.clone());
-                    retry = Some(tx);
-                }
-                Ok(Ok(Err(route::OpenFailed {
-                    reason,
-                    retry: None,
-                }))) => {
-                    return Err(Status::unavailable(format!(
-                        "build {}: session {} could not be opened on worker {}: {reason}",
-                        req.r#ref,
-                        req.session,
-                        w.describe()
-                    )));
-                }
-                Ok(Err(_)) | Err(_) => {
-                    tracing::warn!(
-                        r#ref = %req.r#ref,
-                        session = %req.session,
-                        "session stream did not confirm; forwarding the solve anyway"
-                    );
-                    return Ok((w, guard));
-                }
+            return Ok((w, guard, Some(opened)));
+        }
+    }
+
+    /// Waits for the build's Session stream to open on `worker`. A worker that never
+    /// answered is ejected and the stream offered back ([`Opened::Again`]); one that
+    /// refused it fails the build; one that takes longer than the open timeout keeps the
+    /// build (the Solve goes on there).
+    async fn open_result(
+        &self,
+        req: &api::SolveRequest,
+        worker: &Worker,
+        opened: OpenWait,
+    ) -> Result<Opened, Status> {
+        match tokio::time::timeout(self.timeouts.session_open, opened).await {
+            Ok(Ok(Ok(()))) => Ok(Opened::Yes),
+            Ok(Ok(Err(route::OpenFailed {
+                reason,
+                retry: Some(tx),
+            }))) => {
+                self.pool
+                    .eject(worker, &format!("session open before solve: {reason}"));
+                Ok(Opened::Again(tx))
+            }
+            Ok(Ok(Err(route::OpenFailed {
+                reason,
+                retry: None,
+            }))) => Err(Status::unavailable(format!(
+                "build {}: session {} could not be opened on worker {}: {reason}",
+                req.r#ref,
+                req.session,
+                worker.describe()
+            ))),
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(
+                    r#ref = %req.r#ref,
+                    session = %req.session,
+                    "session stream did not confirm; forwarding the solve anyway"
+                );
+                Ok(Opened::Yes)
             }
         }
     }
@@ -491,19 +506,22 @@ impl Proxy {
         }
     }
 
-    /// The routing decision of a Solve: worker, in-flight guard, key kind and key. The
-    /// build's Session stream is open on the worker when this returns.
-    async fn choose(
-        &self,
-        req: &api::SolveRequest,
-    ) -> Result<(Arc<Worker>, InflightGuard, KeyKind, String), Status> {
+    /// The routing decision of a Solve: worker, in-flight guard, key kind and key, and the
+    /// open of the build's Session stream on the worker when it is under way.
+    async fn choose(&self, req: &api::SolveRequest) -> Result<Choice, Status> {
         if !req.session.is_empty() {
             if let Some(w) = self.routes.session_worker(&req.session) {
                 // An earlier Solve bound this session; the build must reach it there.
                 let key = route::session_key(&req.session).to_string();
                 if w.is_healthy() {
-                    if let Some(g) = self.pool.pin(&w) {
-                        return Ok((w, g, KeyKind::SessionPinned, key));
+                    if let Some(guard) = self.pool.pin(&w) {
+                        return Ok(Choice {
+                            worker: w,
+                            guard,
+                            kind: KeyKind::SessionPinned,
+                            key,
+                            opening: None,
+                        });
                     }
                 }
             }
@@ -521,13 +539,124 @@ impl Proxy {
                 route::route_key(req, shared.as_deref())
             }
         };
-        if key.is_empty() {
-            // Raw LLB without a session: any consistent choice will do.
-            let (w, g) = self.pick_and_open(req, &req.r#ref).await?;
-            return Ok((w, g, KeyKind::Session, req.r#ref.clone()));
+        // Raw LLB without a session: any consistent choice will do.
+        let (kind, key) = if key.is_empty() {
+            (KeyKind::Session, req.r#ref.clone())
+        } else {
+            (kind, key)
+        };
+        let (worker, guard, opening) = self.pick_and_open(req, &key, &mut Vec::new(), None).await?;
+        Ok(Choice {
+            worker,
+            guard,
+            kind,
+            key,
+            opening,
+        })
+    }
+
+    /// The build is routed for good to `worker`: counted, logged and, unless it waits in
+    /// the worker's queue, pinned (its Status and LLBBridge calls go there).
+    fn routed(&self, req: &api::SolveRequest, c: &Choice, queued: bool) {
+        if !queued {
+            self.routes.pin_ref(&req.r#ref, &c.worker);
         }
-        let (w, g) = self.pick_and_open(req, &key).await?;
-        Ok((w, g, kind, key))
+        self.metrics.routed(&c.worker.name, c.kind.as_str());
+        tracing::info!(
+            r#ref = %req.r#ref,
+            worker = %c.worker.name,
+            key_kind = c.kind.as_str(),
+            key = %c.key,
+            queued,
+            "routed build"
+        );
+    }
+
+    /// Sends the Solve to the chosen worker. While the build's Session open there is
+    /// unanswered, the Solve goes at once, beside it, and bridge calls may follow it
+    /// ([`Accept::Forwarded`]); should the worker never answer the open, the Solve is
+    /// dropped and the stream offered back ([`Attempt::Again`]).
+    async fn forward_solve(
+        &self,
+        req: &api::SolveRequest,
+        c: &mut Choice,
+        metadata: &MetadataMap,
+    ) -> Result<Attempt, Status> {
+        let queued = c.guard.is_queued();
+        if queued {
+            // A queued build's Session opens first; only the Solve waits for a slot.
+            if let Some(o) = c.opening.take() {
+                if let Opened::Again(tx) = self.open_result(req, &c.worker, o).await? {
+                    return Ok(Attempt::Again(tx));
+                }
+            }
+            // Its Status/LLBBridge calls wait at the gateway until it is admitted.
+            self.routes.queue_ref(&req.r#ref);
+            let _queued_ref = QueuedRef {
+                routes: self.routes.clone(),
+                r#ref: req.r#ref.clone(),
+            };
+            self.routed(req, c, true);
+            tracing::info!(
+                r#ref = %req.r#ref,
+                worker = %c.worker.name,
+                limit = c.worker.limit(),
+                queued = c.worker.queued(),
+                "worker at its build limit; build queued at the gateway"
+            );
+            if let Err(t) = c.guard.admit(self.timeouts.queue).await {
+                return Err(Status::resource_exhausted(format!(
+                    "build {}: worker {} stayed at its limit of {} concurrent builds; waited {:.1?} in the gateway's queue (--queue-timeout {:?})",
+                    req.r#ref,
+                    c.worker.describe(),
+                    c.worker.limit(),
+                    t.waited,
+                    self.timeouts.queue,
+                )));
+            }
+            self.routes.pin_ref(&req.r#ref, &c.worker);
+        } else if c.opening.is_some() {
+            self.routes.forwarded_ref(&req.r#ref, &c.worker);
+        } else {
+            self.routed(req, c, false);
+        }
+        let span = tracing::info_span!(
+            "proxy.solve",
+            r#ref = %req.r#ref,
+            worker = %c.worker.name,
+            key_kind = c.kind.as_str(),
+            key = %c.key
+        );
+        telemetry::set_parent(&span, telemetry::extract(metadata));
+        let mut fwd = request_with(metadata, req.clone(), false);
+        telemetry::inject(&span, fwd.metadata_mut());
+        let mut client = control(&c.worker);
+        let call = client.solve(fwd).instrument(span);
+        let Some(opening) = c.opening.take() else {
+            return Ok(Attempt::Done(call.await));
+        };
+        tokio::pin!(call);
+        let open = self.open_result(req, &c.worker, opening);
+        tokio::pin!(open);
+        let res = tokio::select! {
+            o = &mut open => match o? {
+                Opened::Yes => {
+                    self.routed(req, c, false);
+                    return Ok(Attempt::Done(call.await));
+                }
+                Opened::Again(tx) => return Ok(Attempt::Again(tx)),
+            },
+            r = &mut call => r,
+        };
+        // The Solve ended before the open was known. When the worker could not be
+        // reached at all, the open decides whether the build moves on.
+        if matches!(&res, Err(s) if is_transport_error(s)) {
+            if let Opened::Again(tx) = open.await? {
+                return Ok(Attempt::Again(tx));
+            }
+        }
+        self.routed(req, c, false);
+        Ok(Attempt::Done(res))
     }
 
     /// Fans a unary call out to every healthy worker.
@@ -577,6 +706,36 @@ fn all_failed<T>(rpc: &str, results: Vec<(Arc<Worker>, Result<T, Status>)>) -> S
         "{rpc} failed on every worker: {}",
         detail.join("; ")
     ))
+}
+
+/// The outcome of a build's Session open on its worker (see [`Proxy::open_result`]).
+type OpenWait = tokio::sync::oneshot::Receiver<Result<(), route::OpenFailed>>;
+
+/// A Solve's routing decision.
+struct Choice {
+    worker: Arc<Worker>,
+    guard: InflightGuard,
+    kind: KeyKind,
+    key: String,
+    /// The build's Session stream being opened on `worker`.
+    opening: Option<OpenWait>,
+}
+
+/// What became of a Session open.
+enum Opened {
+    /// The worker accepted the stream, or took too long to say (the build stays there).
+    Yes,
+    /// The worker never answered: the stream, with the client's bytes, can be bound to
+    /// another worker through this sender.
+    Again(tokio::sync::oneshot::Sender<route::Binding>),
+}
+
+/// What became of a forwarded Solve.
+enum Attempt {
+    /// The worker's answer.
+    Done(Result<Response<api::SolveResponse>, Status>),
+    /// The worker never answered the Session's open; the Solve was dropped there.
+    Again(tokio::sync::oneshot::Sender<route::Binding>),
 }
 
 /// The worker's side of an open Session stream.
@@ -813,64 +972,33 @@ impl api::control_server::Control for Proxy {
         if req.r#ref.is_empty() {
             return Err(Status::invalid_argument("solve: ref is required"));
         }
-        // The session is open on the worker when `choose` returns, queued or not, so its
-        // bytes keep flowing while only the Solve waits for a slot.
-        let (worker, mut guard, kind, key) = self.choose(&req).await?;
-        let queued = guard.is_queued();
-        // Pins before forwarding when the build runs at once, so Status/LLBBridge calls
-        // waiting for this ref proceed; a queued build's calls wait at the gateway until it
-        // is admitted.
-        let _queued_ref = if queued {
-            self.routes.queue_ref(&req.r#ref);
-            Some(QueuedRef {
-                routes: self.routes.clone(),
-                r#ref: req.r#ref.clone(),
-            })
-        } else {
-            self.routes.pin_ref(&req.r#ref, &worker);
-            None
-        };
-        self.metrics.routed(&worker.name, kind.as_str());
-        tracing::info!(
-            r#ref = %req.r#ref,
-            worker = %worker.name,
-            key_kind = kind.as_str(),
-            %key,
-            queued,
-            "routed build"
-        );
-        if queued {
-            tracing::info!(
-                r#ref = %req.r#ref,
-                worker = %worker.name,
-                limit = worker.limit(),
-                queued = worker.queued(),
-                "worker at its build limit; build queued at the gateway"
-            );
-            if let Err(t) = guard.admit(self.timeouts.queue).await {
-                return Err(Status::resource_exhausted(format!(
-                    "build {}: worker {} stayed at its limit of {} concurrent builds; waited {:.1?} in the gateway's queue (--queue-timeout {:?})",
-                    req.r#ref,
-                    worker.describe(),
-                    worker.limit(),
-                    t.waited,
-                    self.timeouts.queue,
-                )));
+        let mut c = self.choose(&req).await?;
+        let mut tried = Vec::new();
+        let res = loop {
+            match self.forward_solve(&req, &mut c, &metadata).await? {
+                Attempt::Done(res) => break res,
+                Attempt::Again(tx) => {
+                    tried.push(c.worker.name.clone());
+                    self.metrics.resent("solve");
+                    let (worker, guard, opening) = self
+                        .pick_and_open(&req, &c.key, &mut tried, Some(tx))
+                        .await?;
+                    c = Choice {
+                        worker,
+                        guard,
+                        opening,
+                        ..c
+                    };
+                }
             }
-            self.routes.pin_ref(&req.r#ref, &worker);
-        }
-        let build = req.r#ref.clone();
-        let span = tracing::info_span!(
-            "proxy.solve",
-            r#ref = %build,
-            worker = %worker.name,
-            key_kind = kind.as_str(),
-            %key
-        );
-        telemetry::set_parent(&span, telemetry::extract(&metadata));
-        let mut fwd = request_with(&metadata, req, false);
-        telemetry::inject(&span, fwd.metadata_mut());
-        let res = control(&worker).solve(fwd).instrument(span).await;
+        };
+        let Choice {
+            worker,
+            guard,
+            kind,
+            ..
+        } = c;
+        let build = req.r#ref;
         self.metrics.latency("solve", start.elapsed());
         drop(guard);
         self.routes.ref_done(&build);
@@ -1274,9 +1402,8 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let this = self.clone();
-        let proxy = self.proxy.clone();
         Box::pin(async move {
             let start = Instant::now();
             let build = req
@@ -1285,16 +1412,31 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
+            let path = req.uri().path();
+            let ping = path == PING_PATH;
             // A Ping needs only the kind of worker: the one the Solve chose will do before
-            // it is pinned, and its cached Pong answers without a round trip.
-            let ping = req.uri().path() == PING_PATH;
-            let mut worker = match proxy
-                .find_worker("llbbridge", &build, proxy.timeouts.probe_after, ping)
+            // it is pinned, and its cached Pong answers without a round trip. A unary call
+            // can follow the Solve before the worker accepted the build's Session, its
+            // request kept to be sent again should the build move.
+            let accept = if ping {
+                Accept::Chosen
+            } else if path
+                .strip_prefix("/moby.buildkit.v1.frontend.LLBBridge/")
+                .is_some_and(|m| RESENDABLE.contains(&m))
+            {
+                Accept::Forwarded
+            } else {
+                Accept::Pinned
+            };
+            let proxy = &this.proxy;
+            let found = match proxy
+                .find_worker("llbbridge", &build, proxy.timeouts.probe_after, accept)
                 .await
             {
                 Ok(w) => w,
                 Err(s) => return Ok(status_response(s)),
             };
+            let mut worker = found.worker;
             if ping {
                 match this.pong(&worker, &build).await {
                     Ok(pong) => {
@@ -1314,32 +1456,124 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
                         };
                     }
                 }
+            } else if !found.pinned {
+                let resp = this.forward_resendable(worker, req, &build).await;
+                proxy.metrics.latency("llbbridge", start.elapsed());
+                return Ok(resp);
             }
-            let mut channel = worker.channel.clone();
-            let span =
-                tracing::info_span!("proxy.llbbridge", r#ref = %build, worker = %worker.name);
-            telemetry::inject_headers(&span, req.headers_mut());
-            let res = async {
-                futures::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
-                Service::call(&mut channel, req).await
-            }
-            .instrument(span)
-            .await;
+            let res = this.forward(&worker, req, &build).await;
             proxy.metrics.latency("llbbridge", start.elapsed());
-            Ok(match res {
-                Ok(r) => r,
-                Err(e) => {
-                    this.lock_pongs().remove(&worker.name);
-                    proxy
-                        .pool
-                        .eject(&worker, &format!("llbbridge call failed: {e}"));
-                    status_response(Status::unavailable(format!(
-                        "worker {} failed during an LLBBridge call of build {build}: {e}",
-                        worker.describe()
-                    )))
-                }
-            })
+            Ok(res.unwrap_or_else(|e| this.failed(&worker, &build, &e)))
         })
+    }
+}
+
+/// LLBBridge methods (unary, so their request can be kept and sent again) that may reach
+/// the worker a build's Solve was forwarded to before it accepted the build's Session.
+const RESENDABLE: &[&str] = &[
+    "Solve",
+    "ResolveImageConfig",
+    "ResolveSourceMeta",
+    "ReadFile",
+    "ReadDir",
+    "StatFile",
+    "Evaluate",
+    "Inputs",
+    "Warn",
+];
+
+/// The largest LLBBridge request kept to be sent again.
+const RESEND_LIMIT: usize = 64 << 20;
+
+impl BridgeProxy {
+    /// Sends one bridge call to `worker`, traced.
+    async fn forward(
+        &self,
+        worker: &Worker,
+        mut req: http::Request<tonic::body::Body>,
+        build: &str,
+    ) -> Result<http::Response<tonic::body::Body>, tonic::transport::Error> {
+        let mut channel = worker.channel.clone();
+        let span = tracing::info_span!("proxy.llbbridge", r#ref = %build, worker = %worker.name);
+        telemetry::inject_headers(&span, req.headers_mut());
+        async {
+            futures::future::poll_fn(|cx| Service::poll_ready(&mut channel, cx)).await?;
+            Service::call(&mut channel, req).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The answer to a bridge call whose worker could not be reached: the worker is
+    /// ejected and its cached Pong dropped.
+    fn failed(
+        &self,
+        worker: &Worker,
+        build: &str,
+        e: &tonic::transport::Error,
+    ) -> http::Response<tonic::body::Body> {
+        self.lock_pongs().remove(&worker.name);
+        self.proxy
+            .pool
+            .eject(worker, &format!("llbbridge call failed: {e}"));
+        status_response(Status::unavailable(format!(
+            "worker {} failed during an LLBBridge call of build {build}: {e}",
+            worker.describe()
+        )))
+    }
+
+    /// Sends a unary bridge call to `worker`, which the build's Solve went to but which
+    /// has not yet accepted the build's Session. The request is kept: when the worker
+    /// cannot be reached and the build moves to another worker (its Session opened
+    /// there instead), the call goes there.
+    async fn forward_resendable(
+        &self,
+        worker: Arc<Worker>,
+        req: http::Request<tonic::body::Body>,
+        build: &str,
+    ) -> http::Response<tonic::body::Body> {
+        use http_body_util::BodyExt as _;
+        let (parts, body) = req.into_parts();
+        let body = match http_body_util::Limited::new(body, RESEND_LIMIT).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                return status_response(Status::invalid_argument(format!(
+                    "LLBBridge call {} of build {build}: could not read the request (at most {RESEND_LIMIT} bytes): {e}",
+                    parts.uri.path()
+                )))
+            }
+        };
+        let copy = || {
+            let mut r = http::Request::new(tonic::body::Body::new(http_body_util::Full::new(
+                body.clone(),
+            )));
+            *r.method_mut() = parts.method.clone();
+            *r.uri_mut() = parts.uri.clone();
+            *r.version_mut() = parts.version;
+            *r.headers_mut() = parts.headers.clone();
+            r
+        };
+        let e = match self.forward(&worker, copy(), build).await {
+            Ok(r) => return r,
+            Err(e) => e,
+        };
+        let proxy = &self.proxy;
+        self.lock_pongs().remove(&worker.name);
+        proxy
+            .pool
+            .eject(&worker, &format!("llbbridge call failed: {e}"));
+        let wait = proxy.timeouts.session_open + proxy.timeouts.pin_wait;
+        match proxy.routes.worker_of(build, wait, Accept::Pinned).await {
+            Some(p) if p.worker.name != worker.name => {
+                tracing::info!(r#ref = build, from = %worker.name, to = %p.worker.name, path = parts.uri.path(), "bridge call sent again to the build's new worker");
+                proxy.metrics.resent("llbbridge");
+                match self.forward(&p.worker, copy(), build).await {
+                    Ok(r) => r,
+                    Err(e) => self.failed(&p.worker, build, &e),
+                }
+            }
+            _ => self.failed(&worker, build, &e),
+        }
     }
 }
 

@@ -132,6 +132,38 @@ enum SessionPin {
     },
 }
 
+/// How settled a build's worker must be for a call to go to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accept {
+    /// Only a pin: the worker accepted the build's Session (or the build has none).
+    Pinned,
+    /// Also the worker the build's Solve was forwarded to while the Session's open is
+    /// unanswered ([`Routes::forwarded_ref`]): for calls that can be sent again elsewhere
+    /// should that worker never answer.
+    Forwarded,
+    /// Also the worker the Solve chose before forwarding it ([`Routes::expect_ref`]): for
+    /// calls that need only the kind of worker (LLBBridge.Ping).
+    Chosen,
+}
+
+/// The worker found for a build, and whether the build is pinned to it.
+#[derive(Debug, Clone)]
+pub struct RefWorker {
+    /// The worker.
+    pub worker: Arc<Worker>,
+    /// False for a worker accepted by [`Accept::Forwarded`] or [`Accept::Chosen`] only.
+    pub pinned: bool,
+}
+
+/// A build whose Solve chose a worker that has not yet accepted its Session.
+#[derive(Debug)]
+struct Expected {
+    worker: Arc<Worker>,
+    expires: Instant,
+    /// The Solve has been forwarded to `worker`.
+    forwarded: bool,
+}
+
 #[derive(Debug)]
 struct RefPin {
     worker: Arc<Worker>,
@@ -143,8 +175,8 @@ struct Tables {
     sessions: HashMap<String, SessionPin>,
     refs: HashMap<String, RefPin>,
     /// Builds whose Solve chose a worker that has not yet accepted the build's Session
-    /// (the ref is pinned once it has): the worker they are expected on, until when.
-    expected: HashMap<String, (Arc<Worker>, Instant)>,
+    /// (the ref is pinned once it has).
+    expected: HashMap<String, Expected>,
     /// Builds whose Solve waits in a worker's admission queue: their calls wait too.
     queued: HashSet<String>,
 }
@@ -347,9 +379,26 @@ impl Routes {
     /// that need only the kind of worker (LLBBridge.Ping) may go on with it.
     pub fn expect_ref(&self, r#ref: &str, worker: &Arc<Worker>) {
         let expires = Instant::now() + self.keep;
-        self.lock()
-            .expected
-            .insert(r#ref.to_string(), (worker.clone(), expires));
+        self.lock().expected.insert(
+            r#ref.to_string(),
+            Expected {
+                worker: worker.clone(),
+                expires,
+                forwarded: false,
+            },
+        );
+        self.changed.notify_waiters();
+    }
+
+    /// Build `r#ref`'s Solve went to `worker` before the worker accepted the build's
+    /// Session: calls that can be sent again ([`Accept::Forwarded`]) may follow it.
+    pub fn forwarded_ref(&self, r#ref: &str, worker: &Arc<Worker>) {
+        let mut t = self.lock();
+        match t.expected.get_mut(r#ref) {
+            Some(e) if e.worker.name == worker.name => e.forwarded = true,
+            _ => return,
+        }
+        drop(t);
         self.changed.notify_waiters();
     }
 
@@ -401,17 +450,19 @@ impl Routes {
     /// the Solve waits in an admission queue, the wait is not counted (the deadline
     /// restarts when the build leaves the queue).
     pub async fn ref_worker(&self, r#ref: &str, wait: Duration) -> Option<Arc<Worker>> {
-        self.worker_of(r#ref, wait, false).await
+        self.worker_of(r#ref, wait, Accept::Pinned)
+            .await
+            .map(|f| f.worker)
     }
 
-    /// [`Routes::ref_worker`]; with `expected`, the worker a Solve chose for the ref before
-    /// pinning it ([`Routes::expect_ref`]) is an answer too.
+    /// [`Routes::ref_worker`], also taking a worker the build is not yet pinned to as
+    /// `accept` allows.
     pub async fn worker_of(
         &self,
         r#ref: &str,
         wait: Duration,
-        expected: bool,
-    ) -> Option<Arc<Worker>> {
+        accept: Accept,
+    ) -> Option<RefWorker> {
         let mut deadline = Instant::now() + wait;
         loop {
             let notified = self.changed.notified();
@@ -420,10 +471,21 @@ impl Routes {
             let queued = {
                 let t = self.lock();
                 if let Some(p) = t.refs.get(r#ref) {
-                    return Some(p.worker.clone());
+                    return Some(RefWorker {
+                        worker: p.worker.clone(),
+                        pinned: true,
+                    });
                 }
-                if let Some((w, _)) = t.expected.get(r#ref).filter(|_| expected) {
-                    return Some(w.clone());
+                let taken = |e: &&Expected| match accept {
+                    Accept::Pinned => false,
+                    Accept::Forwarded => e.forwarded,
+                    Accept::Chosen => true,
+                };
+                if let Some(e) = t.expected.get(r#ref).filter(taken) {
+                    return Some(RefWorker {
+                        worker: e.worker.clone(),
+                        pinned: false,
+                    });
                 }
                 t.queued.contains(r#ref)
             };
@@ -445,7 +507,7 @@ impl Routes {
     pub fn expire_at(&self, now: Instant) -> (usize, usize) {
         let mut t = self.lock();
         t.refs.retain(|_, p| p.expires.is_none_or(|e| e > now));
-        t.expected.retain(|_, (_, e)| *e > now);
+        t.expected.retain(|_, e| e.expires > now);
         t.sessions.retain(|_, p| match p {
             SessionPin::Held(h) => !h.bind.is_closed(),
             SessionPin::Bound { expires, .. } => expires.is_none_or(|e| e > now),
@@ -580,6 +642,40 @@ mod tests {
             .ref_worker("unknown", Duration::from_millis(50))
             .await
             .is_none());
+    }
+
+    #[tokio::test]
+    async fn unpinned_workers_are_taken_only_as_the_caller_accepts() {
+        let routes = Routes::new(Duration::from_secs(60));
+        let (w0, w1) = (worker("w0"), worker("w1"));
+        let now = |accept| routes.worker_of("b", Duration::ZERO, accept);
+        let name = |f: Option<RefWorker>| f.map(|f| (f.worker.name.clone(), f.pinned));
+        routes.expect_ref("b", &w0);
+        assert_eq!(name(now(Accept::Chosen).await), Some(("w0".into(), false)));
+        assert_eq!(name(now(Accept::Forwarded).await), None);
+        // A Solve forwarded to another worker than the expected one changes nothing.
+        routes.forwarded_ref("b", &w1);
+        assert_eq!(name(now(Accept::Forwarded).await), None);
+        routes.forwarded_ref("b", &w0);
+        assert_eq!(
+            name(now(Accept::Forwarded).await),
+            Some(("w0".into(), false))
+        );
+        assert_eq!(name(now(Accept::Pinned).await), None);
+        // The open failed on w0: the Solve chooses w1, and calls wait for it again.
+        routes.expect_ref("b", &w1);
+        assert_eq!(name(now(Accept::Forwarded).await), None);
+        let r2 = routes.clone();
+        let waiter = tokio::spawn(async move {
+            r2.worker_of("b", Duration::from_secs(30), Accept::Pinned)
+                .await
+                .map(|f| (f.worker.name.clone(), f.pinned))
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        routes.forwarded_ref("b", &w1);
+        routes.pin_ref("b", &w1);
+        assert_eq!(waiter.await.expect("join"), Some(("w1".into(), true)));
+        assert_eq!(name(now(Accept::Chosen).await), Some(("w1".into(), true)));
     }
 
     #[tokio::test]

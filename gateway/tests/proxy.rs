@@ -834,6 +834,93 @@ async fn held_session_of_a_dead_worker_reopens_on_the_next_with_its_early_bytes(
     );
 }
 
+/// A unary LLBBridge call may follow the Solve to a worker that has not yet accepted the
+/// build's Session. Should that worker be unreachable and the build move on (its Session
+/// opened on the next worker), the call is sent again, whole, to the build's new worker;
+/// should the build stay, the call fails naming the worker.
+#[tokio::test]
+async fn bridge_call_sent_before_the_session_opened_follows_the_build() {
+    let (backends, s, _key) = two_workers_and_a_key_homed_on_w0().await;
+    let routes = &s.gateway.proxy.routes;
+    let worker = |n: &str| s.gateway.pool().get(n).expect("member");
+    let (w0, w1) = (worker("w0"), worker("w1"));
+    let mut bridge_client = bridge::llb_bridge_client::LlbBridgeClient::new(s.channel.clone());
+    let calls = |b: &Backend| b.fake.state.bridge_ids.lock().expect("lock").clone();
+    let resent = || {
+        let text = s.gateway.proxy.metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("kiln_gateway_resent_calls_total{rpc=\"llbbridge\"} "))
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+    };
+
+    // Only chosen, not yet forwarded: the call waits for the build's worker.
+    routes.expect_ref("b-live", &w1);
+    let mut c = bridge_client.clone();
+    let early = tokio::spawn(async move {
+        c.inputs(for_build("b-live", bridge::InputsRequest::default()))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(calls(&backends[1]).is_empty(), "went ahead of its Solve");
+    // Forwarded there: the call follows at once, before any pin.
+    routes.forwarded_ref("b-live", &w1);
+    within("inputs", early)
+        .await
+        .expect("join")
+        .expect("inputs on w1");
+    assert_eq!(calls(&backends[1]), ["inputs b-live"]);
+
+    // w0 is dead: the call fails there, w0 is ejected, and the build moves to w1.
+    backends[0].cut();
+    routes.expect_ref("b-moved", &w0);
+    routes.forwarded_ref("b-moved", &w0);
+    let mut c = bridge_client.clone();
+    let moved = tokio::spawn(async move {
+        c.inputs(for_build("b-moved", bridge::InputsRequest::default()))
+            .await
+    });
+    within("w0 ejected", async {
+        while w0.is_healthy() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    routes.expect_ref("b-moved", &w1);
+    routes.pin_ref("b-moved", &w1);
+    within("inputs", moved)
+        .await
+        .expect("join")
+        .expect("inputs sent again on w1");
+    assert_eq!(calls(&backends[1]), ["inputs b-live", "inputs b-moved"]);
+    assert_eq!(resent(), 1.0);
+
+    // The build stays on the dead worker: the call fails naming it.
+    routes.expect_ref("b-stuck", &w0);
+    routes.forwarded_ref("b-stuck", &w0);
+    let mut c = bridge_client.clone();
+    let stuck = tokio::spawn(async move {
+        c.inputs(for_build("b-stuck", bridge::InputsRequest::default()))
+            .await
+    });
+    routes.pin_ref("b-stuck", &w0);
+    let err = within("inputs", stuck)
+        .await
+        .expect("join")
+        .expect_err("a call to a dead worker");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(
+        err.message().contains("worker w0") && err.message().contains("b-stuck"),
+        "{err}"
+    );
+    assert!(calls(&backends[0]).is_empty());
+    assert_eq!(resent(), 1.0);
+    routes.pin_ref("b-live", &w1);
+    bridge_client
+        .inputs(for_build("b-live", bridge::InputsRequest::default()))
+        .await
+        .expect("a pinned build's call");
+}
+
 #[tokio::test]
 async fn worker_dying_mid_build_fails_the_build_naming_it() {
     let backends = [Backend::start("w0").await];
