@@ -10,9 +10,9 @@
 # <= 1.1x direct; p99 added per-call latency <= 1 ms). Client process start-up is part of
 # the noop and workers figures, on both sides. Every process runs at nice $NICE (default
 # -10; root) so that other work on the machine disturbs the tails less.
-# With OTHER_GATEWAY=/path/to/kiln-gateway (for example a build of the base commit), the
-# noop builds also go through a second gateway running that binary, interleaved build by
-# build, for an A/B comparison in one run ("noop other").
+# With OTHER_GATEWAY="/path/to/kiln-gateway ..." (for example a build of the base commit;
+# several paths, space-separated), the noop builds also go through one more gateway per
+# path, interleaved build by build, for an A/B comparison in one run ("noop other1", ...).
 # Usage: bench/gateway.sh [N]   (root; release binaries unless KILN_BIN=dir is given)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,12 +31,15 @@ renice -n "$NICE" $$ >/dev/null
 scratch kiln-gateway-bench
 start_registry
 start_worker_and_gateway
-if [ -n "${OTHER_GATEWAY:-}" ]; then
+read -r -a others <<<"${OTHER_GATEWAY:-}"
+oports=()
+for o in "${others[@]}"; do
   oport=$(free_port)
-  "$OTHER_GATEWAY" --addr "tcp://127.0.0.1:$oport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gwo.log" &
+  "$o" --addr "tcp://127.0.0.1:$oport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gwo$oport.log" &
   pids+=($!)
   wait_port "$oport"
-fi
+  oports+=("$oport")
+done
 
 mkdir -p "$work/proj"
 printf 'ARG BASE\nFROM ${BASE}\nRUN echo hi > /x\n' >"$work/proj/Dockerfile"
@@ -46,12 +49,12 @@ build() { "$bin/kiln" build --addr "tcp://127.0.0.1:$1" --progress quiet --opt k
   --build-arg "BASE=$addr/base:1" "$work/proj"; }
 # Warm both paths (the first build fills the worker's cache).
 build "$wport" >/dev/null; build "$gport" >/dev/null
-[ -n "${OTHER_GATEWAY:-}" ] && build "$oport" >/dev/null
+for oport in "${oports[@]}"; do build "$oport" >/dev/null; done
 
 for i in $(seq 1 "$N"); do
   timed build "$wport" >>"$work/noop.direct"
   timed build "$gport" >>"$work/noop.gateway"
-  if [ -n "${OTHER_GATEWAY:-}" ]; then timed build "$oport" >>"$work/noop.other"; fi
+  for j in "${!oports[@]}"; do timed build "${oports[$j]}" >>"$work/noop.other$((j + 1))"; done
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$wport" >>"$work/workers.direct"
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$gport" >>"$work/workers.gateway"
 done
@@ -66,11 +69,20 @@ for w in noop workers; do
   done
 done
 echo "noop gateway/direct = $(echo "scale=3; $noop_gateway / $noop_direct" | bc)  (target <= 1.1)"
-if [ -n "${OTHER_GATEWAY:-}" ]; then
-  read -r m q < <(stat <"$work/noop.other")
-  printf '%-8s %-8s %10s %10s\n' noop other "$m" "$q"
-  echo "noop other/direct = $(echo "scale=3; $m / $noop_direct" | bc)  ($OTHER_GATEWAY)"
-fi
+# How far the ratio of medians moves with the sample: 95 % bootstrap interval.
+python3 - "$work/noop.direct" "$work/noop.gateway" <<'PY'
+import random, statistics, sys
+d, g = ([float(x) for x in open(p)] for p in sys.argv[1:3])
+random.seed(1)
+r = sorted(statistics.median(random.choices(g, k=len(g))) / statistics.median(random.choices(d, k=len(d)))
+           for _ in range(2000))
+print(f"noop gateway/direct 95% bootstrap interval: {r[50]:.3f} .. {r[1949]:.3f}")
+PY
+for j in "${!others[@]}"; do
+  read -r m q < <(stat <"$work/noop.other$((j + 1))")
+  printf '%-8s %-8s %10s %10s\n' noop "other$((j + 1))" "$m" "$q"
+  echo "noop other$((j + 1))/direct = $(echo "scale=3; $m / $noop_direct" | bc)  (${others[$j]})"
+done
 echo "workers added median = $(echo "scale=4; ($workers_gateway - $workers_direct) * 1000" | bc) ms"
 echo "(median of $N; $(nproc) cores, $(uname -r); each figure includes a kiln process start)"
 echo

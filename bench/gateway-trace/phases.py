@@ -37,10 +37,17 @@ def main():
 
         from_worker = lambda r: int(r[1]) == w
         t0 = float(b[0][0])
-        # The session: the first stream opened on the worker's connection. The worker's
-        # first FileSync opens inside it are its first message there of 100 bytes or more.
-        sess = next((f.split(":")[1] for r in b if int(r[2]) == w for f in r[4:]
-                     if f.startswith("HEADERS")), None)
+        # The session: the stream on which the worker sends the most DATA frames (the
+        # gateway may open the Solve's stream first). The worker's first FileSync opens
+        # inside it are its first message there of 100 bytes or more.
+        counts = {}
+        for r in b:
+            if from_worker(r):
+                for f in r[4:]:
+                    if f.startswith("DATA:"):
+                        sid = f.split(":")[1]
+                        counts[sid] = counts.get(sid, 0) + 1
+        sess = max(counts, key=counts.get) if counts else None
         p1 = first(lambda r: from_worker(r) and any(
             f.startswith(f"DATA:{sess}:") and int(f.split(":")[2].rstrip("E")) >= 100 for f in r[4:]))
         # Its answer to LLBBridge.Solve (a 404-byte message for this Dockerfile).
