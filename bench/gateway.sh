@@ -31,12 +31,14 @@ renice -n "$NICE" $$ >/dev/null
 scratch kiln-gateway-bench
 start_registry
 start_worker_and_gateway
+gpids=("${pids[-1]}")
 read -r -a others <<<"${OTHER_GATEWAY:-}"
 oports=()
 for o in "${others[@]}"; do
   oport=$(free_port)
   "$o" --addr "tcp://127.0.0.1:$oport" --insecure-tcp --workers "w0=tcp://127.0.0.1:$wport" --log warn 2>"$work/gwo$oport.log" &
   pids+=($!)
+  gpids+=($!)
   wait_port "$oport"
   oports+=("$oport")
 done
@@ -51,10 +53,20 @@ build() { "$bin/kiln" build --addr "tcp://127.0.0.1:$1" --progress quiet --opt k
 build "$wport" >/dev/null; build "$gport" >/dev/null
 for oport in "${oports[@]}"; do build "$oport" >/dev/null; done
 
+# CPU time (user + system, clock ticks) of gateway process $1 while a no-op build runs
+# through it, added up in $work/cpu.$1.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_build() {
+  local c0 c1
+  c0=$(ticks "$1")
+  timed build "$2"
+  c1=$(ticks "$1")
+  echo $((c1 - c0)) >>"$work/cpu.$1"
+}
 for i in $(seq 1 "$N"); do
   timed build "$wport" >>"$work/noop.direct"
-  timed build "$gport" >>"$work/noop.gateway"
-  for j in "${!oports[@]}"; do timed build "${oports[$j]}" >>"$work/noop.other$((j + 1))"; done
+  cpu_build "${gpids[0]}" "$gport" >>"$work/noop.gateway"
+  for j in "${!oports[@]}"; do cpu_build "${gpids[$((j + 1))]}" "${oports[$j]}" >>"$work/noop.other$((j + 1))"; done
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$wport" >>"$work/workers.direct"
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$gport" >>"$work/workers.gateway"
 done
@@ -82,6 +94,12 @@ for j in "${!others[@]}"; do
   read -r m q < <(stat <"$work/noop.other$((j + 1))")
   printf '%-8s %-8s %10s %10s\n' noop "other$((j + 1))" "$m" "$q"
   echo "noop other$((j + 1))/direct = $(echo "scale=3; $m / $noop_direct" | bc)  (${others[$j]})"
+done
+hz=$(getconf CLK_TCK)
+for j in "${!gpids[@]}"; do
+  name=gateway; [ "$j" -gt 0 ] && name="other$j"
+  total=$(paste -sd+ "$work/cpu.${gpids[$j]}" | bc)
+  echo "$name CPU per no-op build: $(echo "scale=2; $total * 1000 / $hz / $N" | bc) ms (user + system)"
 done
 echo "workers added median = $(echo "scale=4; ($workers_gateway - $workers_direct) * 1000" | bc) ms"
 echo "(median of $N; $(nproc) cores, $(uname -r); each figure includes a kiln process start)"
