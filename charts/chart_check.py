@@ -62,7 +62,7 @@ VALUE_SETS = {
                 "keepDuration": "7d",
                 "rules": [{"filters": ["type==source.local"], "keepDuration": "48h"}],
             },
-            "gateway": {"serviceType": "NodePort", "loadBound": "2", "replicas": 3},
+            "gateway": {"serviceType": "NodePort", "loadBound": "2", "replicas": 3, "threads": 0},
         },
         "networkPolicy": {"metricsFromNamespaces": ["monitoring"]},
         "serviceAccount": {"create": False, "name": "existing-sa"},
@@ -76,6 +76,7 @@ BAD_VALUES = [
     ({"defaultPool": {"name": "x" * 41}}, "name"),
     ({"defaultPool": {"gc": {"maxUsedSpace": "lots"}}}, "maxUsedSpace"),
     ({"defaultPool": {"gateway": {"serviceType": "Ingress"}}}, "serviceType"),
+    ({"defaultPool": {"gateway": {"threads": -1}}}, "threads"),
     ({"controller": {"replicas": -1}}, "replicas"),
     ({"defaultPool": {"autoscaling": {"maxReplicas": 0}}}, "maxReplicas"),
     ({"controller": {"metricsPort": 70000}}, "metricsPort"),
@@ -213,6 +214,12 @@ def check_rendering(label, values, objs):
     kinds = {(o["kind"], o["metadata"]["name"]) for _, o in objs}
     if enabled != (("BuildWorkerPool", name) in kinds):
         fail(f"{label}: BuildWorkerPool {name} present={not enabled}, want {enabled}")
+    for _, o in objs:
+        if o["kind"] == "BuildWorkerPool":
+            want = pool.get("gateway", {}).get("threads")
+            got = o["spec"]["gateway"].get("threads")
+            if got != want:
+                fail(f"{label}: BuildWorkerPool gateway threads {got!r}, want {want!r}")
     netpol = values.get("networkPolicy", {}).get("enabled", True)
     has_np = any(o["kind"] == "NetworkPolicy" for _, o in objs)
     if netpol != has_np:

@@ -416,6 +416,11 @@ pub struct GatewaySpec {
     #[serde(default = "default_load_bound")]
     #[schemars(pattern(LOAD_BOUND_PATTERN))]
     pub load_bound: String,
+    /// Threads of each gateway's proxy (`kiln-gateway --threads`): unset runs it on one
+    /// thread (scale out with replicas); 0 = one per core the container may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 256))]
+    pub threads: Option<i32>,
     /// CPU and memory requests and limits of each gateway container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -441,6 +446,7 @@ impl Default for GatewaySpec {
             service_type: ServiceType::default(),
             port: default_gateway_port(),
             load_bound: default_load_bound(),
+            threads: None,
             resources: None,
         }
     }

@@ -442,6 +442,8 @@ mod tests {
         ] {
             assert!(a.iter().any(|x| x == want), "{want} not in {a:?}");
         }
+        // No --threads: the gateway's own default (one thread).
+        assert!(!a.iter().any(|x| x.starts_with("--threads")), "{a:?}");
         let svc = r.gateway_service.spec.as_ref().unwrap();
         assert_eq!(svc.type_.as_deref(), Some("ClusterIP"));
         assert_eq!(
@@ -462,7 +464,7 @@ mod tests {
             "cache": {"registry": "reg/cache", "credentialsSecret": "regcred"},
             "storage": {"size": "10Gi", "storageClassName": "fast"},
             "tls": {"mode": "existingSecret", "secretName": "mine"},
-            "gateway": {"serviceType": "NodePort", "port": 443, "loadBound": "2"}
+            "gateway": {"serviceType": "NodePort", "port": 443, "loadBound": "2", "threads": 4}
         })))
         .unwrap();
         let sts = r.stateful_set.spec.as_ref().unwrap();
@@ -504,9 +506,13 @@ mod tests {
             .spec
             .as_ref()
             .unwrap();
-        assert!(args(&gw.containers[0])
-            .iter()
-            .any(|x| x == "--load-bound=2"));
+        let gw_args = args(&gw.containers[0]);
+        for want in ["--load-bound=2", "--threads=4"] {
+            assert!(
+                gw_args.iter().any(|x| x == want),
+                "{want} not in {gw_args:?}"
+            );
+        }
         let gw_vols = gw.volumes.as_ref().unwrap();
         assert!(gw_vols
             .iter()

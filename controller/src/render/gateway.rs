@@ -33,7 +33,7 @@ pub(super) fn deployment(ctx: &Context<'_>) -> Result<Deployment> {
             reason: format!("{:?} must be a number above 1", gw.load_bound),
         });
     }
-    let args = vec![
+    let mut args = vec![
         format!("--addr=tcp://0.0.0.0:{GRPC_PORT}"),
         format!(
             "--workers-endpointslice={}/{}",
@@ -50,6 +50,9 @@ pub(super) fn deployment(ctx: &Context<'_>) -> Result<Deployment> {
         format!("--worker-tlscert={CLIENT_TLS_DIR}/tls.crt"),
         format!("--worker-tlskey={CLIENT_TLS_DIR}/tls.key"),
     ];
+    if let Some(t) = gw.threads {
+        args.push(format!("--threads={t}"));
+    }
     let container = Container {
         name: "gateway".into(),
         image: Some(gw.image.clone()),
