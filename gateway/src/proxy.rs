@@ -1333,9 +1333,6 @@ pub struct BridgeProxy {
 /// replaced by another version; a failed bridge call to it drops the answer at once.
 const PONG_TTL: Duration = Duration::from_secs(30);
 
-/// The LLBBridge.Ping path: answered at the gateway from the build's worker's cached Pong.
-const PING_PATH: &str = "/moby.buildkit.v1.frontend.LLBBridge/Ping";
-
 /// A unary service answering with one prepared Pong.
 struct Pong(gw::PongResponse);
 
@@ -1412,18 +1409,22 @@ impl Service<http::Request<tonic::body::Body>> for BridgeProxy {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or_default()
                 .to_string();
-            let path = req.uri().path();
-            let ping = path == PING_PATH;
-            // A Ping needs only the kind of worker: the one the Solve chose will do before
-            // it is pinned, and its cached Pong answers without a round trip. A unary call
-            // can follow the Solve before the worker accepted the build's Session, its
-            // request kept to be sent again should the build move.
+            // The method: the path is /moby.buildkit.v1.frontend.LLBBridge/METHOD.
+            let method = req
+                .uri()
+                .path()
+                .strip_prefix('/')
+                .and_then(|p| p.strip_prefix(<BridgeProxy as tonic::server::NamedService>::NAME))
+                .and_then(|p| p.strip_prefix('/'))
+                .unwrap_or_default();
+            // A Ping is answered at the gateway from the build's worker's cached Pong. It
+            // needs only the kind of worker: the one the Solve chose will do before it is
+            // pinned. A unary call can follow the Solve before the worker accepted the
+            // build's Session, its request kept to be sent again should the build move.
+            let ping = method == "Ping";
             let accept = if ping {
                 Accept::Chosen
-            } else if path
-                .strip_prefix("/moby.buildkit.v1.frontend.LLBBridge/")
-                .is_some_and(|m| RESENDABLE.contains(&m))
-            {
+            } else if RESENDABLE.contains(&method) {
                 Accept::Forwarded
             } else {
                 Accept::Pinned
@@ -1505,21 +1506,23 @@ impl BridgeProxy {
     }
 
     /// The answer to a bridge call whose worker could not be reached: the worker is
-    /// ejected and its cached Pong dropped.
+    /// ejected and its cached Pong dropped ([`BridgeProxy::lost`]).
     fn failed(
         &self,
         worker: &Worker,
         build: &str,
         e: &tonic::transport::Error,
     ) -> http::Response<tonic::body::Body> {
+        self.lost(worker, e);
+        unreachable_worker(worker, build, e)
+    }
+
+    /// `worker` could not be reached: it is ejected and its cached Pong dropped.
+    fn lost(&self, worker: &Worker, e: &tonic::transport::Error) {
         self.lock_pongs().remove(&worker.name);
         self.proxy
             .pool
             .eject(worker, &format!("llbbridge call failed: {e}"));
-        status_response(Status::unavailable(format!(
-            "worker {} failed during an LLBBridge call of build {build}: {e}",
-            worker.describe()
-        )))
     }
 
     /// Sends a unary bridge call to `worker`, which the build's Solve went to but which
@@ -1558,10 +1561,7 @@ impl BridgeProxy {
             Err(e) => e,
         };
         let proxy = &self.proxy;
-        self.lock_pongs().remove(&worker.name);
-        proxy
-            .pool
-            .eject(&worker, &format!("llbbridge call failed: {e}"));
+        self.lost(&worker, &e);
         let wait = proxy.timeouts.session_open + proxy.timeouts.pin_wait;
         match proxy.routes.worker_of(build, wait, Accept::Pinned).await {
             Some(p) if p.worker.name != worker.name => {
@@ -1572,9 +1572,22 @@ impl BridgeProxy {
                     Err(e) => self.failed(&p.worker, build, &e),
                 }
             }
-            _ => self.failed(&worker, build, &e),
+            // The build stayed: the worker is already ejected.
+            _ => unreachable_worker(&worker, build, &e),
         }
     }
+}
+
+/// The gRPC error answering a bridge call of `build` that could not reach `worker`.
+fn unreachable_worker(
+    worker: &Worker,
+    build: &str,
+    e: &tonic::transport::Error,
+) -> http::Response<tonic::body::Body> {
+    status_response(Status::unavailable(format!(
+        "worker {} failed during an LLBBridge call of build {build}: {e}",
+        worker.describe()
+    )))
 }
 
 // === health ===

@@ -429,6 +429,15 @@ fn header(md: &tonic::metadata::MetadataMap, k: &str) -> String {
         .to_string()
 }
 
+/// `err` is UNAVAILABLE and names worker `worker` and build `build`.
+fn assert_unavailable_naming(err: &Status, worker: &str, build: &str) {
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(
+        err.message().contains(&format!("worker {worker}")) && err.message().contains(build),
+        "{err}"
+    );
+}
+
 fn find<'a>(backends: &'a [Backend], name: &str) -> &'a Backend {
     backends
         .iter()
@@ -907,11 +916,7 @@ async fn bridge_call_sent_before_the_session_opened_follows_the_build() {
         .await
         .expect("join")
         .expect_err("a call to a dead worker");
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-    assert!(
-        err.message().contains("worker w0") && err.message().contains("b-stuck"),
-        "{err}"
-    );
+    assert_unavailable_naming(&err, "w0", "b-stuck");
     assert!(calls(&backends[0]).is_empty());
     assert_eq!(resent(), 1.0);
     routes.pin_ref("b-live", &w1);
@@ -944,11 +949,7 @@ async fn worker_dying_mid_build_fails_the_build_naming_it() {
         .await
         .expect("join")
         .expect_err("build survived its worker");
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-    assert!(
-        err.message().contains("worker w0") && err.message().contains("ref5"),
-        "{err}"
-    );
+    assert_unavailable_naming(&err, "w0", "ref5");
     assert_eq!(header(err.metadata(), WORKER_HEADER), "w0");
 }
 
