@@ -862,13 +862,17 @@ async fn bridge_call_sent_before_the_session_opened_follows_the_build() {
             .map_or(0.0, |v| v.trim().parse().expect("a number"))
     };
 
+    // An Inputs call of `build`, running.
+    let inputs = |build: &'static str| {
+        let mut c = bridge_client.clone();
+        tokio::spawn(async move {
+            c.inputs(for_build(build, bridge::InputsRequest::default()))
+                .await
+        })
+    };
     // Only chosen, not yet forwarded: the call waits for the build's worker.
     routes.expect_ref("b-live", &w1);
-    let mut c = bridge_client.clone();
-    let early = tokio::spawn(async move {
-        c.inputs(for_build("b-live", bridge::InputsRequest::default()))
-            .await
-    });
+    let early = inputs("b-live");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(calls(&backends[1]).is_empty(), "went ahead of its Solve");
     // Forwarded there: the call follows at once, before any pin.
@@ -883,11 +887,7 @@ async fn bridge_call_sent_before_the_session_opened_follows_the_build() {
     backends[0].cut();
     routes.expect_ref("b-moved", &w0);
     routes.forwarded_ref("b-moved", &w0);
-    let mut c = bridge_client.clone();
-    let moved = tokio::spawn(async move {
-        c.inputs(for_build("b-moved", bridge::InputsRequest::default()))
-            .await
-    });
+    let moved = inputs("b-moved");
     within("w0 ejected", async {
         while w0.is_healthy() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -906,11 +906,7 @@ async fn bridge_call_sent_before_the_session_opened_follows_the_build() {
     // The build stays on the dead worker: the call fails naming it.
     routes.expect_ref("b-stuck", &w0);
     routes.forwarded_ref("b-stuck", &w0);
-    let mut c = bridge_client.clone();
-    let stuck = tokio::spawn(async move {
-        c.inputs(for_build("b-stuck", bridge::InputsRequest::default()))
-            .await
-    });
+    let stuck = inputs("b-stuck");
     routes.pin_ref("b-stuck", &w0);
     let err = within("inputs", stuck)
         .await
