@@ -301,6 +301,7 @@ pub fn request(args: &BuildArgs) -> anyhow::Result<(BuildRequest, BTreeMap<Strin
         BuildRequest {
             frontend,
             locals,
+            deferred_locals: Default::default(),
             exports,
             session: None,
             secrets,

@@ -133,6 +133,7 @@ impl Env {
                 dockerfile_local: "dockerfile".into(),
             },
             locals,
+            deferred_locals: Default::default(),
             exports,
             session: None,
             secrets: HashMap::new(),

@@ -102,6 +102,9 @@ pub struct BuildRequest {
     pub frontend: Frontend,
     /// Local directories by name.
     pub locals: HashMap<String, PathBuf>,
+    /// Local directories fetched only when the build's definition reads them (not in
+    /// `locals`), by name.
+    pub deferred_locals: HashMap<String, DeferredLocal>,
     /// Outputs.
     pub exports: Vec<ExportRequest>,
     /// Secrets by id.
@@ -109,6 +112,69 @@ pub struct BuildRequest {
     /// What the client serves over its session (a daemon's builds): secrets not in
     /// `secrets`, and registry credentials.
     pub session: Option<Arc<dyn SessionServices>>,
+}
+
+/// A local directory fetched only when a build's definition reads it: a daemon's
+/// Dockerfile context, which the client then sends only to builds that use it, as
+/// BuildKit's frontend does. Yields the directory, or what went wrong.
+#[derive(Clone)]
+pub struct DeferredLocal(
+    Arc<
+        dyn Fn() -> futures::future::BoxFuture<'static, std::result::Result<PathBuf, String>>
+            + Send
+            + Sync,
+    >,
+);
+
+impl DeferredLocal {
+    /// A local that `fetch` brings in (called once per build that reads it).
+    pub fn new(
+        fetch: impl Fn() -> futures::future::BoxFuture<'static, std::result::Result<PathBuf, String>>
+            + Send
+            + Sync
+            + 'static,
+    ) -> DeferredLocal {
+        DeferredLocal(Arc::new(fetch))
+    }
+}
+
+impl std::fmt::Debug for DeferredLocal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeferredLocal")
+    }
+}
+
+/// The build's local directories: `req.locals`, plus the deferred ones the graph reads,
+/// fetched now (all at once).
+async fn locals_for(req: &BuildRequest, graph: &llb::Graph) -> Result<HashMap<String, PathBuf>> {
+    let mut locals = req.locals.clone();
+    if req.deferred_locals.is_empty() {
+        return Ok(locals);
+    }
+    let mut wanted: Vec<&str> = graph
+        .vertices
+        .iter()
+        .filter_map(|v| match &v.op.op {
+            Some(pb::op::Op::Source(s)) => s.identifier.strip_prefix("local://"),
+            _ => None,
+        })
+        .filter(|name| !locals.contains_key(*name) && req.deferred_locals.contains_key(*name))
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let fetched = futures::future::join_all(wanted.into_iter().map(|name| async move {
+        let dir = (req.deferred_locals[name].0)().await;
+        (name, dir)
+    }))
+    .await;
+    for (name, dir) in fetched {
+        let dir = dir.map_err(|message| ops::Error::LocalFetch {
+            name: name.to_string(),
+            message,
+        })?;
+        locals.insert(name.to_string(), dir);
+    }
+    Ok(locals)
 }
 
 /// The client's services a build uses (a daemon asks the client's session): secrets by id
@@ -393,10 +459,13 @@ impl Engine {
             });
         }
         let graph = llb::decode(&definition)?;
-        let remote = self.remote_caches(imports, progress).await;
+        let (locals, remote) = tokio::join!(
+            locals_for(req, &graph),
+            self.remote_caches(imports, progress)
+        );
         let build = Arc::new(BuildCtx {
             worker: self.worker.clone(),
-            locals: req.locals.clone(),
+            locals: locals?,
             secrets: self.secrets_for(req, &definition).await?,
             images: self.images_for(req.session.as_ref()),
             session: req.session.clone(),

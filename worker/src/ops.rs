@@ -43,6 +43,14 @@ pub enum Error {
     /// The build names a local directory the client did not provide.
     #[error("local {0:?} was not provided (pass --local {0}=DIR)")]
     LocalNotFound(String),
+    /// A local directory fetched when the build first read it could not be fetched.
+    #[error("fetching local {name:?} from the client: {message}")]
+    LocalFetch {
+        /// The local's name.
+        name: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Crate-local result alias.

@@ -297,6 +297,7 @@ async fn raw_llb_definition_runs() -> anyhow::Result<()> {
     let req = BuildRequest {
         frontend: Frontend::Llb(def),
         locals: HashMap::new(),
+        deferred_locals: Default::default(),
         exports: vec![to("local", out.path())],
         session: None,
         secrets: HashMap::new(),
@@ -357,6 +358,7 @@ async fn crun_is_selectable() -> anyhow::Result<()> {
     let req = BuildRequest {
         frontend: Frontend::Llb(support::exec_definition(&env.base, "echo crun > /by")),
         locals: HashMap::new(),
+        deferred_locals: Default::default(),
         exports: vec![to("local", out.path())],
         session: None,
         secrets: HashMap::new(),

@@ -336,8 +336,8 @@ impl ControlService {
             .await?;
         let step = Step::start(
             progress,
-            &format!("{session_id}-context"),
-            "[internal] load build context from the client",
+            &format!("{session_id}-dockerfile"),
+            "[internal] load the Dockerfile and .dockerignore from the client",
         );
         let fetch = async {
             let kept = |d: &Option<(PathBuf, _)>, name: &str| match d {
@@ -373,23 +373,36 @@ impl ControlService {
             let text = specific
                 .or_else(|_| std::fs::read_to_string(ignore_dir.join(".dockerignore")))
                 .unwrap_or_default();
-            let ctx_dir = match &shared {
-                Some((dir, _)) => dir.clone(),
-                None => tmp.path().join("context"),
-            };
-            let ctx = ReceiveOptions {
-                exclude_patterns: crate::source::local::patterns::parse_dockerignore(&text),
-                ..Default::default()
-            };
-            receive(session.channel.clone(), &opts.context_name, &ctx_dir, &ctx).await?;
-            opts.dockerignore = Some(text);
-            Ok::<_, crate::session::SessionError>((df_dir, ctx_dir))
+            Ok::<_, crate::session::SessionError>((df_dir, text))
         };
         match fetch.await {
-            Ok((df_dir, ctx_dir)) => {
+            Ok((df_dir, text)) => {
                 step.finish(None);
                 build.locals.insert(dockerfile_local.clone(), df_dir);
-                build.locals.insert(opts.context_name.clone(), ctx_dir);
+                // The context only when the build reads it (not for a Dockerfile without
+                // COPY, ADD or a context mount): one session round trip and a listing of
+                // the whole context fewer.
+                let ctx_dir = match &shared {
+                    Some((dir, _)) => dir.clone(),
+                    None => tmp.path().join("context"),
+                };
+                let ctx = ReceiveOptions {
+                    exclude_patterns: crate::source::local::patterns::parse_dockerignore(&text),
+                    ..Default::default()
+                };
+                opts.dockerignore = Some(text);
+                let context = ContextFetch {
+                    channel: session.channel.clone(),
+                    name: opts.context_name.clone(),
+                    dir: ctx_dir,
+                    opts: ctx,
+                    session: session_id.to_string(),
+                    progress: progress.clone(),
+                };
+                build.deferred_locals.insert(
+                    opts.context_name.clone(),
+                    super::DeferredLocal::new(move || Box::pin(context.clone().fetch())),
+                );
                 Ok(Fetched {
                     _tmp: Some(tmp),
                     _locks: [shared, shared_df, shared_ignore]
@@ -648,6 +661,7 @@ impl ControlService {
         Ok(BuildRequest {
             frontend,
             locals: HashMap::new(),
+            deferred_locals: Default::default(),
             exports: Vec::new(),
             session: None,
             secrets: HashMap::new(),
@@ -1217,6 +1231,37 @@ fn dockerfile_frontend(attrs: &HashMap<String, String>) -> Result<Frontend, Stat
 }
 
 /// An engine error as the gRPC status a client sees: the whole cause chain.
+/// A Dockerfile build's context, to fetch from the client's session when the build reads it.
+#[derive(Clone)]
+struct ContextFetch {
+    channel: tonic::transport::Channel,
+    name: String,
+    dir: PathBuf,
+    opts: ReceiveOptions,
+    session: String,
+    progress: Progress,
+}
+
+impl ContextFetch {
+    async fn fetch(self) -> Result<PathBuf, String> {
+        let step = Step::start(
+            &self.progress,
+            &format!("{}-context", self.session),
+            "[internal] load build context from the client",
+        );
+        match receive(self.channel, &self.name, &self.dir, &self.opts).await {
+            Ok(_) => {
+                step.finish(None);
+                Ok(self.dir)
+            }
+            Err(e) => {
+                step.finish(Some(e.to_string()));
+                Err(format!("over session {}: {e}", self.session))
+            }
+        }
+    }
+}
+
 fn engine_status(e: crate::Error) -> Status {
     Status::unknown(crate::solver::error_chain(&e))
 }

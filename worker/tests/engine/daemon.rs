@@ -795,6 +795,75 @@ async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Res
     Ok(())
 }
 
+/// The context crosses the session only for a Dockerfile that reads it, as BuildKit's
+/// frontend does: none of it for one without COPY, ADD or a context mount; all of it (minus
+/// `.dockerignore`d paths) once the Dockerfile copies from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_context_is_sent_only_to_a_dockerfile_that_reads_it() -> anyhow::Result<()> {
+    use kiln_worker::session::filesync::LocalDirs;
+    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
+    use kiln_worker::session::SessionHeaders;
+
+    let root = tempfile::tempdir()?;
+    let (_dir, channel) = serve_root(root.path()).await?;
+    let mut control = api::control_client::ControlClient::new(channel);
+    let ctx = tempfile::tempdir()?;
+    let big = vec![7u8; 1 << 20];
+    std::fs::write(ctx.path().join("big.bin"), &big)?;
+    std::fs::write(ctx.path().join("skip.key"), "ignored\n")?;
+    std::fs::write(ctx.path().join(".dockerignore"), "*.key\n")?;
+    let df = tempfile::tempdir()?;
+    let dirs = LocalDirs::new()
+        .with_dir("context", ctx.path())
+        .with_dir("dockerfile", df.path());
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    SessionHeaders {
+        id: "sess-lazy".into(),
+        ..Default::default()
+    }
+    .to_metadata(request.metadata_mut())?;
+    let inbound = control.session(request).await?.into_inner();
+    let routes =
+        tonic::service::Routes::new(dirs.clone().into_service()).add_service(health_service());
+    let _session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
+    let build = |r: &'static str| {
+        let mut c = control.clone();
+        async move {
+            c.solve(api::SolveRequest {
+                r#ref: r.into(),
+                session: "sess-lazy".into(),
+                frontend: "dockerfile.v0".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+
+    let no_context = "FROM scratch\nENV A=1\n";
+    std::fs::write(df.path().join("Dockerfile"), no_context)?;
+    build("lazy-1").await?;
+    // The Dockerfile and the context's .dockerignore, nothing else.
+    assert_eq!(
+        dirs.bytes_sent(),
+        (no_context.len() + "*.key\n".len()) as u64
+    );
+
+    let copies = "FROM scratch\nCOPY . /ctx\n";
+    std::fs::write(df.path().join("Dockerfile"), copies)?;
+    let before = dirs.bytes_sent();
+    build("lazy-2").await?;
+    let sent = dirs.bytes_sent() - before;
+    // The Dockerfile, the .dockerignore again (no shared key: nothing is kept) and the
+    // context without the ignored file.
+    assert_eq!(
+        sent,
+        (copies.len() + 2 * "*.key\n".len() + big.len()) as u64,
+        "the build that copies the context got {sent} bytes"
+    );
+    Ok(())
+}
+
 /// Every event a `ListenBuildHistory` call with `req` yields (it must end by itself).
 async fn history(
     client: &mut api::control_client::ControlClient<tonic::transport::Channel>,

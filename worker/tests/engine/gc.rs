@@ -89,6 +89,7 @@ async fn build_watching(
             dockerfile_local: "dockerfile".into(),
         },
         locals,
+        deferred_locals: Default::default(),
         exports,
         session: None,
         secrets: HashMap::new(),

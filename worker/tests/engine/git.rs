@@ -72,6 +72,7 @@ async fn solve(engine: &Engine, def: pb::Definition) -> anyhow::Result<Solved> {
     let req = BuildRequest {
         frontend: Frontend::Llb(def),
         locals: HashMap::new(),
+        deferred_locals: Default::default(),
         exports: vec![super::support::to("local", out.path())],
         session: None,
         secrets: HashMap::new(),

@@ -109,6 +109,7 @@ async fn http_source_attributes_and_checksum() -> anyhow::Result<()> {
             let req = BuildRequest {
                 frontend: Frontend::Llb(def),
                 locals: HashMap::new(),
+                deferred_locals: Default::default(),
                 exports: vec![to("local", out.path())],
                 session: None,
                 secrets: HashMap::new(),

@@ -154,6 +154,7 @@ async fn build_with_secrets(
             dockerfile_local: "dockerfile".into(),
         },
         locals,
+        deferred_locals: Default::default(),
         exports,
         session: None,
         secrets: secrets

@@ -99,6 +99,7 @@ async fn build_to(
             dockerfile_local: "dockerfile".into(),
         },
         locals,
+        deferred_locals: Default::default(),
         exports: std::iter::once(image("kiln/regcache:test", false))
             .chain(out.map(|o| to("local", o)))
             .collect(),
@@ -462,6 +463,7 @@ async fn pool_registry_down_does_not_fail_or_corrupt() -> anyhow::Result<()> {
     let req = || BuildRequest {
         frontend: Frontend::Llb(exec_definition(&base, "echo hi > /hi")),
         locals: HashMap::new(),
+        deferred_locals: Default::default(),
         exports: vec![],
         session: None,
         secrets: HashMap::new(),
@@ -552,6 +554,7 @@ pub(super) fn dockerfile_request(
             ("context".to_string(), dir.to_path_buf()),
             ("dockerfile".to_string(), dir.to_path_buf()),
         ]),
+        deferred_locals: Default::default(),
         exports,
         session: None,
         secrets: HashMap::new(),

@@ -142,6 +142,7 @@ pub async fn build(
             dockerfile_local: "dockerfile".into(),
         },
         locals,
+        deferred_locals: Default::default(),
         exports,
         session: None,
         secrets: HashMap::new(),

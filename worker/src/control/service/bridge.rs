@@ -282,6 +282,7 @@ fn build_request(frontend: Frontend) -> BuildRequest {
     BuildRequest {
         frontend,
         locals: HashMap::new(),
+        deferred_locals: Default::default(),
         exports: Vec::new(),
         session: None,
         secrets: HashMap::new(),
