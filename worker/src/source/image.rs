@@ -666,20 +666,18 @@ impl ImageResolver {
         }
     }
 
-    /// The token realm and service of `r`'s registry when it asks for bearer tokens and the
-    /// client's session fetches them (checked by fetching one for pulling from `r`).
+    /// The token realm and service of `r`'s registry (which asks for bearer tokens from
+    /// `realm` for `service`) when the client's session fetches them (checked by fetching
+    /// one for pulling from `r`).
     async fn session_bearer(
         &self,
         session: &dyn crate::control::SessionServices,
         r: &Reference,
-        plain_http: bool,
+        realm: &str,
+        service: &str,
     ) -> Option<(String, String)> {
         let host = r.resolve_registry().to_string();
-        let token::Challenge::Bearer { realm, service } =
-            token::challenge(&host, plain_http).await.ok()?
-        else {
-            return None;
-        };
+        let (realm, service) = (realm.to_string(), service.to_string());
         let req = token::TokenRequest {
             host: r.registry().to_string(),
             realm: realm.clone(),
@@ -779,12 +777,23 @@ impl ImageResolver {
         let fallback = format!("unauthorized: authentication required for {}", r.registry());
         // A token-auth registry and a client that fetches tokens itself: ask it for tokens
         // per repository (Auth.FetchToken) instead of for its credentials.
-        let bearer_from_session = match &self.session {
-            Some(s) => self.session_bearer(s.as_ref(), r, insecure).await,
+        let challenge = match &self.session {
+            Some(_) => token::challenge(&host, insecure).await.ok(),
             None => None,
         };
+        // A registry that does not challenge at `/v2/` gets no credentials from the client
+        // (the registry client sends them only after a challenge there), so the session is
+        // not asked for any: one round trip to the client fewer per build and registry.
+        // BuildKit, too, asks the session only when a registry challenges.
+        let open = matches!(challenge, Some(token::Challenge::None));
+        let bearer_from_session = match (&self.session, &challenge) {
+            (Some(s), Some(token::Challenge::Bearer { realm, service })) => {
+                self.session_bearer(s.as_ref(), r, realm, service).await
+            }
+            _ => None,
+        };
         let from_session = match &self.session {
-            Some(_) if bearer_from_session.is_some() => None,
+            Some(_) if bearer_from_session.is_some() || open => None,
             Some(s) => match s.registry_auth(&registry).await {
                 Ok(found) => found,
                 Err(e) => {
@@ -1602,6 +1611,47 @@ mod auth_tests {
             self.tokens.fetch_add(1, Ordering::SeqCst);
             token::exchange(req, &self.auth).await.map(Some)
         }
+    }
+
+    /// A registry open at `/v2/`: neither pulls nor pushes ask the client's session for
+    /// credentials (the registry client would not send them there).
+    #[tokio::test]
+    async fn an_open_registry_costs_the_session_nothing() -> anyhow::Result<()> {
+        let reg = Registry::start()?;
+        kiln_e2e::base::push_base(&reg.addr(), "base/busybox:1")?;
+        let dir = tempfile::tempdir()?;
+        let cs = Arc::new(ContentStore::open(dir.path())?);
+        let session = Arc::new(TokenSession {
+            auth: RegistryAuth::Anonymous,
+            tokens: AtomicU64::new(0),
+            credentials: AtomicU64::new(0),
+        });
+        let resolver =
+            ImageResolver::new(RegistryConfig::default(), cs).with_session(session.clone());
+        let reference = format!("{}/base/busybox:1", reg.addr());
+        let img = resolver.resolve(&reference, &Platform::host()).await?;
+        resolver
+            .fetch_blob(&reference, &img.layers[0], &|_, _| {})
+            .await?;
+        let dest = format!("{}/pushed/app:1", reg.addr());
+        resolver
+            .push_blob(&dest, &img.layers[0].digest, &|_, _| {})
+            .await?;
+        resolver
+            .push_blob(&dest, &img.config_digest, &|_, _| {})
+            .await?;
+        let (manifest, digest) = resolver.fetch_manifest_raw(&reference).await?;
+        let pushed = resolver
+            .push_manifest(
+                &dest,
+                "application/vnd.oci.image.manifest.v1+json",
+                &manifest,
+            )
+            .await?;
+        assert_eq!(pushed, digest);
+        assert_eq!(session.credentials.load(Ordering::SeqCst), 0);
+        assert_eq!(session.tokens.load(Ordering::SeqCst), 0);
+        Ok(())
     }
 
     #[tokio::test]
