@@ -3,6 +3,8 @@
 # through a kiln-gateway in front of it, in the same run, over loopback TCP (plaintext, so
 # the figures are the proxy's and not TLS's):
 #   noop     an unchanged (fully cached) Dockerfile build with `kiln build --addr`
+#            (FROM and RUN: the build context is not read)
+#   noopcopy the same with a COPY from the context (its listing crosses the session)
 #   workers  `kiln workers` (ListWorkers), a whole client process per call
 #   latency  per-call latency of ListWorkers and Status on one kept connection per path
 #            (gateway/benches/latency.rs, LAT_N calls each, default 2000)
@@ -16,7 +18,7 @@
 # Usage: bench/gateway.sh [N]   (root; release binaries unless KILN_BIN=dir is given)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=${1:-20}
+N=${1:-100}
 LAT_N=${LAT_N:-2000}
 NICE=${NICE:--10}
 cargo bench --no-run -q -p kiln-gateway --bench latency
@@ -43,14 +45,17 @@ for o in "${others[@]}"; do
   oports+=("$oport")
 done
 
-mkdir -p "$work/proj"
+mkdir -p "$work/proj" "$work/projcopy"
 printf 'ARG BASE\nFROM ${BASE}\nRUN echo hi > /x\n' >"$work/proj/Dockerfile"
+printf 'ARG BASE\nFROM ${BASE}\nCOPY app.txt /app.txt\nRUN cat /app.txt > /x\n' >"$work/projcopy/Dockerfile"
+echo app >"$work/projcopy/app.txt"
 now() { date +%s.%N; }
 timed() { local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now); echo "$t1 - $t0" | bc; }
 build() { "$bin/kiln" build --addr "tcp://127.0.0.1:$1" --progress quiet --opt kiln.route-key=bench \
-  --build-arg "BASE=$addr/base:1" "$work/proj"; }
+  --build-arg "BASE=$addr/base:1" "${2:-$work/proj}"; }
 # Warm both paths (the first build fills the worker's cache).
 build "$wport" >/dev/null; build "$gport" >/dev/null
+build "$wport" "$work/projcopy" >/dev/null; build "$gport" "$work/projcopy" >/dev/null
 for oport in "${oports[@]}"; do build "$oport" >/dev/null; done
 
 # CPU time (user + system, clock ticks) of gateway process $1 while a no-op build runs
@@ -67,29 +72,33 @@ for i in $(seq 1 "$N"); do
   timed build "$wport" >>"$work/noop.direct"
   cpu_build "${gpids[0]}" "$gport" >>"$work/noop.gateway"
   for j in "${!oports[@]}"; do cpu_build "${gpids[$((j + 1))]}" "${oports[$j]}" >>"$work/noop.other$((j + 1))"; done
+  timed build "$wport" "$work/projcopy" >>"$work/noopcopy.direct"
+  timed build "$gport" "$work/projcopy" >>"$work/noopcopy.gateway"
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$wport" >>"$work/workers.direct"
   timed "$bin/kiln" workers --addr "tcp://127.0.0.1:$gport" >>"$work/workers.gateway"
 done
 
 stat() { sort -g | awk '{a[NR]=$1} END {m=(NR%2)?a[(NR+1)/2]:(a[NR/2]+a[NR/2+1])/2; i=int(NR*0.99); if (i<1) i=1; printf "%.4f %.4f\n", m, a[i]}'; }
 printf '%-8s %-8s %10s %10s\n' what path median p99
-for w in noop workers; do
+for w in noop noopcopy workers; do
   for p in direct gateway; do
     read -r m q < <(stat <"$work/$w.$p")
     printf '%-8s %-8s %10s %10s\n' "$w" "$p" "$m" "$q"
     eval "${w}_${p}=$m"
   done
 done
-echo "noop gateway/direct = $(echo "scale=3; $noop_gateway / $noop_direct" | bc)  (target <= 1.1)"
 # How far the ratio of medians moves with the sample: 95 % bootstrap interval.
-python3 - "$work/noop.direct" "$work/noop.gateway" <<'PY'
+for w in noop noopcopy; do
+  echo "$w gateway/direct = $(echo "scale=3; $(eval echo "\$${w}_gateway") / $(eval echo "\$${w}_direct")" | bc)  (target <= 1.1)"
+  python3 - "$work/$w.direct" "$work/$w.gateway" "$w" <<'PY'
 import random, statistics, sys
 d, g = ([float(x) for x in open(p)] for p in sys.argv[1:3])
 random.seed(1)
 r = sorted(statistics.median(random.choices(g, k=len(g))) / statistics.median(random.choices(d, k=len(d)))
            for _ in range(2000))
-print(f"noop gateway/direct 95% bootstrap interval: {r[50]:.3f} .. {r[1949]:.3f}")
+print(f"{sys.argv[3]} gateway/direct 95% bootstrap interval: {r[50]:.3f} .. {r[1949]:.3f}")
 PY
+done
 for j in "${!others[@]}"; do
   read -r m q < <(stat <"$work/noop.other$((j + 1))")
   printf '%-8s %-8s %10s %10s\n' noop "other$((j + 1))" "$m" "$q"

@@ -52,3 +52,12 @@ pub mod source;
 pub(crate) mod testutil;
 
 pub use error::{Error, Result};
+
+/// Aborts a task when dropped (a helper task that must not outlive its owner).
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

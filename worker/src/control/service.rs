@@ -289,6 +289,7 @@ impl ControlService {
         }
         build.locals.insert(opts.context_name.clone(), got.context);
         Ok(Fetched {
+            _prefetch: None,
             _tmp: Some(tmp),
             _locks: Vec::new(),
         })
@@ -378,6 +379,12 @@ impl ControlService {
         match fetch.await {
             Ok((df_dir, text)) => {
                 step.finish(None);
+                // A Dockerfile that copies from its context gets it while its base images
+                // resolve; the others get it only if the converted build names it.
+                let prefetch = crate::snapshot::resolve_in_root(&df_dir, &opts.filename, true)
+                    .ok()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .is_some_and(|src| crate::frontend::dockerfile::may_read_context(&src));
                 build.locals.insert(dockerfile_local.clone(), df_dir);
                 // The context only when the build reads it (not for a Dockerfile without
                 // COPY, ADD or a context mount): one session round trip and a listing of
@@ -399,11 +406,32 @@ impl ControlService {
                     session: session_id.to_string(),
                     progress: progress.clone(),
                 };
-                build.deferred_locals.insert(
-                    opts.context_name.clone(),
-                    super::DeferredLocal::new(move || Box::pin(context.clone().fetch())),
-                );
+                let (deferred, prefetch) = if prefetch {
+                    use futures::FutureExt as _;
+                    let task = tokio::spawn(context.fetch());
+                    let abort = crate::AbortOnDrop(task.abort_handle());
+                    let shared = async move {
+                        task.await.unwrap_or_else(|e| {
+                            Err(format!("the context transfer task failed: {e}"))
+                        })
+                    }
+                    .boxed()
+                    .shared();
+                    (
+                        super::DeferredLocal::new(move || shared.clone().boxed()),
+                        Some(abort),
+                    )
+                } else {
+                    (
+                        super::DeferredLocal::new(move || Box::pin(context.clone().fetch())),
+                        None,
+                    )
+                };
+                build
+                    .deferred_locals
+                    .insert(opts.context_name.clone(), deferred);
                 Ok(Fetched {
+                    _prefetch: prefetch,
                     _tmp: Some(tmp),
                     _locks: [shared, shared_df, shared_ignore]
                         .into_iter()
@@ -508,6 +536,7 @@ impl ControlService {
             build.locals.insert(name, dest);
         }
         Ok(Some(Fetched {
+            _prefetch: None,
             _tmp: Some(tmp),
             _locks: Vec::new(),
         }))
@@ -1105,6 +1134,9 @@ async fn fetch_layout(
 /// Directories fetched from the client for one build, kept until the build ends: a
 /// temporary directory, and the locks on shared context directories it uses.
 pub(super) struct Fetched {
+    /// A context transfer started ahead of the build's need (first: it stops before the
+    /// directories and locks go).
+    _prefetch: Option<crate::AbortOnDrop>,
     _tmp: Option<tempfile::TempDir>,
     _locks: Vec<tokio::sync::OwnedMutexGuard<()>>,
 }

@@ -861,6 +861,44 @@ async fn the_context_is_sent_only_to_a_dockerfile_that_reads_it() -> anyhow::Res
         (copies.len() + 2 * "*.key\n".len() + big.len()) as u64,
         "the build that copies the context got {sent} bytes"
     );
+
+    // A base image's ONBUILD trigger reads the context although the Dockerfile does not
+    // say so: it is fetched when the converted build names it.
+    let env = env()?;
+    let onbuild = "ARG BASE\nFROM ${BASE}\nONBUILD COPY big.bin /big.bin\n";
+    std::fs::write(df.path().join("Dockerfile"), onbuild)?;
+    let image = format!("{}/kiln/onbuild:1", env.reg.addr());
+    let before = dirs.bytes_sent();
+    control
+        .clone()
+        .solve(api::SolveRequest {
+            r#ref: "lazy-3".into(),
+            session: "sess-lazy".into(),
+            frontend: "dockerfile.v0".into(),
+            frontend_attrs: [("build-arg:BASE".to_string(), env.base.clone())].into(),
+            exporters: vec![api::Exporter {
+                r#type: "image".into(),
+                attrs: [
+                    ("name".to_string(), image.clone()),
+                    ("push".to_string(), "true".to_string()),
+                ]
+                .into(),
+            }],
+            ..Default::default()
+        })
+        .await?;
+    assert_eq!(
+        dirs.bytes_sent() - before,
+        (onbuild.len() + "*.key\n".len()) as u64
+    );
+    let child = format!("FROM {image}\nRUN test -s /big.bin\n");
+    std::fs::write(df.path().join("Dockerfile"), &child)?;
+    let before = dirs.bytes_sent();
+    build("lazy-4").await?;
+    assert_eq!(
+        dirs.bytes_sent() - before,
+        (child.len() + 2 * "*.key\n".len() + big.len()) as u64
+    );
     Ok(())
 }
 

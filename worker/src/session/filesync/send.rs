@@ -126,15 +126,6 @@ async fn send(tx: &Out, p: Packet) -> Result<(), SessionError> {
         .map_err(|_| SessionError::protocol("receiver closed the stream"))
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Streams the listing, then serves REQs until the receiver's FIN. The inbound stream
 /// is drained by its own task from the start: a receiver may send requests while the
 /// listing is still arriving and must never block on them.
@@ -148,15 +139,18 @@ where
     S: futures::Stream<Item = Result<Packet, Status>> + Send + Unpin + 'static,
 {
     let (req_tx, mut requests) = mpsc::unbounded_channel();
-    let _reader = AbortOnDrop(tokio::spawn(async move {
-        loop {
-            let next = inbound.next().await.transpose();
-            let done = !matches!(next, Ok(Some(_)));
-            if req_tx.send(next).is_err() || done {
-                break;
+    let _reader = crate::AbortOnDrop(
+        tokio::spawn(async move {
+            loop {
+                let next = inbound.next().await.transpose();
+                let done = !matches!(next, Ok(Some(_)));
+                if req_tx.send(next).is_err() || done {
+                    break;
+                }
             }
-        }
-    }));
+        })
+        .abort_handle(),
+    );
     for e in &entries {
         send(
             tx,
