@@ -340,12 +340,50 @@ impl ControlService {
             &format!("{session_id}-dockerfile"),
             "[internal] load the Dockerfile and .dockerignore from the client",
         );
+        let kept = |d: &Option<(PathBuf, _)>, name: &str| match d {
+            Some((dir, _)) => dir.clone(),
+            None => tmp.path().join(name),
+        };
+        let df_dir = kept(&shared_df, "dockerfile");
+        let ignore_dir = kept(&shared_ignore, "ignore");
+        let ctx_dir = kept(&shared, "context");
+        let filename = opts.filename.clone();
+        // `<Dockerfile>.dockerignore` beside the Dockerfile wins over the context's.
+        let ignore_text = || {
+            std::fs::read_to_string(df_dir.join(format!("{filename}.dockerignore")))
+                .or_else(|_| std::fs::read_to_string(ignore_dir.join(".dockerignore")))
+                .unwrap_or_default()
+        };
+        let reads_context = || {
+            crate::snapshot::resolve_in_root(&df_dir, &filename, true)
+                .ok()
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .is_some_and(|src| crate::frontend::dockerfile::may_read_context(&src))
+        };
+        let context_fetch = |ignore: &str| ContextFetch {
+            channel: session.channel.clone(),
+            name: opts.context_name.clone(),
+            dir: ctx_dir.clone(),
+            opts: ReceiveOptions {
+                exclude_patterns: crate::source::local::patterns::parse_dockerignore(ignore),
+                ..Default::default()
+            },
+            session: session_id.to_string(),
+            progress: progress.clone(),
+        };
+        // With a shared key the last build's Dockerfile and .dockerignore are kept: when
+        // that Dockerfile read its context, the context's transfer starts now, with that
+        // .dockerignore, beside the Dockerfile's. It stands if the .dockerignore is
+        // unchanged (the usual rebuild): no round trip to the client waits for another.
+        let speculative = (shared.is_some() && shared_df.is_some() && shared_ignore.is_some())
+            .then(|| reads_context().then(ignore_text))
+            .flatten()
+            .map(|old| {
+                let task = tokio::spawn(context_fetch(&old).fetch());
+                let guard = crate::AbortOnDrop(task.abort_handle());
+                (old, task, guard)
+            });
         let fetch = async {
-            let kept = |d: &Option<(PathBuf, _)>, name: &str| match d {
-                Some((dir, _)) => dir.clone(),
-                None => tmp.path().join(name),
-            };
-            let df_dir = kept(&shared_df, "dockerfile");
             let wanted = ReceiveOptions {
                 include_patterns: vec![
                     opts.filename.clone(),
@@ -353,7 +391,6 @@ impl ControlService {
                 ],
                 ..Default::default()
             };
-            let ignore_dir = kept(&shared_ignore, "ignore");
             let ignore = ReceiveOptions {
                 include_patterns: vec![".dockerignore".into()],
                 ..Default::default()
@@ -369,64 +406,61 @@ impl ControlService {
                     &ignore,
                 ),
             )?;
-            let specific =
-                std::fs::read_to_string(df_dir.join(format!("{}.dockerignore", opts.filename)));
-            let text = specific
-                .or_else(|_| std::fs::read_to_string(ignore_dir.join(".dockerignore")))
-                .unwrap_or_default();
-            Ok::<_, crate::session::SessionError>((df_dir, text))
+            Ok::<_, crate::session::SessionError>(ignore_text())
         };
         match fetch.await {
-            Ok((df_dir, text)) => {
+            Ok(text) => {
                 step.finish(None);
                 // A Dockerfile that copies from its context gets it while its base images
-                // resolve; the others get it only if the converted build names it.
-                let prefetch = crate::snapshot::resolve_in_root(&df_dir, &opts.filename, true)
-                    .ok()
-                    .and_then(|p| std::fs::read_to_string(p).ok())
-                    .is_some_and(|src| crate::frontend::dockerfile::may_read_context(&src));
-                build.locals.insert(dockerfile_local.clone(), df_dir);
-                // The context only when the build reads it (not for a Dockerfile without
-                // COPY, ADD or a context mount): one session round trip and a listing of
-                // the whole context fewer.
-                let ctx_dir = match &shared {
-                    Some((dir, _)) => dir.clone(),
-                    None => tmp.path().join("context"),
-                };
-                let ctx = ReceiveOptions {
-                    exclude_patterns: crate::source::local::patterns::parse_dockerignore(&text),
-                    ..Default::default()
-                };
-                opts.dockerignore = Some(text);
-                let context = ContextFetch {
-                    channel: session.channel.clone(),
-                    name: opts.context_name.clone(),
-                    dir: ctx_dir,
-                    opts: ctx,
-                    session: session_id.to_string(),
-                    progress: progress.clone(),
-                };
-                let (deferred, prefetch) = if prefetch {
-                    use futures::FutureExt as _;
-                    let task = tokio::spawn(context.fetch());
-                    let abort = crate::AbortOnDrop(task.abort_handle());
-                    let shared = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(format!("the context transfer task failed: {e}"))
+                // resolve; the others get it only if the converted build names it (one
+                // session round trip and a listing of the whole context fewer).
+                let prefetch = reads_context();
+                let task = match speculative {
+                    Some((old, task, guard)) if old == text => Some((task, guard)),
+                    Some((_, task, guard)) => {
+                        // Other exclusions: stop the transfer before another writes there.
+                        task.abort();
+                        let _ = task.await;
+                        drop(guard);
+                        prefetch.then(|| {
+                            let task = tokio::spawn(context_fetch(&text).fetch());
+                            let guard = crate::AbortOnDrop(task.abort_handle());
+                            (task, guard)
                         })
                     }
-                    .boxed()
-                    .shared();
-                    (
-                        super::DeferredLocal::new(move || shared.clone().boxed()),
-                        Some(abort),
-                    )
-                } else {
-                    (
-                        super::DeferredLocal::new(move || Box::pin(context.clone().fetch())),
-                        None,
-                    )
+                    None => prefetch.then(|| {
+                        let task = tokio::spawn(context_fetch(&text).fetch());
+                        let guard = crate::AbortOnDrop(task.abort_handle());
+                        (task, guard)
+                    }),
                 };
+                let (deferred, prefetch) = match task {
+                    Some((task, guard)) => {
+                        use futures::FutureExt as _;
+                        let shared = async move {
+                            task.await.unwrap_or_else(|e| {
+                                Err(format!("the context transfer task failed: {e}"))
+                            })
+                        }
+                        .boxed()
+                        .shared();
+                        (
+                            super::DeferredLocal::new(move || shared.clone().boxed()),
+                            Some(guard),
+                        )
+                    }
+                    None => {
+                        let context = context_fetch(&text);
+                        (
+                            super::DeferredLocal::new(move || Box::pin(context.clone().fetch())),
+                            None,
+                        )
+                    }
+                };
+                build
+                    .locals
+                    .insert(dockerfile_local.clone(), df_dir.clone());
+                opts.dockerignore = Some(text);
                 build
                     .deferred_locals
                     .insert(opts.context_name.clone(), deferred);

@@ -795,6 +795,71 @@ async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Res
     Ok(())
 }
 
+/// With a shared key, a rebuild's context transfer starts beside the Dockerfile's, with the
+/// kept .dockerignore; when the client's .dockerignore changed, that transfer is dropped and
+/// the context comes again with the new exclusions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_dockerignore_replaces_the_early_context_transfer() -> anyhow::Result<()> {
+    use kiln_worker::session::filesync::LocalDirs;
+    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
+    use kiln_worker::session::SessionHeaders;
+
+    let root = tempfile::tempdir()?;
+    let (_dir, channel) = serve_root(root.path()).await?;
+    let mut control = api::control_client::ControlClient::new(channel);
+    let ctx = tempfile::tempdir()?;
+    std::fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY . /ctx\n")?;
+    std::fs::write(ctx.path().join("a.txt"), "a\n")?;
+    std::fs::write(ctx.path().join("b.key"), "b\n")?;
+    let dirs = LocalDirs::new()
+        .with_dir("context", ctx.path())
+        .with_dir("dockerfile", ctx.path());
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    SessionHeaders {
+        id: "sess-spec".into(),
+        shared_key: "project:spec".into(),
+        ..Default::default()
+    }
+    .to_metadata(request.metadata_mut())?;
+    let inbound = control.session(request).await?.into_inner();
+    let routes =
+        tonic::service::Routes::new(dirs.clone().into_service()).add_service(health_service());
+    let _session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
+    let build = |r: &'static str| {
+        let mut c = control.clone();
+        async move {
+            c.solve(api::SolveRequest {
+                r#ref: r.into(),
+                session: "sess-spec".into(),
+                frontend: "dockerfile.v0".into(),
+                ..Default::default()
+            })
+            .await
+        }
+    };
+    let kept = |name: &str| {
+        walkdir::WalkDir::new(root.path().join("locals"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_name() == name)
+            .count()
+    };
+    build("spec-1").await?;
+    assert_eq!(kept("b.key"), 1, "the first build keeps the whole context");
+    build("spec-2").await?;
+    assert_eq!(kept("b.key"), 1);
+    std::fs::write(ctx.path().join(".dockerignore"), "*.key\n")?;
+    build("spec-3").await?;
+    assert_eq!(
+        kept("b.key"),
+        0,
+        "an ignored file stayed in the kept context"
+    );
+    assert_eq!(kept("a.txt"), 1);
+    Ok(())
+}
+
 /// The context crosses the session only for a Dockerfile that reads it, as BuildKit's
 /// frontend does: none of it for one without COPY, ADD or a context mount; all of it (minus
 /// `.dockerignore`d paths) once the Dockerfile copies from it.
