@@ -1629,29 +1629,40 @@ mod auth_tests {
         let resolver =
             ImageResolver::new(RegistryConfig::default(), cs).with_session(session.clone());
         let reference = format!("{}/base/busybox:1", reg.addr());
-        let img = resolver.resolve(&reference, &Platform::host()).await?;
-        resolver
-            .fetch_blob(&reference, &img.layers[0], &|_, _| {})
-            .await?;
         let dest = format!("{}/pushed/app:1", reg.addr());
+        pull_and_push(&resolver, &reference, &dest).await?;
+        assert_eq!(session.credentials.load(Ordering::SeqCst), 0);
+        assert_eq!(session.tokens.load(Ordering::SeqCst), 0);
+        Ok(())
+    }
+
+    /// Pulls `reference` (its manifest, config and first layer) and pushes it as `dest`;
+    /// returns the manifest's digest.
+    async fn pull_and_push(
+        resolver: &ImageResolver,
+        reference: &str,
+        dest: &str,
+    ) -> anyhow::Result<String> {
+        let img = resolver.resolve(reference, &Platform::host()).await?;
         resolver
-            .push_blob(&dest, &img.layers[0].digest, &|_, _| {})
+            .fetch_blob(reference, &img.layers[0], &|_, _| {})
             .await?;
         resolver
-            .push_blob(&dest, &img.config_digest, &|_, _| {})
+            .push_blob(dest, &img.layers[0].digest, &|_, _| {})
             .await?;
-        let (manifest, digest) = resolver.fetch_manifest_raw(&reference).await?;
+        resolver
+            .push_blob(dest, &img.config_digest, &|_, _| {})
+            .await?;
+        let (manifest, digest) = resolver.fetch_manifest_raw(reference).await?;
         let pushed = resolver
             .push_manifest(
-                &dest,
+                dest,
                 "application/vnd.oci.image.manifest.v1+json",
                 &manifest,
             )
             .await?;
         assert_eq!(pushed, digest);
-        assert_eq!(session.credentials.load(Ordering::SeqCst), 0);
-        assert_eq!(session.tokens.load(Ordering::SeqCst), 0);
-        Ok(())
+        Ok(digest)
     }
 
     #[tokio::test]
@@ -1674,27 +1685,9 @@ mod auth_tests {
             s.cs.clone(),
         );
         let resolver = worker.with_session(session.clone());
-        let img = resolver.resolve(&s.reference, &Platform::host()).await?;
-        resolver
-            .fetch_blob(&s.reference, &img.layers[0], &|_, _| {})
-            .await?;
         // Push the image to another repository: push-scoped tokens for it.
         let dest = format!("{}/pushed/app:1", s.reg.addr());
-        resolver
-            .push_blob(&dest, &img.layers[0].digest, &|_, _| {})
-            .await?;
-        resolver
-            .push_blob(&dest, &img.config_digest, &|_, _| {})
-            .await?;
-        let (manifest, digest) = resolver.fetch_manifest_raw(&s.reference).await?;
-        let pushed = resolver
-            .push_manifest(
-                &dest,
-                "application/vnd.oci.image.manifest.v1+json",
-                &manifest,
-            )
-            .await?;
-        assert_eq!(pushed, digest);
+        let digest = pull_and_push(&resolver, &s.reference, &dest).await?;
         let (_, again) = resolver.fetch_manifest_raw(&dest).await?;
         assert_eq!(again, digest);
         assert_eq!(session.credentials.load(Ordering::SeqCst), 0);

@@ -697,12 +697,54 @@ async fn malformed_messages_are_errors_on_every_rpc() -> anyhow::Result<()> {
 /// With a shared key, the context and the Dockerfile are kept between builds: after one
 /// of 10,000 files changes, the rebuild requests only that file; an unchanged Dockerfile
 /// is not sent again and a changed one is; counted in bytes on the client side.
+/// Opens Control.Session `id` (with `shared_key`; empty for none) serving `dirs` as
+/// buildctl does; the returned task serves it.
+async fn serve_dirs(
+    control: &mut api::control_client::ControlClient<tonic::transport::Channel>,
+    id: &str,
+    shared_key: &str,
+    dirs: &kiln_worker::session::filesync::LocalDirs,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
+    use kiln_worker::session::SessionHeaders;
+
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    SessionHeaders {
+        id: id.into(),
+        shared_key: shared_key.into(),
+        ..Default::default()
+    }
+    .to_metadata(request.metadata_mut())?;
+    let inbound = control.session(request).await?.into_inner();
+    let routes =
+        tonic::service::Routes::new(dirs.clone().into_service()).add_service(health_service());
+    Ok(tokio::spawn(async move {
+        let _ = serve_session(pipe(inbound, out_tx), routes).await;
+    }))
+}
+
+/// Control.Solve of the Dockerfile build `r` over session `session`, without attributes.
+async fn solve_dockerfile(
+    control: &api::control_client::ControlClient<tonic::transport::Channel>,
+    session: &str,
+    r: &str,
+) -> Result<tonic::Response<api::SolveResponse>, tonic::Status> {
+    control
+        .clone()
+        .solve(api::SolveRequest {
+            r#ref: r.into(),
+            session: session.into(),
+            frontend: "dockerfile.v0".into(),
+            ..Default::default()
+        })
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Result<()> {
     use anyhow::Context as _;
     use kiln_worker::session::filesync::LocalDirs;
-    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
-    use kiln_worker::session::SessionHeaders;
 
     let root = tempfile::tempdir()?;
     let (_dir, channel) = serve_root(root.path()).await?;
@@ -721,31 +763,9 @@ async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Res
     let dirs = LocalDirs::new()
         .with_dir("context", ctx.path())
         .with_dir("dockerfile", ctx.path());
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
-    SessionHeaders {
-        id: "sess-inc".into(),
-        shared_key: "project:0123456789abcdef".into(),
-        ..Default::default()
-    }
-    .to_metadata(request.metadata_mut())?;
-    let inbound = control.session(request).await?.into_inner();
-    let routes =
-        tonic::service::Routes::new(dirs.clone().into_service()).add_service(health_service());
-    let _session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
+    let _session = serve_dirs(&mut control, "sess-inc", "project:0123456789abcdef", &dirs).await?;
 
-    let build = |r: &'static str| {
-        let mut c = control.clone();
-        async move {
-            c.solve(api::SolveRequest {
-                r#ref: r.into(),
-                session: "sess-inc".into(),
-                frontend: "dockerfile.v0".into(),
-                ..Default::default()
-            })
-            .await
-        }
-    };
+    let build = |r: &'static str| solve_dockerfile(&control, "sess-inc", r);
     build("inc-1").await?;
     let first = dirs.bytes_sent();
     assert!(first > 100_000, "the first build sent only {first} bytes");
@@ -801,8 +821,6 @@ async fn rebuild_with_a_shared_key_transfers_only_changed_files() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_changed_dockerignore_replaces_the_early_context_transfer() -> anyhow::Result<()> {
     use kiln_worker::session::filesync::LocalDirs;
-    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
-    use kiln_worker::session::SessionHeaders;
 
     let root = tempfile::tempdir()?;
     let (_dir, channel) = serve_root(root.path()).await?;
@@ -814,30 +832,8 @@ async fn a_changed_dockerignore_replaces_the_early_context_transfer() -> anyhow:
     let dirs = LocalDirs::new()
         .with_dir("context", ctx.path())
         .with_dir("dockerfile", ctx.path());
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
-    SessionHeaders {
-        id: "sess-spec".into(),
-        shared_key: "project:spec".into(),
-        ..Default::default()
-    }
-    .to_metadata(request.metadata_mut())?;
-    let inbound = control.session(request).await?.into_inner();
-    let routes =
-        tonic::service::Routes::new(dirs.clone().into_service()).add_service(health_service());
-    let _session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
-    let build = |r: &'static str| {
-        let mut c = control.clone();
-        async move {
-            c.solve(api::SolveRequest {
-                r#ref: r.into(),
-                session: "sess-spec".into(),
-                frontend: "dockerfile.v0".into(),
-                ..Default::default()
-            })
-            .await
-        }
-    };
+    let _session = serve_dirs(&mut control, "sess-spec", "project:spec", &dirs).await?;
+    let build = |r: &'static str| solve_dockerfile(&control, "sess-spec", r);
     let kept = |name: &str| {
         walkdir::WalkDir::new(root.path().join("locals"))
             .into_iter()
@@ -866,8 +862,6 @@ async fn a_changed_dockerignore_replaces_the_early_context_transfer() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_context_is_sent_only_to_a_dockerfile_that_reads_it() -> anyhow::Result<()> {
     use kiln_worker::session::filesync::LocalDirs;
-    use kiln_worker::session::transport::{health_service, pipe, serve as serve_session};
-    use kiln_worker::session::SessionHeaders;
 
     let root = tempfile::tempdir()?;
     let (_dir, channel) = serve_root(root.path()).await?;
@@ -881,29 +875,8 @@ async fn the_context_is_sent_only_to_a_dockerfile_that_reads_it() -> anyhow::Res
     let dirs = LocalDirs::new()
         .with_dir("context", ctx.path())
         .with_dir("dockerfile", df.path());
-    let (out_tx, out_rx) = tokio::sync::mpsc::channel(16);
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
-    SessionHeaders {
-        id: "sess-lazy".into(),
-        ..Default::default()
-    }
-    .to_metadata(request.metadata_mut())?;
-    let inbound = control.session(request).await?.into_inner();
-    let routes =
-        tonic::service::Routes::new(dirs.clone().into_service()).add_service(health_service());
-    let _session = tokio::spawn(serve_session(pipe(inbound, out_tx), routes));
-    let build = |r: &'static str| {
-        let mut c = control.clone();
-        async move {
-            c.solve(api::SolveRequest {
-                r#ref: r.into(),
-                session: "sess-lazy".into(),
-                frontend: "dockerfile.v0".into(),
-                ..Default::default()
-            })
-            .await
-        }
-    };
+    let _session = serve_dirs(&mut control, "sess-lazy", "", &dirs).await?;
+    let build = |r: &'static str| solve_dockerfile(&control, "sess-lazy", r);
 
     let no_context = "FROM scratch\nENV A=1\n";
     std::fs::write(df.path().join("Dockerfile"), no_context)?;
