@@ -2,8 +2,9 @@
 """Records the TCP payloads on loopback to or from the given ports, one line each:
 kernel timestamp, source port, destination port, payload length and the HTTP/2 frames that
 start in it (TYPE:STREAM:LENGTH, E when END_STREAM). Root (AF_PACKET). Stops on SIGTERM.
+With --raw the fourth field is the payload itself, in hex (for inner.py).
 
-    sniff.py PORT[,PORT...] OUT_FILE
+    sniff.py [--raw] PORT[,PORT...] OUT_FILE
 """
 import signal
 import socket
@@ -31,8 +32,12 @@ def frames(payload):
 
 
 def main():
-    ports = {int(p) for p in sys.argv[1].split(",")}
-    out = open(sys.argv[2], "w")
+    args = sys.argv[1:]
+    raw = args[:1] == ["--raw"]
+    if raw:
+        args = args[1:]
+    ports = {int(p) for p in args[0].split(",")}
+    out = open(args[1], "w")
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
     s.bind(("lo", 0))
     s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -57,7 +62,10 @@ def main():
         total = struct.unpack("!H", ip[2:4])[0]
         payload = ip[ihl + (tcp[12] >> 4) * 4:total]
         if payload:
-            out.write(f"{ts:.6f} {sport} {dport} {len(payload)} {' '.join(frames(payload))}\n")
+            if raw:
+                out.write(f"{ts:.6f} {sport} {dport} {payload.hex()}\n")
+            else:
+                out.write(f"{ts:.6f} {sport} {dport} {len(payload)} {' '.join(frames(payload))}\n")
             out.flush()
 
 
