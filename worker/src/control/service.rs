@@ -379,9 +379,8 @@ impl ControlService {
             .then(|| reads_context().then(ignore_text))
             .flatten()
             .map(|old| {
-                let task = tokio::spawn(context_fetch(&old).fetch());
-                let guard = crate::AbortOnDrop(task.abort_handle());
-                (old, task, guard)
+                let started = context_fetch(&old).start();
+                (old, started)
             });
         let fetch = async {
             let wanted = ReceiveOptions {
@@ -415,39 +414,19 @@ impl ControlService {
                 // resolve; the others get it only if the converted build names it (one
                 // session round trip and a listing of the whole context fewer).
                 let prefetch = reads_context();
-                let task = match speculative {
-                    Some((old, task, guard)) if old == text => Some((task, guard)),
-                    Some((_, task, guard)) => {
+                let started = match speculative {
+                    Some((old, started)) if old == text => Some(started),
+                    Some((_, started)) => {
                         // Other exclusions: stop the transfer before another writes there.
-                        task.abort();
-                        let _ = task.await;
-                        drop(guard);
-                        prefetch.then(|| {
-                            let task = tokio::spawn(context_fetch(&text).fetch());
-                            let guard = crate::AbortOnDrop(task.abort_handle());
-                            (task, guard)
-                        })
+                        started.stop().await;
+                        prefetch.then(|| context_fetch(&text).start())
                     }
-                    None => prefetch.then(|| {
-                        let task = tokio::spawn(context_fetch(&text).fetch());
-                        let guard = crate::AbortOnDrop(task.abort_handle());
-                        (task, guard)
-                    }),
+                    None => prefetch.then(|| context_fetch(&text).start()),
                 };
-                let (deferred, prefetch) = match task {
-                    Some((task, guard)) => {
-                        use futures::FutureExt as _;
-                        let shared = async move {
-                            task.await.unwrap_or_else(|e| {
-                                Err(format!("the context transfer task failed: {e}"))
-                            })
-                        }
-                        .boxed()
-                        .shared();
-                        (
-                            super::DeferredLocal::new(move || shared.clone().boxed()),
-                            Some(guard),
-                        )
+                let (deferred, prefetch) = match started {
+                    Some(started) => {
+                        let (deferred, guard) = started.deferred();
+                        (deferred, Some(guard))
                     }
                     None => {
                         let context = context_fetch(&text);
@@ -1296,7 +1275,6 @@ fn dockerfile_frontend(attrs: &HashMap<String, String>) -> Result<Frontend, Stat
     })
 }
 
-/// An engine error as the gRPC status a client sees: the whole cause chain.
 /// A Dockerfile build's context, to fetch from the client's session when the build reads it.
 #[derive(Clone)]
 struct ContextFetch {
@@ -1326,8 +1304,47 @@ impl ContextFetch {
             }
         }
     }
+
+    /// Starts the transfer now, ahead of the build's need.
+    fn start(self) -> StartedFetch {
+        let task = tokio::spawn(self.fetch());
+        let guard = crate::AbortOnDrop(task.abort_handle());
+        StartedFetch { task, guard }
+    }
 }
 
+/// A context transfer under way; dropping it stops the transfer.
+struct StartedFetch {
+    task: tokio::task::JoinHandle<Result<PathBuf, String>>,
+    guard: crate::AbortOnDrop,
+}
+
+impl StartedFetch {
+    /// Stops the transfer and waits until it has.
+    async fn stop(self) {
+        let StartedFetch { task, guard } = self;
+        drop(guard);
+        let _ = task.await;
+    }
+
+    /// The build's context as its outcome, and the guard that stops it with the build.
+    fn deferred(self) -> (super::DeferredLocal, crate::AbortOnDrop) {
+        use futures::FutureExt as _;
+        let task = self.task;
+        let shared = async move {
+            task.await
+                .unwrap_or_else(|e| Err(format!("the context transfer task failed: {e}")))
+        }
+        .boxed()
+        .shared();
+        (
+            super::DeferredLocal::new(move || shared.clone().boxed()),
+            self.guard,
+        )
+    }
+}
+
+/// An engine error as the gRPC status a client sees: the whole cause chain.
 fn engine_status(e: crate::Error) -> Status {
     Status::unknown(crate::solver::error_chain(&e))
 }

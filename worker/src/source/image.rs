@@ -673,11 +673,10 @@ impl ImageResolver {
         &self,
         session: &dyn crate::control::SessionServices,
         r: &Reference,
-        realm: &str,
-        service: &str,
+        realm: String,
+        service: String,
     ) -> Option<(String, String)> {
         let host = r.resolve_registry().to_string();
-        let (realm, service) = (realm.to_string(), service.to_string());
         let req = token::TokenRequest {
             host: r.registry().to_string(),
             realm: realm.clone(),
@@ -786,7 +785,7 @@ impl ImageResolver {
         // not asked for any: one round trip to the client fewer per build and registry.
         // BuildKit, too, asks the session only when a registry challenges.
         let open = matches!(challenge, Some(token::Challenge::None));
-        let bearer_from_session = match (&self.session, &challenge) {
+        let bearer_from_session = match (&self.session, challenge) {
             (Some(s), Some(token::Challenge::Bearer { realm, service })) => {
                 self.session_bearer(s.as_ref(), r, realm, service).await
             }
